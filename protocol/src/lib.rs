@@ -1,0 +1,11 @@
+//! The contract every Shoal component speaks: node identities, tickets signed by the control
+//! server, and the framing of control messages. Pure data and codecs; no sockets, no clocks.
+//!
+//! Times are passed in by the caller as [`UnixTime`] so that every check here is reproducible.
+
+pub mod codec;
+pub mod identity;
+pub mod ticket;
+
+pub use identity::{Identity, NodeId, PublicKey, Signature, SignatureError};
+pub use ticket::{Roles, SignedTicket, TicketBody, TicketError, TicketKind, UnixTime, VerifiedTicket};
