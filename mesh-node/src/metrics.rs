@@ -1,0 +1,253 @@
+//! What the relay counts, and its Prometheus text form. Counters are plain integers owned by
+//! each worker's router (no atomics on the hot path); the driver publishes snapshots, which
+//! are summed when `/metrics` is scraped.
+
+use std::fmt::Write;
+
+use crate::router::ParseErrorKind;
+use crate::wire::BindRefusal;
+
+/// Why the relay dropped a datagram. Each has its own counter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DropReason {
+    /// Not a valid datagram.
+    Malformed(ParseErrorKind),
+    /// No binding for the sender's address: it never presented a permit here.
+    NotBound,
+    /// The sender's binding lapsed with its permit.
+    PermitExpired,
+    /// A node sent a datagram claiming another source, or mid-route.
+    SourceMismatch,
+    /// Every relay on the route was already crossed.
+    HopLimit,
+    /// The route does not name this relay at the current hop.
+    NotOnRoute,
+    /// The next relay is not a bound peer, or the destination is not bound here.
+    UnknownNextHop,
+    /// The source exceeded its packet or byte rate.
+    RateLimited,
+    /// Too many bind proofs to verify right now.
+    BindRateLimited,
+    /// A bind proof was refused (see the refusal counters).
+    BindRefused,
+    /// A challenge or ack from an address we are not binding to.
+    UnsolicitedBindReply,
+    /// Relays never forward notices.
+    NoticeReceived,
+    /// A reply could not be built (cannot happen with valid lengths; counted to be sure).
+    Internal,
+}
+
+const PARSE_KINDS: [ParseErrorKind; 6] = [
+    ParseErrorKind::Truncated,
+    ParseErrorKind::Oversized,
+    ParseErrorKind::Version,
+    ParseErrorKind::Unknown,
+    ParseErrorKind::Route,
+    ParseErrorKind::Field,
+];
+
+impl DropReason {
+    /// Every reason, for exposition.
+    pub const ALL: [DropReason; 18] = [
+        DropReason::Malformed(PARSE_KINDS[0]),
+        DropReason::Malformed(PARSE_KINDS[1]),
+        DropReason::Malformed(PARSE_KINDS[2]),
+        DropReason::Malformed(PARSE_KINDS[3]),
+        DropReason::Malformed(PARSE_KINDS[4]),
+        DropReason::Malformed(PARSE_KINDS[5]),
+        DropReason::NotBound,
+        DropReason::PermitExpired,
+        DropReason::SourceMismatch,
+        DropReason::HopLimit,
+        DropReason::NotOnRoute,
+        DropReason::UnknownNextHop,
+        DropReason::RateLimited,
+        DropReason::BindRateLimited,
+        DropReason::BindRefused,
+        DropReason::UnsolicitedBindReply,
+        DropReason::NoticeReceived,
+        DropReason::Internal,
+    ];
+
+    fn index(self) -> usize {
+        match self {
+            DropReason::Malformed(k) => PARSE_KINDS.iter().position(|p| *p == k).unwrap_or(0),
+            DropReason::NotBound => 6,
+            DropReason::PermitExpired => 7,
+            DropReason::SourceMismatch => 8,
+            DropReason::HopLimit => 9,
+            DropReason::NotOnRoute => 10,
+            DropReason::UnknownNextHop => 11,
+            DropReason::RateLimited => 12,
+            DropReason::BindRateLimited => 13,
+            DropReason::BindRefused => 14,
+            DropReason::UnsolicitedBindReply => 15,
+            DropReason::NoticeReceived => 16,
+            DropReason::Internal => 17,
+        }
+    }
+
+    /// The label value in `/metrics`.
+    pub fn label(self) -> &'static str {
+        match self {
+            DropReason::Malformed(ParseErrorKind::Truncated) => "malformed_truncated",
+            DropReason::Malformed(ParseErrorKind::Oversized) => "malformed_oversized",
+            DropReason::Malformed(ParseErrorKind::Version) => "malformed_version",
+            DropReason::Malformed(ParseErrorKind::Unknown) => "malformed_unknown",
+            DropReason::Malformed(ParseErrorKind::Route) => "malformed_route",
+            DropReason::Malformed(ParseErrorKind::Field) => "malformed_field",
+            DropReason::NotBound => "not_bound",
+            DropReason::PermitExpired => "permit_expired",
+            DropReason::SourceMismatch => "source_mismatch",
+            DropReason::HopLimit => "hop_limit",
+            DropReason::NotOnRoute => "not_on_route",
+            DropReason::UnknownNextHop => "unknown_next_hop",
+            DropReason::RateLimited => "rate_limited",
+            DropReason::BindRateLimited => "bind_rate_limited",
+            DropReason::BindRefused => "bind_refused",
+            DropReason::UnsolicitedBindReply => "unsolicited_bind_reply",
+            DropReason::NoticeReceived => "notice_received",
+            DropReason::Internal => "internal",
+        }
+    }
+}
+
+fn refusal_label(r: BindRefusal) -> &'static str {
+    match r {
+        BindRefusal::BadCookie => "bad_cookie",
+        BindRefusal::MalformedPermit => "malformed_permit",
+        BindRefusal::ForgedPermit => "forged_permit",
+        BindRefusal::ExpiredPermit => "expired_permit",
+        BindRefusal::WrongRole => "wrong_role",
+        BindRefusal::BadProof => "bad_proof",
+        BindRefusal::WrongNode => "wrong_node",
+        BindRefusal::Full => "full",
+    }
+}
+
+/// Upper bounds, in microseconds, of the per-hop latency histogram buckets.
+pub const HOP_BUCKETS_US: [u64; 12] = [10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 50_000, 250_000];
+
+/// A fixed-bucket histogram (cumulative counts are computed at exposition).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Histogram {
+    /// Count per bucket of [`HOP_BUCKETS_US`], plus one for larger values.
+    pub buckets: [u64; HOP_BUCKETS_US.len() + 1],
+    /// Sum of recorded values.
+    pub sum: u64,
+    /// Number of recorded values.
+    pub count: u64,
+}
+
+impl Histogram {
+    /// Records one value in microseconds.
+    pub fn record(&mut self, us: u64) {
+        let i = HOP_BUCKETS_US.iter().position(|b| us <= *b).unwrap_or(HOP_BUCKETS_US.len());
+        self.buckets[i] += 1;
+        self.sum += us;
+        self.count += 1;
+    }
+
+    fn add(&mut self, other: &Histogram) {
+        for (a, b) in self.buckets.iter_mut().zip(other.buckets) {
+            *a += b;
+        }
+        self.sum += other.sum;
+        self.count += other.count;
+    }
+}
+
+/// Everything one router counts.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Datagrams forwarded.
+    pub forwarded_packets: u64,
+    /// Bytes forwarded.
+    pub forwarded_bytes: u64,
+    /// Handshake replies sent (challenges, acks).
+    pub replies: u64,
+    /// Notices sent.
+    pub notices_sent: u64,
+    /// Bind proofs accepted.
+    pub binds_accepted: u64,
+    drops: [u64; DropReason::ALL.len()],
+    refusals: [u64; BindRefusal::ALL.len()],
+    /// Latency of the hop each forwarded, traced datagram arrived over, in microseconds.
+    pub hop_latency: Histogram,
+}
+
+impl Counters {
+    /// Counts a drop.
+    pub fn drop(&mut self, reason: DropReason) {
+        self.drops[reason.index()] += 1;
+    }
+
+    /// Drops counted for `reason`.
+    pub fn drops(&self, reason: DropReason) -> u64 {
+        self.drops[reason.index()]
+    }
+
+    /// Counts a refused bind proof.
+    pub fn bind_refused(&mut self, r: BindRefusal) {
+        self.refusals[r as usize - 1] += 1;
+    }
+
+    /// Bind proofs refused for `r`.
+    pub fn bind_refusals(&self, r: BindRefusal) -> u64 {
+        self.refusals[r as usize - 1]
+    }
+
+    /// Adds `other` into `self` (summing workers).
+    pub fn add(&mut self, other: &Counters) {
+        self.forwarded_packets += other.forwarded_packets;
+        self.forwarded_bytes += other.forwarded_bytes;
+        self.replies += other.replies;
+        self.notices_sent += other.notices_sent;
+        self.binds_accepted += other.binds_accepted;
+        for (a, b) in self.drops.iter_mut().zip(other.drops) {
+            *a += b;
+        }
+        for (a, b) in self.refusals.iter_mut().zip(other.refusals) {
+            *a += b;
+        }
+        self.hop_latency.add(&other.hop_latency);
+    }
+
+    /// Prometheus text exposition (format 0.0.4).
+    pub fn render_prometheus(&self, bindings: usize) -> String {
+        let mut o = String::with_capacity(4096);
+        let mut counter = |name: &str, help: &str, v: u64| {
+            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
+        };
+        counter("shoal_relay_forwarded_packets_total", "Datagrams forwarded.", self.forwarded_packets);
+        counter("shoal_relay_forwarded_bytes_total", "Bytes forwarded.", self.forwarded_bytes);
+        counter("shoal_relay_replies_total", "Bind handshake replies sent.", self.replies);
+        counter("shoal_relay_notices_total", "Notices sent to senders of dropped datagrams.", self.notices_sent);
+        counter("shoal_relay_binds_accepted_total", "Bind proofs accepted.", self.binds_accepted);
+        let _ = writeln!(o, "# HELP shoal_relay_dropped_total Datagrams dropped, by reason.");
+        let _ = writeln!(o, "# TYPE shoal_relay_dropped_total counter");
+        for r in DropReason::ALL {
+            let _ = writeln!(o, "shoal_relay_dropped_total{{reason=\"{}\"}} {}", r.label(), self.drops(r));
+        }
+        let _ = writeln!(o, "# HELP shoal_relay_bind_refused_total Bind proofs refused, by reason.");
+        let _ = writeln!(o, "# TYPE shoal_relay_bind_refused_total counter");
+        for r in BindRefusal::ALL {
+            let _ = writeln!(o, "shoal_relay_bind_refused_total{{reason=\"{}\"}} {}", refusal_label(r), self.bind_refusals(r));
+        }
+        let _ = writeln!(o, "# HELP shoal_relay_bindings Nodes currently bound.\n# TYPE shoal_relay_bindings gauge");
+        let _ = writeln!(o, "shoal_relay_bindings {bindings}");
+        let h = &self.hop_latency;
+        let name = "shoal_relay_hop_latency_seconds";
+        let _ = writeln!(o, "# HELP {name} Latency of the hop each traced datagram arrived over.\n# TYPE {name} histogram");
+        let mut cumulative = 0;
+        for (bound, n) in HOP_BUCKETS_US.iter().zip(h.buckets) {
+            cumulative += n;
+            let _ = writeln!(o, "{name}_bucket{{le=\"{}\"}} {cumulative}", *bound as f64 / 1e6);
+        }
+        let _ = writeln!(o, "{name}_bucket{{le=\"+Inf\"}} {}", h.count);
+        let _ = writeln!(o, "{name}_sum {}", h.sum as f64 / 1e6);
+        let _ = writeln!(o, "{name}_count {}", h.count);
+        o
+    }
+}

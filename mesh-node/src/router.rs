@@ -1,0 +1,575 @@
+//! The relay's brain: decides, for each received datagram, whether to forward it (and where),
+//! answer it (bind handshake, notices) or drop it, and counts every outcome.
+//!
+//! Sans-IO. The driver calls, for each datagram, [`Router::handle_datagram`] with the
+//! receive buffer; the router checks and stamps it **in place** and returns a [`Verdict`]. A
+//! reply is written over the received bytes and is never longer than them, so a relay cannot
+//! be used to amplify traffic. Besides that hot path the driver calls
+//! [`Router::handle_timeout`] when [`Router::poll_timeout`] says, and drains
+//! [`Router::poll_transmit`] (binds to peer relays) and [`Router::poll_event`] after every
+//! call, before the next input.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use ring::hmac;
+use rustc_hash::FxHashMap;
+use shoal_protocol::{Identity, NodeId, PublicKey, Roles, SignedTicket, TicketError, TicketKind, UnixTime};
+
+use crate::bind::{BindClient, Transmit};
+use crate::clock::WallClock;
+use crate::metrics::{Counters, DropReason};
+use crate::wire::{
+    self, BindAck, BindProof, BindRefusal, COOKIE_LEN, Challenge, Datagram, Header, Kind, Notice, NoticeCode,
+    ParseError, Route, VcId,
+};
+
+/// How long a bind challenge's cookie stays valid.
+const COOKIE_LIFETIME_SECS: u64 = 30;
+
+/// A token-bucket rate: sustained `per_sec`, bursts up to `burst`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rate {
+    /// Sustained tokens per second.
+    pub per_sec: f64,
+    /// Bucket capacity.
+    pub burst: f64,
+}
+
+/// A token bucket. Starts full.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct TokenBucket {
+    tokens: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    pub(crate) fn new(rate: &Rate, now: Instant) -> TokenBucket {
+        TokenBucket { tokens: rate.burst, last: now }
+    }
+
+    /// Takes `cost` tokens if the bucket holds them.
+    pub(crate) fn take(&mut self, rate: &Rate, now: Instant, cost: f64) -> bool {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + elapsed * rate.per_sec).min(rate.burst);
+        if self.tokens >= cost {
+            self.tokens -= cost;
+            true
+        } else {
+            false
+        }
+    }
+
+    fn is_full(&self, rate: &Rate, now: Instant) -> bool {
+        self.tokens + now.saturating_duration_since(self.last).as_secs_f64() * rate.per_sec >= rate.burst
+    }
+}
+
+/// Validated relay configuration.
+#[derive(Debug, Clone)]
+pub struct RouterConfig {
+    /// The relay's identity.
+    pub identity: Identity,
+    /// The relay's own permit (kind relay permit, role relay), shown to peer relays.
+    pub permit: SignedTicket,
+    /// The control server's public key: the only key whose tickets the relay trusts.
+    pub control_key: PublicKey,
+    /// Per-source limit in datagrams.
+    pub source_packets: Rate,
+    /// Per-source limit in bytes.
+    pub source_bytes: Rate,
+    /// Limit on bind proofs verified (two signature checks each), across all sources.
+    pub bind_verifications: Rate,
+    /// Limit on notices sent, across all destinations.
+    pub notices: Rate,
+    /// Most bindings held at once.
+    pub max_bindings: usize,
+    /// Secret for bind cookies. Every worker of one relay must share it.
+    pub cookie_secret: [u8; 32],
+}
+
+/// What the driver does with the datagram it passed in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use]
+pub enum Verdict {
+    /// Send the (stamped) buffer to this address.
+    Forward(SocketAddr),
+    /// Send the first `len` bytes of the buffer, now a reply, back to the sender.
+    Reply(usize),
+    /// Drop it; the reason was counted.
+    Drop(DropReason),
+    /// Drop it (counted), and send the first `len` bytes of the buffer, now a notice saying
+    /// why, back to the sender.
+    DropWithNotice(DropReason, usize),
+    /// The router took the datagram for itself (a peer relay's answer to our bind); nothing
+    /// to send now, but drain [`Router::poll_transmit`].
+    Consumed,
+}
+
+/// Something the driver or operator may want to know about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RouterEvent {
+    /// A node proved its permit and is reachable at `addr` until `expires_at` (Unix seconds).
+    /// With several workers the driver hands this to the others' [`Router::apply_binding`].
+    Bound {
+        /// The node.
+        node: NodeId,
+        /// Its roles.
+        roles: Roles,
+        /// Where it sends from.
+        addr: SocketAddr,
+        /// When the binding lapses, in Unix seconds.
+        expires_at: u64,
+    },
+    /// This relay's binding to a peer relay was acknowledged.
+    PeerBound {
+        /// The peer's address.
+        addr: SocketAddr,
+        /// The peer's id.
+        peer: NodeId,
+    },
+}
+
+/// The fields the forwarding decision reads, copied out of the datagram so that the buffer
+/// can then be stamped in place.
+#[derive(Debug, Clone, Copy)]
+struct Hot {
+    source: NodeId,
+    hop: usize,
+    route_len: usize,
+    /// Whether the route names this relay at the current hop.
+    on_route: bool,
+    /// The next relay, or the destination after the last relay.
+    next_hop: NodeId,
+    next_is_relay: bool,
+    origin: Option<u32>,
+    /// The previous relay's stamp (0 at the first hop).
+    prev_delta: u32,
+}
+
+impl Hot {
+    fn read(d: &Datagram<'_>, me: NodeId) -> Hot {
+        let (hop, route_len) = (d.hop(), d.route_len());
+        let next_is_relay = hop + 1 < route_len;
+        Hot {
+            source: d.source(),
+            hop,
+            route_len,
+            on_route: hop < route_len && d.route_at(hop) == me,
+            next_hop: if next_is_relay { d.route_at(hop + 1) } else { d.destination() },
+            next_is_relay,
+            origin: d.trace_origin(),
+            prev_delta: d.trace_slots().last().map_or(0, |s| s.delta_us),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Binding {
+    node: NodeId,
+    roles: Roles,
+    expires: Instant,
+}
+
+/// The relay's routing state machine. See the module docs for the call order.
+#[derive(Debug)]
+pub struct Router {
+    cfg: RouterConfig,
+    id: NodeId,
+    tag: u32,
+    clock: WallClock,
+    cookie_key: hmac::Key,
+    /// Who sends from each address.
+    by_addr: FxHashMap<SocketAddr, Binding>,
+    /// Where each bound node is reached.
+    by_node: FxHashMap<NodeId, SocketAddr>,
+    /// Packet and byte buckets per source node.
+    buckets: FxHashMap<NodeId, (TokenBucket, TokenBucket)>,
+    bind_bucket: TokenBucket,
+    notice_bucket: TokenBucket,
+    /// Our own bindings to peer relays.
+    peers: Vec<BindClient>,
+    transmits: VecDeque<Transmit>,
+    events: VecDeque<RouterEvent>,
+    counters: Counters,
+    next_sweep: Instant,
+}
+
+impl Router {
+    /// A router with no bindings. `clock` maps `now` to Unix time for tickets and stamps.
+    pub fn new(cfg: RouterConfig, clock: WallClock, now: Instant) -> Router {
+        let id = cfg.identity.node_id();
+        Router {
+            id,
+            tag: wire::relay_tag(id),
+            clock,
+            cookie_key: hmac::Key::new(hmac::HMAC_SHA256, &cfg.cookie_secret),
+            by_addr: FxHashMap::default(),
+            by_node: FxHashMap::default(),
+            buckets: FxHashMap::default(),
+            bind_bucket: TokenBucket::new(&cfg.bind_verifications, now),
+            notice_bucket: TokenBucket::new(&cfg.notices, now),
+            peers: Vec::new(),
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+            counters: Counters::default(),
+            next_sweep: now + Duration::from_secs(1),
+            cfg,
+        }
+    }
+
+    /// This relay's id.
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+
+    /// Replaces the wall-clock anchor (drivers re-read the system clock now and then).
+    pub fn set_clock(&mut self, clock: WallClock) {
+        self.clock = clock;
+    }
+
+    /// Counters since start.
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    /// Number of nodes bound here.
+    pub fn bindings(&self) -> usize {
+        self.by_node.len()
+    }
+
+    /// Where a bound node is reached.
+    pub fn lookup(&self, node: NodeId) -> Option<SocketAddr> {
+        self.by_node.get(&node).copied()
+    }
+
+    /// Starts binding to a peer relay at `addr`, so that it accepts datagrams we forward.
+    pub fn add_peer(&mut self, addr: SocketAddr, now: Instant) {
+        if !self.peers.iter().any(|p| p.relay() == addr) {
+            self.peers.push(BindClient::new(addr, now));
+        }
+    }
+
+    /// Adopts a binding another worker of this relay verified (see [`RouterEvent::Bound`]).
+    pub fn apply_binding(&mut self, now: Instant, node: NodeId, roles: Roles, addr: SocketAddr, expires_at: u64) {
+        let left = expires_at.saturating_sub(self.clock.unix_secs(now));
+        self.insert_binding(addr, Binding { node, roles, expires: now + Duration::from_secs(left) });
+    }
+
+    /// Router-originated datagrams (binds to peer relays).
+    #[must_use]
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transmits.pop_front()
+    }
+
+    /// Events since the last poll.
+    #[must_use]
+    pub fn poll_event(&mut self) -> Option<RouterEvent> {
+        self.events.pop_front()
+    }
+
+    /// When [`Router::handle_timeout`] is next due.
+    #[must_use]
+    pub fn poll_timeout(&self) -> Instant {
+        self.peers.iter().map(BindClient::poll_timeout).fold(self.next_sweep, Instant::min)
+    }
+
+    /// Drives peer binds and drops lapsed bindings and idle rate-limit state.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        for p in &mut self.peers {
+            if let Some(t) = p.handle_timeout(now, &self.cfg.identity, &self.cfg.permit) {
+                self.transmits.push_back(t);
+            }
+        }
+        if now >= self.next_sweep {
+            self.next_sweep = now + Duration::from_secs(1);
+            let by_node = &mut self.by_node;
+            self.by_addr.retain(|addr, b| {
+                let keep = b.expires > now;
+                if !keep && by_node.get(&b.node) == Some(addr) {
+                    by_node.remove(&b.node);
+                }
+                keep
+            });
+            let (pr, br) = (self.cfg.source_packets, self.cfg.source_bytes);
+            self.buckets.retain(|_, (p, b)| !(p.is_full(&pr, now) && b.is_full(&br, now)));
+        }
+    }
+
+    /// Decides what to do with one datagram received from `from`, held in `buf`.
+    ///
+    /// On [`Verdict::Forward`] the buffer has been stamped and is ready to send unchanged in
+    /// length; on [`Verdict::Reply`] its prefix has been overwritten with the reply.
+    pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, buf: &mut [u8]) -> Verdict {
+        let verdict = self.decide(now, from, buf);
+        match verdict {
+            Verdict::Forward(_) => {
+                self.counters.forwarded_packets += 1;
+                self.counters.forwarded_bytes += buf.len() as u64;
+            }
+            Verdict::Reply(_) => self.counters.replies += 1,
+            Verdict::Consumed => {}
+            Verdict::Drop(reason) => self.counters.drop(reason),
+            Verdict::DropWithNotice(reason, _) => {
+                self.counters.drop(reason);
+                self.counters.notices_sent += 1;
+            }
+        }
+        verdict
+    }
+
+    fn decide(&mut self, now: Instant, from: SocketAddr, buf: &mut [u8]) -> Verdict {
+        let hot = match Datagram::parse(buf) {
+            Ok(d) if d.kind().is_routed() => Hot::read(&d, self.id),
+            Ok(d) => {
+                return match d.kind() {
+                    Kind::BindRequest => self.challenge(now, from, buf),
+                    Kind::BindProof => self.accept_proof(now, from, buf),
+                    Kind::BindChallenge | Kind::BindAck => self.peer_bind_reply(now, from, buf),
+                    _ => Verdict::Drop(DropReason::NoticeReceived),
+                };
+            }
+            Err(e) => return Verdict::Drop(DropReason::Malformed(ParseErrorKind::of(&e))),
+        };
+        self.forward(now, from, buf, hot)
+    }
+
+    /// The hot path: every check on the fields read once, then stamp in place.
+    fn forward(&mut self, now: Instant, from: SocketAddr, buf: &mut [u8], d: Hot) -> Verdict {
+        let Some(binding) = self.by_addr.get(&from).copied() else {
+            return self.refuse(now, buf, DropReason::NotBound, NoticeCode::NotBound);
+        };
+        if binding.expires <= now {
+            return self.refuse(now, buf, DropReason::PermitExpired, NoticeCode::PermitExpired);
+        }
+        let from_relay = binding.roles.contains(Roles::RELAY);
+        if !from_relay && (d.source != binding.node || d.hop != 0) {
+            return Verdict::Drop(DropReason::SourceMismatch);
+        }
+        if d.hop >= d.route_len {
+            return Verdict::Drop(DropReason::HopLimit);
+        }
+        if !d.on_route {
+            return Verdict::Drop(DropReason::NotOnRoute);
+        }
+        let Some(next) = self.by_node.get(&d.next_hop).copied() else {
+            return self.refuse(now, buf, DropReason::UnknownNextHop, NoticeCode::UnknownNextHop);
+        };
+        if d.next_is_relay && !self.by_addr.get(&next).is_some_and(|b| b.roles.contains(Roles::RELAY)) {
+            return self.refuse(now, buf, DropReason::UnknownNextHop, NoticeCode::UnknownNextHop);
+        }
+        let (pr, br) = (self.cfg.source_packets, self.cfg.source_bytes);
+        let (packets, bytes) =
+            self.buckets.entry(d.source).or_insert_with(|| (TokenBucket::new(&pr, now), TokenBucket::new(&br, now)));
+        if !packets.take(&pr, now, 1.0) || !bytes.take(&br, now, buf.len() as f64) {
+            return Verdict::Drop(DropReason::RateLimited);
+        }
+        let stamp = self.clock.stamp_us(now);
+        if let Some(origin) = d.origin {
+            let hop_us = stamp.wrapping_sub(origin).wrapping_sub(d.prev_delta);
+            // A hop "shorter than zero" means the clocks disagree; such samples are not kept.
+            if hop_us < 1 << 31 {
+                self.counters.hop_latency.record(u64::from(hop_us));
+            }
+        }
+        wire::stamp_and_advance(buf, self.tag, stamp);
+        Verdict::Forward(next)
+    }
+
+    /// Drops with a notice to the sender, if the notice budget allows and the notice is no
+    /// larger than what provoked it.
+    fn refuse(&mut self, now: Instant, buf: &mut [u8], reason: DropReason, code: NoticeCode) -> Verdict {
+        self.refuse_with(now, buf, reason, Notice { code, refusal: None })
+    }
+
+    fn refuse_with(&mut self, now: Instant, buf: &mut [u8], reason: DropReason, notice: Notice) -> Verdict {
+        let len = wire::HEADER_LEN + wire::NOTICE_BODY_LEN;
+        if buf.len() < len || !self.notice_bucket.take(&self.cfg.notices, now, 1.0) {
+            return Verdict::Drop(reason);
+        }
+        let Ok(d) = Datagram::parse(buf) else { return Verdict::Drop(reason) };
+        let h = Header { kind: Kind::Notice, source: self.id, destination: d.source(), vc: d.vc(), trace: false };
+        let mut body = [0; wire::NOTICE_BODY_LEN];
+        notice.write(&mut body);
+        match wire::emit(buf, &h, &Route::DIRECT, 0, &body) {
+            Ok(n) => Verdict::DropWithNotice(reason, n),
+            Err(_) => Verdict::Drop(reason),
+        }
+    }
+
+    fn cookie(&self, from: SocketAddr, node: NodeId, issued_at: u64) -> [u8; COOKIE_LEN] {
+        let mut ctx = hmac::Context::with_key(&self.cookie_key);
+        match from {
+            SocketAddr::V4(a) => ctx.update(&a.ip().octets()),
+            SocketAddr::V6(a) => ctx.update(&a.ip().octets()),
+        }
+        ctx.update(&from.port().to_be_bytes());
+        ctx.update(&node.0);
+        ctx.update(&issued_at.to_be_bytes());
+        let mut c = [0; COOKIE_LEN];
+        c.copy_from_slice(&ctx.sign().as_ref()[..COOKIE_LEN]);
+        c
+    }
+
+    /// Answers a bind request with a stateless challenge of the same size.
+    fn challenge(&mut self, now: Instant, from: SocketAddr, buf: &mut [u8]) -> Verdict {
+        let Ok(d) = Datagram::parse(buf) else { return Verdict::Drop(DropReason::Internal) };
+        let node = d.source();
+        let issued_at = self.clock.unix_secs(now);
+        let challenge = Challenge { issued_at, cookie: self.cookie(from, node, issued_at) };
+        let h = Header { kind: Kind::BindChallenge, source: self.id, destination: node, vc: VcId(0), trace: false };
+        let mut body = [0; wire::CHALLENGE_BODY_LEN];
+        challenge.write(&mut body);
+        match wire::emit(buf, &h, &Route::DIRECT, 0, &body) {
+            Ok(n) => Verdict::Reply(n),
+            Err(_) => Verdict::Drop(DropReason::Internal),
+        }
+    }
+
+    /// Verifies a bind proof: cookie, permit, and the node's signature over the challenge.
+    fn accept_proof(&mut self, now: Instant, from: SocketAddr, buf: &mut [u8]) -> Verdict {
+        let Ok(d) = Datagram::parse(buf) else { return Verdict::Drop(DropReason::Internal) };
+        let node = d.source();
+        let proof = BindProof::read(d.body());
+        let now_secs = self.clock.unix_secs(now);
+        let c = proof.challenge;
+        let fresh = c.issued_at <= now_secs && now_secs - c.issued_at <= COOKIE_LIFETIME_SECS;
+        let refusal = if d.destination() != self.id || !fresh || self.cookie(from, node, c.issued_at) != c.cookie {
+            Err(BindRefusal::BadCookie)
+        } else if !self.bind_bucket.take(&self.cfg.bind_verifications, now, 1.0) {
+            return Verdict::Drop(DropReason::BindRateLimited);
+        } else {
+            self.verify_proof(&proof, node, now_secs)
+        };
+        let permit = match refusal {
+            Ok(p) => p,
+            Err(r) => {
+                self.counters.bind_refused(r);
+                return self.refuse_with(now, buf, DropReason::BindRefused, Notice {
+                    code: NoticeCode::BindRefused,
+                    refusal: Some(r),
+                });
+            }
+        };
+        let b = permit.body;
+        let replaces_own = self.by_addr.get(&from).is_some_and(|old| old.node == node);
+        if !replaces_own && !self.by_node.contains_key(&node) && self.by_addr.len() >= self.cfg.max_bindings {
+            self.counters.bind_refused(BindRefusal::Full);
+            return self.refuse_with(now, buf, DropReason::BindRefused, Notice {
+                code: NoticeCode::BindRefused,
+                refusal: Some(BindRefusal::Full),
+            });
+        }
+        let left = b.expires_at.0.saturating_sub(now_secs);
+        self.insert_binding(from, Binding { node, roles: b.roles, expires: now + Duration::from_secs(left) });
+        self.counters.binds_accepted += 1;
+        self.events.push_back(RouterEvent::Bound { node, roles: b.roles, addr: from, expires_at: b.expires_at.0 });
+        // A relay that binds to us expects to be bound to in turn, so that we forward to it.
+        if b.roles.contains(Roles::RELAY) {
+            self.add_peer(from, now);
+        }
+        let ack = BindAck { expires_at: b.expires_at.0, observed: from };
+        let h = Header { kind: Kind::BindAck, source: self.id, destination: node, vc: VcId(0), trace: false };
+        let mut body = [0; wire::BIND_ACK_BODY_LEN];
+        ack.write(&mut body);
+        match wire::emit(buf, &h, &Route::DIRECT, 0, &body) {
+            Ok(n) => Verdict::Reply(n),
+            Err(_) => Verdict::Drop(DropReason::Internal),
+        }
+    }
+
+    fn verify_proof(
+        &self,
+        proof: &BindProof<'_>,
+        node: NodeId,
+        now_secs: u64,
+    ) -> Result<shoal_protocol::VerifiedTicket, BindRefusal> {
+        let ticket = SignedTicket::decode(proof.permit).map_err(|_| BindRefusal::MalformedPermit)?;
+        if ticket.body.node_id != node {
+            return Err(BindRefusal::WrongNode);
+        }
+        let verified = ticket
+            .verify(&self.cfg.control_key, TicketKind::RelayPermit, Roles::default(), UnixTime(now_secs))
+            .map_err(|e| match e {
+                TicketError::Expired { .. } | TicketError::NotYetValid { .. } => BindRefusal::ExpiredPermit,
+                TicketError::WrongKind { .. } | TicketError::WrongRole { .. } => BindRefusal::WrongRole,
+                TicketError::BadSignature => BindRefusal::ForgedPermit,
+                _ => BindRefusal::MalformedPermit,
+            })?;
+        let msg = wire::bind_proof_message(self.id, &proof.challenge);
+        verified
+            .body
+            .public_key
+            .verify(wire::BIND_CONTEXT, &msg, &proof.signature)
+            .map_err(|_| BindRefusal::BadProof)?;
+        Ok(verified)
+    }
+
+    fn insert_binding(&mut self, addr: SocketAddr, binding: Binding) {
+        // A node that moved: forget its old address.
+        if let Some(old) = self.by_node.insert(binding.node, addr)
+            && old != addr
+        {
+            self.by_addr.remove(&old);
+        }
+        if let Some(prev) = self.by_addr.insert(addr, binding)
+            && prev.node != binding.node
+            && self.by_node.get(&prev.node) == Some(&addr)
+        {
+            self.by_node.remove(&prev.node);
+        }
+    }
+
+    /// A challenge or ack from a peer relay we are binding to.
+    fn peer_bind_reply(&mut self, now: Instant, from: SocketAddr, buf: &mut [u8]) -> Verdict {
+        let Ok(d) = Datagram::parse(buf) else { return Verdict::Drop(DropReason::Internal) };
+        let Some(peer) = self.peers.iter_mut().find(|p| p.relay() == from) else {
+            return Verdict::Drop(DropReason::UnsolicitedBindReply);
+        };
+        let was_bound = peer.is_bound();
+        if let Some(t) = peer.handle_datagram(now, &self.clock, &d, &self.cfg.identity, &self.cfg.permit) {
+            self.transmits.push_back(t);
+        }
+        if !was_bound && peer.is_bound()
+            && let Some(id) = peer.relay_id()
+        {
+            self.events.push_back(RouterEvent::PeerBound { addr: from, peer: id });
+        }
+        Verdict::Consumed
+    }
+}
+
+/// The shape of a parse failure, for counting (the [`ParseError`] itself carries lengths).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ParseErrorKind {
+    /// [`ParseError::Truncated`] or [`ParseError::ShortBody`].
+    Truncated,
+    /// [`ParseError::Oversized`].
+    Oversized,
+    /// [`ParseError::UnsupportedVersion`].
+    Version,
+    /// [`ParseError::UnknownKind`] or [`ParseError::UnknownFlags`].
+    Unknown,
+    /// [`ParseError::RouteTooLong`], [`ParseError::HopPastRoute`] or [`ParseError::BadShape`].
+    Route,
+    /// [`ParseError::InvalidField`].
+    Field,
+}
+
+impl ParseErrorKind {
+    /// Classifies `e`.
+    pub fn of(e: &ParseError) -> ParseErrorKind {
+        match e {
+            ParseError::Truncated { .. } | ParseError::ShortBody { .. } => ParseErrorKind::Truncated,
+            ParseError::Oversized(_) => ParseErrorKind::Oversized,
+            ParseError::UnsupportedVersion(_) => ParseErrorKind::Version,
+            ParseError::UnknownKind(_) | ParseError::UnknownFlags(_) => ParseErrorKind::Unknown,
+            ParseError::RouteTooLong(_) | ParseError::HopPastRoute { .. } | ParseError::BadShape(_) => {
+                ParseErrorKind::Route
+            }
+            ParseError::InvalidField(_) => ParseErrorKind::Field,
+        }
+    }
+}
