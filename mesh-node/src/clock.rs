@@ -19,10 +19,9 @@ impl WallClock {
 
     /// Reads the system clock now; for drivers only.
     pub fn system() -> WallClock {
-        let unix_us = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or(Duration::ZERO)
-            .as_micros() as u64;
+        let unix_us =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or(Duration::ZERO).as_micros()
+                as u64;
         WallClock::new(Instant::now(), unix_us)
     }
 

@@ -49,6 +49,19 @@ impl Path {
     }
 }
 
+/// Where and how a payload goes: the addressing of one data datagram.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Envelope {
+    /// The receiving node.
+    pub destination: NodeId,
+    /// Direct, or through relays.
+    pub path: Path,
+    /// The virtual connection.
+    pub vc: VcId,
+    /// Whether relays stamp a per-hop trace.
+    pub trace: bool,
+}
+
 /// The per-hop trace a datagram arrived with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Trace {
@@ -263,31 +276,26 @@ impl Endpoint {
     pub fn encode_data(
         &self,
         now: Instant,
-        destination: NodeId,
-        path: &Path,
-        vc: VcId,
-        trace: bool,
+        env: &Envelope,
         payload: &[u8],
         buf: &mut [u8],
     ) -> Result<(SocketAddr, usize), SendError> {
-        let to = self.first_hop(path)?;
-        let h = Header { kind: Kind::Data, source: self.node_id(), destination, vc, trace };
-        let len = wire::emit(buf, &h, &path.route(), self.clock.stamp_us(now), payload)?;
+        let to = self.first_hop(&env.path)?;
+        let h = Header {
+            kind: Kind::Data,
+            source: self.node_id(),
+            destination: env.destination,
+            vc: env.vc,
+            trace: env.trace,
+        };
+        let len = wire::emit(buf, &h, &env.path.route(), self.clock.stamp_us(now), payload)?;
         Ok((to, len))
     }
 
     /// Queues a data datagram (see [`Endpoint::poll_transmit`]).
-    pub fn send(
-        &mut self,
-        now: Instant,
-        destination: NodeId,
-        path: &Path,
-        vc: VcId,
-        trace: bool,
-        payload: &[u8],
-    ) -> Result<(), SendError> {
+    pub fn send(&mut self, now: Instant, env: &Envelope, payload: &[u8]) -> Result<(), SendError> {
         let mut buf = vec![0; MAX_DATAGRAM];
-        let (to, len) = self.encode_data(now, destination, path, vc, trace, payload, &mut buf)?;
+        let (to, len) = self.encode_data(now, env, payload, &mut buf)?;
         buf.truncate(len);
         self.transmits.push_back(Transmit { to, bytes: buf });
         Ok(())
@@ -381,7 +389,8 @@ impl Endpoint {
             body[at..at + 4].copy_from_slice(&s.tag.to_be_bytes());
             body[at + 4..at + 8].copy_from_slice(&s.delta_us.to_be_bytes());
         }
-        let h = Header { kind: Kind::ProbeAck, source: self.node_id(), destination: d.source(), vc: d.vc(), trace: true };
+        let h =
+            Header { kind: Kind::ProbeAck, source: self.node_id(), destination: d.source(), vc: d.vc(), trace: true };
         let mut buf = vec![0; MAX_DATAGRAM];
         if let Ok(len) = wire::emit(&mut buf, &h, &route, self.clock.stamp_us(now), &body) {
             buf.truncate(len);

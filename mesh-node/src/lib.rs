@@ -6,6 +6,8 @@
 
 pub mod bind;
 pub mod clock;
+pub mod config;
+pub mod driver;
 pub mod endpoint;
 pub mod metrics;
 pub mod router;

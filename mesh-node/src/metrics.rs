@@ -171,6 +171,8 @@ pub struct Counters {
     pub notices_sent: u64,
     /// Bind proofs accepted.
     pub binds_accepted: u64,
+    /// Datagrams the socket would not take (send buffer full, or an error).
+    pub send_failures: u64,
     drops: [u64; DropReason::ALL.len()],
     refusals: [u64; BindRefusal::ALL.len()],
     /// Latency of the hop each forwarded, traced datagram arrived over, in microseconds.
@@ -205,6 +207,7 @@ impl Counters {
         self.replies += other.replies;
         self.notices_sent += other.notices_sent;
         self.binds_accepted += other.binds_accepted;
+        self.send_failures += other.send_failures;
         for (a, b) in self.drops.iter_mut().zip(other.drops) {
             *a += b;
         }
@@ -225,6 +228,7 @@ impl Counters {
         counter("shoal_relay_replies_total", "Bind handshake replies sent.", self.replies);
         counter("shoal_relay_notices_total", "Notices sent to senders of dropped datagrams.", self.notices_sent);
         counter("shoal_relay_binds_accepted_total", "Bind proofs accepted.", self.binds_accepted);
+        counter("shoal_relay_send_failures_total", "Datagrams the socket would not take.", self.send_failures);
         let _ = writeln!(o, "# HELP shoal_relay_dropped_total Datagrams dropped, by reason.");
         let _ = writeln!(o, "# TYPE shoal_relay_dropped_total counter");
         for r in DropReason::ALL {
@@ -233,13 +237,19 @@ impl Counters {
         let _ = writeln!(o, "# HELP shoal_relay_bind_refused_total Bind proofs refused, by reason.");
         let _ = writeln!(o, "# TYPE shoal_relay_bind_refused_total counter");
         for r in BindRefusal::ALL {
-            let _ = writeln!(o, "shoal_relay_bind_refused_total{{reason=\"{}\"}} {}", refusal_label(r), self.bind_refusals(r));
+            let _ = writeln!(
+                o,
+                "shoal_relay_bind_refused_total{{reason=\"{}\"}} {}",
+                refusal_label(r),
+                self.bind_refusals(r)
+            );
         }
         let _ = writeln!(o, "# HELP shoal_relay_bindings Nodes currently bound.\n# TYPE shoal_relay_bindings gauge");
         let _ = writeln!(o, "shoal_relay_bindings {bindings}");
         let h = &self.hop_latency;
         let name = "shoal_relay_hop_latency_seconds";
-        let _ = writeln!(o, "# HELP {name} Latency of the hop each traced datagram arrived over.\n# TYPE {name} histogram");
+        let _ =
+            writeln!(o, "# HELP {name} Latency of the hop each traced datagram arrived over.\n# TYPE {name} histogram");
         let mut cumulative = 0;
         for (bound, n) in HOP_BUCKETS_US.iter().zip(h.buckets) {
             cumulative += n;

@@ -195,6 +195,8 @@ pub struct Router {
     events: VecDeque<RouterEvent>,
     counters: Counters,
     next_sweep: Instant,
+    /// Whether this router binds to peer relays (one worker per relay does).
+    peer_owner: bool,
 }
 
 impl Router {
@@ -216,6 +218,7 @@ impl Router {
             events: VecDeque::new(),
             counters: Counters::default(),
             next_sweep: now + Duration::from_secs(1),
+            peer_owner: true,
             cfg,
         }
     }
@@ -233,6 +236,17 @@ impl Router {
     /// Counters since start.
     pub fn counters(&self) -> &Counters {
         &self.counters
+    }
+
+    /// Counters, for the driver to add its own (send failures).
+    pub fn counters_mut(&mut self) -> &mut Counters {
+        &mut self.counters
+    }
+
+    /// Whether this router binds to peer relays. With several workers sharing one port, one
+    /// owns the peer binds and the others hand it the peers' replies; the default is `true`.
+    pub fn set_peer_owner(&mut self, owner: bool) {
+        self.peer_owner = owner;
     }
 
     /// Number of nodes bound here.
@@ -256,6 +270,9 @@ impl Router {
     pub fn apply_binding(&mut self, now: Instant, node: NodeId, roles: Roles, addr: SocketAddr, expires_at: u64) {
         let left = expires_at.saturating_sub(self.clock.unix_secs(now));
         self.insert_binding(addr, Binding { node, roles, expires: now + Duration::from_secs(left) });
+        if roles.contains(Roles::RELAY) && self.peer_owner {
+            self.add_peer(addr, now);
+        }
     }
 
     /// Router-originated datagrams (binds to peer relays).
@@ -447,27 +464,31 @@ impl Router {
             Ok(p) => p,
             Err(r) => {
                 self.counters.bind_refused(r);
-                return self.refuse_with(now, buf, DropReason::BindRefused, Notice {
-                    code: NoticeCode::BindRefused,
-                    refusal: Some(r),
-                });
+                return self.refuse_with(
+                    now,
+                    buf,
+                    DropReason::BindRefused,
+                    Notice { code: NoticeCode::BindRefused, refusal: Some(r) },
+                );
             }
         };
         let b = permit.body;
         let replaces_own = self.by_addr.get(&from).is_some_and(|old| old.node == node);
         if !replaces_own && !self.by_node.contains_key(&node) && self.by_addr.len() >= self.cfg.max_bindings {
             self.counters.bind_refused(BindRefusal::Full);
-            return self.refuse_with(now, buf, DropReason::BindRefused, Notice {
-                code: NoticeCode::BindRefused,
-                refusal: Some(BindRefusal::Full),
-            });
+            return self.refuse_with(
+                now,
+                buf,
+                DropReason::BindRefused,
+                Notice { code: NoticeCode::BindRefused, refusal: Some(BindRefusal::Full) },
+            );
         }
         let left = b.expires_at.0.saturating_sub(now_secs);
         self.insert_binding(from, Binding { node, roles: b.roles, expires: now + Duration::from_secs(left) });
         self.counters.binds_accepted += 1;
         self.events.push_back(RouterEvent::Bound { node, roles: b.roles, addr: from, expires_at: b.expires_at.0 });
         // A relay that binds to us expects to be bound to in turn, so that we forward to it.
-        if b.roles.contains(Roles::RELAY) {
+        if b.roles.contains(Roles::RELAY) && self.peer_owner {
             self.add_peer(from, now);
         }
         let ack = BindAck { expires_at: b.expires_at.0, observed: from };
@@ -532,7 +553,8 @@ impl Router {
         if let Some(t) = peer.handle_datagram(now, &self.clock, &d, &self.cfg.identity, &self.cfg.permit) {
             self.transmits.push_back(t);
         }
-        if !was_bound && peer.is_bound()
+        if !was_bound
+            && peer.is_bound()
             && let Some(id) = peer.relay_id()
         {
             self.events.push_back(RouterEvent::PeerBound { addr: from, peer: id });

@@ -422,7 +422,14 @@ impl<'a> Datagram<'a> {
 ///
 /// `origin_us` is the sender's clock in microseconds, used when `header.trace` is set.
 /// Fails if `buf` cannot hold the header plus `body_len` bytes within [`MAX_DATAGRAM`].
-pub fn emit_header(buf: &mut [u8], h: &Header, route: &Route, hop: usize, origin_us: u32, body_len: usize) -> Result<usize, EmitError> {
+pub fn emit_header(
+    buf: &mut [u8],
+    h: &Header,
+    route: &Route,
+    hop: usize,
+    origin_us: u32,
+    body_len: usize,
+) -> Result<usize, EmitError> {
     let l = Layout { route_len: route.len(), hop, trace: h.trace };
     let total = l.body_at() + body_len;
     if total > MAX_DATAGRAM || total > buf.len() {

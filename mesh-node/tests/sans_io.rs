@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use shoal_mesh::bind::Transmit;
 use shoal_mesh::clock::WallClock;
-use shoal_mesh::endpoint::{Endpoint, EndpointEvent, Path, Received, SendError};
+use shoal_mesh::endpoint::{Endpoint, EndpointEvent, Envelope, Path, Received, SendError};
 use shoal_mesh::metrics::DropReason;
 use shoal_mesh::router::{Rate, Router, RouterConfig, Verdict};
 use shoal_mesh::wire::{self, BindRefusal, Header, Kind, NoticeCode, Route, VcId};
@@ -44,8 +44,8 @@ fn relay_cfg(control: &Identity, seed: u8) -> RouterConfig {
 }
 
 enum Node {
-    Relay(Router),
-    End(Endpoint),
+    Relay(Box<Router>),
+    End(Box<Endpoint>),
 }
 
 /// An in-memory loopback: every datagram is delivered after `latency`.
@@ -163,10 +163,10 @@ fn topology() -> (Net, Identity, Identity, Identity) {
     let mut net = Net {
         now,
         nodes: vec![
-            (addr(1), Node::End(ea)),
-            (addr(2), Node::End(eb)),
-            (addr(11), Node::Relay(r1)),
-            (addr(12), Node::Relay(r2)),
+            (addr(1), Node::End(Box::new(ea))),
+            (addr(2), Node::End(Box::new(eb))),
+            (addr(11), Node::Relay(Box::new(r1))),
+            (addr(12), Node::Relay(Box::new(r2))),
         ],
         queue: VecDeque::new(),
         events: Vec::new(),
@@ -180,10 +180,18 @@ fn topology() -> (Net, Identity, Identity, Identity) {
 fn two_relay_route_both_ways_with_trace_and_probe() {
     let (mut net, _control, a, b) = topology();
     let (r1, r2) = (net.relay(2).id(), net.relay(3).id());
-    assert!(net.take_events(addr(1)).iter().any(|e| matches!(e, EndpointEvent::RelayBound { relay, observed, .. } if *relay == r1 && *observed == addr(1))));
+    assert!(net.take_events(addr(1)).iter().any(
+        |e| matches!(e, EndpointEvent::RelayBound { relay, observed, .. } if *relay == r1 && *observed == addr(1))
+    ));
     let route = Route::new(&[r1, r2]).unwrap();
     let now = net.now;
-    net.endpoint(0).send(now, b.node_id(), &Path::Relayed(route), VcId(7), true, b"hello B").unwrap();
+    net.endpoint(0)
+        .send(
+            now,
+            &Envelope { destination: b.node_id(), path: Path::Relayed(route), vc: VcId(7), trace: true },
+            b"hello B",
+        )
+        .unwrap();
     net.drain(0);
     net.run(Duration::from_millis(5));
     let got = net.received(addr(2));
@@ -197,7 +205,8 @@ fn two_relay_route_both_ways_with_trace_and_probe() {
 
     // And back, B → R2 → R1 → A.
     let now = net.now;
-    net.endpoint(1).send(now, a.node_id(), &Path::Relayed(route.reversed()), VcId(7), false, b"hi A").unwrap();
+    let env = Envelope { destination: a.node_id(), path: Path::Relayed(route.reversed()), vc: VcId(7), trace: false };
+    net.endpoint(1).send(now, &env, b"hi A").unwrap();
     net.drain(1);
     net.run(Duration::from_millis(5));
     let got = net.received(addr(1));
@@ -224,9 +233,14 @@ fn unbound_sender_is_dropped_and_counted_at_first_relay() {
     let (r1, r2) = (net.relay(2).id(), net.relay(3).id());
     // An intruder with a valid permit that never bound, sending from another address.
     let intruder = Identity::from_seed([66; 32]);
-    let mut e = Endpoint::new(intruder.clone(), permit(&control, &intruder, Roles::CLIENT, 600), WallClock::new(net.now, T0_UNIX * 1_000_000));
+    let mut e = Endpoint::new(
+        intruder.clone(),
+        permit(&control, &intruder, Roles::CLIENT, 600),
+        WallClock::new(net.now, T0_UNIX * 1_000_000),
+    );
     let mut buf = [0u8; 200];
-    let h = Header { kind: Kind::Data, source: intruder.node_id(), destination: b.node_id(), vc: VcId(1), trace: false };
+    let h =
+        Header { kind: Kind::Data, source: intruder.node_id(), destination: b.node_id(), vc: VcId(1), trace: false };
     let n = wire::emit(&mut buf, &h, &Route::new(&[r1, r2]).unwrap(), 0, b"spam").unwrap();
     net.queue.push_back((net.now, addr(99), addr(11), buf[..n].to_vec()));
     // Claiming A's identity from another address fails the same way.
@@ -263,7 +277,10 @@ fn bound_node_cannot_spoof_another_source_or_skip_the_route() {
     assert_eq!(c.drops(DropReason::NotOnRoute), 1);
     assert_eq!(c.drops(DropReason::UnknownNextHop), 1);
     let ev = net.take_events(addr(1));
-    assert!(ev.iter().any(|e| matches!(e, EndpointEvent::Notice { notice, .. } if notice.code == NoticeCode::UnknownNextHop)));
+    assert!(
+        ev.iter()
+            .any(|e| matches!(e, EndpointEvent::Notice { notice, .. } if notice.code == NoticeCode::UnknownNextHop))
+    );
 }
 
 #[test]
@@ -273,7 +290,13 @@ fn per_source_rate_limit_drops_the_excess() {
     let route = Route::new(&[r1, r2]).unwrap();
     let now = net.now;
     for _ in 0..100 {
-        net.endpoint(0).send(now, b.node_id(), &Path::Relayed(route), VcId(1), false, b"burst").unwrap();
+        net.endpoint(0)
+            .send(
+                now,
+                &Envelope { destination: b.node_id(), path: Path::Relayed(route), vc: VcId(1), trace: false },
+                b"burst",
+            )
+            .unwrap();
     }
     net.drain(0);
     net.run(Duration::from_millis(2));
@@ -292,23 +315,33 @@ fn expired_permit_stops_forwarding_and_forged_permit_never_binds() {
         .sign(&Identity::from_seed([51; 32]));
     let mut em = Endpoint::new(mallory.clone(), forged, WallClock::new(net.now, T0_UNIX * 1_000_000));
     em.add_relay(net.now, addr(11));
-    net.nodes.push((addr(50), Node::End(em)));
+    net.nodes.push((addr(50), Node::End(Box::new(em))));
     // A short-lived but genuine permit.
     let brief = Identity::from_seed([52; 32]);
-    let mut eb = Endpoint::new(brief.clone(), permit(&control, &brief, Roles::CLIENT, 2), WallClock::new(net.now, T0_UNIX * 1_000_000));
+    let mut eb = Endpoint::new(
+        brief.clone(),
+        permit(&control, &brief, Roles::CLIENT, 2),
+        WallClock::new(net.now, T0_UNIX * 1_000_000),
+    );
     eb.add_relay(net.now, addr(11));
-    net.nodes.push((addr(52), Node::End(eb)));
+    net.nodes.push((addr(52), Node::End(Box::new(eb))));
     net.run(Duration::from_millis(50));
     assert!(net.relay(2).counters().bind_refusals(BindRefusal::ForgedPermit) >= 1);
     assert!(net.take_events(addr(52)).iter().any(|e| matches!(e, EndpointEvent::RelayBound { .. })));
     let route = Route::new(&[r1, r2]).unwrap();
     let now = net.now;
-    net.endpoint(5).send(now, b.node_id(), &Path::Relayed(route), VcId(1), false, b"ok").unwrap();
+    net.endpoint(5)
+        .send(now, &Envelope { destination: b.node_id(), path: Path::Relayed(route), vc: VcId(1), trace: false }, b"ok")
+        .unwrap();
     net.drain(5);
     net.run(Duration::from_secs(3));
     // The endpoint knows its binding lapsed with the permit (the re-bind was refused)...
     let now = net.now;
-    let late = net.endpoint(5).send(now, b.node_id(), &Path::Relayed(route), VcId(1), false, b"late");
+    let late = net.endpoint(5).send(
+        now,
+        &Envelope { destination: b.node_id(), path: Path::Relayed(route), vc: VcId(1), trace: false },
+        b"late",
+    );
     assert_eq!(late, Err(SendError::NotBound(r1)));
     // ...and the relay refuses what is sent anyway.
     let mut buf = [0u8; 200];

@@ -68,9 +68,7 @@ impl PublicKey {
         let mut buf = Vec::with_capacity(context.len() + message.len());
         buf.extend_from_slice(context);
         buf.extend_from_slice(message);
-        UnparsedPublicKey::new(&ED25519, &self.0)
-            .verify(&buf, &signature.0)
-            .map_err(|_| SignatureError)
+        UnparsedPublicKey::new(&ED25519, &self.0).verify(&buf, &signature.0).map_err(|_| SignatureError)
     }
 
     /// The node id this key names.

@@ -7,9 +7,7 @@
 
 use std::fmt;
 
-use crate::identity::{
-    Identity, NODE_ID_LEN, NodeId, PUBLIC_KEY_LEN, PublicKey, SIGNATURE_LEN, Signature,
-};
+use crate::identity::{Identity, NODE_ID_LEN, NodeId, PUBLIC_KEY_LEN, PublicKey, SIGNATURE_LEN, Signature};
 
 /// Version byte of the ticket layout.
 pub const TICKET_VERSION: u8 = 1;
@@ -104,7 +102,13 @@ pub struct TicketBody {
 
 impl TicketBody {
     /// A body for `public_key`, valid from `issued_at` for `ttl_secs`.
-    pub fn new(kind: TicketKind, public_key: PublicKey, roles: Roles, issued_at: UnixTime, ttl_secs: u64) -> TicketBody {
+    pub fn new(
+        kind: TicketKind,
+        public_key: PublicKey,
+        roles: Roles,
+        issued_at: UnixTime,
+        ttl_secs: u64,
+    ) -> TicketBody {
         TicketBody {
             kind,
             node_id: public_key.node_id(),
@@ -277,9 +281,7 @@ impl SignedTicket {
         if b.issued_at.0 > now.0.saturating_add(MAX_CLOCK_SKEW_SECS) {
             return Err(TicketError::NotYetValid { issued_at: b.issued_at, now });
         }
-        control
-            .verify(TICKET_CONTEXT, &b.encode(), &self.signature)
-            .map_err(|_| TicketError::BadSignature)?;
+        control.verify(TICKET_CONTEXT, &b.encode(), &self.signature).map_err(|_| TicketError::BadSignature)?;
         Ok(VerifiedTicket { body: *b })
     }
 }
@@ -301,7 +303,8 @@ mod tests {
     }
 
     fn permit(node: &Identity, issued: u64, ttl: u64) -> SignedTicket {
-        TicketBody::new(TicketKind::RelayPermit, node.public_key(), Roles::CLIENT, UnixTime(issued), ttl).sign(&control())
+        TicketBody::new(TicketKind::RelayPermit, node.public_key(), Roles::CLIENT, UnixTime(issued), ttl)
+            .sign(&control())
     }
 
     #[test]

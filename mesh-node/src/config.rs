@@ -1,0 +1,227 @@
+//! The relay's configuration file: plain serde data, validated once into [`RelayOptions`].
+//!
+//! ```toml
+//! listen = "0.0.0.0:7000"
+//! metrics = "127.0.0.1:9100"        # optional: Prometheus /metrics and /healthz
+//! workers = 2                        # threads sharing the port with SO_REUSEPORT
+//! key_file = "relay.key"            # the relay's identity seed (hex); created if missing
+//! control_public_key = "…64 hex…"   # the only key whose tickets this relay trusts
+//! permit = "…248 hex…"              # this relay's permit, role relay, signed by that key
+//! peers = ["192.0.2.10:7000"]       # relays to bind to at start
+//!
+//! [limits]
+//! source_packets_per_sec = 20000
+//! source_bytes_per_sec = 25000000
+//! burst_secs = 0.1
+//! bind_verifications_per_sec = 2000
+//! notices_per_sec = 1000
+//! max_bindings = 100000
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use shoal_protocol::identity::{parse_hex, to_hex};
+use shoal_protocol::ticket::TICKET_LEN;
+use shoal_protocol::{Identity, PublicKey, Roles, SignedTicket, TicketKind, UnixTime};
+
+use crate::driver::relay::RelayOptions;
+use crate::router::{Rate, RouterConfig};
+
+/// The file as written.
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelayFile {
+    /// UDP address to listen on.
+    pub listen: SocketAddr,
+    /// HTTP address for `/metrics` and `/healthz`.
+    #[serde(default)]
+    pub metrics: Option<SocketAddr>,
+    /// Worker threads.
+    #[serde(default = "one")]
+    pub workers: usize,
+    /// Identity seed file, relative to the config file.
+    pub key_file: PathBuf,
+    /// Control server public key, hex.
+    pub control_public_key: String,
+    /// This relay's permit, hex.
+    pub permit: String,
+    /// Peer relays.
+    #[serde(default)]
+    pub peers: Vec<SocketAddr>,
+    /// Rate and size limits.
+    #[serde(default)]
+    pub limits: Limits,
+}
+
+fn one() -> usize {
+    1
+}
+
+/// Rate and size limits.
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Datagrams per second one source may send through this relay.
+    pub source_packets_per_sec: f64,
+    /// Bytes per second one source may send through this relay.
+    pub source_bytes_per_sec: f64,
+    /// Burst allowance, in seconds of the sustained rates.
+    pub burst_secs: f64,
+    /// Bind proofs verified per second, all sources together.
+    pub bind_verifications_per_sec: f64,
+    /// Notices sent per second, all destinations together.
+    pub notices_per_sec: f64,
+    /// Most nodes bound at once.
+    pub max_bindings: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            source_packets_per_sec: 20_000.0,
+            source_bytes_per_sec: 25_000_000.0,
+            burst_secs: 0.1,
+            bind_verifications_per_sec: 2_000.0,
+            notices_per_sec: 1_000.0,
+            max_bindings: 100_000,
+        }
+    }
+}
+
+/// A configuration that cannot run, with what is wrong with it.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema.
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message, with line and column.
+        message: String,
+    },
+    /// A field has an invalid value.
+    #[error("invalid `{field}`: {reason}")]
+    Invalid {
+        /// The field.
+        field: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// The key file could not be read or created.
+    #[error("key file {path}: {reason}")]
+    Key {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// What `shoal-mesh-node run` needs: where to listen and how to route.
+#[derive(Debug, Clone)]
+pub struct RelaySettings {
+    /// UDP address.
+    pub listen: SocketAddr,
+    /// HTTP address for metrics.
+    pub metrics: Option<SocketAddr>,
+    /// Worker threads.
+    pub workers: usize,
+    /// Router and peers.
+    pub options: RelayOptions,
+}
+
+fn invalid(field: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { field, reason: reason.into() }
+}
+
+impl RelayFile {
+    /// Reads and parses a file (not yet validated).
+    pub fn load(path: &Path) -> Result<RelayFile, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.into(), message: e.to_string() })
+    }
+
+    /// Validates into settings. `base` is the folder relative paths start from; `now` is the
+    /// wall-clock time the permit must be valid at.
+    pub fn validate(&self, base: &Path, now: UnixTime) -> Result<RelaySettings, ConfigError> {
+        if self.workers == 0 || self.workers > 64 {
+            return Err(invalid("workers", "must be between 1 and 64"));
+        }
+        let control_key =
+            PublicKey(parse_hex(&self.control_public_key).map_err(|e| invalid("control_public_key", e.to_string()))?);
+        let permit_bytes: [u8; TICKET_LEN] = parse_hex(&self.permit).map_err(|e| invalid("permit", e.to_string()))?;
+        let permit = SignedTicket::decode(&permit_bytes).map_err(|e| invalid("permit", e.to_string()))?;
+        let identity = load_or_create_key(&base.join(&self.key_file))?;
+        if permit.body.node_id != identity.node_id() {
+            return Err(invalid(
+                "permit",
+                format!("issued to node {}, but key_file holds node {}", permit.body.node_id, identity.node_id()),
+            ));
+        }
+        permit
+            .verify(&control_key, TicketKind::RelayPermit, Roles::RELAY, now)
+            .map_err(|e| invalid("permit", e.to_string()))?;
+        let l = &self.limits;
+        let positive =
+            |field, v: f64| if v > 0.0 && v.is_finite() { Ok(v) } else { Err(invalid(field, "must be > 0")) };
+        let burst = positive("limits.burst_secs", l.burst_secs)?;
+        let packets = positive("limits.source_packets_per_sec", l.source_packets_per_sec)?;
+        let bytes = positive("limits.source_bytes_per_sec", l.source_bytes_per_sec)?;
+        let binds = positive("limits.bind_verifications_per_sec", l.bind_verifications_per_sec)?;
+        let notices = positive("limits.notices_per_sec", l.notices_per_sec)?;
+        if l.max_bindings == 0 {
+            return Err(invalid("limits.max_bindings", "must be > 0"));
+        }
+        let mut cookie_secret = [0; 32];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut cookie_secret)
+            .map_err(|_| invalid("key_file", "no system randomness for the cookie secret"))?;
+        let router = RouterConfig {
+            identity,
+            permit,
+            control_key,
+            source_packets: Rate { per_sec: packets, burst: (packets * burst).max(1.0) },
+            source_bytes: Rate { per_sec: bytes, burst: (bytes * burst).max(2048.0) },
+            bind_verifications: Rate { per_sec: binds, burst: binds.max(1.0) },
+            notices: Rate { per_sec: notices, burst: notices.max(1.0) },
+            max_bindings: l.max_bindings,
+            cookie_secret,
+        };
+        Ok(RelaySettings {
+            listen: self.listen,
+            metrics: self.metrics,
+            workers: self.workers,
+            options: RelayOptions { router, peers: self.peers.clone() },
+        })
+    }
+}
+
+/// Reads an identity seed (64 hex digits) from `path`, or creates the file with a new one.
+pub fn load_or_create_key(path: &Path) -> Result<Identity, ConfigError> {
+    let err = |reason: String| ConfigError::Key { path: path.into(), reason };
+    match std::fs::read_to_string(path) {
+        Ok(text) => Ok(Identity::from_seed(parse_hex(&text).map_err(|e| err(e.to_string()))?)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let id = Identity::generate().map_err(|_| err("no system randomness".into()))?;
+            write_secret(path, &format!("{}\n", to_hex(id.seed()))).map_err(|e| err(e.to_string()))?;
+            Ok(id)
+        }
+        Err(e) => Err(err(e.to_string())),
+    }
+}
+
+/// Writes a file readable only by its owner.
+fn write_secret(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+    f.write_all(text.as_bytes())
+}

@@ -1,0 +1,5 @@
+//! Drivers that run the sans-IO cores on real UDP sockets with tokio.
+
+pub mod batch;
+pub mod endpoint;
+pub mod relay;

@@ -1,0 +1,300 @@
+//! The relay on real sockets: one thread per worker, each with its own `SO_REUSEPORT` socket,
+//! its own router and a single-threaded tokio runtime, so the hot loop never crosses threads.
+//! Workers tell each other about verified bindings over channels; the routers stay sans-IO.
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+use shoal_protocol::{NodeId, Roles};
+use tokio::io::Interest;
+use tokio::sync::watch;
+
+use crate::clock::WallClock;
+use crate::driver::batch::Batch;
+use crate::metrics::Counters;
+use crate::router::{Router, RouterConfig, RouterEvent, Verdict};
+use crate::wire::Kind;
+
+/// Batches one worker handles before it looks at its timers and inbox again.
+const WORK_BUDGET: usize = 16;
+/// How often workers publish their counters.
+const PUBLISH_EVERY: Duration = Duration::from_millis(100);
+/// How often workers re-read the system clock.
+const CLOCK_EVERY: Duration = Duration::from_secs(10);
+
+/// How to run a relay.
+#[derive(Debug, Clone)]
+pub struct RelayOptions {
+    /// The router configuration every worker shares.
+    pub router: RouterConfig,
+    /// Peer relays to bind to at start.
+    pub peers: Vec<SocketAddr>,
+}
+
+/// Counters and gauges the workers publish, read by `/metrics` and by benchmarks.
+#[derive(Debug, Default)]
+pub struct RelayStats {
+    workers: Vec<Mutex<(Counters, usize)>>,
+    tids: Mutex<Vec<i32>>,
+}
+
+impl RelayStats {
+    /// Counters summed over workers (at most [`PUBLISH_EVERY`] old).
+    pub fn counters(&self) -> Counters {
+        let mut sum = Counters::default();
+        for w in &self.workers {
+            if let Ok(w) = w.lock() {
+                sum.add(&w.0);
+            }
+        }
+        sum
+    }
+
+    /// Nodes bound (as seen by the worker that sees most).
+    pub fn bindings(&self) -> usize {
+        self.workers.iter().filter_map(|w| w.lock().ok().map(|w| w.1)).max().unwrap_or(0)
+    }
+
+    /// Operating-system thread ids of the workers, for per-thread CPU accounting.
+    pub fn worker_tids(&self) -> Vec<i32> {
+        self.tids.lock().map(|t| t.clone()).unwrap_or_default()
+    }
+
+    /// The Prometheus exposition.
+    pub fn render_prometheus(&self) -> String {
+        self.counters().render_prometheus(self.bindings())
+    }
+}
+
+enum WorkerMsg {
+    /// A binding another worker verified.
+    Bound { node: NodeId, roles: Roles, addr: SocketAddr, expires_at: u64 },
+    /// A peer relay's bind reply that reached a worker that does not own peer binds.
+    PeerReply { from: SocketAddr, bytes: Vec<u8> },
+}
+
+/// A running relay. Dropping it stops the workers and waits for them.
+#[derive(Debug)]
+pub struct Relay {
+    local_addr: SocketAddr,
+    id: NodeId,
+    stats: Arc<RelayStats>,
+    stop: watch::Sender<bool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Relay {
+    /// Starts one worker per socket. The sockets must share one address (see
+    /// [`crate::driver::batch::bind_reuseport`]) and be non-blocking.
+    pub fn spawn(sockets: Vec<std::net::UdpSocket>, opts: RelayOptions) -> io::Result<Relay> {
+        let first = sockets.first().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no sockets"))?;
+        let local_addr = first.local_addr()?;
+        let id = opts.router.identity.node_id();
+        let n = sockets.len();
+        let stats = Arc::new(RelayStats {
+            workers: (0..n).map(|_| Mutex::new((Counters::default(), 0))).collect(),
+            tids: Mutex::new(Vec::new()),
+        });
+        let (stop, stop_rx) = watch::channel(false);
+        let (senders, receivers): (Vec<Sender<WorkerMsg>>, Vec<Receiver<WorkerMsg>>) =
+            (0..n).map(|_| crossbeam_channel::unbounded()).unzip();
+        let mut threads = Vec::with_capacity(n);
+        for (idx, (sock, inbox)) in sockets.into_iter().zip(receivers).enumerate() {
+            let now = Instant::now();
+            let mut router = Router::new(opts.router.clone(), WallClock::system(), now);
+            router.set_peer_owner(idx == 0);
+            if idx == 0 {
+                for p in &opts.peers {
+                    router.add_peer(*p, now);
+                }
+            }
+            let worker =
+                Worker { idx, router, inbox, others: senders.clone(), stats: stats.clone(), stop: stop_rx.clone() };
+            let t = std::thread::Builder::new().name(format!("relay-worker-{idx}")).spawn(move || worker.run(sock))?;
+            threads.push(t);
+        }
+        Ok(Relay { local_addr, id, stats, stop, threads })
+    }
+
+    /// The address the relay listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The relay's node id.
+    pub fn node_id(&self) -> NodeId {
+        self.id
+    }
+
+    /// Published counters.
+    pub fn stats(&self) -> &Arc<RelayStats> {
+        &self.stats
+    }
+
+    /// Stops the workers and waits for them to publish their last counters.
+    pub fn shutdown(mut self) {
+        self.stop_and_join();
+    }
+
+    fn stop_and_join(&mut self) {
+        let _ = self.stop.send(true);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.stop_and_join();
+    }
+}
+
+struct Worker {
+    idx: usize,
+    router: Router,
+    inbox: Receiver<WorkerMsg>,
+    others: Vec<Sender<WorkerMsg>>,
+    stats: Arc<RelayStats>,
+    stop: watch::Receiver<bool>,
+}
+
+impl Worker {
+    fn run(self, sock: std::net::UdpSocket) {
+        // SAFETY: gettid has no preconditions.
+        let tid = unsafe { libc::gettid() };
+        if let Ok(mut t) = self.stats.tids.lock() {
+            t.push(tid);
+        }
+        let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(rt) => rt,
+            Err(e) => {
+                tracing::error!(worker = self.idx, "cannot start runtime: {e}");
+                return;
+            }
+        };
+        let idx = self.idx;
+        if let Err(e) = rt.block_on(self.serve(sock)) {
+            tracing::error!(worker = idx, "relay worker stopped: {e}");
+        }
+    }
+
+    async fn serve(mut self, sock: std::net::UdpSocket) -> io::Result<()> {
+        let sock = tokio::net::UdpSocket::from_std(sock)?;
+        let fd = sock.as_raw_fd();
+        let mut batch = Batch::new();
+        let mut publish_at = Instant::now() + PUBLISH_EVERY;
+        let mut clock_at = Instant::now() + CLOCK_EVERY;
+        let span = tracing::info_span!("relay", worker = self.idx, id = %self.router.id());
+        let _enter = span.enter();
+        loop {
+            let deadline = self.router.poll_timeout().min(publish_at);
+            tokio::select! {
+                biased;
+                _ = self.stop.changed() => break,
+                r = sock.readable() => r?,
+                _ = tokio::time::sleep_until(deadline.into()) => {}
+            }
+            while let Ok(msg) = self.inbox.try_recv() {
+                self.apply(msg, &sock);
+            }
+            for _ in 0..WORK_BUDGET {
+                match sock.try_io(Interest::READABLE, || batch.recv(fd)) {
+                    Ok(n) => self.forward_batch(&mut batch, n, fd),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => {
+                        tracing::debug!("recvmmsg: {e}");
+                        break;
+                    }
+                }
+            }
+            let now = Instant::now();
+            if now >= self.router.poll_timeout() {
+                self.router.handle_timeout(now);
+            }
+            self.drain(&sock);
+            if now >= clock_at {
+                self.router.set_clock(WallClock::system());
+                clock_at = now + CLOCK_EVERY;
+            }
+            if now >= publish_at {
+                self.publish();
+                publish_at = now + PUBLISH_EVERY;
+            }
+        }
+        self.publish();
+        Ok(())
+    }
+
+    fn forward_batch(&mut self, batch: &mut Batch, n: usize, fd: i32) {
+        let now = Instant::now();
+        for i in 0..n {
+            let (from, buf) = batch.received(i);
+            let Some(from) = from else { continue };
+            let len = buf.len();
+            if self.idx != 0
+                && matches!(buf.get(1), Some(k) if *k == Kind::BindChallenge as u8 || *k == Kind::BindAck as u8)
+            {
+                let _ = self.others[0].send(WorkerMsg::PeerReply { from, bytes: buf.to_vec() });
+                continue;
+            }
+            match self.router.handle_datagram(now, from, buf) {
+                Verdict::Forward(to) => batch.queue(i, len, to),
+                Verdict::Reply(n) | Verdict::DropWithNotice(_, n) => batch.queue(i, n, from),
+                Verdict::Drop(_) | Verdict::Consumed => {}
+            }
+        }
+        let queued = batch.queued();
+        if queued > 0 {
+            let sent = batch.send(fd).unwrap_or(0);
+            self.router.counters_mut().send_failures += (queued - sent) as u64;
+        }
+    }
+
+    fn apply(&mut self, msg: WorkerMsg, sock: &tokio::net::UdpSocket) {
+        let now = Instant::now();
+        match msg {
+            WorkerMsg::Bound { node, roles, addr, expires_at } => {
+                self.router.apply_binding(now, node, roles, addr, expires_at);
+            }
+            WorkerMsg::PeerReply { from, mut bytes } => {
+                let _ = self.router.handle_datagram(now, from, &mut bytes);
+                self.drain(sock);
+            }
+        }
+    }
+
+    fn drain(&mut self, sock: &tokio::net::UdpSocket) {
+        while let Some(t) = self.router.poll_transmit() {
+            if sock.try_send_to(&t.bytes, t.to).is_err() {
+                self.router.counters_mut().send_failures += 1;
+            }
+        }
+        while let Some(ev) = self.router.poll_event() {
+            match ev {
+                RouterEvent::Bound { node, roles, addr, expires_at } => {
+                    tracing::debug!(%node, ?roles, %addr, "bound");
+                    for (i, tx) in self.others.iter().enumerate() {
+                        if i != self.idx {
+                            let _ = tx.send(WorkerMsg::Bound { node, roles, addr, expires_at });
+                        }
+                    }
+                }
+                RouterEvent::PeerBound { addr, peer } => tracing::info!(%peer, %addr, "bound to peer relay"),
+            }
+        }
+    }
+
+    fn publish(&self) {
+        if let Some(slot) = self.stats.workers.get(self.idx)
+            && let Ok(mut s) = slot.lock()
+        {
+            *s = (self.router.counters().clone(), self.router.bindings());
+        }
+    }
+}
