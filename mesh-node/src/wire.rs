@@ -21,8 +21,9 @@ pub const ROUTE_ENTRY_LEN: usize = NODE_ID_LEN;
 pub const TRACE_ORIGIN_LEN: usize = 4;
 /// Bytes per trace slot: relay tag (4) and microseconds since the origin stamp (4).
 pub const TRACE_SLOT_LEN: usize = 8;
-/// Largest datagram Shoal sends or accepts; fits a 1280-byte IPv6 minimum MTU path.
-pub const MAX_DATAGRAM: usize = 1232;
+/// Largest datagram Shoal sends or accepts: a 1500-byte Ethernet MTU less IPv6 (40) and UDP
+/// (8) headers. Layers above choose smaller payloads for paths with a smaller MTU.
+pub const MAX_DATAGRAM: usize = 1452;
 /// Bytes of a cookie in the bind handshake.
 pub const COOKIE_LEN: usize = 16;
 /// Bytes of a bind challenge body: issue time (8) and cookie.
@@ -38,6 +39,9 @@ pub const BIND_ACK_BODY_LEN: usize = 8 + 19;
 pub const NOTICE_BODY_LEN: usize = 4;
 /// Bytes of a probe id.
 pub const PROBE_ID_LEN: usize = 8;
+
+// No handshake reply is larger than the datagram it answers: a relay cannot amplify.
+const _: () = assert!(CHALLENGE_BODY_LEN <= BIND_REQUEST_BODY_LEN && BIND_ACK_BODY_LEN <= BIND_PROOF_BODY_LEN);
 
 const FLAG_TRACE: u8 = 0b0000_0001;
 const KNOWN_FLAGS: u8 = FLAG_TRACE;
@@ -325,8 +329,9 @@ impl<'a> Datagram<'a> {
             return Err(ParseError::Truncated { needed: body_at, got: bytes.len() });
         }
         let mut needed = kind.min_body();
-        if kind == Kind::ProbeAck {
-            // The ack echoes the forward trace, which has as many slots as this route.
+        if matches!(kind, Kind::Probe | Kind::ProbeAck) {
+            // The ack echoes the forward trace, which has as many slots as the route; the probe
+            // carries room for that echo so the ack is never larger than the probe.
             needed += l.trace_len();
         }
         let got = bytes.len() - body_at;
@@ -715,4 +720,157 @@ pub fn echoed_trace<'a>(ack: &Datagram<'a>) -> (u32, impl Iterator<Item = TraceS
         TraceSlot { tag: u32_at(body, at), delta_us: u32_at(body, at + 4) }
     });
     (origin, slots)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn id(b: u8) -> NodeId {
+        NodeId([b; NODE_ID_LEN])
+    }
+
+    fn any_route() -> impl Strategy<Value = Route> {
+        proptest::collection::vec(any::<[u8; 8]>(), 0..=MAX_ROUTE)
+            .prop_map(|v| Route::new(&v.into_iter().map(NodeId).collect::<Vec<_>>()).unwrap_or_default())
+    }
+
+    /// A valid body for `kind` over `route_len` relays.
+    fn body_for(kind: Kind, route_len: usize, fill: u8) -> Vec<u8> {
+        let mut body = match kind {
+            Kind::Data => vec![fill; 40],
+            Kind::Probe | Kind::ProbeAck => vec![fill; probe_body_len(route_len)],
+            Kind::Notice => {
+                let mut b = vec![0; NOTICE_BODY_LEN];
+                Notice { code: NoticeCode::BindRefused, refusal: Some(BindRefusal::ForgedPermit) }.write(&mut b);
+                b
+            }
+            Kind::BindRequest => vec![0; BIND_REQUEST_BODY_LEN],
+            Kind::BindChallenge => vec![fill; CHALLENGE_BODY_LEN],
+            Kind::BindProof => vec![fill; BIND_PROOF_BODY_LEN],
+            Kind::BindAck => {
+                let mut b = vec![0; BIND_ACK_BODY_LEN];
+                BindAck { expires_at: 77, observed: "[2001:db8::1]:9".parse().unwrap() }.write(&mut b);
+                b
+            }
+        };
+        body.truncate(body.len());
+        body
+    }
+
+    fn emit_vec(h: &Header, route: &Route, origin: u32, body: &[u8]) -> Vec<u8> {
+        let mut buf = vec![0; MAX_DATAGRAM];
+        let n = emit(&mut buf, h, route, origin, body).unwrap();
+        buf.truncate(n);
+        buf
+    }
+
+    proptest! {
+        #[test]
+        fn every_kind_round_trips(kind_i in 0usize..Kind::ALL.len(), route in any_route(), src in any::<[u8; 8]>(),
+                                  dst in any::<[u8; 8]>(), vc in any::<u32>(), origin in any::<u32>(), fill in any::<u8>()) {
+            let kind = Kind::ALL[kind_i];
+            let (route, trace) = if kind.is_routed() { (route, kind != Kind::Data || fill % 2 == 0) } else { (Route::DIRECT, false) };
+            let h = Header { kind, source: NodeId(src), destination: NodeId(dst), vc: VcId(vc), trace };
+            let body = body_for(kind, route.len(), fill);
+            let bytes = emit_vec(&h, &route, origin, &body);
+            let d = Datagram::parse(&bytes).unwrap();
+            prop_assert_eq!(d.kind(), kind);
+            prop_assert_eq!((d.source(), d.destination(), d.vc()), (h.source, h.destination, h.vc));
+            prop_assert_eq!(d.route(), route);
+            prop_assert_eq!(d.hop(), 0);
+            prop_assert_eq!(d.traced(), trace);
+            prop_assert_eq!(d.trace_origin(), trace.then_some(origin));
+            prop_assert_eq!(d.body(), &body[..]);
+            match kind {
+                Kind::Notice => prop_assert!(Notice::read(d.body()).is_ok()),
+                Kind::BindAck => prop_assert_eq!(BindAck::read(d.body()).unwrap().expires_at, 77),
+                Kind::BindChallenge => prop_assert_eq!(Challenge::read(d.body()).cookie, [fill; COOKIE_LEN]),
+                Kind::BindProof => prop_assert_eq!(BindProof::read(d.body()).permit.len(), TICKET_LEN),
+                _ => {}
+            }
+            // Truncated at every byte: an error, never a panic.
+            for len in 0..bytes.len() {
+                prop_assert!(Datagram::parse(&bytes[..len]).is_err() || (kind == Kind::Data && len >= bytes.len() - body.len()));
+            }
+        }
+
+        #[test]
+        fn stamping_every_hop_fills_the_trace_in_order(route in any_route(), origin in any::<u32>(), step in 1u32..10_000) {
+            prop_assume!(!route.is_empty());
+            let h = Header { kind: Kind::Data, source: id(1), destination: id(2), vc: VcId(9), trace: true };
+            let mut bytes = emit_vec(&h, &route, origin, b"payload");
+            let len = bytes.len();
+            for i in 0..route.len() {
+                stamp_and_advance(&mut bytes, relay_tag(route.relays()[i]), origin.wrapping_add(step * (i as u32 + 1)));
+                prop_assert_eq!(bytes.len(), len);
+            }
+            let d = Datagram::parse(&bytes).unwrap();
+            prop_assert_eq!(d.hop(), route.len());
+            let slots: Vec<_> = d.trace_slots().collect();
+            prop_assert_eq!(slots.len(), route.len());
+            for (i, s) in slots.iter().enumerate() {
+                prop_assert_eq!(s.tag, relay_tag(route.relays()[i]));
+                prop_assert_eq!(s.delta_us, step * (i as u32 + 1));
+            }
+            prop_assert_eq!(d.body(), b"payload");
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..1400)) {
+            if let Ok(d) = Datagram::parse(&bytes) {
+                let _ = (d.route(), d.trace_slots().count(), d.body().len());
+                prop_assert!(d.route_len() <= MAX_ROUTE && d.hop() <= d.route_len());
+            }
+        }
+    }
+
+    fn data(route: &Route, trace: bool) -> Vec<u8> {
+        let h = Header { kind: Kind::Data, source: id(1), destination: id(2), vc: VcId(1), trace };
+        emit_vec(&h, route, 5, b"x")
+    }
+
+    #[test]
+    fn each_malformation_has_its_own_error() {
+        let route = Route::new(&[id(10), id(11)]).unwrap();
+        let good = data(&route, true);
+        let mut b = good.clone();
+        b[0] = 2;
+        assert_eq!(Datagram::parse(&b).unwrap_err(), ParseError::UnsupportedVersion(2));
+        let mut b = good.clone();
+        b[1] = 99;
+        assert_eq!(Datagram::parse(&b).unwrap_err(), ParseError::UnknownKind(99));
+        let mut b = good.clone();
+        b[2] |= 0x80;
+        assert_eq!(Datagram::parse(&b).unwrap_err(), ParseError::UnknownFlags(0x81));
+        let mut b = good.clone();
+        b[3] = 0x23; // hop 3 on a route of 2
+        assert_eq!(Datagram::parse(&b).unwrap_err(), ParseError::HopPastRoute { hop: 3, route_len: 2 });
+        let mut b = good.clone();
+        b[3] = 0x50; // a route of 5 relays
+        assert_eq!(Datagram::parse(&b).unwrap_err(), ParseError::RouteTooLong(5));
+        assert!(matches!(Datagram::parse(&good[..30]), Err(ParseError::Truncated { .. })));
+        assert_eq!(Datagram::parse(&vec![0; MAX_DATAGRAM + 1]).unwrap_err(), ParseError::Oversized(MAX_DATAGRAM + 1));
+        // A probe must be traced; bind kinds carry no route.
+        let h = Header { kind: Kind::Probe, source: id(1), destination: id(2), vc: VcId(0), trace: false };
+        let b = emit_vec(&h, &route, 0, &[0; 64]);
+        assert_eq!(Datagram::parse(&b).unwrap_err(), ParseError::BadShape(Kind::Probe));
+        let h = Header { kind: Kind::BindRequest, source: id(1), destination: id(2), vc: VcId(0), trace: false };
+        let mut buf = [0; 100];
+        assert_eq!(emit(&mut buf, &h, &route, 0, &[0; 24]), Err(EmitError::Shape(Kind::BindRequest)));
+        let b = emit_vec(&h, &Route::DIRECT, 0, &[0; 10]);
+        assert!(matches!(Datagram::parse(&b), Err(ParseError::ShortBody { kind: Kind::BindRequest, .. })));
+        assert!(Route::new(&[id(1); 5]).is_none());
+    }
+
+    #[test]
+    fn replies_are_never_larger_than_what_provokes_them() {
+        for route_len in 0..=MAX_ROUTE {
+            let trace = TRACE_ORIGIN_LEN + route_len * TRACE_SLOT_LEN;
+            let probe = HEADER_LEN + route_len * ROUTE_ENTRY_LEN + trace + probe_body_len(route_len);
+            let ack = HEADER_LEN + route_len * ROUTE_ENTRY_LEN + trace + PROBE_ID_LEN + trace;
+            assert!(ack <= probe);
+        }
+    }
 }

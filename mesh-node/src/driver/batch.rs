@@ -87,15 +87,23 @@ impl Batch {
     /// Receives up to [`BATCH`] datagrams without blocking; returns how many. `WouldBlock`
     /// when none is waiting.
     pub fn recv(&mut self, fd: RawFd) -> io::Result<usize> {
+        self.recv_flags(fd, libc::MSG_DONTWAIT)
+    }
+
+    /// Receives at least one datagram, waiting for it (up to the socket's receive timeout),
+    /// and up to [`BATCH`] that are already there. For blocking sockets on dedicated threads.
+    pub fn recv_wait(&mut self, fd: RawFd) -> io::Result<usize> {
+        self.recv_flags(fd, libc::MSG_WAITFORONE)
+    }
+
+    fn recv_flags(&mut self, fd: RawFd, flags: libc::c_int) -> io::Result<usize> {
         for h in self.recv_hdrs.iter_mut() {
             h.msg_hdr.msg_namelen = mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
             h.msg_hdr.msg_flags = 0;
         }
         // SAFETY: every header points at a live buffer, iovec and address of this batch, sized
         // as declared; the kernel writes at most that much.
-        let n = unsafe {
-            libc::recvmmsg(fd, self.recv_hdrs.as_mut_ptr(), BATCH as u32, libc::MSG_DONTWAIT, std::ptr::null_mut())
-        };
+        let n = unsafe { libc::recvmmsg(fd, self.recv_hdrs.as_mut_ptr(), BATCH as u32, flags, std::ptr::null_mut()) };
         if n < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -131,12 +139,21 @@ impl Batch {
     /// Sends every queued datagram; returns how many the kernel took. Those it did not take
     /// (a full socket buffer) are dropped: the caller counts them.
     pub fn send(&mut self, fd: RawFd) -> io::Result<usize> {
+        self.send_flags(fd, libc::MSG_DONTWAIT)
+    }
+
+    /// Sends every queued datagram, waiting for socket buffer space. For blocking sockets on
+    /// dedicated threads (load generators).
+    pub fn send_wait(&mut self, fd: RawFd) -> io::Result<usize> {
+        self.send_flags(fd, 0)
+    }
+
+    fn send_flags(&mut self, fd: RawFd, flags: libc::c_int) -> io::Result<usize> {
         let mut off = 0;
         while off < self.queued {
             // SAFETY: headers [off, queued) point at live iovecs and addresses set by `queue`.
-            let n = unsafe {
-                libc::sendmmsg(fd, self.send_hdrs.as_mut_ptr().add(off), (self.queued - off) as u32, libc::MSG_DONTWAIT)
-            };
+            let n =
+                unsafe { libc::sendmmsg(fd, self.send_hdrs.as_mut_ptr().add(off), (self.queued - off) as u32, flags) };
             if n < 0 {
                 let e = io::Error::last_os_error();
                 self.queued = 0;
@@ -153,6 +170,11 @@ impl Batch {
         let n = bytes.len().min(BUF_LEN);
         self.bufs[i][..n].copy_from_slice(&bytes[..n]);
         n
+    }
+
+    /// Buffer `i`, whole, for datagrams built in place.
+    pub fn buffer(&mut self, i: usize) -> &mut [u8; BUF_LEN] {
+        &mut self.bufs[i]
     }
 }
 
