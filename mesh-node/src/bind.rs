@@ -34,28 +34,39 @@ pub struct Transmit {
     pub bytes: Vec<u8>,
 }
 
+/// What the relay last granted us.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bound {
+    /// The address the relay saw.
+    pub observed: SocketAddr,
+    /// Unix second at which the relay drops the binding.
+    pub expires_at: u64,
+}
+
 /// Where the handshake stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BindState {
+enum Phase {
+    /// Nothing in flight; the next handshake starts at `next_send`.
+    Idle,
     /// Sending bind requests.
     Requesting,
     /// Answered a challenge; waiting for the ack.
     Proving(Challenge),
-    /// The relay holds our binding.
-    Bound {
-        /// The address the relay saw.
-        observed: SocketAddr,
-        /// Unix second at which the relay drops the binding.
-        expires_at: u64,
-    },
 }
 
-/// One node's binding to one relay.
+/// A binding counts as lost when a refresh has gone unanswered this long.
+pub const LOST_AFTER: Duration = Duration::from_secs(10);
+
+/// One node's binding to one relay. A binding stays usable while it is being refreshed; it is
+/// lost when the relay says so (a notice) or stops answering for [`LOST_AFTER`].
 #[derive(Debug)]
 pub struct BindClient {
     relay: SocketAddr,
     relay_id: Option<NodeId>,
-    state: BindState,
+    phase: Phase,
+    bound: Option<Bound>,
+    /// When the handshake in flight started.
+    started: Instant,
     next_send: Instant,
     retry: Duration,
 }
@@ -63,7 +74,15 @@ pub struct BindClient {
 impl BindClient {
     /// Starts binding to the relay at `relay`; the first request goes out on the next timeout.
     pub fn new(relay: SocketAddr, now: Instant) -> BindClient {
-        BindClient { relay, relay_id: None, state: BindState::Requesting, next_send: now, retry: FIRST_RETRY }
+        BindClient {
+            relay,
+            relay_id: None,
+            phase: Phase::Idle,
+            bound: None,
+            started: now,
+            next_send: now,
+            retry: FIRST_RETRY,
+        }
     }
 
     /// The relay's address.
@@ -76,14 +95,14 @@ impl BindClient {
         self.relay_id
     }
 
-    /// Where the handshake stands.
-    pub fn state(&self) -> BindState {
-        self.state
+    /// What the relay granted, while the binding holds.
+    pub fn bound(&self) -> Option<Bound> {
+        self.bound
     }
 
     /// Whether the relay holds our binding.
     pub fn is_bound(&self) -> bool {
-        matches!(self.state, BindState::Bound { .. })
+        self.bound.is_some()
     }
 
     /// When [`BindClient::handle_timeout`] is next due.
@@ -92,24 +111,45 @@ impl BindClient {
         self.next_send
     }
 
-    /// Starts over (e.g. after the relay said our binding is gone, or the permit changed).
+    /// Forgets the binding and binds again at once (the relay said it no longer holds it).
     pub fn restart(&mut self, now: Instant) {
-        self.state = BindState::Requesting;
+        self.bound = None;
+        self.refresh(now);
+    }
+
+    /// The relay refused our proof: the binding is gone, and the next try waits the longest
+    /// retry interval (a refused permit stays refused until it is renewed).
+    pub fn refused(&mut self, now: Instant) {
+        self.bound = None;
+        self.phase = Phase::Idle;
+        self.next_send = now + MAX_RETRY;
+        self.retry = MAX_RETRY;
+    }
+
+    /// Binds again at once, keeping the current binding meanwhile (e.g. a renewed permit).
+    pub fn refresh(&mut self, now: Instant) {
+        self.phase = Phase::Idle;
         self.next_send = now;
         self.retry = FIRST_RETRY;
     }
 
-    /// Sends whatever is due: a (re)request, a retransmitted proof, or a renewal.
+    /// Sends whatever is due: a new handshake, a retransmitted request or proof.
     pub fn handle_timeout(&mut self, now: Instant, me: &Identity, permit: &SignedTicket) -> Option<Transmit> {
+        if self.phase != Phase::Idle && now.saturating_duration_since(self.started) >= LOST_AFTER {
+            self.bound = None;
+        }
         if now < self.next_send {
             return None;
         }
-        let out = match self.state {
-            BindState::Requesting | BindState::Bound { .. } => {
-                self.state = BindState::Requesting;
+        let out = match self.phase {
+            Phase::Idle => {
+                self.phase = Phase::Requesting;
+                self.started = now;
+                self.retry = FIRST_RETRY;
                 self.request(me)
             }
-            BindState::Proving(challenge) => self.proof(me, permit, &challenge),
+            Phase::Requesting => self.request(me),
+            Phase::Proving(challenge) => self.proof(me, permit, &challenge),
         };
         self.next_send = now + self.retry;
         self.retry = (self.retry * 2).min(MAX_RETRY);
@@ -129,18 +169,19 @@ impl BindClient {
         if dgram.destination() != me.node_id() {
             return None;
         }
-        match dgram.kind() {
-            Kind::BindChallenge if !self.is_bound() => {
+        match (dgram.kind(), self.phase) {
+            (Kind::BindChallenge, Phase::Requesting | Phase::Proving(_)) => {
                 let challenge = Challenge::read(dgram.body());
                 self.relay_id = Some(dgram.source());
-                self.state = BindState::Proving(challenge);
+                self.phase = Phase::Proving(challenge);
                 self.next_send = now + FIRST_RETRY;
                 self.retry = FIRST_RETRY * 2;
                 self.proof(me, permit, &challenge)
             }
-            Kind::BindAck if matches!(self.state, BindState::Proving(_)) && Some(dgram.source()) == self.relay_id => {
+            (Kind::BindAck, Phase::Proving(_)) if Some(dgram.source()) == self.relay_id => {
                 let ack = BindAck::read(dgram.body()).ok()?;
-                self.state = BindState::Bound { observed: ack.observed, expires_at: ack.expires_at };
+                self.bound = Some(Bound { observed: ack.observed, expires_at: ack.expires_at });
+                self.phase = Phase::Idle;
                 let left = Duration::from_secs(ack.expires_at.saturating_sub(clock.unix_secs(now)));
                 self.next_send = now + KEEPALIVE.min(left.saturating_sub(RENEW_BEFORE)).max(Duration::from_secs(1));
                 self.retry = FIRST_RETRY;

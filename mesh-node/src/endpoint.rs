@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use rustc_hash::FxHashMap;
 use shoal_protocol::{Identity, NodeId, SignedTicket};
 
-use crate::bind::{BindClient, BindState, Transmit};
+use crate::bind::{BindClient, Transmit};
 use crate::clock::WallClock;
 use crate::wire::{
     self, Datagram, EmitError, Header, Kind, MAX_DATAGRAM, MAX_ROUTE, Notice, PROBE_ID_LEN, Route, TRACE_ORIGIN_LEN,
@@ -159,6 +159,13 @@ pub enum EndpointEvent {
     Received(Received),
     /// A probe came back.
     ProbeDone(ProbeReport),
+    /// A relay stopped answering our binds; routes through it no longer work from here.
+    RelayLost {
+        /// The relay.
+        relay: NodeId,
+        /// Its address.
+        addr: SocketAddr,
+    },
     /// A probe got no answer within [`PROBE_TIMEOUT`].
     ProbeLost {
         /// Probe id.
@@ -233,7 +240,7 @@ impl Endpoint {
     pub fn set_permit(&mut self, now: Instant, permit: SignedTicket) {
         self.permit = permit;
         for r in &mut self.relays {
-            r.restart(now);
+            r.refresh(now);
         }
     }
 
@@ -251,10 +258,7 @@ impl Endpoint {
 
     /// Our address as seen by a relay, once bound.
     pub fn observed_address(&self) -> Option<SocketAddr> {
-        self.relays.iter().find_map(|r| match r.state() {
-            BindState::Bound { observed, .. } => Some(observed),
-            _ => None,
-        })
+        self.relays.iter().find_map(|r| r.bound().map(|b| b.observed))
     }
 
     fn first_hop(&self, path: &Path) -> Result<SocketAddr, SendError> {
@@ -348,24 +352,32 @@ impl Endpoint {
                     self.rejected += 1;
                     return;
                 };
-                let was_bound = relay.is_bound();
+                let before = relay.bound();
                 if let Some(t) = relay.handle_datagram(now, clock, &d, id, perm) {
                     self.transmits.push_back(t);
                 }
-                if let (false, BindState::Bound { observed, .. }, Some(rid)) =
-                    (was_bound, relay.state(), relay.relay_id())
+                if let (Some(now_bound), Some(rid)) = (relay.bound(), relay.relay_id())
+                    && before.map(|b| b.observed) != Some(now_bound.observed)
                 {
-                    self.events.push_back(EndpointEvent::RelayBound { relay: rid, addr: from, observed });
+                    self.events.push_back(EndpointEvent::RelayBound {
+                        relay: rid,
+                        addr: from,
+                        observed: now_bound.observed,
+                    });
                 }
             }
             Kind::Notice => match Notice::read(d.body()) {
                 Ok(notice) => {
                     let relay = d.source();
-                    // A relay that lost our binding (restart, expiry) wants a new one.
-                    if matches!(notice.code, wire::NoticeCode::NotBound | wire::NoticeCode::PermitExpired)
-                        && let Some(r) = self.relays.iter_mut().find(|r| r.relay() == from && r.is_bound())
-                    {
-                        r.restart(now);
+                    if let Some(r) = self.relays.iter_mut().find(|r| r.relay() == from) {
+                        match notice.code {
+                            // The relay lost our binding (restart, expiry): bind again now.
+                            wire::NoticeCode::NotBound | wire::NoticeCode::PermitExpired if r.is_bound() => {
+                                r.restart(now)
+                            }
+                            wire::NoticeCode::BindRefused => r.refused(now),
+                            _ => {}
+                        }
                     }
                     self.events.push_back(EndpointEvent::Notice { relay, notice, vc: d.vc() });
                 }
@@ -450,8 +462,12 @@ impl Endpoint {
     /// Drives binds and expires probes.
     pub fn handle_timeout(&mut self, now: Instant) {
         for r in &mut self.relays {
+            let was_bound = r.is_bound();
             if let Some(t) = r.handle_timeout(now, &self.identity, &self.permit) {
                 self.transmits.push_back(t);
+            }
+            if let (true, false, Some(relay)) = (was_bound, r.is_bound(), r.relay_id()) {
+                self.events.push_back(EndpointEvent::RelayLost { relay, addr: r.relay() });
             }
         }
         let events = &mut self.events;

@@ -355,3 +355,25 @@ fn expired_permit_stops_forwarding_and_forged_permit_never_binds() {
     assert!(c.drops(DropReason::PermitExpired) + c.drops(DropReason::NotBound) >= 1);
     assert!(c.bind_refusals(BindRefusal::ExpiredPermit) >= 1, "the expired permit's re-bind is refused");
 }
+
+#[test]
+fn bindings_stay_usable_across_keepalive_refreshes() {
+    let (mut net, _control, _a, b) = topology();
+    let (r1, r2) = (net.relay(2).id(), net.relay(3).id());
+    let env = Envelope {
+        destination: b.node_id(),
+        path: Path::Relayed(Route::new(&[r1, r2]).unwrap()),
+        vc: VcId(2),
+        trace: false,
+    };
+    // 70 s of updates every 10 ms span three keepalive refreshes of every binding.
+    for i in 0..7_000u32 {
+        let now = net.now;
+        net.endpoint(0).send(now, &env, &i.to_be_bytes()).unwrap_or_else(|e| panic!("send {i} failed: {e}"));
+        net.drain(0);
+        net.run(Duration::from_millis(10));
+    }
+    net.run(Duration::from_millis(5));
+    assert_eq!(net.received(addr(2)).len(), 7_000);
+    assert!(net.relay(2).counters().binds_accepted >= 4, "A and R2 refreshed their bindings at R1");
+}

@@ -98,8 +98,8 @@ fn check_datagram(data: &[u8], d: &Datagram<'_>) {
     assert_eq!(d.body(), &data[body_at..]);
     let min_body = match kind {
         Kind::Data => 0,
-        Kind::Probe => wire::PROBE_ID_LEN,
-        Kind::ProbeAck => wire::probe_body_len(route_len),
+        // A probe carries room for the ack's echo of its trace, so the ack is never larger.
+        Kind::Probe | Kind::ProbeAck => wire::probe_body_len(route_len),
         Kind::Notice => wire::NOTICE_BODY_LEN,
         Kind::BindRequest => wire::BIND_REQUEST_BODY_LEN,
         Kind::BindChallenge => wire::CHALLENGE_BODY_LEN,
@@ -217,10 +217,8 @@ fn check_stamp(data: &[u8], d: &Datagram<'_>) {
         assert_eq!(after[..hop], before[..]);
         assert_eq!(after[hop], TraceSlot { tag: TAG, delta_us: NOW_US.wrapping_sub(origin) });
         // Only the hop nibble and the stamped slot change.
-        let slot_at = wire::HEADER_LEN
-            + route_len * wire::ROUTE_ENTRY_LEN
-            + wire::TRACE_ORIGIN_LEN
-            + hop * wire::TRACE_SLOT_LEN;
+        let slot_at =
+            wire::HEADER_LEN + route_len * wire::ROUTE_ENTRY_LEN + wire::TRACE_ORIGIN_LEN + hop * wire::TRACE_SLOT_LEN;
         for (i, (a, b)) in data.iter().zip(&buf).enumerate() {
             if i != 3 && !(slot_at..slot_at + wire::TRACE_SLOT_LEN).contains(&i) {
                 assert_eq!(a, b, "byte {i} changed by stamping");

@@ -44,14 +44,9 @@ fn fixture() -> &'static Fixture {
     F.get_or_init(|| {
         let control = Identity::from_seed([1; 32]);
         let identity = Identity::from_seed([2; 32]);
-        let permit = TicketBody::new(
-            TicketKind::RelayPermit,
-            identity.public_key(),
-            Roles::RELAY,
-            UnixTime(T0_UNIX),
-            3600,
-        )
-        .sign(&control);
+        let permit =
+            TicketBody::new(TicketKind::RelayPermit, identity.public_key(), Roles::RELAY, UnixTime(T0_UNIX), 3600)
+                .sign(&control);
         let lots = Rate { per_sec: 1e6, burst: 1e6 };
         let cfg = RouterConfig {
             identity,
