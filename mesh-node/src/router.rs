@@ -345,7 +345,7 @@ impl Router {
                     Kind::BindRequest => self.challenge(now, from, buf),
                     Kind::BindProof => self.accept_proof(now, from, buf),
                     Kind::BindChallenge | Kind::BindAck => self.peer_bind_reply(now, from, buf),
-                    _ => Verdict::Drop(DropReason::NoticeReceived),
+                    _ => self.peer_notice(now, from, buf),
                 };
             }
             Err(e) => return Verdict::Drop(DropReason::Malformed(ParseErrorKind::of(&e))),
@@ -541,6 +541,18 @@ impl Router {
         {
             self.by_node.remove(&prev.node);
         }
+    }
+
+    /// Relays never forward notices, but a peer relay saying it lost our binding (it
+    /// restarted) makes us bind to it again at once.
+    fn peer_notice(&mut self, now: Instant, from: SocketAddr, buf: &[u8]) -> Verdict {
+        let notice = Datagram::parse(buf).ok().and_then(|d| Notice::read(d.body()).ok());
+        if let Some(Notice { code: NoticeCode::NotBound | NoticeCode::PermitExpired, .. }) = notice
+            && let Some(peer) = self.peers.iter_mut().find(|p| p.relay() == from && p.is_bound())
+        {
+            peer.restart(now);
+        }
+        Verdict::Drop(DropReason::NoticeReceived)
     }
 
     /// A challenge or ack from a peer relay we are binding to.

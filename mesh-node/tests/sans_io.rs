@@ -377,3 +377,34 @@ fn bindings_stay_usable_across_keepalive_refreshes() {
     assert_eq!(net.received(addr(2)).len(), 7_000);
     assert!(net.relay(2).counters().binds_accepted >= 4, "A and R2 refreshed their bindings at R1");
 }
+
+#[test]
+fn traffic_resumes_quickly_after_a_relay_restarts() {
+    let (mut net, control, a, b) = topology();
+    let (r1, r2) = (net.relay(2).id(), net.relay(3).id());
+    let route = Route::new(&[r1, r2]).unwrap();
+    let to_b = Envelope { destination: b.node_id(), path: Path::Relayed(route), vc: VcId(1), trace: false };
+    let to_a = Envelope { destination: a.node_id(), path: Path::Relayed(route.reversed()), vc: VcId(1), trace: false };
+    // R2 restarts: same identity, no bindings.
+    let now = net.now;
+    net.nodes[3].1 =
+        Node::Relay(Box::new(Router::new(relay_cfg(&control, 12), WallClock::new(now, T0_UNIX * 1_000_000), now)));
+    let mut first = (None, None);
+    for tick in 0..100u32 {
+        let now = net.now;
+        net.endpoint(0).send(now, &to_b, &tick.to_be_bytes()).unwrap();
+        net.endpoint(1).send(now, &to_a, &tick.to_be_bytes()).unwrap();
+        net.drain(0);
+        net.drain(1);
+        net.run(Duration::from_millis(10));
+        if first.0.is_none() && !net.received(addr(2)).is_empty() {
+            first.0 = Some(tick);
+        }
+        if first.1.is_none() && !net.received(addr(1)).is_empty() {
+            first.1 = Some(tick);
+        }
+    }
+    // The notices make R1 and B bind again at once: far sooner than the 20 s keepalive.
+    let (to_b_resumed, to_a_resumed) = (first.0.expect("A → B never resumed"), first.1.expect("B → A never resumed"));
+    assert!(to_b_resumed <= 10 && to_a_resumed <= 10, "resumed after {first:?} ticks of 10 ms");
+}

@@ -192,13 +192,21 @@ impl Worker {
         let mut clock_at = Instant::now() + CLOCK_EVERY;
         let span = tracing::info_span!("relay", worker = self.idx, id = %self.router.id());
         let _enter = span.enter();
+        // One timer for the worker's life, moved only when the deadline moves.
+        let mut deadline = self.router.poll_timeout().min(publish_at);
+        let sleep = tokio::time::sleep_until(deadline.into());
+        tokio::pin!(sleep);
         loop {
-            let deadline = self.router.poll_timeout().min(publish_at);
+            let next = self.router.poll_timeout().min(publish_at);
+            if next != deadline {
+                deadline = next;
+                sleep.as_mut().reset(deadline.into());
+            }
             tokio::select! {
                 biased;
                 _ = self.stop.changed() => break,
                 r = sock.readable() => r?,
-                _ = tokio::time::sleep_until(deadline.into()) => {}
+                _ = &mut sleep => {}
             }
             while let Ok(msg) = self.inbox.try_recv() {
                 self.apply(msg, &sock);
