@@ -402,17 +402,26 @@ impl Router {
     }
 
     fn refuse_with(&mut self, now: Instant, buf: &mut [u8], reason: DropReason, notice: Notice) -> Verdict {
-        let len = wire::HEADER_LEN + wire::NOTICE_BODY_LEN;
-        if buf.len() < len || !self.notice_bucket.take(&self.cfg.notices, now, 1.0) {
+        if buf.len() < wire::HEADER_LEN + wire::NOTICE_BODY_LEN || !self.notice_bucket.take(&self.cfg.notices, now, 1.0)
+        {
             return Verdict::Drop(reason);
         }
         let Ok(d) = Datagram::parse(buf) else { return Verdict::Drop(reason) };
-        let h = Header { kind: Kind::Notice, source: self.id, destination: d.source(), vc: d.vc(), trace: false };
+        let (to, vc) = (d.source(), d.vc());
         let mut body = [0; wire::NOTICE_BODY_LEN];
         notice.write(&mut body);
-        match wire::emit(buf, &h, &Route::DIRECT, 0, &body) {
-            Ok(n) => Verdict::DropWithNotice(reason, n),
-            Err(_) => Verdict::Drop(reason),
+        match self.write_reply(buf, Kind::Notice, to, vc, &body) {
+            Verdict::Reply(n) => Verdict::DropWithNotice(reason, n),
+            _ => Verdict::Drop(reason),
+        }
+    }
+
+    /// Overwrites `buf` with a direct datagram from this relay to `to`.
+    fn write_reply(&self, buf: &mut [u8], kind: Kind, to: NodeId, vc: VcId, body: &[u8]) -> Verdict {
+        let h = Header { kind, source: self.id, destination: to, vc, trace: false };
+        match wire::emit(buf, &h, &Route::DIRECT, 0, body) {
+            Ok(n) => Verdict::Reply(n),
+            Err(_) => Verdict::Drop(DropReason::Internal),
         }
     }
 
@@ -435,55 +444,26 @@ impl Router {
         let Ok(d) = Datagram::parse(buf) else { return Verdict::Drop(DropReason::Internal) };
         let node = d.source();
         let issued_at = self.clock.unix_secs(now);
-        let challenge = Challenge { issued_at, cookie: self.cookie(from, node, issued_at) };
-        let h = Header { kind: Kind::BindChallenge, source: self.id, destination: node, vc: VcId(0), trace: false };
         let mut body = [0; wire::CHALLENGE_BODY_LEN];
-        challenge.write(&mut body);
-        match wire::emit(buf, &h, &Route::DIRECT, 0, &body) {
-            Ok(n) => Verdict::Reply(n),
-            Err(_) => Verdict::Drop(DropReason::Internal),
-        }
+        Challenge { issued_at, cookie: self.cookie(from, node, issued_at) }.write(&mut body);
+        self.write_reply(buf, Kind::BindChallenge, node, VcId(0), &body)
     }
 
-    /// Verifies a bind proof: cookie, permit, and the node's signature over the challenge.
+    /// Handles a bind proof: on success binds the sender's address and answers with an ack.
     fn accept_proof(&mut self, now: Instant, from: SocketAddr, buf: &mut [u8]) -> Verdict {
         let Ok(d) = Datagram::parse(buf) else { return Verdict::Drop(DropReason::Internal) };
         let node = d.source();
-        let proof = BindProof::read(d.body());
-        let now_secs = self.clock.unix_secs(now);
-        let c = proof.challenge;
-        let fresh = c.issued_at <= now_secs && now_secs - c.issued_at <= COOKIE_LIFETIME_SECS;
-        let refusal = if d.destination() != self.id || !fresh || self.cookie(from, node, c.issued_at) != c.cookie {
-            Err(BindRefusal::BadCookie)
-        } else if !self.bind_bucket.take(&self.cfg.bind_verifications, now, 1.0) {
-            return Verdict::Drop(DropReason::BindRateLimited);
-        } else {
-            self.verify_proof(&proof, node, now_secs)
-        };
-        let permit = match refusal {
+        let permit = match self.check_proof(now, from, &d) {
             Ok(p) => p,
-            Err(r) => {
+            Err(None) => return Verdict::Drop(DropReason::BindRateLimited),
+            Err(Some(r)) => {
                 self.counters.bind_refused(r);
-                return self.refuse_with(
-                    now,
-                    buf,
-                    DropReason::BindRefused,
-                    Notice { code: NoticeCode::BindRefused, refusal: Some(r) },
-                );
+                let notice = Notice { code: NoticeCode::BindRefused, refusal: Some(r) };
+                return self.refuse_with(now, buf, DropReason::BindRefused, notice);
             }
         };
         let b = permit.body;
-        let replaces_own = self.by_addr.get(&from).is_some_and(|old| old.node == node);
-        if !replaces_own && !self.by_node.contains_key(&node) && self.by_addr.len() >= self.cfg.max_bindings {
-            self.counters.bind_refused(BindRefusal::Full);
-            return self.refuse_with(
-                now,
-                buf,
-                DropReason::BindRefused,
-                Notice { code: NoticeCode::BindRefused, refusal: Some(BindRefusal::Full) },
-            );
-        }
-        let left = b.expires_at.0.saturating_sub(now_secs);
+        let left = b.expires_at.0.saturating_sub(self.clock.unix_secs(now));
         self.insert_binding(from, Binding { node, roles: b.roles, expires: now + Duration::from_secs(left) });
         self.counters.binds_accepted += 1;
         self.events.push_back(RouterEvent::Bound { node, roles: b.roles, addr: from, expires_at: b.expires_at.0 });
@@ -491,14 +471,36 @@ impl Router {
         if b.roles.contains(Roles::RELAY) && self.peer_owner {
             self.add_peer(from, now);
         }
-        let ack = BindAck { expires_at: b.expires_at.0, observed: from };
-        let h = Header { kind: Kind::BindAck, source: self.id, destination: node, vc: VcId(0), trace: false };
         let mut body = [0; wire::BIND_ACK_BODY_LEN];
-        ack.write(&mut body);
-        match wire::emit(buf, &h, &Route::DIRECT, 0, &body) {
-            Ok(n) => Verdict::Reply(n),
-            Err(_) => Verdict::Drop(DropReason::Internal),
+        BindAck { expires_at: b.expires_at.0, observed: from }.write(&mut body);
+        self.write_reply(buf, Kind::BindAck, node, VcId(0), &body)
+    }
+
+    /// Every check on a bind proof, cheapest first: cookie, the signature budget (`Err(None)`
+    /// when spent), permit and proof signatures, and room in the binding table.
+    fn check_proof(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        d: &Datagram<'_>,
+    ) -> Result<shoal_protocol::VerifiedTicket, Option<BindRefusal>> {
+        let node = d.source();
+        let proof = BindProof::read(d.body());
+        let now_secs = self.clock.unix_secs(now);
+        let c = proof.challenge;
+        let fresh = c.issued_at <= now_secs && now_secs - c.issued_at <= COOKIE_LIFETIME_SECS;
+        if d.destination() != self.id || !fresh || self.cookie(from, node, c.issued_at) != c.cookie {
+            return Err(Some(BindRefusal::BadCookie));
         }
+        if !self.bind_bucket.take(&self.cfg.bind_verifications, now, 1.0) {
+            return Err(None);
+        }
+        let permit = self.verify_proof(&proof, node, now_secs).map_err(Some)?;
+        let known = self.by_node.contains_key(&node) || self.by_addr.get(&from).is_some_and(|old| old.node == node);
+        if !known && self.by_addr.len() >= self.cfg.max_bindings {
+            return Err(Some(BindRefusal::Full));
+        }
+        Ok(permit)
     }
 
     fn verify_proof(
@@ -605,5 +607,152 @@ impl ParseErrorKind {
             }
             ParseError::InvalidField(_) => ParseErrorKind::Field,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bind::BindClient;
+    use shoal_protocol::TicketBody;
+
+    const T0: u64 = 1_800_000_000;
+
+    fn setup(max_bindings: usize, binds_per_sec: f64) -> (Router, Identity, Instant, WallClock) {
+        let control = Identity::from_seed([1; 32]);
+        let me = Identity::from_seed([2; 32]);
+        let lots = Rate { per_sec: 1e6, burst: 1e6 };
+        let now = Instant::now();
+        let clock = WallClock::new(now, T0 * 1_000_000);
+        let cfg = RouterConfig {
+            permit: TicketBody::new(TicketKind::RelayPermit, me.public_key(), Roles::RELAY, UnixTime(T0), 60)
+                .sign(&control),
+            identity: me,
+            control_key: control.public_key(),
+            source_packets: lots,
+            source_bytes: lots,
+            bind_verifications: Rate { per_sec: binds_per_sec, burst: binds_per_sec },
+            notices: lots,
+            max_bindings,
+            cookie_secret: [3; 32],
+        };
+        (Router::new(cfg, clock, now), control, now, clock)
+    }
+
+    fn permit_for(control: &Identity, node: &Identity, kind: TicketKind) -> SignedTicket {
+        TicketBody::new(kind, node.public_key(), Roles::CLIENT, UnixTime(T0), 60).sign(control)
+    }
+
+    /// Runs request → challenge for `node` from `addr`, and returns the proof bytes.
+    fn proof(
+        r: &mut Router,
+        now: Instant,
+        clock: &WallClock,
+        node: &Identity,
+        permit: &SignedTicket,
+        addr: SocketAddr,
+    ) -> Vec<u8> {
+        let relay_addr = SocketAddr::from(([127, 0, 0, 1], 7000));
+        let mut c = BindClient::new(relay_addr, now);
+        let mut req = c.handle_timeout(now, node, permit).unwrap().bytes;
+        let req_len = req.len();
+        let Verdict::Reply(n) = r.handle_datagram(now, addr, &mut req) else { panic!("no challenge") };
+        assert!(n <= req_len, "challenge larger than the request");
+        let challenge = Datagram::parse(&req[..n]).unwrap();
+        c.handle_datagram(now, clock, &challenge, node, permit).unwrap().bytes
+    }
+
+    fn refusal(v: Verdict, r: &Router, want: BindRefusal) {
+        assert!(matches!(v, Verdict::DropWithNotice(DropReason::BindRefused, _)), "{v:?}");
+        assert_eq!(r.counters().bind_refusals(want), 1, "{want:?}");
+    }
+
+    #[test]
+    fn a_valid_proof_binds_and_the_ack_is_smaller() {
+        let (mut r, control, now, clock) = setup(8, 100.0);
+        let node = Identity::from_seed([10; 32]);
+        let addr = SocketAddr::from(([127, 0, 0, 1], 5000));
+        let mut p = proof(&mut r, now, &clock, &node, &permit_for(&control, &node, TicketKind::RelayPermit), addr);
+        let len = p.len();
+        let Verdict::Reply(n) = r.handle_datagram(now, addr, &mut p) else { panic!() };
+        assert!(n < len);
+        let ack = BindAck::read(Datagram::parse(&p[..n]).unwrap().body()).unwrap();
+        assert_eq!(ack.observed, addr);
+        assert_eq!(r.lookup(node.node_id()), Some(addr));
+    }
+
+    #[test]
+    fn every_bad_proof_is_refused_for_its_own_reason() {
+        let addr = SocketAddr::from(([127, 0, 0, 1], 5000));
+        let node = Identity::from_seed([10; 32]);
+
+        // The cookie was issued to another address.
+        let (mut r, control, now, clock) = setup(8, 100.0);
+        let good = permit_for(&control, &node, TicketKind::RelayPermit);
+        let mut p = proof(&mut r, now, &clock, &node, &good, SocketAddr::from(([127, 0, 0, 1], 5001)));
+        let v = r.handle_datagram(now, addr, &mut p);
+        refusal(v, &r, BindRefusal::BadCookie);
+
+        // The cookie is older than its lifetime.
+        let (mut r, _, now, clock) = setup(8, 100.0);
+        let mut p = proof(&mut r, now, &clock, &node, &good, addr);
+        let v = r.handle_datagram(now + Duration::from_secs(COOKIE_LIFETIME_SECS + 2), addr, &mut p);
+        refusal(v, &r, BindRefusal::BadCookie);
+
+        // Signed by a key other than the permit's.
+        let (mut r, _, now, clock) = setup(8, 100.0);
+        let mut p = proof(&mut r, now, &clock, &node, &good, addr);
+        let last = p.len() - 1;
+        p[last] ^= 1;
+        let v = r.handle_datagram(now, addr, &mut p);
+        refusal(v, &r, BindRefusal::BadProof);
+
+        // A permit for someone else, presented by `node`.
+        let (mut r, _, now, clock) = setup(8, 100.0);
+        let other = permit_for(&control, &Identity::from_seed([11; 32]), TicketKind::RelayPermit);
+        let mut p = proof(&mut r, now, &clock, &node, &other, addr);
+        let v = r.handle_datagram(now, addr, &mut p);
+        refusal(v, &r, BindRefusal::WrongNode);
+
+        // A session ticket is not a relay permit.
+        let (mut r, _, now, clock) = setup(8, 100.0);
+        let session = permit_for(&control, &node, TicketKind::Session);
+        let mut p = proof(&mut r, now, &clock, &node, &session, addr);
+        let v = r.handle_datagram(now, addr, &mut p);
+        refusal(v, &r, BindRefusal::WrongRole);
+
+        // A forged permit.
+        let (mut r, _, now, clock) = setup(8, 100.0);
+        let forged = permit_for(&Identity::from_seed([99; 32]), &node, TicketKind::RelayPermit);
+        let mut p = proof(&mut r, now, &clock, &node, &forged, addr);
+        let v = r.handle_datagram(now, addr, &mut p);
+        refusal(v, &r, BindRefusal::ForgedPermit);
+    }
+
+    #[test]
+    fn a_full_table_and_a_spent_budget_refuse_new_binds() {
+        let (mut r, control, now, clock) = setup(1, 100.0);
+        for (i, seed) in [20u8, 21].into_iter().enumerate() {
+            let node = Identity::from_seed([seed; 32]);
+            let addr = SocketAddr::from(([127, 0, 0, 1], 6000 + i as u16));
+            let mut p = proof(&mut r, now, &clock, &node, &permit_for(&control, &node, TicketKind::RelayPermit), addr);
+            let v = r.handle_datagram(now, addr, &mut p);
+            if i == 0 {
+                assert!(matches!(v, Verdict::Reply(_)));
+            } else {
+                refusal(v, &r, BindRefusal::Full);
+            }
+        }
+
+        let (mut r, control, now, clock) = setup(8, 1.0);
+        let mut verdicts = Vec::new();
+        for seed in [30u8, 31] {
+            let node = Identity::from_seed([seed; 32]);
+            let addr = SocketAddr::from(([127, 0, 0, 1], 7000 + u16::from(seed)));
+            let mut p = proof(&mut r, now, &clock, &node, &permit_for(&control, &node, TicketKind::RelayPermit), addr);
+            verdicts.push(r.handle_datagram(now, addr, &mut p));
+        }
+        assert!(matches!(verdicts[0], Verdict::Reply(_)));
+        assert_eq!(verdicts[1], Verdict::Drop(DropReason::BindRateLimited));
     }
 }
