@@ -161,7 +161,7 @@ fn raw_forwarder(sock: UdpSocket, to: SocketAddr, stop: Arc<AtomicBool>, tid_out
             for i in 0..n {
                 let (_, bytes) = b.received(i);
                 let len = bytes.len();
-                b.queue(i, len, to);
+                let _ = b.queue(i, len, to);
             }
             let _ = b.send(fd);
         }
@@ -214,7 +214,7 @@ fn send_paced(sock: &UdpSocket, load: &Load, rate: u64, count: u64, start: Insta
             if let Some(at) = origin_at {
                 buf[at..at + 4].copy_from_slice(&clock.stamp_us(now).to_be_bytes());
             }
-            b.queue(k, template.len(), to);
+            let _ = b.queue(k, template.len(), to);
         }
         let _ = b.send_wait(fd);
         seq += n;

@@ -116,19 +116,26 @@ impl Batch {
         Ok(n)
     }
 
-    /// Datagram `i` of the last receive: its sender and bytes (mutable, for in-place work).
+    /// Datagram `i` (`i < BATCH`, taken modulo) of the last receive: its sender and bytes,
+    /// mutable for in-place work.
     pub fn received(&mut self, i: usize) -> (Option<SocketAddr>, &mut [u8]) {
+        let i = i % BATCH;
         let from = from_storage(&self.from[i]);
         let len = self.lens[i];
         (from, &mut self.bufs[i][..len])
     }
 
-    /// Queues the first `len` bytes of buffer `i` for sending to `to`.
-    pub fn queue(&mut self, i: usize, len: usize, to: SocketAddr) {
+    /// Queues the first `len` bytes of buffer `i` for sending to `to`. Returns `false` (and
+    /// queues nothing) when `i` is not a buffer or [`BATCH`] datagrams are already queued.
+    pub fn queue(&mut self, i: usize, len: usize, to: SocketAddr) -> bool {
         let k = self.queued;
+        if k >= BATCH || i >= BATCH {
+            return false;
+        }
         self.send_iov[k] = libc::iovec { iov_base: self.bufs[i].as_mut_ptr().cast(), iov_len: len.min(BUF_LEN) };
         self.send_hdrs[k].msg_hdr.msg_namelen = to_storage(to, &mut self.send_to[k]);
         self.queued += 1;
+        true
     }
 
     /// Number of datagrams queued for sending.
@@ -165,16 +172,16 @@ impl Batch {
         Ok(off)
     }
 
-    /// Writes `bytes` into buffer `i` (for datagrams built outside the receive path).
+    /// Writes `bytes` into buffer `i % BATCH` (for datagrams built outside the receive path).
     pub fn fill(&mut self, i: usize, bytes: &[u8]) -> usize {
         let n = bytes.len().min(BUF_LEN);
-        self.bufs[i][..n].copy_from_slice(&bytes[..n]);
+        self.bufs[i % BATCH][..n].copy_from_slice(&bytes[..n]);
         n
     }
 
-    /// Buffer `i`, whole, for datagrams built in place.
+    /// Buffer `i % BATCH`, whole, for datagrams built in place.
     pub fn buffer(&mut self, i: usize) -> &mut [u8; BUF_LEN] {
-        &mut self.bufs[i]
+        &mut self.bufs[i % BATCH]
     }
 }
 
@@ -258,7 +265,7 @@ mod tests {
         let mut tx = Batch::new();
         for i in 0..10u8 {
             let n = tx.fill(i as usize, &[i; 100]);
-            tx.queue(i as usize, n, b.local_addr().unwrap());
+            assert!(tx.queue(i as usize, n, b.local_addr().unwrap()));
         }
         assert_eq!(tx.send(a.as_raw_fd()).unwrap(), 10);
         let mut rx = Batch::new();

@@ -252,8 +252,12 @@ impl Worker {
                 continue;
             }
             match self.router.handle_datagram(now, from, buf) {
-                Verdict::Forward(to) => batch.queue(i, len, to),
-                Verdict::Reply(n) | Verdict::DropWithNotice(_, n) => batch.queue(i, n, from),
+                Verdict::Forward(to) => {
+                    batch.queue(i, len, to);
+                }
+                Verdict::Reply(n) | Verdict::DropWithNotice(_, n) => {
+                    batch.queue(i, n, from);
+                }
                 Verdict::Drop(_) | Verdict::Consumed => {}
             }
         }
