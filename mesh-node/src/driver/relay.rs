@@ -1,27 +1,35 @@
-//! The relay on real sockets: one thread per worker, each with its own `SO_REUSEPORT` socket,
-//! its own router and a single-threaded tokio runtime, so the hot loop never crosses threads.
-//! Workers tell each other about verified bindings over channels; the routers stay sans-IO.
+//! The relay on real sockets: one thread per worker, each with its own `SO_REUSEPORT` socket
+//! and its own router, so the hot loop never crosses threads. Workers tell each other about
+//! verified bindings over channels; the routers stay sans-IO.
+//!
+//! A worker blocks in `recvmmsg` itself (with a receive timeout as its clock tick) rather than
+//! waiting on an event loop: a wake-up then costs the same two system calls as a bare
+//! forwarder (receive the batch, send the batch) instead of four (poll, receive, send, and a
+//! receive that finds the socket empty). On a virtual machine, where each system call and each
+//! cross-CPU wake-up is expensive, that is most of a relay's cost per datagram.
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 use shoal_protocol::{NodeId, Roles};
-use tokio::io::Interest;
-use tokio::sync::watch;
 
 use crate::clock::WallClock;
-use crate::driver::batch::Batch;
+use crate::driver::batch::{Batch, send_one};
 use crate::metrics::Counters;
 use crate::router::{Router, RouterConfig, RouterEvent, Verdict};
 use crate::wire::Kind;
 
 /// Batches one worker handles before it looks at its timers and inbox again.
 const WORK_BUDGET: usize = 16;
+/// The longest a worker waits for a datagram before it looks at its timers, its inbox and the
+/// stop flag: the resolution of router timers and the bound on shutdown time.
+const TICK: Duration = Duration::from_millis(20);
 /// How often workers publish their counters.
 const PUBLISH_EVERY: Duration = Duration::from_millis(100);
 /// How often workers re-read the system clock.
@@ -84,13 +92,14 @@ pub struct Relay {
     local_addr: SocketAddr,
     id: NodeId,
     stats: Arc<RelayStats>,
-    stop: watch::Sender<bool>,
+    stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
 }
 
 impl Relay {
     /// Starts one worker per socket. The sockets must share one address (see
-    /// [`crate::driver::batch::bind_reuseport`]) and be non-blocking.
+    /// [`crate::driver::batch::bind_reuseport`]); each worker makes its socket blocking with
+    /// a receive timeout of one tick.
     pub fn spawn(sockets: Vec<std::net::UdpSocket>, opts: RelayOptions) -> io::Result<Relay> {
         let first = sockets.first().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no sockets"))?;
         let local_addr = first.local_addr()?;
@@ -100,7 +109,7 @@ impl Relay {
             workers: (0..n).map(|_| Mutex::new((Counters::default(), 0))).collect(),
             tids: Mutex::new(Vec::new()),
         });
-        let (stop, stop_rx) = watch::channel(false);
+        let stop = Arc::new(AtomicBool::new(false));
         let (senders, receivers): (Vec<Sender<WorkerMsg>>, Vec<Receiver<WorkerMsg>>) =
             (0..n).map(|_| crossbeam_channel::unbounded()).unzip();
         let mut threads = Vec::with_capacity(n);
@@ -113,8 +122,10 @@ impl Relay {
                     router.add_peer(*p, now);
                 }
             }
+            sock.set_nonblocking(false)?;
+            sock.set_read_timeout(Some(TICK))?;
             let worker =
-                Worker { idx, router, inbox, others: senders.clone(), stats: stats.clone(), stop: stop_rx.clone() };
+                Worker { idx, router, inbox, others: senders.clone(), stats: stats.clone(), stop: stop.clone() };
             let t = std::thread::Builder::new().name(format!("relay-worker-{idx}")).spawn(move || worker.run(sock))?;
             threads.push(t);
         }
@@ -142,7 +153,7 @@ impl Relay {
     }
 
     fn stop_and_join(&mut self) {
-        let _ = self.stop.send(true);
+        self.stop.store(true, Ordering::Relaxed);
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
@@ -161,71 +172,47 @@ struct Worker {
     inbox: Receiver<WorkerMsg>,
     others: Vec<Sender<WorkerMsg>>,
     stats: Arc<RelayStats>,
-    stop: watch::Receiver<bool>,
+    stop: Arc<AtomicBool>,
 }
 
 impl Worker {
-    fn run(self, sock: std::net::UdpSocket) {
+    fn run(mut self, sock: std::net::UdpSocket) {
         // SAFETY: gettid has no preconditions.
         let tid = unsafe { libc::gettid() };
         if let Ok(mut t) = self.stats.tids.lock() {
             t.push(tid);
         }
-        let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-            Ok(rt) => rt,
-            Err(e) => {
-                tracing::error!(worker = self.idx, "cannot start runtime: {e}");
-                return;
-            }
-        };
-        let idx = self.idx;
-        if let Err(e) = rt.block_on(self.serve(sock)) {
-            tracing::error!(worker = idx, "relay worker stopped: {e}");
-        }
-    }
-
-    async fn serve(mut self, sock: std::net::UdpSocket) -> io::Result<()> {
-        let sock = tokio::net::UdpSocket::from_std(sock)?;
         let fd = sock.as_raw_fd();
         let mut batch = Batch::new();
         let mut publish_at = Instant::now() + PUBLISH_EVERY;
         let mut clock_at = Instant::now() + CLOCK_EVERY;
         let span = tracing::info_span!("relay", worker = self.idx, id = %self.router.id());
         let _enter = span.enter();
-        // One timer for the worker's life, moved only when the deadline moves.
-        let mut deadline = self.router.poll_timeout().min(publish_at);
-        let sleep = tokio::time::sleep_until(deadline.into());
-        tokio::pin!(sleep);
-        loop {
-            let next = self.router.poll_timeout().min(publish_at);
-            if next != deadline {
-                deadline = next;
-                sleep.as_mut().reset(deadline.into());
-            }
-            tokio::select! {
-                biased;
-                _ = self.stop.changed() => break,
-                r = sock.readable() => r?,
-                _ = &mut sleep => {}
-            }
+        while !self.stop.load(Ordering::Relaxed) {
             while let Ok(msg) = self.inbox.try_recv() {
-                self.apply(msg, &sock);
+                self.apply(msg, fd);
             }
-            for _ in 0..WORK_BUDGET {
-                match sock.try_io(Interest::READABLE, || batch.recv(fd)) {
+            // Wait for the first batch, then take what is already queued without waiting.
+            for round in 0..WORK_BUDGET {
+                let got = if round == 0 { batch.recv_wait(fd) } else { batch.recv(fd) };
+                match got {
                     Ok(n) => self.forward_batch(&mut batch, n, fd),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if is_timeout(&e) => break,
                     Err(e) => {
                         tracing::debug!("recvmmsg: {e}");
                         break;
                     }
+                }
+                // A batch that was not full means the queue is empty: block again next round.
+                if batch.last_received() < crate::driver::batch::BATCH {
+                    break;
                 }
             }
             let now = Instant::now();
             if now >= self.router.poll_timeout() {
                 self.router.handle_timeout(now);
             }
-            self.drain(&sock);
+            self.drain(fd);
             if now >= clock_at {
                 self.router.set_clock(WallClock::system());
                 clock_at = now + CLOCK_EVERY;
@@ -236,10 +223,9 @@ impl Worker {
             }
         }
         self.publish();
-        Ok(())
     }
 
-    fn forward_batch(&mut self, batch: &mut Batch, n: usize, fd: i32) {
+    fn forward_batch(&mut self, batch: &mut Batch, n: usize, fd: RawFd) {
         let now = Instant::now();
         for i in 0..n {
             let (from, buf) = batch.received(i);
@@ -268,7 +254,7 @@ impl Worker {
         }
     }
 
-    fn apply(&mut self, msg: WorkerMsg, sock: &tokio::net::UdpSocket) {
+    fn apply(&mut self, msg: WorkerMsg, fd: RawFd) {
         let now = Instant::now();
         match msg {
             WorkerMsg::Bound { node, roles, addr, expires_at } => {
@@ -276,14 +262,14 @@ impl Worker {
             }
             WorkerMsg::PeerReply { from, mut bytes } => {
                 let _ = self.router.handle_datagram(now, from, &mut bytes);
-                self.drain(sock);
+                self.drain(fd);
             }
         }
     }
 
-    fn drain(&mut self, sock: &tokio::net::UdpSocket) {
+    fn drain(&mut self, fd: RawFd) {
         while let Some(t) = self.router.poll_transmit() {
-            if sock.try_send_to(&t.bytes, t.to).is_err() {
+            if send_one(fd, &t.bytes, t.to).is_err() {
                 self.router.counters_mut().send_failures += 1;
             }
         }
@@ -309,4 +295,10 @@ impl Worker {
             *s = (self.router.counters().clone(), self.router.bindings());
         }
     }
+}
+
+/// A receive timeout: `EAGAIN` from a blocking socket with `SO_RCVTIMEO`, or from a
+/// non-blocking one.
+fn is_timeout(e: &io::Error) -> bool {
+    matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted)
 }
