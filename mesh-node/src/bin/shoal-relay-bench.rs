@@ -5,7 +5,9 @@
 //! the physical baseline. Per path it reports the forwarding thread's CPU time per datagram
 //! (from `/proc/self/task/<tid>/schedstat`, so only that thread's own time counts), one-way
 //! latency sender → forwarder → sink (p50/p99, from a timestamp in each payload), and loss.
-//! A direct sender → sink run gives the latency floor of one kernel hop.
+//! A direct sender → sink run gives the latency of the path without the hop; the latency a
+//! hop adds (`p50_hop_us`, `p99_hop_us`) is the relay path's percentile minus the direct
+//! path's, from the same run.
 //!
 //! Ends with one JSON line: `{"relay_ns_per_dgram":…, "raw_ns_per_dgram":…, "ratio":…,
 //! "p99_hop_us":…, "loss":…, …}`, the worst case over payload sizes.
@@ -187,6 +189,11 @@ fn send_paced(sock: &UdpSocket, load: &Load, rate: u64, count: u64, start: Insta
     }
     let template = template.as_slice();
     let clock = WallClock::system();
+    // Wake from sleeps on time rather than up to the default 50 µs late.
+    // SAFETY: PR_SET_TIMERSLACK takes one integer argument and touches only this thread.
+    unsafe {
+        libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong);
+    }
     let per = Duration::from_secs_f64(1.0 / rate as f64);
     // Small batches keep the pacing smooth: 16 datagrams are 53 µs at 300k/s.
     let chunk = 16u64;
@@ -198,8 +205,10 @@ fn send_paced(sock: &UdpSocket, load: &Load, rate: u64, count: u64, start: Insta
             if now >= due {
                 break;
             }
-            if due - now > Duration::from_micros(200) {
-                std::thread::sleep(due - now - Duration::from_micros(100));
+            // Sleep rather than spin: on two CPUs a spinning sender takes one from the
+            // forwarder and the sink.
+            if due - now > Duration::from_micros(10) {
+                std::thread::sleep(due - now);
             } else {
                 std::hint::spin_loop();
             }
@@ -377,14 +386,19 @@ fn main() -> anyhow::Result<()> {
         }
         let ratio = relay.cpu_ns_per_dgram / raw.cpu_ns_per_dgram;
         let loss = 1.0 - relay.received as f64 / relay.sent.max(1) as f64;
+        // What the hop adds: sender -> relay -> sink against sender -> sink in the same run.
+        let (hop_p50, hop_p99) = ((relay.p50_us - direct.p50_us).max(0.0), (relay.p99_us - direct.p99_us).max(0.0));
+        println!(
+            "  {size} B: the relay hop adds p50 {hop_p50:.1} µs, p99 {hop_p99:.1} µs; CPU {ratio:.3}x the raw forwarder"
+        );
         details.push(format!(
-            "{{\"size\":{size},\"relay_ns_per_dgram\":{:.0},\"raw_ns_per_dgram\":{:.0},\"ratio\":{ratio:.3},\"relay_p50_us\":{:.1},\"relay_p99_us\":{:.1},\"raw_p99_us\":{:.1},\"direct_p99_us\":{:.1},\"loss\":{loss:.6}}}",
-            relay.cpu_ns_per_dgram, raw.cpu_ns_per_dgram, relay.p50_us, relay.p99_us, raw.p99_us, direct.p99_us
+            "{{\"size\":{size},\"relay_ns_per_dgram\":{:.0},\"raw_ns_per_dgram\":{:.0},\"ratio\":{ratio:.3},\"p50_hop_us\":{hop_p50:.1},\"p99_hop_us\":{hop_p99:.1},\"relay_p50_us\":{:.1},\"relay_p99_us\":{:.1},\"raw_p99_us\":{:.1},\"direct_p50_us\":{:.1},\"direct_p99_us\":{:.1},\"loss\":{loss:.6}}}",
+            relay.cpu_ns_per_dgram, raw.cpu_ns_per_dgram, relay.p50_us, relay.p99_us, raw.p99_us, direct.p50_us, direct.p99_us
         ));
         if ratio > worst.2 {
             worst = (relay.cpu_ns_per_dgram, raw.cpu_ns_per_dgram, ratio, worst.3, worst.4);
         }
-        worst.3 = worst.3.max(relay.p99_us);
+        worst.3 = worst.3.max(hop_p99);
         worst.4 = worst.4.max(loss);
     }
     println!(
