@@ -173,6 +173,9 @@ pub struct Counters {
     pub binds_accepted: u64,
     /// Datagrams the socket would not take (send buffer full, or an error).
     pub send_failures: u64,
+    /// Datagrams from a peer relay whose source was charged to that relay's own rate limit
+    /// because the table of per-source limits was full.
+    pub sources_over_cap: u64,
     drops: [u64; DropReason::ALL.len()],
     refusals: [u64; BindRefusal::ALL.len()],
     /// Latency of the hop each forwarded, traced datagram arrived over, in microseconds.
@@ -208,6 +211,7 @@ impl Counters {
         self.notices_sent += other.notices_sent;
         self.binds_accepted += other.binds_accepted;
         self.send_failures += other.send_failures;
+        self.sources_over_cap += other.sources_over_cap;
         for (a, b) in self.drops.iter_mut().zip(other.drops) {
             *a += b;
         }
@@ -229,6 +233,11 @@ impl Counters {
         counter("shoal_relay_notices_total", "Notices sent to senders of dropped datagrams.", self.notices_sent);
         counter("shoal_relay_binds_accepted_total", "Bind proofs accepted.", self.binds_accepted);
         counter("shoal_relay_send_failures_total", "Datagrams the socket would not take.", self.send_failures);
+        counter(
+            "shoal_relay_sources_over_cap_total",
+            "Datagrams from peer relays rate-limited as the relay's own because the per-source table was full.",
+            self.sources_over_cap,
+        );
         let _ = writeln!(o, "# HELP shoal_relay_dropped_total Datagrams dropped, by reason.");
         let _ = writeln!(o, "# TYPE shoal_relay_dropped_total counter");
         for r in DropReason::ALL {

@@ -27,6 +27,8 @@ use crate::wire::{
 
 /// How long a bind challenge's cookie stays valid.
 const COOKIE_LIFETIME_SECS: u64 = 30;
+/// Sources with a rate limit of their own, per binding the relay allows.
+const SOURCES_PER_BINDING: usize = 4;
 
 /// A token-bucket rate: sustained `per_sec`, bursts up to `burst`.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -377,9 +379,17 @@ impl Router {
         if d.next_is_relay && !self.by_addr.get(&next).is_some_and(|b| b.roles.contains(Roles::RELAY)) {
             return self.refuse(now, buf, DropReason::UnknownNextHop, NoticeCode::UnknownNextHop);
         }
+        // A peer relay forwards for sources it vouches for, and a hostile one could name a new
+        // source in every datagram. Once the table is full, a source not in it is charged to
+        // the relay that brought it, so memory stays bounded and the flood stays limited.
+        let mut key = d.source;
+        if from_relay && self.buckets.len() >= self.max_sources() && !self.buckets.contains_key(&key) {
+            key = binding.node;
+            self.counters.sources_over_cap += 1;
+        }
         let (pr, br) = (self.cfg.source_packets, self.cfg.source_bytes);
         let (packets, bytes) =
-            self.buckets.entry(d.source).or_insert_with(|| (TokenBucket::new(&pr, now), TokenBucket::new(&br, now)));
+            self.buckets.entry(key).or_insert_with(|| (TokenBucket::new(&pr, now), TokenBucket::new(&br, now)));
         if !packets.take(&pr, now, 1.0) || !bytes.take(&br, now, buf.len() as f64) {
             return Verdict::Drop(DropReason::RateLimited);
         }
@@ -393,6 +403,18 @@ impl Router {
         }
         wire::stamp_and_advance(buf, self.tag, stamp);
         Verdict::Forward(next)
+    }
+
+    /// How many sources get a rate limit of their own: the nodes bound here plus those peer
+    /// relays forward for, a few per binding.
+    fn max_sources(&self) -> usize {
+        self.cfg.max_bindings.saturating_mul(SOURCES_PER_BINDING)
+    }
+
+    /// Rate-limit state currently held (one entry per source seen recently).
+    #[must_use]
+    pub fn rate_limited_sources(&self) -> usize {
+        self.buckets.len()
     }
 
     /// Drops with a notice to the sender, if the notice budget allows and the notice is no
@@ -754,5 +776,38 @@ mod tests {
         }
         assert!(matches!(verdicts[0], Verdict::Reply(_)));
         assert_eq!(verdicts[1], Verdict::Drop(DropReason::BindRateLimited));
+    }
+
+    #[test]
+    fn a_peer_relay_naming_endless_sources_cannot_grow_the_rate_limit_table() {
+        let (mut r, _, now, clock) = setup(2, 100.0);
+        let me = r.id();
+        let (peer, peer_addr) = (Identity::from_seed([40; 32]).node_id(), SocketAddr::from(([127, 0, 0, 1], 8000)));
+        let (client, client_addr) = (Identity::from_seed([41; 32]).node_id(), SocketAddr::from(([127, 0, 0, 1], 8001)));
+        let until = clock.unix_secs(now) + 60;
+        r.apply_binding(now, peer, Roles::RELAY, peer_addr, until);
+        r.apply_binding(now, client, Roles::CLIENT, client_addr, until);
+        let route = Route::new(&[peer, me]).unwrap();
+        let cap = 2 * SOURCES_PER_BINDING;
+        let sources = 100u64;
+        for i in 0..sources {
+            let h = Header {
+                kind: Kind::Data,
+                source: NodeId(i.to_be_bytes()),
+                destination: client,
+                vc: VcId(1),
+                trace: false,
+            };
+            let mut buf = vec![0; 64];
+            let n = wire::emit(&mut buf, &h, &route, 0, b"avatar").unwrap();
+            buf.truncate(n);
+            // As the peer relay sent it: its own hop done.
+            wire::stamp_and_advance(&mut buf, 0, 0);
+            assert_eq!(r.handle_datagram(now, peer_addr, &mut buf), Verdict::Forward(client_addr));
+        }
+        // Each source up to the cap has its own limit; the rest share the peer relay's.
+        assert_eq!(r.rate_limited_sources(), cap + 1);
+        assert_eq!(r.counters().sources_over_cap, sources - cap as u64);
+        assert_eq!(r.counters().forwarded_packets, sources);
     }
 }
