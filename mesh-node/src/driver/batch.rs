@@ -26,7 +26,6 @@ const _: () = assert!(BUF_LEN > MAX_DATAGRAM);
 pub struct Batch {
     bufs: Box<[[u8; BUF_LEN]]>,
     lens: Box<[usize]>,
-    received: usize,
     from: Box<[libc::sockaddr_storage]>,
     recv_iov: Box<[libc::iovec]>,
     recv_hdrs: Box<[libc::mmsghdr]>,
@@ -62,7 +61,6 @@ impl Batch {
         let mut b = Batch {
             bufs: vec![[0u8; BUF_LEN]; BATCH].into_boxed_slice(),
             lens: vec![0; BATCH].into_boxed_slice(),
-            received: 0,
             from: (0..BATCH).map(|_| zeroed()).collect(),
             recv_iov: (0..BATCH).map(|_| zeroed()).collect(),
             recv_hdrs: (0..BATCH).map(|_| zeroed()).collect(),
@@ -110,18 +108,12 @@ impl Batch {
             return Err(io::Error::last_os_error());
         }
         let n = n as usize;
-        self.received = n;
         for i in 0..n {
             // A datagram larger than the buffer is truncated by the kernel; report its full
             // length capped at the buffer so the parser refuses it as oversized.
             self.lens[i] = (self.recv_hdrs[i].msg_len as usize).min(BUF_LEN);
         }
         Ok(n)
-    }
-
-    /// How many datagrams the last successful receive returned.
-    pub fn last_received(&self) -> usize {
-        self.received
     }
 
     /// Datagram `i` (`i < BATCH`, taken modulo) of the last receive: its sender and bytes,
@@ -191,25 +183,6 @@ impl Batch {
     pub fn buffer(&mut self, i: usize) -> &mut [u8; BUF_LEN] {
         &mut self.bufs[i % BATCH]
     }
-}
-
-/// Sends one datagram without waiting for buffer space (`WouldBlock` when the socket buffer is
-/// full), on a blocking or non-blocking socket alike.
-pub fn send_one(fd: RawFd, bytes: &[u8], to: SocketAddr) -> io::Result<usize> {
-    let mut addr: libc::sockaddr_storage = zeroed();
-    let len = to_storage(to, &mut addr);
-    // SAFETY: `bytes` and `addr` are live for the call and their lengths are as declared.
-    let n = unsafe {
-        libc::sendto(
-            fd,
-            bytes.as_ptr().cast(),
-            bytes.len(),
-            libc::MSG_DONTWAIT,
-            (&addr as *const libc::sockaddr_storage).cast(),
-            len,
-        )
-    };
-    if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
 }
 
 /// Converts a kernel socket address.

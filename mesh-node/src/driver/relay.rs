@@ -9,7 +9,7 @@
 //! cross-CPU wake-up is expensive, that is most of a relay's cost per datagram.
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -20,7 +20,7 @@ use crossbeam_channel::{Receiver, Sender};
 use shoal_protocol::{NodeId, Roles};
 
 use crate::clock::WallClock;
-use crate::driver::batch::{Batch, send_one};
+use crate::driver::batch::{BATCH, Batch};
 use crate::metrics::Counters;
 use crate::router::{Router, RouterConfig, RouterEvent, Verdict};
 use crate::wire::Kind;
@@ -100,7 +100,7 @@ impl Relay {
     /// Starts one worker per socket. The sockets must share one address (see
     /// [`crate::driver::batch::bind_reuseport`]); each worker makes its socket blocking with
     /// a receive timeout of one tick.
-    pub fn spawn(sockets: Vec<std::net::UdpSocket>, opts: RelayOptions) -> io::Result<Relay> {
+    pub fn spawn(sockets: Vec<UdpSocket>, opts: RelayOptions) -> io::Result<Relay> {
         let first = sockets.first().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no sockets"))?;
         let local_addr = first.local_addr()?;
         let id = opts.router.identity.node_id();
@@ -176,7 +176,7 @@ struct Worker {
 }
 
 impl Worker {
-    fn run(mut self, sock: std::net::UdpSocket) {
+    fn run(mut self, sock: UdpSocket) {
         // SAFETY: gettid has no preconditions.
         let tid = unsafe { libc::gettid() };
         if let Ok(mut t) = self.stats.tids.lock() {
@@ -190,21 +190,22 @@ impl Worker {
         let _enter = span.enter();
         while !self.stop.load(Ordering::Relaxed) {
             while let Ok(msg) = self.inbox.try_recv() {
-                self.apply(msg, fd);
+                self.apply(msg, &sock);
             }
             // Wait for the first batch, then take what is already queued without waiting.
             for round in 0..WORK_BUDGET {
-                let got = if round == 0 { batch.recv_wait(fd) } else { batch.recv(fd) };
-                match got {
-                    Ok(n) => self.forward_batch(&mut batch, n, fd),
-                    Err(e) if is_timeout(&e) => break,
+                let n = match if round == 0 { batch.recv_wait(fd) } else { batch.recv(fd) } {
+                    Ok(n) => n,
                     Err(e) => {
-                        tracing::debug!("recvmmsg: {e}");
+                        if !is_timeout(&e) {
+                            tracing::debug!("recvmmsg: {e}");
+                        }
                         break;
                     }
-                }
-                // A batch that was not full means the queue is empty: block again next round.
-                if batch.last_received() < crate::driver::batch::BATCH {
+                };
+                self.forward_batch(&mut batch, n, fd);
+                // A batch that was not full emptied the queue: block again.
+                if n < BATCH {
                     break;
                 }
             }
@@ -212,7 +213,7 @@ impl Worker {
             if now >= self.router.poll_timeout() {
                 self.router.handle_timeout(now);
             }
-            self.drain(fd);
+            self.drain(&sock);
             if now >= clock_at {
                 self.router.set_clock(WallClock::system());
                 clock_at = now + CLOCK_EVERY;
@@ -254,7 +255,7 @@ impl Worker {
         }
     }
 
-    fn apply(&mut self, msg: WorkerMsg, fd: RawFd) {
+    fn apply(&mut self, msg: WorkerMsg, sock: &UdpSocket) {
         let now = Instant::now();
         match msg {
             WorkerMsg::Bound { node, roles, addr, expires_at } => {
@@ -262,14 +263,18 @@ impl Worker {
             }
             WorkerMsg::PeerReply { from, mut bytes } => {
                 let _ = self.router.handle_datagram(now, from, &mut bytes);
-                self.drain(fd);
+                self.drain(sock);
             }
         }
     }
 
-    fn drain(&mut self, fd: RawFd) {
+    /// Sends what the router originated (binds to peer relays) and passes on its events. The
+    /// socket is blocking, so these sends say `MSG_DONTWAIT`: a full buffer is a counted
+    /// failure, never a stalled worker.
+    fn drain(&mut self, sock: &UdpSocket) {
+        let sock = socket2::SockRef::from(sock);
         while let Some(t) = self.router.poll_transmit() {
-            if send_one(fd, &t.bytes, t.to).is_err() {
+            if sock.send_to_with_flags(&t.bytes, &t.to.into(), libc::MSG_DONTWAIT).is_err() {
                 self.router.counters_mut().send_failures += 1;
             }
         }
@@ -297,8 +302,7 @@ impl Worker {
     }
 }
 
-/// A receive timeout: `EAGAIN` from a blocking socket with `SO_RCVTIMEO`, or from a
-/// non-blocking one.
+/// Nothing arrived: `EAGAIN` when the `SO_RCVTIMEO` tick passes, or a signal (`EINTR`).
 fn is_timeout(e: &io::Error) -> bool {
-    matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted)
+    matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted)
 }
