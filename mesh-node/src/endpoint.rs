@@ -32,7 +32,7 @@ use crate::wire::{
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// How a datagram leaves this endpoint.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Path {
     /// Straight to the peer's address.
     Direct(SocketAddr),
@@ -41,7 +41,8 @@ pub enum Path {
 }
 
 impl Path {
-    fn route(&self) -> Route {
+    /// The relays crossed (empty when direct).
+    pub fn route(&self) -> Route {
         match self {
             Path::Direct(_) => Route::DIRECT,
             Path::Relayed(r) => *r,

@@ -1,0 +1,705 @@
+//! One virtual connection: an end-to-end encrypted session with one peer, with its own keys,
+//! its own renet connection (reliability and channels, from the profile), its own path
+//! manager and its own counters. Nothing one VC sees can change another.
+//!
+//! Sans-IO, driven by [`crate::Node`]: feed frames with [`VirtualConnection::handle_frame`],
+//! call [`VirtualConnection::handle_timeout`] when [`VirtualConnection::poll_timeout`] is due,
+//! and after each input drain [`VirtualConnection::poll_transmit`] and
+//! [`VirtualConnection::poll_event`].
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use renet::{Bytes, ChannelConfig, ConnectionConfig, RenetClient, SendType};
+use ring::rand::SystemRandom;
+use shoal_mesh::clock::WallClock;
+use shoal_mesh::endpoint::Path;
+use shoal_mesh::wire::VcId;
+use shoal_protocol::{Identity, NodeId, PublicKey, Signature};
+
+use crate::crypto::{CryptoError, Ephemeral, HelloBody, SessionKeys};
+use crate::frame::{self, Frame, Inner};
+use crate::path::{PathEvent, PathId, PathInfo, PathManager, SwitchReason};
+use crate::profile::{Profile, ProfileConfig};
+
+/// The one renet channel of a VC; its delivery comes from the profile.
+const CHANNEL: u8 = 0;
+/// First hello retransmission; it doubles up to [`HELLO_RETRY_MAX`].
+const HELLO_RETRY: Duration = Duration::from_millis(200);
+const HELLO_RETRY_MAX: Duration = Duration::from_secs(2);
+/// A VC whose peer has not answered its hello by then is closed.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A VC that has heard nothing authenticated from its peer for this long is closed.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(15);
+/// How far a hello's timestamp may lie from our clock.
+const HELLO_MAX_SKEW: Duration = Duration::from_secs(120);
+/// Renet's type byte for an ack-only packet, which needs no ack of its own soon.
+const RENET_ACK_PACKET: u8 = 4;
+
+/// Why a VC closed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CloseReason {
+    /// This side closed it.
+    Local,
+    /// The peer closed it.
+    Peer,
+    /// The peer never answered the hello.
+    HandshakeTimeout,
+    /// Nothing authenticated came from the peer for [`IDLE_TIMEOUT`].
+    TimedOut,
+    /// The peer's authenticated frames broke renet's protocol, or its buffers overflowed.
+    Protocol(String),
+}
+
+/// Something that happened on a VC.
+#[derive(Debug, Clone, PartialEq)]
+pub enum VcEvent {
+    /// Keys are agreed; messages flow.
+    Opened,
+    /// The peer restarted the VC with a new key exchange; renet state was reset, so reliable
+    /// messages in flight across the restart may be lost.
+    Reset,
+    /// The primary path changed.
+    PathChanged {
+        /// The previous one.
+        old: Option<Box<PathInfo>>,
+        /// The new one.
+        new: Box<PathInfo>,
+        /// Why.
+        reason: SwitchReason,
+    },
+    /// No path meets the profile; the best of the rest is in use.
+    Degraded {
+        /// The path in use.
+        path: Box<PathInfo>,
+    },
+    /// A path kept producing frames that failed authentication and is out of use.
+    PathAbandoned {
+        /// The path.
+        path: Box<PathInfo>,
+        /// Failures within the window.
+        failures: u32,
+    },
+    /// The VC is closed; nothing more will come.
+    Closed(CloseReason),
+}
+
+/// Why a message was not accepted for sending.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum VcSendError {
+    /// The VC is closed.
+    #[error("virtual connection closed")]
+    Closed,
+    /// The VC already holds its profile's limit of unsent and unacknowledged bytes.
+    #[error("send buffer full ({limit} bytes)")]
+    Full {
+        /// The profile's limit.
+        limit: usize,
+    },
+}
+
+/// Frames and bytes a VC refused, by reason. None of them reach the game.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct VcCounters {
+    /// Frames that failed authentication (tampered or forged).
+    pub auth_failures: u64,
+    /// Authenticated packet numbers seen before: redundant copies and replays.
+    pub duplicates: u64,
+    /// Frames that could not be parsed.
+    pub malformed: u64,
+    /// Hellos whose signature or key was wrong, or whose time was implausible.
+    pub bad_hellos: u64,
+    /// Sealed frames that came before the key exchange finished.
+    pub early: u64,
+    /// Frames sent.
+    pub frames_sent: u64,
+    /// Frames received and authenticated.
+    pub frames_received: u64,
+    /// Bytes of frames sent (VC frame, not the mesh header).
+    pub bytes_sent: u64,
+    /// Bytes of authenticated frames received.
+    pub bytes_received: u64,
+    /// Messages the game sent.
+    pub messages_sent: u64,
+    /// Messages delivered to the game.
+    pub messages_received: u64,
+}
+
+/// What a VC measures, as the game sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VcStats {
+    /// Smoothed RTT of the primary path.
+    pub rtt: Option<Duration>,
+    /// Jitter (RTT deviation) of the primary path.
+    pub jitter: Duration,
+    /// Loss of the primary path.
+    pub loss: f32,
+    /// Bytes per second renet sent, averaged.
+    pub send_bytes_per_sec: f64,
+    /// Bytes per second renet received, averaged.
+    pub recv_bytes_per_sec: f64,
+    /// The primary path, with per-hop latencies.
+    pub path: Option<PathInfo>,
+    /// Every candidate.
+    pub paths: Vec<PathInfo>,
+    /// Counters.
+    pub counters: VcCounters,
+}
+
+/// A frame to send on a path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VcTransmit {
+    /// The path.
+    pub path: Path,
+    /// Whether relays should stamp a trace.
+    pub trace: bool,
+    /// The frame (the mesh datagram's body).
+    pub frame: Vec<u8>,
+}
+
+#[derive(Debug)]
+enum State {
+    Handshaking { since: Instant },
+    Open,
+    Closed,
+}
+
+/// A virtual connection. See the module docs.
+#[derive(Debug)]
+pub struct VirtualConnection {
+    identity: Identity,
+    peer: NodeId,
+    peer_key: PublicKey,
+    vc: VcId,
+    profile: Profile,
+    clock: WallClock,
+    state: State,
+    ephemeral: Ephemeral,
+    my_hello: (HelloBody, Signature),
+    peer_hello: Option<HelloBody>,
+    keys: Option<SessionKeys>,
+    /// Whether the peer has shown it holds our hello (an authenticated frame arrived).
+    confirmed: bool,
+    hello_next: Instant,
+    hello_backoff: Duration,
+    renet: RenetClient,
+    renet_at: Instant,
+    next_tick: Instant,
+    flush_now: bool,
+    backlog: VecDeque<Bytes>,
+    backlog_bytes: usize,
+    stripe_next: usize,
+    paths: PathManager,
+    last_heard: Instant,
+    transmits: VecDeque<VcTransmit>,
+    events: VecDeque<VcEvent>,
+    counters: VcCounters,
+}
+
+fn renet_for(profile: &Profile) -> RenetClient {
+    let send_type = match profile.delivery {
+        crate::profile::Delivery::Unreliable => SendType::Unreliable,
+        crate::profile::Delivery::ReliableOrdered => SendType::ReliableOrdered { resend_time: profile.resend },
+        crate::profile::Delivery::ReliableUnordered => SendType::ReliableUnordered { resend_time: profile.resend },
+    };
+    let channels = vec![ChannelConfig { channel_id: CHANNEL, max_memory_usage_bytes: profile.max_buffered, send_type }];
+    let mut c = RenetClient::new(ConnectionConfig {
+        available_bytes_per_tick: profile.bytes_per_flush,
+        server_channels_config: channels.clone(),
+        client_channels_config: channels,
+    });
+    c.set_connected();
+    c
+}
+
+/// Why an incoming hello could not open a VC.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum OpenError {
+    /// The key material failed.
+    #[error(transparent)]
+    Crypto(#[from] CryptoError),
+    /// The hello's profile is unknown or invalid.
+    #[error(transparent)]
+    Profile(#[from] crate::profile::ProfileError),
+}
+
+impl VirtualConnection {
+    /// A VC to `peer` (whose long-term key is `peer_key`) on `vc`, over `paths` in order of
+    /// preference. It starts the key exchange at once.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        now: Instant,
+        identity: Identity,
+        clock: WallClock,
+        rng: &SystemRandom,
+        peer_key: PublicKey,
+        vc: VcId,
+        profile: Profile,
+        paths: &[Path],
+    ) -> Result<VirtualConnection, OpenError> {
+        let peer = peer_key.node_id();
+        let ephemeral = Ephemeral::generate(rng)?;
+        let my_hello = Self::make_hello(&identity, &ephemeral, &clock, now, &profile, peer, vc);
+        let v = VirtualConnection {
+            identity,
+            peer,
+            peer_key,
+            vc,
+            renet: renet_for(&profile),
+            paths: PathManager::new(profile.clone(), paths, now),
+            profile,
+            clock,
+            state: State::Handshaking { since: now },
+            ephemeral,
+            my_hello,
+            peer_hello: None,
+            keys: None,
+            confirmed: false,
+            hello_next: now,
+            hello_backoff: HELLO_RETRY,
+            renet_at: now,
+            next_tick: now,
+            flush_now: false,
+            backlog: VecDeque::new(),
+            backlog_bytes: 0,
+            stripe_next: 0,
+            last_heard: now,
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+            counters: VcCounters::default(),
+        };
+        // The first handle_timeout sends the hello (hello_next is now).
+        Ok(v)
+    }
+
+    fn make_hello(
+        identity: &Identity,
+        e: &Ephemeral,
+        clock: &WallClock,
+        now: Instant,
+        profile: &Profile,
+        peer: NodeId,
+        vc: VcId,
+    ) -> (HelloBody, Signature) {
+        let body = HelloBody {
+            ephemeral: e.public(),
+            static_key: identity.public_key(),
+            unix_ms: clock.unix_us(now) / 1000,
+            profile: profile.config.to_wire(),
+        };
+        let sig = body.sign(identity, peer, vc);
+        (body, sig)
+    }
+
+    /// The peer.
+    pub fn peer(&self) -> NodeId {
+        self.peer
+    }
+
+    /// The VC id.
+    pub fn id(&self) -> VcId {
+        self.vc
+    }
+
+    /// The profile it runs by.
+    pub fn profile(&self) -> &Profile {
+        &self.profile
+    }
+
+    /// Whether keys are agreed and the VC is not closed.
+    pub fn is_open(&self) -> bool {
+        matches!(self.state, State::Open)
+    }
+
+    /// Whether the VC is closed.
+    pub fn is_closed(&self) -> bool {
+        matches!(self.state, State::Closed)
+    }
+
+    /// Adds a candidate path (say, a new relay or a direct address learned later).
+    pub fn add_path(&mut self, now: Instant, path: Path) {
+        let _ = self.paths.add(now, path);
+    }
+
+    /// Sends the hello on every candidate path, so the fastest one delivers it first.
+    fn send_hellos(&mut self, now: Instant) {
+        let bytes = frame::write_hello(&self.my_hello.0, &self.my_hello.1);
+        for info in self.paths.info(now) {
+            if !info.abandoned {
+                self.push(VcTransmit { path: info.path, trace: false, frame: bytes.clone() });
+            }
+        }
+    }
+
+    fn push(&mut self, t: VcTransmit) {
+        self.counters.frames_sent += 1;
+        self.counters.bytes_sent += t.frame.len() as u64;
+        self.transmits.push_back(t);
+    }
+
+    fn seal_to(&mut self, paths: &[Path], trace: bool, inner: Inner<'_>) {
+        let Some(keys) = self.keys.as_mut() else { return };
+        let mut buf = Vec::with_capacity(frame::SEALED_OVERHEAD + 1300);
+        buf.push(frame::SEALED);
+        buf.extend_from_slice(&[0; 8]);
+        let mut plain = Vec::with_capacity(1300);
+        inner.write(&mut plain);
+        let (me, peer, vc) = (self.identity.node_id(), self.peer, self.vc);
+        let pn = keys.seal(|pn| frame::aad(pn, me, peer, vc), &mut plain);
+        buf[1..9].copy_from_slice(&pn.to_be_bytes());
+        buf.extend_from_slice(&plain);
+        for (i, p) in paths.iter().enumerate() {
+            let frame = if i + 1 == paths.len() { std::mem::take(&mut buf) } else { buf.clone() };
+            self.push(VcTransmit { path: *p, trace, frame });
+        }
+    }
+
+    /// Queues `message` for the peer. Reliable profiles deliver it (in order for Reliable);
+    /// unreliable ones send it on the next flush, which this call brings forward.
+    pub fn send(&mut self, message: Bytes) -> Result<(), VcSendError> {
+        if self.is_closed() {
+            return Err(VcSendError::Closed);
+        }
+        if self.backlog_bytes + message.len() > self.profile.max_buffered {
+            return Err(VcSendError::Full { limit: self.profile.max_buffered });
+        }
+        self.counters.messages_sent += 1;
+        self.backlog_bytes += message.len();
+        self.backlog.push_back(message);
+        self.flush_now = true;
+        Ok(())
+    }
+
+    /// The next message from the peer.
+    pub fn recv(&mut self) -> Option<Bytes> {
+        if self.renet.is_disconnected() {
+            return None;
+        }
+        let m = self.renet.receive_message(CHANNEL)?;
+        self.counters.messages_received += 1;
+        Some(m)
+    }
+
+    /// Closes the VC and tells the peer.
+    pub fn close(&mut self, now: Instant) {
+        if self.is_closed() {
+            return;
+        }
+        let paths: Vec<Path> = self.paths.sending().iter().filter_map(|&i| self.paths.path(i)).collect();
+        self.seal_to(&paths, false, Inner::Close(0));
+        self.finish(now, CloseReason::Local);
+    }
+
+    fn finish(&mut self, _now: Instant, reason: CloseReason) {
+        self.state = State::Closed;
+        self.backlog.clear();
+        self.backlog_bytes = 0;
+        self.events.push_back(VcEvent::Closed(reason));
+    }
+
+    /// A local send on `path` failed (its first relay is not bound): the path manager treats
+    /// it as silent.
+    pub fn on_unusable(&mut self, path: &Path) {
+        if let Some(id) = self.paths.find(path) {
+            self.paths.on_unusable(id);
+        }
+    }
+
+    /// A frame from the peer arrived over `path`, with the per-hop latencies of its trace.
+    pub fn handle_frame(&mut self, now: Instant, path: Path, hops: Option<Vec<Duration>>, bytes: &mut [u8]) {
+        if self.is_closed() {
+            return;
+        }
+        let id = self.paths.add(now, path);
+        match Frame::parse(bytes) {
+            Ok(Frame::Hello(h, sig)) => self.on_hello(now, h, &sig),
+            Ok(Frame::Sealed { pn, .. }) => {
+                let Some(keys) = self.keys.as_mut() else {
+                    self.counters.early += 1;
+                    return;
+                };
+                let aad = frame::aad(pn, self.peer, self.identity.node_id(), self.vc);
+                match keys.open(pn, aad, &mut bytes[9..]) {
+                    Ok(plain) => {
+                        let len = plain.len() + 9 + crate::crypto::TAG_LEN;
+                        let plain = plain.to_vec();
+                        self.counters.frames_received += 1;
+                        self.counters.bytes_received += len as u64;
+                        self.last_heard = now;
+                        if !self.confirmed {
+                            self.confirmed = true;
+                        }
+                        if let Some(id) = id {
+                            self.paths.on_heard(now, id);
+                            if let Some(h) = hops {
+                                self.paths.on_trace(id, h);
+                            }
+                        }
+                        self.on_inner(now, path, id, &plain);
+                    }
+                    Err(CryptoError::Replay(_)) => self.counters.duplicates += 1,
+                    Err(_) => self.on_auth_failure(now, id),
+                }
+            }
+            Err(_) => {
+                // Once keys exist, anything unreadable on a path is as suspect as a bad tag.
+                self.counters.malformed += 1;
+                if self.keys.is_some() {
+                    self.on_auth_failure(now, id);
+                }
+            }
+        }
+        self.drain_paths();
+    }
+
+    fn on_auth_failure(&mut self, now: Instant, id: Option<PathId>) {
+        self.counters.auth_failures += 1;
+        if let Some(id) = id {
+            let _ = self.paths.on_auth_failure(now, id);
+        }
+    }
+
+    fn on_hello(&mut self, now: Instant, h: HelloBody, sig: &Signature) {
+        let me = self.identity.node_id();
+        let skew = now_skew(&self.clock, now, h.unix_ms);
+        if h.static_key != self.peer_key || h.verify(sig, self.peer, me, self.vc).is_err() || skew > HELLO_MAX_SKEW {
+            self.counters.bad_hellos += 1;
+            return;
+        }
+        let same_profile = ProfileConfig::from_wire(&h.profile).ok().and_then(|c| c.validate().ok());
+        if same_profile.is_none_or(|p| p.delivery != self.profile.delivery) {
+            self.counters.bad_hellos += 1;
+            return;
+        }
+        match self.peer_hello {
+            Some(old) if old.ephemeral == h.ephemeral => {
+                // A retransmission: the peer has not got ours yet.
+                if !self.confirmed {
+                    self.send_hellos(now);
+                }
+                return;
+            }
+            Some(old) if h.unix_ms <= old.unix_ms => {
+                // An older exchange, replayed.
+                self.counters.bad_hellos += 1;
+                return;
+            }
+            Some(_) => {
+                // The peer restarted the VC: new keys, new renet state.
+                match Ephemeral::generate(&SystemRandom::new()) {
+                    Ok(e) => self.ephemeral = e,
+                    Err(_) => return,
+                }
+                self.my_hello = Self::make_hello(
+                    &self.identity,
+                    &self.ephemeral,
+                    &self.clock,
+                    now,
+                    &self.profile,
+                    self.peer,
+                    self.vc,
+                );
+                self.renet = renet_for(&self.profile);
+                self.renet_at = now;
+                self.confirmed = false;
+                self.events.push_back(VcEvent::Reset);
+            }
+            None => {}
+        }
+        let keys = SessionKeys::derive(me, self.peer, &mut self.ephemeral, &self.my_hello.0, &h);
+        match keys {
+            Ok(k) => {
+                self.keys = Some(k);
+                self.peer_hello = Some(h);
+                self.send_hellos(now);
+                self.hello_next = now + self.hello_backoff;
+                if let State::Handshaking { .. } = self.state {
+                    self.state = State::Open;
+                    self.events.push_back(VcEvent::Opened);
+                }
+                self.last_heard = now;
+                self.flush_now = true;
+            }
+            Err(_) => self.counters.bad_hellos += 1,
+        }
+    }
+
+    fn on_inner(&mut self, now: Instant, path: Path, id: Option<PathId>, plain: &[u8]) {
+        match Inner::parse(plain) {
+            Ok(Inner::Renet(packet)) => {
+                if packet.first() != Some(&RENET_ACK_PACKET) {
+                    self.flush_now = true;
+                }
+                self.renet.update(now.saturating_duration_since(self.renet_at));
+                self.renet_at = now;
+                self.renet.process_packet(packet);
+                if let Some(reason) = self.renet.disconnect_reason() {
+                    self.finish(now, CloseReason::Protocol(format!("{reason}")));
+                }
+            }
+            Ok(Inner::Ping(ping)) => self.seal_to(&[path], true, Inner::Pong(ping)),
+            Ok(Inner::Pong(ping)) => {
+                if let Some(id) = id {
+                    self.paths.on_pong(now, id, ping);
+                }
+            }
+            Ok(Inner::Close(_)) => self.finish(now, CloseReason::Peer),
+            Err(_) => self.counters.malformed += 1,
+        }
+    }
+
+    fn drain_paths(&mut self) {
+        while let Some(e) = self.paths.poll_event() {
+            self.events.push_back(match e {
+                PathEvent::Changed { old, new, reason } => {
+                    VcEvent::PathChanged { old: old.map(Box::new), new: Box::new(new), reason }
+                }
+                PathEvent::Abandoned { path, failures } => VcEvent::PathAbandoned { path: Box::new(path), failures },
+                PathEvent::Degraded { path } => VcEvent::Degraded { path: Box::new(path) },
+            });
+        }
+    }
+
+    /// Retransmits hellos, sends pings, flushes renet on the profile's tick, and closes a VC
+    /// whose peer is gone.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.is_closed() {
+            return;
+        }
+        if let State::Handshaking { since } = self.state
+            && now.saturating_duration_since(since) >= HANDSHAKE_TIMEOUT
+        {
+            self.finish(now, CloseReason::HandshakeTimeout);
+            return;
+        }
+        if self.keys.is_some() && now.saturating_duration_since(self.last_heard) >= IDLE_TIMEOUT {
+            self.finish(now, CloseReason::TimedOut);
+            return;
+        }
+        if !self.confirmed && now >= self.hello_next {
+            self.send_hellos(now);
+            self.hello_next = now + self.hello_backoff;
+            self.hello_backoff = (self.hello_backoff * 2).min(HELLO_RETRY_MAX);
+        }
+        if self.keys.is_none() {
+            return;
+        }
+        self.paths.handle_timeout(now);
+        while let Some((id, ping)) = self.paths.poll_ping() {
+            if let Some(p) = self.paths.path(id) {
+                self.seal_to(&[p], true, Inner::Ping(ping));
+            }
+        }
+        if self.flush_now || now >= self.next_tick {
+            self.flush(now);
+        }
+        self.drain_paths();
+    }
+
+    /// Hands the backlog to renet as its buffers allow, and sends what renet emits.
+    fn flush(&mut self, now: Instant) {
+        self.flush_now = false;
+        self.next_tick = now + self.profile.tick;
+        self.renet.update(now.saturating_duration_since(self.renet_at));
+        self.renet_at = now;
+        while let Some(m) = self.backlog.front() {
+            if !self.renet.can_send_message(CHANNEL, m.len()) {
+                break;
+            }
+            let m = self.backlog.pop_front().unwrap_or_default();
+            self.backlog_bytes -= m.len();
+            self.renet.send_message(CHANNEL, m);
+        }
+        let sending: Vec<Path> = self.paths.sending().iter().filter_map(|&i| self.paths.path(i)).collect();
+        if sending.is_empty() {
+            return;
+        }
+        let packets = self.renet.get_packets_to_send();
+        if let Some(reason) = self.renet.disconnect_reason() {
+            self.finish(now, CloseReason::Protocol(format!("{reason}")));
+            return;
+        }
+        for p in packets {
+            let inner = Inner::Renet(&p);
+            if self.profile.redundancy || self.profile.stripe <= 1 {
+                // The primary, plus the redundant copy when the profile asks for one.
+                let n = if self.profile.redundancy { sending.len().min(2) } else { 1 };
+                self.seal_to(&sending[..n], false, inner);
+            } else {
+                let at = self.stripe_next % sending.len();
+                self.stripe_next = self.stripe_next.wrapping_add(1);
+                self.seal_to(&sending[at..=at], false, inner);
+            }
+        }
+    }
+
+    /// When [`VirtualConnection::handle_timeout`] is next due.
+    #[must_use]
+    pub fn poll_timeout(&self, now: Instant) -> Option<Instant> {
+        if self.is_closed() {
+            return None;
+        }
+        let mut t = self.last_heard + IDLE_TIMEOUT;
+        if let State::Handshaking { since } = self.state {
+            t = t.min(since + HANDSHAKE_TIMEOUT);
+        }
+        if !self.confirmed {
+            t = t.min(self.hello_next);
+        }
+        if self.keys.is_some() {
+            t = t.min(self.paths.poll_timeout(now));
+            if self.flush_now {
+                t = now;
+            } else if self.needs_tick() {
+                t = t.min(self.next_tick);
+            }
+        }
+        Some(t)
+    }
+
+    /// Whether renet has anything to say on the next tick: queued or unacknowledged
+    /// messages. An idle VC does not tick; its pings keep the paths measured.
+    fn needs_tick(&self) -> bool {
+        !self.backlog.is_empty()
+            || (self.profile.is_reliable() && self.renet.channel_available_memory(CHANNEL) < self.profile.max_buffered)
+    }
+
+    /// The next frame to send.
+    #[must_use]
+    pub fn poll_transmit(&mut self) -> Option<VcTransmit> {
+        self.transmits.pop_front()
+    }
+
+    /// The next event.
+    #[must_use]
+    pub fn poll_event(&mut self) -> Option<VcEvent> {
+        self.events.pop_front()
+    }
+
+    /// What the VC measures now.
+    pub fn stats(&self, now: Instant) -> VcStats {
+        let paths = self.paths.info(now);
+        let primary = self.paths.sending().first().and_then(|id| paths.iter().find(|p| p.id == *id)).cloned();
+        let info = self.renet.network_info();
+        VcStats {
+            rtt: primary.as_ref().and_then(|p| p.stats.srtt),
+            jitter: primary.as_ref().map_or(Duration::ZERO, |p| p.stats.jitter),
+            loss: primary.as_ref().map_or(0.0, |p| p.stats.loss),
+            send_bytes_per_sec: info.bytes_sent_per_second,
+            recv_bytes_per_sec: info.bytes_received_per_second,
+            path: primary,
+            paths,
+            counters: self.counters,
+        }
+    }
+
+    /// The counters alone.
+    pub fn counters(&self) -> &VcCounters {
+        &self.counters
+    }
+}
+
+fn now_skew(clock: &WallClock, now: Instant, unix_ms: u64) -> Duration {
+    let ours = clock.unix_us(now) / 1000;
+    Duration::from_millis(ours.abs_diff(unix_ms))
+}
