@@ -137,6 +137,11 @@ impl Duo {
     }
 }
 
+/// The filler byte at `i` of message `seq`, so that the receiver can check every byte.
+fn pattern(seq: u64, i: usize) -> u8 {
+    (seq as u8).wrapping_mul(31).wrapping_add(i as u8)
+}
+
 fn one(ids: &[NodeId]) -> Route {
     // Routes here have one or two relays, within MAX_ROUTE.
     Route::new(ids).unwrap_or(Route::DIRECT)
@@ -162,6 +167,8 @@ pub struct Stream {
     pub order: Vec<u64>,
     /// Messages the VC refused (buffer full).
     pub refused: u64,
+    /// Messages that arrived with bytes other than those sent.
+    pub corrupt: u64,
 }
 
 impl Stream {
@@ -178,6 +185,7 @@ impl Stream {
             arrived: Vec::new(),
             order: Vec::new(),
             refused: 0,
+            corrupt: 0,
         }
     }
 
@@ -189,6 +197,9 @@ impl Stream {
             let mut m = vec![0u8; self.size];
             m[..8].copy_from_slice(&seq.to_be_bytes());
             m[8..16].copy_from_slice(&((now - self.t0).as_nanos() as u64).to_be_bytes());
+            for (i, b) in m.iter_mut().enumerate().skip(16) {
+                *b = pattern(seq, i);
+            }
             match sim.node(a).send(self.at_a, m) {
                 Ok(()) => {
                     self.sent.push(now);
@@ -200,12 +211,25 @@ impl Stream {
             sim.flush(a);
         }
         while let Some(m) = sim.node(b).recv(self.at_b) {
-            let Some(seq) = m.get(..8).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes) else { continue };
+            let Some(seq) = m.get(..8).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes) else {
+                self.corrupt += 1;
+                continue;
+            };
+            if m.len() != self.size || m.iter().enumerate().skip(16).any(|(i, b)| *b != pattern(seq, i)) {
+                self.corrupt += 1;
+                continue;
+            }
             if let Some(slot) = self.arrived.get_mut(seq as usize) {
                 slot.get_or_insert(now);
             }
             self.order.push(seq);
         }
+    }
+
+    /// Sends nothing more; later steps only read what arrives.
+    pub fn stop(&mut self) {
+        self.every = Duration::MAX;
+        self.next_send = Some(self.t0 + Duration::from_secs(1 << 30));
     }
 
     /// Time from `at` until the first message sent at or after `at` arrived.
@@ -274,10 +298,8 @@ pub fn relay_crash_failover(seed: u64, profile: Profile) -> Failover {
     duo.sim.run_with(Duration::from_secs(2), Duration::from_millis(1), |s| stream.step(s, a, b));
     // Stop sending and let the reliable stream finish.
     let end = duo.sim.now();
-    duo.sim.run_with(Duration::from_secs(2), Duration::from_millis(1), |s| {
-        stream.next_send = Some(end + Duration::from_secs(3600));
-        stream.step(s, a, b)
-    });
+    stream.stop();
+    duo.sim.run_with(Duration::from_secs(2), Duration::from_millis(1), |s| stream.step(s, a, b));
     Failover {
         resumed: stream.resumed_after(crash_at),
         failed_rtt,

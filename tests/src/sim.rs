@@ -288,6 +288,13 @@ impl Sim {
         self.drain(h.0);
     }
 
+    /// Sends raw `bytes` to `to` as if host `from` had sent them: a forger on `from`'s
+    /// address (an on-path attacker at a relay, say).
+    pub fn inject(&mut self, from: HostId, to: HostId, bytes: Vec<u8>) {
+        let addr = self.addr(to);
+        self.send(from.0, addr, bytes);
+    }
+
     /// Events the nodes reported, with when and where.
     pub fn events(&self) -> &[(Instant, HostId, Event)] {
         &self.events
