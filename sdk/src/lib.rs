@@ -9,12 +9,14 @@
 //! the next timeout. The tokio driver and the deterministic simulator run the same code.
 
 pub mod crypto;
+pub mod driver;
 pub mod frame;
 pub mod node;
 pub mod path;
 pub mod profile;
 pub mod vc;
 
+pub use driver::{Client, ClientError, ClientEvent};
 pub use node::{Event, Node, NodeCounters, NodeError, PeerInfo, VcKey};
 pub use path::{PathId, PathInfo, PathKind, PathStats, SwitchReason};
 pub use profile::{Delivery, Policy, Profile, ProfileConfig};

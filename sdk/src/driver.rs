@@ -1,0 +1,228 @@
+//! The SDK on a real UDP socket: a background tokio task owns the socket and the sans-IO
+//! [`Node`]; the game holds a [`Client`] handle that sends it commands and receives its
+//! events and messages. Dropping the handle stops the task.
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use renet::Bytes;
+use shoal_mesh::clock::WallClock;
+use shoal_mesh::wire::VcId;
+use shoal_protocol::{Identity, NodeId, SignedTicket};
+use tokio::net::UdpSocket;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::node::{Event, Node, NodeError, PeerInfo, VcKey};
+use crate::profile::Profile;
+use crate::vc::VcStats;
+
+/// Most datagrams or commands handled in one turn of the loop before timers get a look in,
+/// so a flood on the socket cannot starve the VCs' ticks.
+const WORK_BUDGET: usize = 64;
+
+enum Cmd {
+    AddRelay(SocketAddr),
+    AddPeer(PeerInfo),
+    Open(NodeId, VcId, Profile, oneshot::Sender<Result<VcKey, NodeError>>),
+    Send(VcKey, Bytes, oneshot::Sender<Result<(), NodeError>>),
+    Close(VcKey),
+    Stats(VcKey, oneshot::Sender<Option<VcStats>>),
+}
+
+/// What the client reports to the game.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ClientEvent {
+    /// A node event (VC opened, path changed, closed; relay bound or lost).
+    Node(Event),
+    /// A message arrived on a VC.
+    Message(VcKey, Bytes),
+}
+
+/// Why a client call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The background task has stopped.
+    #[error("client task stopped")]
+    Stopped,
+    /// The node refused.
+    #[error(transparent)]
+    Node(#[from] NodeError),
+}
+
+/// The game's handle on a running node. See the module docs.
+#[derive(Debug)]
+pub struct Client {
+    cmds: mpsc::UnboundedSender<Cmd>,
+    events: mpsc::UnboundedReceiver<ClientEvent>,
+    id: NodeId,
+    local: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl std::fmt::Debug for Cmd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Cmd::AddRelay(_) => "AddRelay",
+            Cmd::AddPeer(_) => "AddPeer",
+            Cmd::Open(..) => "Open",
+            Cmd::Send(..) => "Send",
+            Cmd::Close(_) => "Close",
+            Cmd::Stats(..) => "Stats",
+        })
+    }
+}
+
+impl Client {
+    /// Starts a node for `identity` (showing `permit` to relays) on an already bound socket.
+    pub fn start(socket: UdpSocket, identity: Identity, permit: SignedTicket) -> io::Result<Client> {
+        let local = socket.local_addr()?;
+        let id = identity.node_id();
+        let node = Node::new(identity, permit, WallClock::system());
+        let (cmds, cmd_rx) = mpsc::unbounded_channel();
+        let (ev_tx, events) = mpsc::unbounded_channel();
+        let task = tokio::spawn(run(socket, node, cmd_rx, ev_tx));
+        Ok(Client { cmds, events, id, local, task })
+    }
+
+    /// Our node id.
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+
+    /// The socket's address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+
+    fn cmd(&self, c: Cmd) -> Result<(), ClientError> {
+        self.cmds.send(c).map_err(|_| ClientError::Stopped)
+    }
+
+    /// Starts binding to a relay; [`Event::RelayBound`] follows.
+    pub fn add_relay(&self, addr: SocketAddr) -> Result<(), ClientError> {
+        self.cmd(Cmd::AddRelay(addr))
+    }
+
+    /// Records a peer we may open VCs with (and accept them from).
+    pub fn add_peer(&self, info: PeerInfo) -> Result<(), ClientError> {
+        self.cmd(Cmd::AddPeer(info))
+    }
+
+    /// Opens a VC.
+    pub async fn open(&self, peer: NodeId, vc: VcId, profile: Profile) -> Result<VcKey, ClientError> {
+        let (tx, rx) = oneshot::channel();
+        self.cmd(Cmd::Open(peer, vc, profile, tx))?;
+        Ok(rx.await.map_err(|_| ClientError::Stopped)??)
+    }
+
+    /// Queues a message on a VC.
+    pub async fn send(&self, key: VcKey, message: impl Into<Bytes>) -> Result<(), ClientError> {
+        let (tx, rx) = oneshot::channel();
+        self.cmd(Cmd::Send(key, message.into(), tx))?;
+        Ok(rx.await.map_err(|_| ClientError::Stopped)??)
+    }
+
+    /// Closes a VC.
+    pub fn close(&self, key: VcKey) -> Result<(), ClientError> {
+        self.cmd(Cmd::Close(key))
+    }
+
+    /// A VC's stats.
+    pub async fn stats(&self, key: VcKey) -> Result<Option<VcStats>, ClientError> {
+        let (tx, rx) = oneshot::channel();
+        self.cmd(Cmd::Stats(key, tx))?;
+        rx.await.map_err(|_| ClientError::Stopped)
+    }
+
+    /// The next event or message; `None` once the task has stopped.
+    pub async fn next(&mut self) -> Option<ClientEvent> {
+        self.events.recv().await
+    }
+}
+
+async fn run(
+    sock: UdpSocket,
+    mut node: Node,
+    mut cmds: mpsc::UnboundedReceiver<Cmd>,
+    events: mpsc::UnboundedSender<ClientEvent>,
+) {
+    let mut buf = vec![0u8; 2048];
+    loop {
+        let wake = node.poll_timeout(Instant::now());
+        let sleep = async {
+            match wake {
+                Some(t) => tokio::time::sleep_until(t.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            biased;
+            c = cmds.recv() => {
+                let Some(c) = c else { return };
+                handle_cmd(&mut node, c);
+                for _ in 1..WORK_BUDGET {
+                    match cmds.try_recv() {
+                        Ok(c) => handle_cmd(&mut node, c),
+                        Err(_) => break,
+                    }
+                }
+            }
+            r = sock.recv_from(&mut buf) => {
+                if let Ok((n, from)) = r {
+                    node.handle_datagram(Instant::now(), from, &buf[..n]);
+                }
+                for _ in 1..WORK_BUDGET {
+                    match sock.try_recv_from(&mut buf) {
+                        Ok((n, from)) => node.handle_datagram(Instant::now(), from, &buf[..n]),
+                        Err(_) => break,
+                    }
+                }
+            }
+            () = sleep => {}
+        }
+        node.handle_timeout(Instant::now());
+        while let Some(t) = node.poll_transmit() {
+            // A full socket buffer or an unreachable address loses the datagram, as the
+            // network would; renet and the path manager recover.
+            let _ = sock.send_to(&t.bytes, t.to).await;
+        }
+        while let Some(e) = node.poll_event() {
+            if events.send(ClientEvent::Node(e)).is_err() {
+                return;
+            }
+        }
+        let keys: Vec<VcKey> = node.vcs().collect();
+        for k in keys {
+            while let Some(m) = node.recv(k) {
+                if events.send(ClientEvent::Message(k, m)).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn handle_cmd(node: &mut Node, c: Cmd) {
+    let now = Instant::now();
+    match c {
+        Cmd::AddRelay(a) => node.add_relay(now, a),
+        Cmd::AddPeer(p) => node.add_peer(now, p),
+        Cmd::Open(peer, vc, profile, tx) => {
+            let _ = tx.send(node.open(now, peer, vc, profile));
+        }
+        Cmd::Send(k, m, tx) => {
+            let _ = tx.send(node.send(k, m));
+        }
+        Cmd::Close(k) => node.close(now, k),
+        Cmd::Stats(k, tx) => {
+            let _ = tx.send(node.stats(now, k));
+        }
+    }
+}

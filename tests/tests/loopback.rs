@@ -1,0 +1,166 @@
+//! Two SDK clients on real UDP sockets on loopback, talking through one `shoal-mesh-node`
+//! relay process, on Realtime, Reliable and Bulk VCs at once.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use shoal_mesh::endpoint::Path;
+use shoal_mesh::wire::{Route, VcId};
+use shoal_protocol::identity::to_hex;
+use shoal_protocol::{Identity, NodeId, Roles, SignedTicket, TicketBody, TicketKind, UnixTime};
+use shoal_sdk::{Client, ClientEvent, Event, PeerInfo, Profile, VcEvent};
+use tokio::time::timeout;
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
+}
+
+fn permit(control: &Identity, node: &Identity, roles: Roles) -> SignedTicket {
+    TicketBody::new(TicketKind::RelayPermit, node.public_key(), roles, UnixTime(unix_now()), 600).sign(control)
+}
+
+/// The relay binary, built with the same profile as this test if it is not there yet.
+fn relay_binary() -> std::path::PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent().and_then(|d| d.parent()).unwrap().to_path_buf();
+    let bin = profile_dir.join("shoal-mesh-node");
+    let mut build = Command::new(env!("CARGO"));
+    build.args(["build", "-q", "-p", "shoal-mesh", "--bin", "shoal-mesh-node"]);
+    if profile_dir.ends_with("release") {
+        build.arg("--release");
+    }
+    assert!(build.status().unwrap().success(), "building shoal-mesh-node failed");
+    bin
+}
+
+struct RelayProc(Child);
+
+impl Drop for RelayProc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_relay(control: &Identity) -> (RelayProc, NodeId, SocketAddr) {
+    let dir = std::env::temp_dir().join(format!("shoal-loopback-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let identity = Identity::from_seed([42; 32]);
+    std::fs::write(dir.join("relay.key"), to_hex(identity.seed())).unwrap();
+    let config = format!(
+        "listen = \"127.0.0.1:0\"\nmetrics = \"127.0.0.1:0\"\nworkers = 1\nkey_file = \"relay.key\"\n\
+         control_public_key = \"{}\"\npermit = \"{}\"\npeers = []\n",
+        control.public_key(),
+        to_hex(&permit(control, &identity, Roles::RELAY).encode()),
+    );
+    let path = dir.join("relay.toml");
+    std::fs::write(&path, config).unwrap();
+    let mut child = Command::new(relay_binary())
+        .args(["run", "--config"])
+        .arg(&path)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    assert!(line.starts_with("shoal-mesh-node ready"), "{line}");
+    let field = |k: &str| line.split_whitespace().find_map(|w| w.strip_prefix(k)).unwrap().to_string();
+    (RelayProc(child), field("node=").parse().unwrap(), field("mesh=").parse().unwrap())
+}
+
+async fn client(control: &Identity, seed: u8, relay: SocketAddr) -> (Client, Identity) {
+    let id = Identity::from_seed([seed; 32]);
+    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let mut c = Client::start(sock, id.clone(), permit(control, &id, Roles::CLIENT)).unwrap();
+    c.add_relay(relay).unwrap();
+    loop {
+        match timeout(Duration::from_secs(5), c.next()).await.expect("relay bind timed out") {
+            Some(ClientEvent::Node(Event::RelayBound { .. })) => break,
+            Some(_) => {}
+            None => panic!("client stopped"),
+        }
+    }
+    (c, id)
+}
+
+fn chunk(i: u8) -> Vec<u8> {
+    (0..64 * 1024u32).map(|j| (j as u8).wrapping_mul(7).wrapping_add(i)).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_clients_exchange_on_realtime_reliable_and_bulk_vcs_through_a_relay_process() {
+    let control = Identity::from_seed([100; 32]);
+    let (_relay, relay_id, relay_addr) = start_relay(&control);
+    let (mut a, ida) = client(&control, 1, relay_addr).await;
+    let (mut b, idb) = client(&control, 2, relay_addr).await;
+    let via = Path::Relayed(Route::new(&[relay_id]).unwrap());
+    a.add_peer(PeerInfo { key: idb.public_key(), paths: vec![via] }).unwrap();
+    b.add_peer(PeerInfo { key: ida.public_key(), paths: vec![via] }).unwrap();
+
+    let rt = a.open(b.id(), VcId(1), Profile::realtime(false)).await.unwrap();
+    let rel = a.open(b.id(), VcId(2), Profile::reliable()).await.unwrap();
+    let bulk = a.open(b.id(), VcId(3), Profile::bulk()).await.unwrap();
+    const UPDATES: u32 = 300;
+    const CHUNKS: u8 = 10;
+    for i in 0..UPDATES {
+        a.send(rt, i.to_be_bytes().repeat(16)).await.unwrap();
+        a.send(rel, i.to_be_bytes().to_vec()).await.unwrap();
+        if i % 30 == 0 {
+            a.send(bulk, chunk((i / 30) as u8)).await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+
+    // B: collect everything, and answer on the reliable VC once it is open.
+    let (mut updates, mut reliable, mut chunks, mut replied) = (0u32, Vec::new(), Vec::new(), false);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while reliable.len() < UPDATES as usize || chunks.len() < usize::from(CHUNKS) {
+        let ev = tokio::time::timeout_at(deadline, b.next()).await.expect("B timed out").expect("B stopped");
+        match ev {
+            ClientEvent::Message(k, m) if k.vc == VcId(1) => {
+                assert_eq!(m.len(), 64);
+                updates += 1;
+            }
+            ClientEvent::Message(k, m) if k.vc == VcId(2) => {
+                reliable.push(u32::from_be_bytes(m[..4].try_into().unwrap()))
+            }
+            ClientEvent::Message(k, m) if k.vc == VcId(3) => chunks.push(m),
+            ClientEvent::Node(Event::Vc(k, VcEvent::Opened)) if k.vc == VcId(2) && !replied => {
+                for j in 0..100u32 {
+                    b.send(k, j.to_be_bytes().to_vec()).await.unwrap();
+                }
+                replied = true;
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(reliable, (0..UPDATES).collect::<Vec<_>>(), "reliable messages lost or out of order");
+    assert!(updates >= UPDATES * 9 / 10, "only {updates} of {UPDATES} realtime updates on loopback");
+    let mut got: Vec<u8> = chunks.iter().map(|c| c[0]).collect();
+    got.sort_unstable();
+    assert_eq!(got, (0..CHUNKS).collect::<Vec<_>>());
+    for c in &chunks {
+        assert_eq!(**c, chunk(c[0])[..], "bulk chunk {} corrupted", c[0]);
+    }
+
+    // A: B's replies, all and in order.
+    let mut replies = Vec::new();
+    while replies.len() < 100 {
+        let ev = tokio::time::timeout_at(deadline, a.next()).await.expect("A timed out").expect("A stopped");
+        if let ClientEvent::Message(k, m) = ev
+            && k.vc == VcId(2)
+        {
+            replies.push(u32::from_be_bytes(m[..4].try_into().unwrap()));
+        }
+    }
+    assert_eq!(replies, (0..100).collect::<Vec<_>>());
+    let stats = a.stats(rel).await.unwrap().unwrap();
+    assert!(stats.rtt.is_some(), "the reliable VC measured no RTT");
+    assert_eq!(stats.counters.auth_failures, 0);
+    assert_eq!(stats.path.map(|p| p.path), Some(via));
+}
