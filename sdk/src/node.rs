@@ -168,17 +168,7 @@ impl Node {
         if self.vcs.get(&key).is_some_and(|v| !v.is_closed()) {
             return Err(NodeError::Exists(key));
         }
-        let info = self.peers.get(&peer).ok_or(NodeError::UnknownPeer(peer))?;
-        let v = VirtualConnection::new(
-            now,
-            self.identity.clone(),
-            self.clock,
-            &self.rng,
-            info.key,
-            vc,
-            profile,
-            &info.paths,
-        )?;
+        let v = self.new_vc(now, key, profile)?;
         self.vcs.insert(key, v);
         Ok(key)
     }
@@ -260,6 +250,13 @@ impl Node {
         self.events.pop_front()
     }
 
+    /// A VC to an introduced peer, over the paths we were told of.
+    fn new_vc(&self, now: Instant, key: VcKey, profile: Profile) -> Result<VirtualConnection, NodeError> {
+        let info = self.peers.get(&key.peer).ok_or(NodeError::UnknownPeer(key.peer))?;
+        let (id, clock, rng) = (self.identity.clone(), self.clock, &self.rng);
+        Ok(VirtualConnection::new(now, id, clock, rng, info.key, key.vc, profile, &info.paths)?)
+    }
+
     fn drain_endpoint(&mut self, now: Instant) {
         while let Some(t) = self.endpoint.poll_transmit() {
             self.transmits.push_back(t);
@@ -296,10 +293,10 @@ impl Node {
                 self.counters.unknown_vc += 1;
                 return;
             };
-            let Some(info) = self.peers.get(&r.source) else {
+            if !self.peers.contains_key(&r.source) {
                 self.counters.unknown_peer += 1;
                 return;
-            };
+            }
             let profile = match ProfileConfig::from_wire(&h.profile).and_then(|c| c.validate()) {
                 Ok(p) => p,
                 Err(_) => {
@@ -307,16 +304,7 @@ impl Node {
                     return;
                 }
             };
-            let vc = VirtualConnection::new(
-                now,
-                self.identity.clone(),
-                self.clock,
-                &self.rng,
-                info.key,
-                r.vc,
-                profile,
-                &info.paths,
-            );
+            let vc = self.new_vc(now, key, profile);
             match vc {
                 Ok(v) => {
                     self.vcs.insert(key, v);

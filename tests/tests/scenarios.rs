@@ -200,3 +200,37 @@ fn the_same_seed_gives_the_same_run() {
     assert_eq!(run(3), run(3));
     assert_eq!(relay_crash_failover(5, Profile::reliable()), relay_crash_failover(5, Profile::reliable()));
 }
+
+#[test]
+fn only_introduced_peers_open_vcs_and_direct_paths_work() {
+    let seed = 11;
+    let mut sim = Sim::new(seed);
+    sim.set_default_link(LinkConfig::latency(10 * MS));
+    let (a, b, c) = (sim.add_node(), sim.add_node(), sim.add_node());
+    let (ka, kb) = (sim.node(a).public_key(), sim.node(b).public_key());
+    let (addr_a, addr_b) = (sim.addr(a), sim.addr(b));
+    let now = sim.now();
+    sim.node(a).add_peer(now, shoal_sdk::PeerInfo { key: kb, paths: vec![Path::Direct(addr_b)] });
+    sim.node(b).add_peer(now, shoal_sdk::PeerInfo { key: ka, paths: vec![Path::Direct(addr_a)] });
+    // C knows B, but B was never introduced to C.
+    sim.node(c).add_peer(now, shoal_sdk::PeerInfo { key: kb, paths: vec![Path::Direct(addr_b)] });
+    let idb = sim.node(b).id();
+    let good = sim.node(a).open(now, idb, VcId(1), Profile::reliable()).unwrap();
+    let stranger = sim.node(c).open(now, idb, VcId(1), Profile::reliable()).unwrap();
+    sim.node(a).send(good, b"hello".to_vec()).unwrap();
+    sim.run_for(Duration::from_secs(11));
+
+    let ida = sim.node(a).id();
+    let got = sim.node(b).recv(VcKey { peer: ida, vc: VcId(1) });
+    assert_eq!(got.as_deref(), Some(&b"hello"[..]), "the introduced peer's message (seed {seed})");
+    let now = sim.now();
+    let path = sim.node(a).stats(now, good).and_then(|s| s.path).map(|p| p.kind);
+    assert_eq!(path, Some(shoal_sdk::PathKind::Direct));
+    assert!(sim.node(b).counters().unknown_peer > 0, "the stranger's hellos were not counted");
+    let idc = sim.node(c).id();
+    assert!(sim.node(b).vcs().all(|k| k.peer != idc), "B opened a VC for a stranger");
+    let closed = sim.events().iter().any(|(_, h, e)| {
+        *h == c && *e == Event::Vc(stranger, VcEvent::Closed(shoal_sdk::CloseReason::HandshakeTimeout))
+    });
+    assert!(closed, "the stranger's VC should close unanswered");
+}
