@@ -20,7 +20,9 @@ pub const MAX_STRIPE: u8 = 3;
 pub enum ProfileConfig {
     /// Unreliable, latest-wins; lowest latency.
     Realtime {
-        /// Send a second copy of every packet on a disjoint path.
+        /// Send a second copy of every packet on a disjoint path. The receiver then also
+        /// takes the slower path's copy of a packet the faster path lost, even after a newer
+        /// one: nothing is lost across a single path failure, at the price of strict order.
         #[serde(default)]
         redundancy: bool,
     },

@@ -111,6 +111,8 @@ pub struct VcCounters {
     pub bad_hellos: u64,
     /// Sealed frames that came before the key exchange finished.
     pub early: u64,
+    /// Unreliable (latest-wins) packets older than one already delivered, dropped.
+    pub stale: u64,
     /// Frames sent.
     pub frames_sent: u64,
     /// Frames received and authenticated.
@@ -190,6 +192,8 @@ pub struct VirtualConnection {
     backlog_bytes: usize,
     stripe_next: usize,
     paths: PathManager,
+    /// Highest packet number of a renet packet processed: for latest-wins delivery.
+    newest_renet: Option<u64>,
     last_heard: Instant,
     transmits: VecDeque<VcTransmit>,
     events: VecDeque<VcEvent>,
@@ -263,6 +267,7 @@ impl VirtualConnection {
             backlog: VecDeque::new(),
             backlog_bytes: 0,
             stripe_next: 0,
+            newest_renet: None,
             last_heard: now,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
@@ -435,7 +440,7 @@ impl VirtualConnection {
                                 self.paths.on_trace(id, h);
                             }
                         }
-                        self.on_inner(now, path, id, &plain);
+                        self.on_inner(now, path, id, pn, &plain);
                     }
                     Err(CryptoError::Replay(_)) => self.counters.duplicates += 1,
                     Err(_) => self.on_auth_failure(now, id),
@@ -501,6 +506,7 @@ impl VirtualConnection {
                 );
                 self.renet = renet_for(&self.profile);
                 self.renet_at = now;
+                self.newest_renet = None;
                 self.confirmed = false;
                 self.events.push_back(VcEvent::Reset);
             }
@@ -524,9 +530,19 @@ impl VirtualConnection {
         }
     }
 
-    fn on_inner(&mut self, now: Instant, path: Path, id: Option<PathId>, plain: &[u8]) {
+    fn on_inner(&mut self, now: Instant, path: Path, id: Option<PathId>, pn: u64, plain: &[u8]) {
         match Inner::parse(plain) {
             Ok(Inner::Renet(packet)) => {
+                // Latest wins: an unreliable packet overtaken by a newer one carries only
+                // superseded state (and acks that the newer packet repeats). With redundant
+                // copies, the slower path's copy of a packet the faster path lost is the
+                // point of redundancy, so it is delivered even when a newer one came first.
+                let latest_wins = !self.profile.is_reliable() && !self.profile.redundancy;
+                if latest_wins && self.newest_renet.is_some_and(|n| pn < n) {
+                    self.counters.stale += 1;
+                    return;
+                }
+                self.newest_renet = Some(self.newest_renet.map_or(pn, |n| n.max(pn)));
                 if packet.first() != Some(&RENET_ACK_PACKET) {
                     self.flush_now = true;
                 }
