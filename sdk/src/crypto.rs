@@ -62,8 +62,8 @@ pub struct Ephemeral {
 impl Ephemeral {
     /// A fresh key pair from the system random source. Key material is the one thing the
     /// simulator does not seed: nothing the VC decides depends on its bytes.
-    pub fn generate(rng: &SystemRandom) -> Result<Ephemeral, CryptoError> {
-        let private = EphemeralPrivateKey::generate(&X25519, rng).map_err(|_| CryptoError::Random)?;
+    pub fn generate() -> Result<Ephemeral, CryptoError> {
+        let private = EphemeralPrivateKey::generate(&X25519, &SystemRandom::new()).map_err(|_| CryptoError::Random)?;
         let pk = private.compute_public_key().map_err(|_| CryptoError::Random)?;
         let mut public = [0; 32];
         public.copy_from_slice(pk.as_ref());
@@ -180,14 +180,14 @@ impl SessionKeys {
         Ok(SessionKeys { send, recv, next_pn: 0, replay: ReplayWindow::default() })
     }
 
-    /// Encrypts `buf` in place with the next packet number and appends the tag; returns the
-    /// packet number. `aad` binds the frame to its header and the mesh addressing.
-    pub fn seal(&mut self, aad: impl Fn(u64) -> [u8; AAD_LEN], buf: &mut Vec<u8>) -> u64 {
+    /// Encrypts `buf[from..]` in place with the next packet number and appends the tag;
+    /// returns the packet number. `aad` binds the frame to its header and the mesh addressing.
+    pub fn seal(&mut self, aad: impl Fn(u64) -> [u8; AAD_LEN], buf: &mut Vec<u8>, from: usize) -> u64 {
         let pn = self.next_pn;
         self.next_pn += 1;
         let tag = self
             .send
-            .seal_in_place_separate_tag(nonce(pn), Aad::from(aad(pn)), buf)
+            .seal_in_place_separate_tag(nonce(pn), Aad::from(aad(pn)), &mut buf[from..])
             // ring fails only for inputs over ~256 GiB, far beyond a datagram.
             .unwrap_or_else(|_| unreachable!("chacha seal of a datagram"));
         buf.extend_from_slice(tag.as_ref());
@@ -285,9 +285,8 @@ mod tests {
     }
 
     fn pair() -> (SessionKeys, SessionKeys) {
-        let rng = SystemRandom::new();
         let (a, b) = (Identity::from_seed([1; 32]), Identity::from_seed([2; 32]));
-        let (mut ea, mut eb) = (Ephemeral::generate(&rng).unwrap(), Ephemeral::generate(&rng).unwrap());
+        let (mut ea, mut eb) = (Ephemeral::generate().unwrap(), Ephemeral::generate().unwrap());
         let (ha, hb) = (hello(&a, &ea, 10), hello(&b, &eb, 20));
         let ka = SessionKeys::derive(a.node_id(), b.node_id(), &mut ea, &ha, &hb).unwrap();
         let kb = SessionKeys::derive(b.node_id(), a.node_id(), &mut eb, &hb, &ha).unwrap();
@@ -304,11 +303,11 @@ mod tests {
     fn both_sides_derive_matching_directional_keys() {
         let (mut ka, mut kb) = pair();
         let mut m = b"hello over the mesh".to_vec();
-        let pn = ka.seal(aad, &mut m);
+        let pn = ka.seal(aad, &mut m, 0);
         assert_eq!(kb.open(pn, aad(pn), &mut m).unwrap(), b"hello over the mesh");
         // The reverse direction uses the other key: a's own frame does not open at a.
         let mut m2 = b"x".to_vec();
-        let pn2 = ka.seal(aad, &mut m2);
+        let pn2 = ka.seal(aad, &mut m2, 0);
         assert_eq!(ka.open(pn2, aad(pn2), &mut m2), Err(CryptoError::Auth));
     }
 
@@ -316,7 +315,7 @@ mod tests {
     fn flipped_bits_replays_and_moved_frames_are_refused() {
         let (mut ka, mut kb) = pair();
         let mut m = b"trade 10 gold".to_vec();
-        let pn = ka.seal(aad, &mut m);
+        let pn = ka.seal(aad, &mut m, 0);
         let mut flipped = m.clone();
         flipped[3] ^= 0x10;
         assert_eq!(kb.open(pn, aad(pn), &mut flipped), Err(CryptoError::Auth));
@@ -331,9 +330,8 @@ mod tests {
 
     #[test]
     fn hello_signatures_bind_sender_receiver_and_vc() {
-        let rng = SystemRandom::new();
         let (a, b) = (Identity::from_seed([1; 32]), Identity::from_seed([2; 32]));
-        let e = Ephemeral::generate(&rng).unwrap();
+        let e = Ephemeral::generate().unwrap();
         let h = hello(&a, &e, 5);
         let sig = h.sign(&a, b.node_id(), VcId(7));
         assert_eq!(h.verify(&sig, a.node_id(), b.node_id(), VcId(7)), Ok(()));

@@ -66,19 +66,6 @@ impl Drop for Client {
     }
 }
 
-impl std::fmt::Debug for Cmd {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Cmd::AddRelay(_) => "AddRelay",
-            Cmd::AddPeer(_) => "AddPeer",
-            Cmd::Open(..) => "Open",
-            Cmd::Send(..) => "Send",
-            Cmd::Close(_) => "Close",
-            Cmd::Stats(..) => "Stats",
-        })
-    }
-}
-
 impl Client {
     /// Starts a node for `identity` (showing `permit` to relays) on an already bound socket.
     pub fn start(socket: UdpSocket, identity: Identity, permit: SignedTicket) -> io::Result<Client> {

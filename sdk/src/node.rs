@@ -11,14 +11,13 @@ use std::net::SocketAddr;
 use std::time::Instant;
 
 use renet::Bytes;
-use ring::rand::SystemRandom;
 use shoal_mesh::bind::Transmit;
 use shoal_mesh::clock::WallClock;
 use shoal_mesh::endpoint::{Endpoint, EndpointEvent, Envelope, Path, Received};
 use shoal_mesh::wire::{MAX_DATAGRAM, VcId};
 use shoal_protocol::{Identity, NodeId, PublicKey, SignedTicket};
 
-use crate::frame::{self, Frame};
+use crate::frame::Frame;
 use crate::profile::{Profile, ProfileConfig};
 use crate::vc::{OpenError, VcEvent, VcSendError, VcStats, VirtualConnection};
 
@@ -103,7 +102,6 @@ pub enum NodeError {
 pub struct Node {
     identity: Identity,
     clock: WallClock,
-    rng: SystemRandom,
     endpoint: Endpoint,
     peers: BTreeMap<NodeId, PeerInfo>,
     vcs: BTreeMap<VcKey, VirtualConnection>,
@@ -119,7 +117,6 @@ impl Node {
             endpoint: Endpoint::new(identity.clone(), permit, clock),
             identity,
             clock,
-            rng: SystemRandom::new(),
             peers: BTreeMap::new(),
             vcs: BTreeMap::new(),
             transmits: VecDeque::new(),
@@ -187,7 +184,7 @@ impl Node {
     /// Closes a VC and tells the peer.
     pub fn close(&mut self, now: Instant, key: VcKey) {
         if let Some(vc) = self.vcs.get_mut(&key) {
-            vc.close(now);
+            vc.close();
         }
         self.drain_vc(now, key);
     }
@@ -253,8 +250,8 @@ impl Node {
     /// A VC to an introduced peer, over the paths we were told of.
     fn new_vc(&self, now: Instant, key: VcKey, profile: Profile) -> Result<VirtualConnection, NodeError> {
         let info = self.peers.get(&key.peer).ok_or(NodeError::UnknownPeer(key.peer))?;
-        let (id, clock, rng) = (self.identity.clone(), self.clock, &self.rng);
-        Ok(VirtualConnection::new(now, id, clock, rng, info.key, key.vc, profile, &info.paths)?)
+        let (id, clock) = (self.identity.clone(), self.clock);
+        Ok(VirtualConnection::new(now, id, clock, info.key, key.vc, profile, &info.paths)?)
     }
 
     fn drain_endpoint(&mut self, now: Instant) {
@@ -339,15 +336,4 @@ impl Node {
             self.events.push_back(Event::Vc(key, e));
         }
     }
-}
-
-/// Largest message body a VC frame can carry in one datagram over `relays` relays, traced or
-/// not: what is left of [`MAX_DATAGRAM`] after the mesh header and the sealed frame.
-pub fn frame_room(relays: usize, traced: bool) -> usize {
-    let trace = if traced { shoal_mesh::wire::TRACE_ORIGIN_LEN + relays * shoal_mesh::wire::TRACE_SLOT_LEN } else { 0 };
-    MAX_DATAGRAM
-        - shoal_mesh::wire::HEADER_LEN
-        - relays * shoal_mesh::wire::ROUTE_ENTRY_LEN
-        - trace
-        - frame::SEALED_OVERHEAD
 }

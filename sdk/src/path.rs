@@ -196,6 +196,11 @@ impl Candidate {
         self.stats.loss = self.loss();
     }
 
+    /// How long a ping waits for its pong before it counts as lost.
+    fn give_up(&self) -> Duration {
+        self.stats.srtt.map_or(PING_GIVE_UP, |s| (s * 2 + self.rttvar * 4).max(Duration::from_millis(20)))
+    }
+
     /// How long silence may last before the path is dead (None while unmeasured).
     fn silence_deadline(&self, interval: Duration) -> Option<Duration> {
         let srtt = self.stats.srtt?;
@@ -404,7 +409,7 @@ impl PathManager {
             {
                 c.abandoned_until = None;
             }
-            let give_up = c.stats.srtt.map_or(PING_GIVE_UP, |s| (s * 2 + c.rttvar * 4).max(Duration::from_millis(20)));
+            let give_up = c.give_up();
             while c.pings.front().is_some_and(|(_, sent)| now.saturating_duration_since(*sent) > give_up) {
                 c.pings.pop_front();
                 c.record(true);
@@ -627,9 +632,7 @@ impl PathManager {
                 _ => next = next.min(c.next_ping),
             }
             if let Some(&(_, oldest)) = c.pings.front() {
-                let give_up =
-                    c.stats.srtt.map_or(PING_GIVE_UP, |s| (s * 2 + c.rttvar * 4).max(Duration::from_millis(20)));
-                next = next.min(oldest + give_up + Duration::from_millis(1));
+                next = next.min(oldest + c.give_up() + Duration::from_millis(1));
             }
             if let (Some(h), Some(d)) = (c.heard, c.silence_deadline(self.ping_interval(id)))
                 && self.active.contains(&id)

@@ -11,7 +11,6 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use renet::{Bytes, ChannelConfig, ConnectionConfig, RenetClient, SendType};
-use ring::rand::SystemRandom;
 use shoal_mesh::clock::WallClock;
 use shoal_mesh::endpoint::Path;
 use shoal_mesh::wire::VcId;
@@ -230,19 +229,17 @@ pub enum OpenError {
 impl VirtualConnection {
     /// A VC to `peer` (whose long-term key is `peer_key`) on `vc`, over `paths` in order of
     /// preference. It starts the key exchange at once.
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
         now: Instant,
         identity: Identity,
         clock: WallClock,
-        rng: &SystemRandom,
         peer_key: PublicKey,
         vc: VcId,
         profile: Profile,
         paths: &[Path],
     ) -> Result<VirtualConnection, OpenError> {
         let peer = peer_key.node_id();
-        let ephemeral = Ephemeral::generate(rng)?;
+        let ephemeral = Ephemeral::generate()?;
         let my_hello = Self::make_hello(&identity, &ephemeral, &clock, now, &profile, peer, vc);
         let v = VirtualConnection {
             identity,
@@ -344,15 +341,14 @@ impl VirtualConnection {
 
     fn seal_to(&mut self, paths: &[Path], trace: bool, inner: Inner<'_>) {
         let Some(keys) = self.keys.as_mut() else { return };
+        // Type and packet number, then the plaintext, sealed in place behind them.
         let mut buf = Vec::with_capacity(frame::SEALED_OVERHEAD + 1300);
         buf.push(frame::SEALED);
         buf.extend_from_slice(&[0; 8]);
-        let mut plain = Vec::with_capacity(1300);
-        inner.write(&mut plain);
+        inner.write(&mut buf);
         let (me, peer, vc) = (self.identity.node_id(), self.peer, self.vc);
-        let pn = keys.seal(|pn| frame::aad(pn, me, peer, vc), &mut plain);
+        let pn = keys.seal(|pn| frame::aad(pn, me, peer, vc), &mut buf, 9);
         buf[1..9].copy_from_slice(&pn.to_be_bytes());
-        buf.extend_from_slice(&plain);
         for (i, p) in paths.iter().enumerate() {
             let frame = if i + 1 == paths.len() { std::mem::take(&mut buf) } else { buf.clone() };
             self.push(VcTransmit { path: *p, trace, frame });
@@ -386,16 +382,16 @@ impl VirtualConnection {
     }
 
     /// Closes the VC and tells the peer.
-    pub fn close(&mut self, now: Instant) {
+    pub fn close(&mut self) {
         if self.is_closed() {
             return;
         }
         let paths: Vec<Path> = self.paths.sending().iter().filter_map(|&i| self.paths.path(i)).collect();
         self.seal_to(&paths, false, Inner::Close(0));
-        self.finish(now, CloseReason::Local);
+        self.finish(CloseReason::Local);
     }
 
-    fn finish(&mut self, _now: Instant, reason: CloseReason) {
+    fn finish(&mut self, reason: CloseReason) {
         self.state = State::Closed;
         self.backlog.clear();
         self.backlog_bytes = 0;
@@ -424,23 +420,20 @@ impl VirtualConnection {
                     return;
                 };
                 let aad = frame::aad(pn, self.peer, self.identity.node_id(), self.vc);
+                let len = bytes.len();
                 match keys.open(pn, aad, &mut bytes[9..]) {
                     Ok(plain) => {
-                        let len = plain.len() + 9 + crate::crypto::TAG_LEN;
-                        let plain = plain.to_vec();
                         self.counters.frames_received += 1;
                         self.counters.bytes_received += len as u64;
                         self.last_heard = now;
-                        if !self.confirmed {
-                            self.confirmed = true;
-                        }
+                        self.confirmed = true;
                         if let Some(id) = id {
                             self.paths.on_heard(now, id);
                             if let Some(h) = hops {
                                 self.paths.on_trace(id, h);
                             }
                         }
-                        self.on_inner(now, path, id, pn, &plain);
+                        self.on_inner(now, path, id, pn, plain);
                     }
                     Err(CryptoError::Replay(_)) => self.counters.duplicates += 1,
                     Err(_) => self.on_auth_failure(now, id),
@@ -491,7 +484,7 @@ impl VirtualConnection {
             }
             Some(_) => {
                 // The peer restarted the VC: new keys, new renet state.
-                match Ephemeral::generate(&SystemRandom::new()) {
+                match Ephemeral::generate() {
                     Ok(e) => self.ephemeral = e,
                     Err(_) => return,
                 }
@@ -550,7 +543,7 @@ impl VirtualConnection {
                 self.renet_at = now;
                 self.renet.process_packet(packet);
                 if let Some(reason) = self.renet.disconnect_reason() {
-                    self.finish(now, CloseReason::Protocol(format!("{reason}")));
+                    self.finish(CloseReason::Protocol(format!("{reason}")));
                 }
             }
             Ok(Inner::Ping(ping)) => self.seal_to(&[path], true, Inner::Pong(ping)),
@@ -559,7 +552,7 @@ impl VirtualConnection {
                     self.paths.on_pong(now, id, ping);
                 }
             }
-            Ok(Inner::Close(_)) => self.finish(now, CloseReason::Peer),
+            Ok(Inner::Close(_)) => self.finish(CloseReason::Peer),
             Err(_) => self.counters.malformed += 1,
         }
     }
@@ -585,11 +578,11 @@ impl VirtualConnection {
         if let State::Handshaking { since } = self.state
             && now.saturating_duration_since(since) >= HANDSHAKE_TIMEOUT
         {
-            self.finish(now, CloseReason::HandshakeTimeout);
+            self.finish(CloseReason::HandshakeTimeout);
             return;
         }
         if self.keys.is_some() && now.saturating_duration_since(self.last_heard) >= IDLE_TIMEOUT {
-            self.finish(now, CloseReason::TimedOut);
+            self.finish(CloseReason::TimedOut);
             return;
         }
         if !self.confirmed && now >= self.hello_next {
@@ -632,7 +625,7 @@ impl VirtualConnection {
         }
         let packets = self.renet.get_packets_to_send();
         if let Some(reason) = self.renet.disconnect_reason() {
-            self.finish(now, CloseReason::Protocol(format!("{reason}")));
+            self.finish(CloseReason::Protocol(format!("{reason}")));
             return;
         }
         for p in packets {

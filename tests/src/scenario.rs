@@ -8,7 +8,7 @@ use rand::RngExt;
 use shoal_mesh::endpoint::Path;
 use shoal_mesh::wire::{Route, VcId};
 use shoal_protocol::NodeId;
-use shoal_sdk::{Event, PeerInfo, Profile, VcEvent, VcKey};
+use shoal_sdk::{PeerInfo, Profile, VcKey};
 
 use crate::link::LinkConfig;
 use crate::sim::{HostId, Sim};
@@ -127,14 +127,6 @@ impl Duo {
         let path = self.sim.node(self.a).stats(now, key)?.path?.path;
         self.paths.iter().position(|p| p.from_a == path)
     }
-
-    /// Whether A and B have both reported `key` opened.
-    pub fn opened(&self, at_a: VcKey, at_b: VcKey) -> bool {
-        let seen = |h: HostId, k: VcKey| {
-            self.sim.events().iter().any(|(_, host, e)| *host == h && *e == Event::Vc(k, VcEvent::Opened))
-        };
-        seen(self.a, at_a) && seen(self.b, at_b)
-    }
 }
 
 /// The filler byte at `i` of message `seq`, so that the receiver can check every byte.
@@ -228,7 +220,6 @@ impl Stream {
 
     /// Sends nothing more; later steps only read what arrives.
     pub fn stop(&mut self) {
-        self.every = Duration::MAX;
         self.next_send = Some(self.t0 + Duration::from_secs(1 << 30));
     }
 
