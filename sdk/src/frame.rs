@@ -134,8 +134,15 @@ pub enum Inner<'a> {
     Renet(&'a [u8]),
     /// A path probe, answered with a pong on the path it came by.
     Ping(u32),
-    /// The answer to a ping.
-    Pong(u32),
+    /// The answer to a ping, with the data bytes (sealed renet frames other than acks) the
+    /// answering side has received over the path the ping came by: the sender's measure of
+    /// what the path delivers.
+    Pong {
+        /// The ping answered.
+        ping: u32,
+        /// Data bytes received over the path so far.
+        delivered: u64,
+    },
     /// The peer closed the VC.
     Close(u8),
 }
@@ -158,7 +165,11 @@ impl<'a> Inner<'a> {
         match kind {
             KIND_RENET => Ok(Inner::Renet(&p[1..])),
             KIND_PING => Ok(Inner::Ping(id()?)),
-            KIND_PONG => Ok(Inner::Pong(id()?)),
+            KIND_PONG => {
+                let d: [u8; 8] =
+                    p.get(5..13).and_then(|s| s.try_into().ok()).ok_or(FrameError::Truncated { kind, len: p.len() })?;
+                Ok(Inner::Pong { ping: id()?, delivered: u64::from_be_bytes(d) })
+            }
             KIND_CLOSE => Ok(Inner::Close(*p.get(1).ok_or(FrameError::Truncated { kind, len: p.len() })?)),
             other => Err(FrameError::UnknownKind(other)),
         }
@@ -175,9 +186,10 @@ impl<'a> Inner<'a> {
                 out.push(KIND_PING);
                 out.extend_from_slice(&id.to_be_bytes());
             }
-            Inner::Pong(id) => {
+            Inner::Pong { ping, delivered } => {
                 out.push(KIND_PONG);
-                out.extend_from_slice(&id.to_be_bytes());
+                out.extend_from_slice(&ping.to_be_bytes());
+                out.extend_from_slice(&delivered.to_be_bytes());
             }
             Inner::Close(r) => out.extend_from_slice(&[KIND_CLOSE, *r]),
         }
@@ -212,8 +224,9 @@ mod tests {
         }
 
         #[test]
-        fn inner_round_trips(id in any::<u32>(), payload in proptest::collection::vec(any::<u8>(), 0..64)) {
-            for inner in [Inner::Renet(&payload), Inner::Ping(id), Inner::Pong(id), Inner::Close(id as u8)] {
+        fn inner_round_trips(id in any::<u32>(), d in any::<u64>(), payload in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let pong = Inner::Pong { ping: id, delivered: d };
+            for inner in [Inner::Renet(&payload), Inner::Ping(id), pong, Inner::Close(id as u8)] {
                 let mut out = Vec::new();
                 inner.write(&mut out);
                 prop_assert_eq!(Inner::parse(&out).unwrap(), inner);
@@ -224,6 +237,7 @@ mod tests {
     #[test]
     fn truncated_inner_frames_are_errors() {
         assert_eq!(Inner::parse(&[KIND_PING, 1, 2]), Err(FrameError::Truncated { kind: KIND_PING, len: 3 }));
+        assert_eq!(Inner::parse(&[KIND_PONG, 0, 0, 0, 1, 0]), Err(FrameError::Truncated { kind: KIND_PONG, len: 6 }));
         assert_eq!(Inner::parse(&[KIND_CLOSE]), Err(FrameError::Truncated { kind: KIND_CLOSE, len: 1 }));
         assert_eq!(Inner::parse(&[9]), Err(FrameError::UnknownKind(9)));
         assert_eq!(Frame::parse(&[SEALED, 0, 0]).unwrap_err(), FrameError::Truncated { kind: SEALED, len: 3 });

@@ -12,6 +12,7 @@ pub mod crypto;
 pub mod driver;
 pub mod frame;
 pub mod node;
+pub mod pacing;
 pub mod path;
 pub mod profile;
 pub mod vc;

@@ -40,6 +40,8 @@ const HOLD: Duration = Duration::from_secs(1);
 const PING_GIVE_UP: Duration = Duration::from_secs(1);
 /// Pings remembered per path.
 const MAX_PINGS_IN_FLIGHT: usize = 32;
+/// How long a minimum RTT stands before a larger sample may replace it.
+const MIN_RTT_FOR: Duration = Duration::from_secs(10);
 
 /// A candidate's index within its VC.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -101,6 +103,14 @@ pub struct PathStats {
     pub pings: u64,
     /// Pongs received.
     pub pongs: u64,
+    /// Data bytes sent over it (sealed renet frames other than acks).
+    pub bytes_sent: u64,
+    /// Data bytes received over it.
+    pub bytes_received: u64,
+    /// Paced VCs: the rate this path is paced at, bytes per second.
+    pub pacing_rate: Option<f64>,
+    /// Paced VCs: the rate the peer reports this path delivers, bytes per second.
+    pub delivery_rate: Option<f64>,
 }
 
 /// A candidate path as the VC's stats show it.
@@ -153,6 +163,8 @@ struct Candidate {
     /// Last time an authenticated frame came over it.
     heard: Option<Instant>,
     rttvar: Duration,
+    /// Smallest RTT seen lately, and when: the path's latency without queueing.
+    min_rtt: Option<(Duration, Instant)>,
     pings: VecDeque<(u32, Instant)>,
     next_ping: Instant,
     /// Outcome bits of the last pings (1 = lost), newest in bit 0.
@@ -265,6 +277,7 @@ impl PathManager {
             stats: PathStats::default(),
             heard: None,
             rttvar: Duration::ZERO,
+            min_rtt: None,
             pings: VecDeque::new(),
             next_ping: now,
             outcomes: 0,
@@ -326,10 +339,10 @@ impl PathManager {
         }
     }
 
-    /// The pong for ping `ping` came over `id`.
-    pub fn on_pong(&mut self, now: Instant, id: PathId, ping: u32) {
-        let Some(c) = self.candidates.get_mut(usize::from(id.0)) else { return };
-        let Some(at) = c.pings.iter().position(|(p, _)| *p == ping) else { return };
+    /// The pong for ping `ping` came over `id`. Returns the RTT it measured.
+    pub fn on_pong(&mut self, now: Instant, id: PathId, ping: u32) -> Option<Duration> {
+        let c = self.candidates.get_mut(usize::from(id.0))?;
+        let at = c.pings.iter().position(|(p, _)| *p == ping)?;
         let (_, sent) = c.pings[at];
         // Pings before this one that are still waiting were overtaken: count them as lost.
         for _ in 0..at {
@@ -341,6 +354,10 @@ impl PathManager {
         c.stats.pongs += 1;
         c.heard = Some(now);
         let rtt = now.saturating_duration_since(sent);
+        match c.min_rtt {
+            Some((m, since)) if rtt >= m && now.saturating_duration_since(since) < MIN_RTT_FOR => {}
+            _ => c.min_rtt = Some((rtt, now)),
+        }
         match c.stats.srtt {
             None => {
                 c.stats.srtt = Some(rtt);
@@ -353,6 +370,31 @@ impl PathManager {
             }
         }
         c.stats.jitter = c.rttvar;
+        Some(rtt)
+    }
+
+    /// The smoothed RTT of `id`.
+    pub fn srtt(&self, id: PathId) -> Option<Duration> {
+        self.candidates.get(usize::from(id.0))?.stats.srtt
+    }
+
+    /// `n` bytes of data left over `id`.
+    pub fn on_data_sent(&mut self, id: PathId, n: usize) {
+        if let Some(c) = self.candidates.get_mut(usize::from(id.0)) {
+            c.stats.bytes_sent += n as u64;
+        }
+    }
+
+    /// `n` bytes of data came over `id`.
+    pub fn on_data_received(&mut self, id: PathId, n: usize) {
+        if let Some(c) = self.candidates.get_mut(usize::from(id.0)) {
+            c.stats.bytes_received += n as u64;
+        }
+    }
+
+    /// Data bytes received over `id` so far: what a pong over it reports.
+    pub fn delivered(&self, id: PathId) -> u64 {
+        self.candidates.get(usize::from(id.0)).map_or(0, |c| c.stats.bytes_received)
     }
 
     /// A traced frame came over `id` with these per-hop latencies.
@@ -388,6 +430,17 @@ impl PathManager {
         c.heard = None;
         let info = self.info_of(id, now);
         self.events.push_back(PathEvent::Abandoned { path: info, failures });
+    }
+
+    /// The peer has just shown it holds the keys. Pings sent before then could have reached
+    /// it before it could read them; they say nothing about the paths, so they are forgotten.
+    pub fn on_confirmed(&mut self) {
+        for c in &mut self.candidates {
+            c.pings.clear();
+            c.outcomes = 0;
+            c.samples = 0;
+            c.stats.loss = 0.0;
+        }
     }
 
     /// Sending on `id` failed locally (say, its first relay is not bound): treat it as silent.
@@ -477,7 +530,10 @@ impl PathManager {
         let srtt = c.stats.srtt.map_or(f64::MAX, |s| s.as_secs_f64());
         let jitter = c.rttvar.as_secs_f64();
         match self.profile.policy {
-            Policy::LowestLatency | Policy::Widest => srtt,
+            Policy::LowestLatency => srtt,
+            // A bulk transfer queues on the paths it fills; ranking them by their smoothed RTT
+            // would chase it from path to path. The minimum is the path without that queue.
+            Policy::Widest => c.min_rtt.map_or(srtt, |(m, _)| m.as_secs_f64()),
             Policy::LowestLoss => f64::from(c.loss()) * 10.0 + srtt,
             Policy::MostStable => jitter * 4.0 + srtt / 4.0,
         }
@@ -692,7 +748,7 @@ mod tests {
             now = next.max(now + Duration::from_micros(100));
             while inflight.first().is_some_and(|x| x.0 <= now) {
                 let (_, id, ping) = inflight.remove(0);
-                m.on_pong(now, id, ping);
+                let _ = m.on_pong(now, id, ping);
             }
         }
         INFLIGHT.set(inflight);

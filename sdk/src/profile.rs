@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+/// What renet may emit per call on a paced (widest-path) profile.
+const PACED_BYTES_PER_CALL: u64 = 12_000;
 /// Largest number of paths a Bulk VC stripes over.
 pub const MAX_STRIPE: u8 = 3;
 
@@ -173,7 +175,7 @@ impl ProfileConfig {
             max_buffered: 4 << 20,
             config: self.clone(),
         };
-        let p = match self {
+        let mut p = match self {
             ProfileConfig::Realtime { redundancy } => Profile {
                 redundancy: *redundancy,
                 tick: Duration::from_millis(5),
@@ -224,6 +226,11 @@ impl ProfileConfig {
                 }
             }
         };
+        if p.policy == Policy::Widest {
+            // Paced profiles call renet once per ten slices or so, so that what it emits
+            // spreads over the paths a few frames at a time.
+            p.bytes_per_flush = PACED_BYTES_PER_CALL;
+        }
         Ok(p)
     }
 }

@@ -18,8 +18,9 @@ use shoal_protocol::{Identity, NodeId, PublicKey, Signature};
 
 use crate::crypto::{CryptoError, Ephemeral, HelloBody, SessionKeys};
 use crate::frame::{self, Frame, Inner};
+use crate::pacing::Pacer;
 use crate::path::{PathEvent, PathId, PathInfo, PathManager, SwitchReason};
-use crate::profile::{Profile, ProfileConfig};
+use crate::profile::{Policy, Profile, ProfileConfig};
 
 /// The one renet channel of a VC; its delivery comes from the profile.
 const CHANNEL: u8 = 0;
@@ -34,6 +35,8 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(15);
 const HELLO_MAX_SKEW: Duration = Duration::from_secs(120);
 /// Renet's type byte for an ack-only packet, which needs no ack of its own soon.
 const RENET_ACK_PACKET: u8 = 4;
+/// Renet calls per pacing round, at most; each emits up to the profile's `bytes_per_flush`.
+const MAX_PULLS: usize = 64;
 
 /// Why a VC closed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -189,8 +192,16 @@ pub struct VirtualConnection {
     flush_now: bool,
     backlog: VecDeque<Bytes>,
     backlog_bytes: usize,
-    stripe_next: usize,
     paths: PathManager,
+    /// Paced profiles: one pacer per candidate, by path id.
+    pacers: Vec<Pacer>,
+    /// Paced profiles: renet may have packets to emit (until a call emits none).
+    pull_ok: bool,
+    /// Paced profiles: data arrived that renet has not acknowledged yet; acks wait for the
+    /// next tick instead of following every packet.
+    ack_due: bool,
+    /// Paced profiles: when the last ack-only packet left.
+    acked_at: Option<Instant>,
     /// Highest packet number of a renet packet processed: for latest-wins delivery.
     newest_renet: Option<u64>,
     last_heard: Instant,
@@ -263,7 +274,10 @@ impl VirtualConnection {
             flush_now: false,
             backlog: VecDeque::new(),
             backlog_bytes: 0,
-            stripe_next: 0,
+            pacers: Vec::new(),
+            pull_ok: false,
+            ack_due: false,
+            acked_at: None,
             newest_renet: None,
             last_heard: now,
             transmits: VecDeque::new(),
@@ -339,8 +353,9 @@ impl VirtualConnection {
         self.transmits.push_back(t);
     }
 
-    fn seal_to(&mut self, paths: &[Path], trace: bool, inner: Inner<'_>) {
-        let Some(keys) = self.keys.as_mut() else { return };
+    /// Seals `inner` into a frame under the next packet number.
+    fn seal(&mut self, inner: Inner<'_>) -> Option<Vec<u8>> {
+        let keys = self.keys.as_mut()?;
         // Type and packet number, then the plaintext, sealed in place behind them.
         let mut buf = Vec::with_capacity(frame::SEALED_OVERHEAD + 1300);
         buf.push(frame::SEALED);
@@ -349,6 +364,11 @@ impl VirtualConnection {
         let (me, peer, vc) = (self.identity.node_id(), self.peer, self.vc);
         let pn = keys.seal(|pn| frame::aad(pn, me, peer, vc), &mut buf, 9);
         buf[1..9].copy_from_slice(&pn.to_be_bytes());
+        Some(buf)
+    }
+
+    fn seal_to(&mut self, paths: &[Path], trace: bool, inner: Inner<'_>) {
+        let Some(mut buf) = self.seal(inner) else { return };
         for (i, p) in paths.iter().enumerate() {
             let frame = if i + 1 == paths.len() { std::mem::take(&mut buf) } else { buf.clone() };
             self.push(VcTransmit { path: *p, trace, frame });
@@ -368,6 +388,7 @@ impl VirtualConnection {
         self.backlog_bytes += message.len();
         self.backlog.push_back(message);
         self.flush_now = true;
+        self.pull_ok = true;
         Ok(())
     }
 
@@ -426,14 +447,17 @@ impl VirtualConnection {
                         self.counters.frames_received += 1;
                         self.counters.bytes_received += len as u64;
                         self.last_heard = now;
-                        self.confirmed = true;
+                        if !self.confirmed {
+                            self.confirmed = true;
+                            self.paths.on_confirmed();
+                        }
                         if let Some(id) = id {
                             self.paths.on_heard(now, id);
                             if let Some(h) = hops {
                                 self.paths.on_trace(id, h);
                             }
                         }
-                        self.on_inner(now, path, id, pn, plain);
+                        self.on_inner(now, path, id, pn, len, plain);
                     }
                     Err(CryptoError::Replay(_)) => self.counters.duplicates += 1,
                     Err(_) => self.on_auth_failure(now, id),
@@ -523,9 +547,15 @@ impl VirtualConnection {
         }
     }
 
-    fn on_inner(&mut self, now: Instant, path: Path, id: Option<PathId>, pn: u64, plain: &[u8]) {
+    fn on_inner(&mut self, now: Instant, path: Path, id: Option<PathId>, pn: u64, len: usize, plain: &[u8]) {
         match Inner::parse(plain) {
             Ok(Inner::Renet(packet)) => {
+                let is_ack = packet.first() == Some(&RENET_ACK_PACKET);
+                if let Some(id) = id
+                    && !is_ack
+                {
+                    self.paths.on_data_received(id, len);
+                }
                 // Latest wins: an unreliable packet overtaken by a newer one carries only
                 // superseded state (and acks that the newer packet repeats). With redundant
                 // copies, the slower path's copy of a packet the faster path lost is the
@@ -536,7 +566,12 @@ impl VirtualConnection {
                     return;
                 }
                 self.newest_renet = Some(self.newest_renet.map_or(pn, |n| n.max(pn)));
-                if packet.first() != Some(&RENET_ACK_PACKET) {
+                if is_ack {
+                    // Acks free renet's buffers and end resend timers: there may be more to send.
+                    self.pull_ok = true;
+                } else if self.paced() {
+                    self.ack_due = true;
+                } else {
                     self.flush_now = true;
                 }
                 self.renet.update(now.saturating_duration_since(self.renet_at));
@@ -546,10 +581,16 @@ impl VirtualConnection {
                     self.finish(CloseReason::Protocol(format!("{reason}")));
                 }
             }
-            Ok(Inner::Ping(ping)) => self.seal_to(&[path], true, Inner::Pong(ping)),
-            Ok(Inner::Pong(ping)) => {
-                if let Some(id) = id {
-                    self.paths.on_pong(now, id, ping);
+            Ok(Inner::Ping(ping)) => {
+                let delivered = id.map_or(0, |id| self.paths.delivered(id));
+                self.seal_to(&[path], true, Inner::Pong { ping, delivered });
+            }
+            Ok(Inner::Pong { ping, delivered }) => {
+                let Some(id) = id else { return };
+                let Some(rtt) = self.paths.on_pong(now, id, ping) else { return };
+                let srtt = self.paths.srtt(id).unwrap_or(rtt);
+                if let Some(p) = self.pacers.get_mut(usize::from(id.0)) {
+                    p.on_pong(now, ping, delivered, rtt, srtt);
                 }
             }
             Ok(Inner::Close(_)) => self.finish(CloseReason::Peer),
@@ -596,21 +637,42 @@ impl VirtualConnection {
         self.paths.handle_timeout(now);
         while let Some((id, ping)) = self.paths.poll_ping() {
             if let Some(p) = self.paths.path(id) {
+                if self.paced() {
+                    // Behind every frame released so far on this path, which the pong counts.
+                    self.pacer(now, id).on_ping(now, ping);
+                }
                 self.seal_to(&[p], true, Inner::Ping(ping));
             }
         }
         if self.flush_now || now >= self.next_tick {
             self.flush(now);
         }
+        if self.paced() && !self.is_closed() {
+            self.pace(now);
+        }
         self.drain_paths();
     }
 
-    /// Hands the backlog to renet as its buffers allow, and sends what renet emits.
-    fn flush(&mut self, now: Instant) {
-        self.flush_now = false;
-        self.next_tick = now + self.profile.tick;
+    /// Whether sending is paced per path: the profiles after bandwidth.
+    fn paced(&self) -> bool {
+        self.profile.policy == Policy::Widest
+    }
+
+    fn pacer(&mut self, now: Instant, id: PathId) -> &mut Pacer {
+        let i = usize::from(id.0);
+        while self.pacers.len() <= i {
+            self.pacers.push(Pacer::new(now));
+        }
+        &mut self.pacers[i]
+    }
+
+    fn renet_update(&mut self, now: Instant) {
         self.renet.update(now.saturating_duration_since(self.renet_at));
         self.renet_at = now;
+    }
+
+    /// Hands renet as much of the backlog as its buffers take.
+    fn feed_backlog(&mut self) {
         while let Some(m) = self.backlog.front() {
             if !self.renet.can_send_message(CHANNEL, m.len()) {
                 break;
@@ -619,7 +681,100 @@ impl VirtualConnection {
             self.backlog_bytes -= m.len();
             self.renet.send_message(CHANNEL, m);
         }
-        let sending: Vec<Path> = self.paths.sending().iter().filter_map(|&i| self.paths.path(i)).collect();
+    }
+
+    /// Paced profiles: keeps each sending path's queue about one tick deep from renet's
+    /// output, each frame on the path where it would arrive first, and releases what each
+    /// path's rate allows.
+    fn pace(&mut self, now: Instant) {
+        let sending = self.paths.sending().to_vec();
+        let Some(&primary) = sending.first() else { return };
+        for &id in &sending {
+            self.pacer(now, id);
+        }
+        // Frames queued on a path that stopped sending go to the ones that still do; sealed
+        // frames are not tied to a path.
+        let mut moved = VecDeque::new();
+        for (i, p) in self.pacers.iter_mut().enumerate() {
+            if p.queued() > 0 && !sending.contains(&PathId(i as u8)) {
+                moved.extend(p.take_queue());
+            }
+        }
+        for frame in moved {
+            let id = self.pick(&sending, frame.len());
+            self.pacers[usize::from(id.0)].enqueue(frame);
+        }
+        self.renet_update(now);
+        self.feed_backlog();
+        let mut pulls = 0;
+        while self.pull_ok && pulls < MAX_PULLS && self.wants_more(&sending) {
+            pulls += 1;
+            self.ack_due = false;
+            let packets = self.renet.get_packets_to_send();
+            if let Some(reason) = self.renet.disconnect_reason() {
+                self.finish(CloseReason::Protocol(format!("{reason}")));
+                return;
+            }
+            let mut data = false;
+            for p in packets {
+                if p.first() == Some(&RENET_ACK_PACKET) {
+                    // Renet emits an ack packet on every call while it holds acks the peer
+                    // has not confirmed; one per tick carries them all (a dropped one is as
+                    // good as lost, and the next repeats it). Acks are small and
+                    // time-critical: unpaced, on the primary.
+                    if self.acked_at.is_none_or(|t| now >= t + self.profile.tick)
+                        && let Some(path) = self.paths.path(primary)
+                    {
+                        self.acked_at = Some(now);
+                        self.seal_to(&[path], false, Inner::Renet(&p));
+                    }
+                    continue;
+                }
+                data = true;
+                if let Some(frame) = self.seal(Inner::Renet(&p)) {
+                    let id = self.pick(&sending, frame.len());
+                    self.pacers[usize::from(id.0)].enqueue(frame);
+                }
+            }
+            if !data {
+                self.pull_ok = false;
+            }
+        }
+        for &id in &sending {
+            let Some(path) = self.paths.path(id) else { continue };
+            while let Some(frame) = self.pacers[usize::from(id.0)].poll_release(now) {
+                self.paths.on_data_sent(id, frame.len());
+                self.push(VcTransmit { path, trace: false, frame });
+            }
+        }
+    }
+
+    /// Whether some sending path's queue is shorter than one tick.
+    fn wants_more(&self, sending: &[PathId]) -> bool {
+        sending.iter().any(|id| self.pacers.get(usize::from(id.0)).is_none_or(|p| p.drain_time(0) < self.profile.tick))
+    }
+
+    /// The sending path where a frame of `len` bytes queued now would arrive first.
+    fn pick(&self, sending: &[PathId], len: usize) -> PathId {
+        let arrival = |id: &PathId| {
+            let queue = self.pacers.get(usize::from(id.0)).map_or(Duration::ZERO, |p| p.drain_time(len));
+            queue + self.paths.srtt(*id).unwrap_or_default() / 2
+        };
+        sending.iter().copied().min_by_key(arrival).unwrap_or(PathId(0))
+    }
+
+    /// Hands the backlog to renet as its buffers allow, and sends what renet emits (paced
+    /// profiles leave the sending to [`VirtualConnection::pace`]).
+    fn flush(&mut self, now: Instant) {
+        self.flush_now = false;
+        self.next_tick = now + self.profile.tick;
+        self.renet_update(now);
+        self.feed_backlog();
+        if self.paced() {
+            self.pull_ok = true;
+            return;
+        }
+        let sending = self.paths.sending().to_vec();
         if sending.is_empty() {
             return;
         }
@@ -628,16 +783,17 @@ impl VirtualConnection {
             self.finish(CloseReason::Protocol(format!("{reason}")));
             return;
         }
+        // The primary, plus the redundant copy when the profile asks for one.
+        let n = if self.profile.redundancy { sending.len().min(2) } else { 1 };
+        let paths: Vec<Path> = sending[..n].iter().filter_map(|&i| self.paths.path(i)).collect();
         for p in packets {
-            let inner = Inner::Renet(&p);
-            if self.profile.redundancy || self.profile.stripe <= 1 {
-                // The primary, plus the redundant copy when the profile asks for one.
-                let n = if self.profile.redundancy { sending.len().min(2) } else { 1 };
-                self.seal_to(&sending[..n], false, inner);
-            } else {
-                let at = self.stripe_next % sending.len();
-                self.stripe_next = self.stripe_next.wrapping_add(1);
-                self.seal_to(&sending[at..=at], false, inner);
+            let data = p.first() != Some(&RENET_ACK_PACKET);
+            let Some(frame) = self.seal(Inner::Renet(&p)) else { return };
+            for (&id, &path) in sending.iter().zip(&paths) {
+                if data {
+                    self.paths.on_data_sent(id, frame.len());
+                }
+                self.push(VcTransmit { path, trace: false, frame: frame.clone() });
             }
         }
     }
@@ -662,6 +818,17 @@ impl VirtualConnection {
             } else if self.needs_tick() {
                 t = t.min(self.next_tick);
             }
+            if self.paced() {
+                let sending = self.paths.sending();
+                if self.pull_ok && !sending.is_empty() && self.wants_more(sending) {
+                    t = now;
+                }
+                for id in sending {
+                    if let Some(r) = self.pacers.get(usize::from(id.0)).and_then(|p| p.next_release(now)) {
+                        t = t.min(r);
+                    }
+                }
+            }
         }
         Some(t)
     }
@@ -670,6 +837,7 @@ impl VirtualConnection {
     /// messages. An idle VC does not tick; its pings keep the paths measured.
     fn needs_tick(&self) -> bool {
         !self.backlog.is_empty()
+            || self.ack_due
             || (self.profile.is_reliable() && self.renet.channel_available_memory(CHANNEL) < self.profile.max_buffered)
     }
 
@@ -687,7 +855,14 @@ impl VirtualConnection {
 
     /// What the VC measures now.
     pub fn stats(&self, now: Instant) -> VcStats {
-        let paths = self.paths.info(now);
+        let mut paths = self.paths.info(now);
+        for p in &mut paths {
+            if let Some(pacer) = self.pacers.get(usize::from(p.id.0)) {
+                let s = pacer.stats();
+                p.stats.pacing_rate = Some(s.rate);
+                p.stats.delivery_rate = Some(s.delivery_rate);
+            }
+        }
         let primary = self.paths.sending().first().and_then(|id| paths.iter().find(|p| p.id == *id)).cloned();
         let info = self.renet.network_info();
         VcStats {

@@ -298,3 +298,112 @@ pub fn relay_crash_failover(seed: u64, profile: Profile) -> Failover {
         all_in_order: stream.lost_before(end) == 0 && stream.in_order(),
     }
 }
+
+/// The bulk topology: three one-relay paths, each narrowed on the player A side.
+/// (A–relay latency, relay–B latency, bandwidth of the A–relay link in bytes/s.)
+pub const BULK_PATHS: [(Duration, Duration, u64); 3] = [
+    (Duration::from_millis(10), Duration::from_millis(10), 4_000_000),
+    (Duration::from_millis(15), Duration::from_millis(10), 2_500_000),
+    (Duration::from_millis(20), Duration::from_millis(15), 1_500_000),
+];
+
+/// Size of each message of a bulk transfer.
+pub const BULK_MESSAGE: usize = 64 * 1024;
+
+/// What one bulk transfer measured.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BulkRun {
+    /// From the first message handed to the VC to the last one delivered (None if the
+    /// transfer did not finish within its time limit).
+    pub took: Option<Duration>,
+    /// SHA-256 of what A sent, messages in order.
+    pub sent_hash: Vec<u8>,
+    /// SHA-256 of what B received, messages in order (None if some never arrived).
+    pub received_hash: Option<Vec<u8>>,
+    /// Messages delivered more than once.
+    pub duplicates: u64,
+    /// Data bytes A sent over each path (retransmissions included).
+    pub bytes_per_path: Vec<u64>,
+    /// Bytes the links dropped (queue overflow).
+    pub dropped_datagrams: u64,
+}
+
+/// Transfers `total` bytes from A to B over a Bulk VC that stripes over up to `stripe` paths
+/// of the [`BULK_PATHS`] topology (1 ms of jitter per link), with at most `limit` of virtual
+/// time.
+pub fn bulk_transfer(seed: u64, stripe: u8, total: usize, limit: Duration) -> BulkRun {
+    let mut sim = Sim::new(seed);
+    let spec = DuoSpec { one_relay: BULK_PATHS.iter().map(|&(la, lb, _)| (la, lb)).collect(), two_relay: None };
+    let jitter = Duration::from_millis(1);
+    sim.set_default_link(LinkConfig::latency(Duration::from_millis(10)).with_jitter(jitter));
+    let mut duo = Duo::new(sim, &spec);
+    let (a, b) = (duo.a, duo.b);
+    for (p, &(la, lb, bw)) in duo.paths.clone().iter().zip(&BULK_PATHS) {
+        let r = p.relays[0];
+        duo.sim.link(a, r, LinkConfig::latency(la).with_jitter(jitter).with_bandwidth(bw));
+        duo.sim.link(r, b, LinkConfig::latency(lb).with_jitter(jitter));
+    }
+    let profile =
+        shoal_sdk::ProfileConfig::Bulk { max_paths: Some(stripe) }.validate().unwrap_or_else(|_| Profile::bulk());
+    let (ka, kb) = duo.open(1, profile);
+    // Let the key exchange and the first path measurements finish.
+    duo.sim.run_for(Duration::from_millis(500));
+    let count = total.div_ceil(BULK_MESSAGE);
+    let mut sent = ring::digest::Context::new(&ring::digest::SHA256);
+    let t0 = duo.sim.now();
+    for i in 0..count {
+        let mut m = vec![0u8; BULK_MESSAGE];
+        m[..8].copy_from_slice(&(i as u64).to_be_bytes());
+        for (j, byte) in m.iter_mut().enumerate().skip(8) {
+            *byte = pattern(i as u64, j);
+        }
+        sent.update(&m);
+        if duo.sim.node(a).send(ka, m).is_err() {
+            break;
+        }
+    }
+    duo.sim.flush(a);
+    let mut got: Vec<Option<Vec<u8>>> = vec![None; count];
+    let (mut received, mut duplicates, mut last) = (0, 0, None);
+    duo.sim.run_with(limit, Duration::from_millis(5), |s| {
+        while let Some(m) = s.node(b).recv(kb) {
+            let slot = m
+                .get(..8)
+                .and_then(|h| h.try_into().ok())
+                .map(u64::from_be_bytes)
+                .and_then(|i| got.get_mut(i as usize));
+            match slot {
+                Some(slot @ None) => {
+                    *slot = Some(m.to_vec());
+                    received += 1;
+                    last = Some(s.now());
+                }
+                _ => duplicates += 1,
+            }
+        }
+    });
+    let received_hash = (received == count).then(|| {
+        let mut h = ring::digest::Context::new(&ring::digest::SHA256);
+        for m in got.iter().flatten() {
+            h.update(m);
+        }
+        h.finish().as_ref().to_vec()
+    });
+    let now = duo.sim.now();
+    let stats = duo.sim.node(a).stats(now, ka);
+    let bytes_per_path = duo
+        .paths
+        .iter()
+        .map(|p| {
+            stats.as_ref().and_then(|s| s.paths.iter().find(|i| i.path == p.from_a)).map_or(0, |i| i.stats.bytes_sent)
+        })
+        .collect();
+    BulkRun {
+        took: last.filter(|_| received == count).map(|l| l.saturating_duration_since(t0)),
+        sent_hash: sent.finish().as_ref().to_vec(),
+        received_hash,
+        duplicates,
+        bytes_per_path,
+        dropped_datagrams: duo.sim.net_stats().lost,
+    }
+}
