@@ -73,6 +73,9 @@ pub struct PacerStats {
     pub slow_start: bool,
     /// Congestion signals acted on.
     pub cuts: u64,
+    /// The delivery rate measured when the path last showed congestion: its bandwidth as
+    /// far as it is known, bytes per second.
+    pub capacity: Option<f64>,
     /// Bytes waiting in the queue.
     pub queued: usize,
 }
@@ -97,6 +100,7 @@ pub struct Pacer {
     delivery_rate: f64,
     loss: f64,
     cuts: u64,
+    capacity: Option<f64>,
 }
 
 impl Pacer {
@@ -118,12 +122,19 @@ impl Pacer {
             delivery_rate: 0.0,
             loss: 0.0,
             cuts: 0,
+            capacity: None,
         }
     }
 
     /// The pacing rate, bytes per second.
     pub fn rate(&self) -> f64 {
         self.rate
+    }
+
+    /// The path's bandwidth as far as it is known: what it delivered when it last showed
+    /// congestion, bytes per second.
+    pub fn capacity(&self) -> Option<f64> {
+        self.capacity
     }
 
     /// Bytes queued.
@@ -144,6 +155,7 @@ impl Pacer {
             loss: self.loss,
             slow_start: self.slow_start,
             cuts: self.cuts,
+            capacity: self.capacity,
             queued: self.queued,
         }
     }
@@ -240,6 +252,7 @@ impl Pacer {
         let queueing = rtt.saturating_sub(min_rtt);
         let congested = self.loss > LOSS_CUT || queueing > DELAY_CUT.max(min_rtt / 2);
         if congested {
+            self.capacity = Some(self.delivery_rate);
             self.rate = (self.delivery_rate * CUT_TO).clamp(MIN_RATE, MAX_RATE);
             self.slow_start = false;
             self.cut_at = Some(now);

@@ -80,6 +80,9 @@ pub enum SwitchReason {
     Lossy(f32),
     /// The old path's RTT passed the profile's bound.
     TooSlow(Duration),
+    /// The old path delivered no more than this (bytes/s) when it was full, less than the
+    /// profile's minimum bandwidth.
+    Narrow(u64),
     /// The old path kept delivering frames that failed authentication.
     Tampering,
     /// The new path has been better for the hold time.
@@ -111,6 +114,9 @@ pub struct PathStats {
     pub pacing_rate: Option<f64>,
     /// Paced VCs: the rate the peer reports this path delivers, bytes per second.
     pub delivery_rate: Option<f64>,
+    /// Paced VCs: what the path delivered when it last showed congestion (its bandwidth as
+    /// far as it is known), bytes per second.
+    pub capacity: Option<f64>,
 }
 
 /// A candidate path as the VC's stats show it.
@@ -136,23 +142,23 @@ pub enum PathEvent {
     /// The primary path changed.
     Changed {
         /// The previous path.
-        old: Option<PathInfo>,
+        old: Option<Box<PathInfo>>,
         /// The new one.
-        new: PathInfo,
+        new: Box<PathInfo>,
         /// Why.
         reason: SwitchReason,
     },
     /// A path kept producing frames that failed authentication and is out of use.
     Abandoned {
         /// The path.
-        path: PathInfo,
+        path: Box<PathInfo>,
         /// Failures within the window.
         failures: u32,
     },
     /// No path meets the profile's criteria; the best of the rest is in use.
     Degraded {
         /// The path in use.
-        path: PathInfo,
+        path: Box<PathInfo>,
     },
 }
 
@@ -392,6 +398,13 @@ impl PathManager {
         }
     }
 
+    /// The VC measured `id`'s bandwidth (what it delivered when full), bytes per second.
+    pub fn on_capacity(&mut self, id: PathId, bytes_per_sec: f64) {
+        if let Some(c) = self.candidates.get_mut(usize::from(id.0)) {
+            c.stats.capacity = Some(bytes_per_sec);
+        }
+    }
+
     /// Data bytes received over `id` so far: what a pong over it reports.
     pub fn delivered(&self, id: PathId) -> u64 {
         self.candidates.get(usize::from(id.0)).map_or(0, |c| c.stats.bytes_received)
@@ -429,7 +442,7 @@ impl PathManager {
         c.tamper.clear();
         c.heard = None;
         let info = self.info_of(id, now);
-        self.events.push_back(PathEvent::Abandoned { path: info, failures });
+        self.events.push_back(PathEvent::Abandoned { path: Box::new(info), failures });
     }
 
     /// The peer has just shown it holds the keys. Pings sent before then could have reached
@@ -517,6 +530,11 @@ impl PathManager {
         let loss = c.loss();
         if loss > self.profile.max_loss {
             return Some(SwitchReason::Lossy(loss));
+        }
+        if let (Some(cap), Some(min)) = (c.stats.capacity, self.profile.min_bandwidth)
+            && cap < min as f64
+        {
+            return Some(SwitchReason::Narrow(cap as u64));
         }
         match (c.stats.srtt, self.profile.max_latency) {
             (Some(s), Some(max)) if s > max => Some(SwitchReason::TooSlow(s)),
@@ -648,20 +666,20 @@ impl PathManager {
             }
         }
         if let Some(reason) = reason {
-            let old = current.map(|c| self.info_of(c, now));
+            let old = current.map(|c| Box::new(self.info_of(c, now)));
             self.last_switch = Some(now);
             for c in &mut self.candidates {
                 c.better_since = None;
             }
             self.active = active;
-            let new = self.info_of(primary, now);
+            let new = Box::new(self.info_of(primary, now));
             self.events.push_back(PathEvent::Changed { old, new, reason });
         } else {
             self.active = active;
         }
         let degraded = self.usable(now, primary) && self.breaks_criteria(primary).is_some();
         if degraded && !self.degraded {
-            self.events.push_back(PathEvent::Degraded { path: self.info_of(primary, now) });
+            self.events.push_back(PathEvent::Degraded { path: Box::new(self.info_of(primary, now)) });
         }
         self.degraded = degraded;
     }

@@ -137,7 +137,8 @@ pub struct Profile {
     pub policy: Policy,
     /// Paths slower than this are left while another meets it.
     pub max_latency: Option<Duration>,
-    /// Paths known to be narrower than this (bytes/s) are left while another meets it.
+    /// Paths known to be narrower than this (bytes/s) are left while another meets it. A path's
+    /// width is known once the VC has filled it: what it delivered when its queue built up.
     pub min_bandwidth: Option<u64>,
     /// Paths losing more than this fraction are left while another meets it.
     pub max_loss: f32,

@@ -591,6 +591,9 @@ impl VirtualConnection {
                 let srtt = self.paths.srtt(id).unwrap_or(rtt);
                 if let Some(p) = self.pacers.get_mut(usize::from(id.0)) {
                     p.on_pong(now, ping, delivered, rtt, srtt);
+                    if let Some(cap) = p.capacity() {
+                        self.paths.on_capacity(id, cap);
+                    }
                 }
             }
             Ok(Inner::Close(_)) => self.finish(CloseReason::Peer),
@@ -601,11 +604,9 @@ impl VirtualConnection {
     fn drain_paths(&mut self) {
         while let Some(e) = self.paths.poll_event() {
             self.events.push_back(match e {
-                PathEvent::Changed { old, new, reason } => {
-                    VcEvent::PathChanged { old: old.map(Box::new), new: Box::new(new), reason }
-                }
-                PathEvent::Abandoned { path, failures } => VcEvent::PathAbandoned { path: Box::new(path), failures },
-                PathEvent::Degraded { path } => VcEvent::Degraded { path: Box::new(path) },
+                PathEvent::Changed { old, new, reason } => VcEvent::PathChanged { old, new, reason },
+                PathEvent::Abandoned { path, failures } => VcEvent::PathAbandoned { path, failures },
+                PathEvent::Degraded { path } => VcEvent::Degraded { path },
             });
         }
     }
@@ -731,7 +732,12 @@ impl VirtualConnection {
                     continue;
                 }
                 data = true;
-                if let Some(frame) = self.seal(Inner::Renet(&p)) {
+                let Some(frame) = self.seal(Inner::Renet(&p)) else { continue };
+                if self.profile.redundancy && sending.len() >= 2 {
+                    // The same sealed frame on the primary and its disjoint second path.
+                    self.pacers[usize::from(sending[1].0)].enqueue(frame.clone());
+                    self.pacers[usize::from(primary.0)].enqueue(frame);
+                } else {
                     let id = self.pick(&sending, frame.len());
                     self.pacers[usize::from(id.0)].enqueue(frame);
                 }

@@ -273,3 +273,82 @@ fn bulk_striped_over_three_paths_arrives_intact_and_beats_the_best_single_path()
     // Every path carried a share.
     assert!(striped.bytes_per_path.iter().all(|&b| b > total as u64 / 10), "{:?}", striped.bytes_per_path);
 }
+
+/// A custom profile asking for 2 MB/s leaves the lower-latency path once filling it shows it
+/// carries only 1 MB/s, for the wider one, and the transfer completes there.
+#[test]
+fn a_path_measured_narrower_than_the_profile_minimum_is_left() {
+    use shoal_sdk::profile::CustomCriteria;
+    use shoal_sdk::{Delivery, ProfileConfig};
+    let seed = 11;
+    let spec = DuoSpec { one_relay: vec![(10 * MS, 10 * MS), (20 * MS, 20 * MS)], two_relay: None };
+    let mut duo = Duo::new(Sim::new(seed), &spec);
+    let narrow = duo.paths[0].relays[0];
+    duo.sim.link(duo.a, narrow, LinkConfig::latency(10 * MS).with_bandwidth(1_000_000));
+    let profile = ProfileConfig::Custom(CustomCriteria {
+        delivery: Delivery::ReliableUnordered,
+        max_latency_ms: None,
+        min_bandwidth_kbps: Some(16_000),
+        max_loss: None,
+        redundancy: false,
+    })
+    .validate()
+    .unwrap();
+    let (ka, kb) = duo.open(1, profile);
+    duo.sim.run_for(Duration::from_millis(500));
+    assert_eq!(duo.active_path(ka), Some(0), "seed {seed}: the lower-latency path first");
+    let (a, b) = (duo.a, duo.b);
+    let count = 64u32;
+    for i in 0..count {
+        let mut m = vec![i as u8; 64 * 1024];
+        m[..4].copy_from_slice(&i.to_be_bytes());
+        duo.sim.node(a).send(ka, m).unwrap();
+    }
+    duo.sim.flush(a);
+    let mut got = vec![false; count as usize];
+    duo.sim.run_with(Duration::from_secs(20), 10 * MS, |s| {
+        while let Some(m) = s.node(b).recv(kb) {
+            let i = u32::from_be_bytes(m[..4].try_into().unwrap()) as usize;
+            assert!(m[4..].iter().all(|&x| x == i as u8), "seed {seed}: message {i} corrupt");
+            got[i] = true;
+        }
+    });
+    assert!(got.iter().all(|&g| g), "seed {seed}: transfer incomplete");
+    let narrowed = duo.sim.events().iter().find_map(|(_, h, e)| match e {
+        Event::Vc(k, VcEvent::PathChanged { reason: SwitchReason::Narrow(bw), .. }) if *h == a && *k == ka => Some(*bw),
+        _ => None,
+    });
+    let bw = narrowed.unwrap_or_else(|| panic!("seed {seed}: no switch for a narrow path: {:?}", duo.sim.events()));
+    assert!((500_000..2_000_000).contains(&bw), "seed {seed}: measured {bw} B/s on a 1 MB/s path");
+    assert_eq!(duo.active_path(ka), Some(1), "seed {seed}");
+}
+
+/// A paced profile with redundancy still sends every packet on two disjoint paths.
+#[test]
+fn a_paced_redundant_profile_sends_each_packet_on_two_paths() {
+    use shoal_sdk::profile::CustomCriteria;
+    use shoal_sdk::{Delivery, ProfileConfig};
+    let seed = 5;
+    let mut duo = three_paths(seed);
+    let profile = ProfileConfig::Custom(CustomCriteria {
+        delivery: Delivery::Unreliable,
+        max_latency_ms: None,
+        min_bandwidth_kbps: Some(1_000),
+        max_loss: None,
+        redundancy: true,
+    })
+    .validate()
+    .unwrap();
+    let (ka, kb) = duo.open(1, profile);
+    let (a, b) = (duo.a, duo.b);
+    let mut stream = Stream::new(ka, kb, 10 * MS, 64, duo.sim.now());
+    duo.sim.run_with(Duration::from_secs(3), MS, |s| stream.step(s, a, b));
+    let now = duo.sim.now();
+    let sa = duo.sim.node(a).stats(now, ka).unwrap();
+    let carrying = sa.paths.iter().filter(|p| p.stats.bytes_sent > 50 * 64).count();
+    assert_eq!(carrying, 2, "seed {seed}: {:?}", sa.paths);
+    let sb = duo.sim.node(b).stats(now, kb).unwrap();
+    assert!(sb.counters.duplicates > 200, "seed {seed}: copies not deduplicated: {:?}", sb.counters);
+    assert_eq!(stream.corrupt, 0);
+    assert!(stream.lost_before(now - Duration::from_millis(500)) == 0, "seed {seed}");
+}

@@ -12,6 +12,13 @@
 //! and then over the best single path. Reports the time to deliver it all, the goodput as a
 //! share of the paths' capacity, the bytes sent per path and the retransmission overhead, and
 //! checks every transfer's SHA-256. Ends with one JSON line.
+//!
+//! `loopback` (real sockets and real time, not the simulator): one Reliable VC between two
+//! nodes on loopback over the direct path, its sender keeping the VC's buffer full, beside
+//! renet's own connection over plain UDP with the same channel settings in the same harness.
+//! For 100-byte and 1000-byte messages it reports messages/s, MB/s, CPU per message and bytes
+//! of overhead per message of each, and the ratio. Runs alternate, and each figure is the
+//! median of the rounds. Ends with one JSON line.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -19,6 +26,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use shoal_sdk::Profile;
 use shoal_tests::scenario::{BULK_PATHS, BulkRun, Failover, bulk_transfer, relay_crash_failover};
+use shoal_tests::throughput::{self, Contender, Offer};
 
 #[derive(Parser, Debug)]
 #[command(name = "shoal-sim-bench", about = "Figures from Shoal's deterministic network simulator")]
@@ -43,6 +51,15 @@ enum Cmd {
         /// Megabytes to transfer.
         #[arg(long, default_value_t = 20)]
         mb: usize,
+    },
+    /// VC throughput on loopback against renet over plain UDP.
+    Loopback {
+        /// Rounds of each contender and size.
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        /// Seconds measured per run (after one second of warm-up).
+        #[arg(long, default_value_t = 3.0)]
+        secs: f64,
     },
 }
 
@@ -87,6 +104,7 @@ fn main() -> ExitCode {
     match args.cmd {
         Cmd::Failover { seeds } => failover(seeds),
         Cmd::Bulk { seeds, mb } => bulk(seeds, mb),
+        Cmd::Loopback { rounds, secs } => loopback(rounds, secs),
     }
 }
 
@@ -204,4 +222,88 @@ fn bulk(seeds: u64, mb: usize) -> ExitCode {
         pct(&overhead, 0.5),
     );
     if intact == runs { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+}
+
+fn loopback(rounds: usize, secs: f64) -> ExitCode {
+    let profile = Profile::reliable();
+    let (warmup, window) = (Duration::from_secs(1), Duration::from_secs_f64(secs));
+    let mut json = Vec::new();
+    println!(
+        "{:<6} {:<10} {:<12} {:>12} {:>9} {:>12} {:>14} {:>12} {:>13}",
+        "size",
+        "load",
+        "contender",
+        "messages/s",
+        "MB/s",
+        "CPU/message",
+        "overhead B/msg",
+        "return B/msg",
+        "dgrams/100msg"
+    );
+    // The saturating load measures throughput; a fixed load both sustain measures what a
+    // message costs.
+    for (size, rate) in [(100usize, 200_000.0), (1000, 50_000.0)] {
+        for (load, offer) in [("max", Offer::Saturate), ("fixed", Offer::Rate(rate))] {
+            let mut runs: [Vec<throughput::Run>; 2] = [Vec::new(), Vec::new()];
+            for _ in 0..rounds {
+                for (i, who) in [Contender::PlainRenet, Contender::Shoal].into_iter().enumerate() {
+                    match throughput::run(who, &profile, size, offer, warmup, window) {
+                        Ok(r) => runs[i].push(r),
+                        Err(e) => {
+                            eprintln!("loopback run failed: {e}");
+                            return ExitCode::FAILURE;
+                        }
+                    }
+                }
+            }
+            let med = |v: &[throughput::Run], f: fn(&throughput::Run) -> f64| {
+                let x: Vec<f64> = v.iter().map(f).collect();
+                pct(&x, 0.5)
+            };
+            let mut figures = Vec::new();
+            for (i, name) in ["renet/UDP", "shoal VC"].into_iter().enumerate() {
+                let r = &runs[i];
+                let f = (
+                    med(r, |r| r.messages_per_s),
+                    med(r, |r| r.payload_bytes_per_s / 1e6),
+                    med(r, |r| r.cpu_per_message.as_secs_f64() * 1e6),
+                    med(r, |r| r.overhead_per_message),
+                    med(r, |r| r.return_bytes_per_message),
+                    med(r, |r| r.datagrams_per_100),
+                    med(r, |r| r.return_datagrams_per_100),
+                );
+                println!(
+                    "{size:<6} {load:<10} {name:<12} {:>12.0} {:>9.2} {:>10.2}us {:>14.1} {:>12.1} {:>6.1} / {:<5.1}",
+                    f.0, f.1, f.2, f.3, f.4, f.5, f.6
+                );
+                figures.push(f);
+            }
+            // The ratio within each round's pair, so that drift between rounds cancels.
+            let ratio = |f: fn(&throughput::Run) -> f64| {
+                let v: Vec<f64> = runs[1].iter().zip(&runs[0]).map(|(s, r)| f(s) / f(r).max(1e-12)).collect();
+                (pct(&v, 0.5), pct(&v, 0.0), pct(&v, 1.0))
+            };
+            let (r, s) = (figures[0], figures[1]);
+            if offer == Offer::Saturate {
+                let (tput, lo, hi) = ratio(|r| r.messages_per_s);
+                println!("{size:<6} {load:<10} shoal/renet  throughput {tput:.2}x (rounds {lo:.2}-{hi:.2})");
+                json.push(format!(
+                    "\"renet_msgs_per_s_{size}\":{:.0},\"shoal_msgs_per_s_{size}\":{:.0},\"renet_mb_per_s_{size}\":{:.2},\
+                     \"shoal_mb_per_s_{size}\":{:.2},\"throughput_ratio_{size}\":{tput:.3},\"throughput_ratio_min_{size}\":{lo:.3},\
+                     \"renet_overhead_bytes_{size}\":{:.1},\"shoal_overhead_bytes_{size}\":{:.1}",
+                    r.0, s.0, r.1, s.1, r.3, s.3
+                ));
+            } else {
+                let (cpu, lo, hi) = ratio(|r| r.cpu_per_message.as_secs_f64());
+                println!("{size:<6} {load:<10} shoal/renet  CPU per message {cpu:.2}x (rounds {lo:.2}-{hi:.2})");
+                json.push(format!(
+                    "\"fixed_rate_{size}\":{rate},\"renet_cpu_us_per_msg_{size}\":{:.3},\
+                     \"shoal_cpu_us_per_msg_{size}\":{:.3},\"cpu_ratio_{size}\":{cpu:.3}",
+                    r.2, s.2
+                ));
+            }
+        }
+    }
+    println!("{{\"rounds\":{rounds},\"secs\":{secs},{}}}", json.join(","));
+    ExitCode::SUCCESS
 }
