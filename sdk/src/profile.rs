@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use renet::{ChannelConfig, ConnectionConfig, SendType};
 use serde::{Deserialize, Serialize};
 
 /// What renet may emit per call on a paced (widest-path) profile.
@@ -233,6 +234,29 @@ impl ProfileConfig {
             p.bytes_per_flush = PACED_BYTES_PER_CALL;
         }
         Ok(p)
+    }
+}
+
+/// The renet channel a VC carries its messages on.
+pub const RENET_CHANNEL: u8 = 0;
+
+impl Profile {
+    /// The renet connection settings a VC with this profile runs: one channel
+    /// ([`RENET_CHANNEL`]) with the profile's delivery, resend time and memory, and its bytes
+    /// per flush.
+    pub fn renet_config(&self) -> ConnectionConfig {
+        let send_type = match self.delivery {
+            Delivery::Unreliable => SendType::Unreliable,
+            Delivery::ReliableOrdered => SendType::ReliableOrdered { resend_time: self.resend },
+            Delivery::ReliableUnordered => SendType::ReliableUnordered { resend_time: self.resend },
+        };
+        let channels =
+            vec![ChannelConfig { channel_id: RENET_CHANNEL, max_memory_usage_bytes: self.max_buffered, send_type }];
+        ConnectionConfig {
+            available_bytes_per_tick: self.bytes_per_flush,
+            server_channels_config: channels.clone(),
+            client_channels_config: channels,
+        }
     }
 }
 

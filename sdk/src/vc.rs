@@ -10,7 +10,7 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use renet::{Bytes, ChannelConfig, ConnectionConfig, RenetClient, SendType};
+use renet::{Bytes, RenetClient};
 use shoal_mesh::clock::WallClock;
 use shoal_mesh::endpoint::Path;
 use shoal_mesh::wire::VcId;
@@ -23,7 +23,7 @@ use crate::path::{PathEvent, PathId, PathInfo, PathManager, SwitchReason};
 use crate::profile::{Policy, Profile, ProfileConfig};
 
 /// The one renet channel of a VC; its delivery comes from the profile.
-const CHANNEL: u8 = 0;
+const CHANNEL: u8 = crate::profile::RENET_CHANNEL;
 /// First hello retransmission; it doubles up to [`HELLO_RETRY_MAX`].
 const HELLO_RETRY: Duration = Duration::from_millis(200);
 const HELLO_RETRY_MAX: Duration = Duration::from_secs(2);
@@ -211,17 +211,7 @@ pub struct VirtualConnection {
 }
 
 fn renet_for(profile: &Profile) -> RenetClient {
-    let send_type = match profile.delivery {
-        crate::profile::Delivery::Unreliable => SendType::Unreliable,
-        crate::profile::Delivery::ReliableOrdered => SendType::ReliableOrdered { resend_time: profile.resend },
-        crate::profile::Delivery::ReliableUnordered => SendType::ReliableUnordered { resend_time: profile.resend },
-    };
-    let channels = vec![ChannelConfig { channel_id: CHANNEL, max_memory_usage_bytes: profile.max_buffered, send_type }];
-    let mut c = RenetClient::new(ConnectionConfig {
-        available_bytes_per_tick: profile.bytes_per_flush,
-        server_channels_config: channels.clone(),
-        client_channels_config: channels,
-    });
+    let mut c = RenetClient::new(profile.renet_config());
     c.set_connected();
     c
 }

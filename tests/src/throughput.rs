@@ -16,12 +16,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use renet::{Bytes, ChannelConfig, ConnectionConfig, RenetClient, SendType};
+use renet::{Bytes, RenetClient};
 use shoal_mesh::clock::WallClock;
 use shoal_mesh::endpoint::Path;
 use shoal_mesh::wire::VcId;
 use shoal_protocol::{Identity, Roles, TicketBody, TicketKind, UnixTime};
-use shoal_sdk::{Delivery, Node, PeerInfo, Profile, VcKey};
+use shoal_sdk::profile::RENET_CHANNEL;
+use shoal_sdk::{Node, PeerInfo, Profile, VcKey};
 use tokio::net::UdpSocket;
 
 /// Datagrams read per wake-up before the core's timers get a look in (as in the driver).
@@ -69,20 +70,6 @@ trait Core {
     fn recv(&mut self) -> Option<Bytes>;
 }
 
-fn renet_config(profile: &Profile) -> ConnectionConfig {
-    let send_type = match profile.delivery {
-        Delivery::Unreliable => SendType::Unreliable,
-        Delivery::ReliableOrdered => SendType::ReliableOrdered { resend_time: profile.resend },
-        Delivery::ReliableUnordered => SendType::ReliableUnordered { resend_time: profile.resend },
-    };
-    let channels = vec![ChannelConfig { channel_id: 0, max_memory_usage_bytes: profile.max_buffered, send_type }];
-    ConnectionConfig {
-        available_bytes_per_tick: profile.bytes_per_flush,
-        server_channels_config: channels.clone(),
-        client_channels_config: channels,
-    }
-}
-
 /// Renet's connection straight on UDP, flushed by the VC's rule.
 struct PlainRenet {
     conn: RenetClient,
@@ -96,7 +83,7 @@ struct PlainRenet {
 
 impl PlainRenet {
     fn new(profile: &Profile, peer: SocketAddr, now: Instant) -> PlainRenet {
-        let mut conn = RenetClient::new(renet_config(profile));
+        let mut conn = RenetClient::new(profile.renet_config());
         conn.set_connected();
         PlainRenet { conn, peer, at: now, tick: profile.tick, next_tick: now, flush_now: false, out: VecDeque::new() }
     }
@@ -132,16 +119,16 @@ impl Core for PlainRenet {
     }
 
     fn offer(&mut self, m: Bytes) -> bool {
-        if !self.conn.can_send_message(0, m.len()) {
+        if !self.conn.can_send_message(RENET_CHANNEL, m.len()) {
             return false;
         }
-        self.conn.send_message(0, m);
+        self.conn.send_message(RENET_CHANNEL, m);
         self.flush_now = true;
         true
     }
 
     fn recv(&mut self) -> Option<Bytes> {
-        self.conn.receive_message(0)
+        self.conn.receive_message(RENET_CHANNEL)
     }
 }
 
