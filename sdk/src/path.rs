@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use shoal_mesh::endpoint::Path;
 
+use crate::pacing::WindowedMin;
 use crate::profile::{Policy, Profile};
 
 /// Ping outcomes a path's loss is measured over.
@@ -40,7 +41,7 @@ const HOLD: Duration = Duration::from_secs(1);
 const PING_GIVE_UP: Duration = Duration::from_secs(1);
 /// Pings remembered per path.
 const MAX_PINGS_IN_FLIGHT: usize = 32;
-/// How long a minimum RTT stands before a larger sample may replace it.
+/// The window a path's minimum RTT is taken over.
 const MIN_RTT_FOR: Duration = Duration::from_secs(10);
 
 /// A candidate's index within its VC.
@@ -170,7 +171,7 @@ struct Candidate {
     heard: Option<Instant>,
     rttvar: Duration,
     /// Smallest RTT seen lately, and when: the path's latency without queueing.
-    min_rtt: Option<(Duration, Instant)>,
+    min_rtt: WindowedMin,
     pings: VecDeque<(u32, Instant)>,
     next_ping: Instant,
     /// Outcome bits of the last pings (1 = lost), newest in bit 0.
@@ -283,7 +284,7 @@ impl PathManager {
             stats: PathStats::default(),
             heard: None,
             rttvar: Duration::ZERO,
-            min_rtt: None,
+            min_rtt: WindowedMin::default(),
             pings: VecDeque::new(),
             next_ping: now,
             outcomes: 0,
@@ -360,10 +361,7 @@ impl PathManager {
         c.stats.pongs += 1;
         c.heard = Some(now);
         let rtt = now.saturating_duration_since(sent);
-        match c.min_rtt {
-            Some((m, since)) if rtt >= m && now.saturating_duration_since(since) < MIN_RTT_FOR => {}
-            _ => c.min_rtt = Some((rtt, now)),
-        }
+        c.min_rtt.push(now, rtt, MIN_RTT_FOR);
         match c.stats.srtt {
             None => {
                 c.stats.srtt = Some(rtt);
@@ -551,7 +549,7 @@ impl PathManager {
             Policy::LowestLatency => srtt,
             // A bulk transfer queues on the paths it fills; ranking them by their smoothed RTT
             // would chase it from path to path. The minimum is the path without that queue.
-            Policy::Widest => c.min_rtt.map_or(srtt, |(m, _)| m.as_secs_f64()),
+            Policy::Widest => c.min_rtt.get().map_or(srtt, |m| m.as_secs_f64()),
             Policy::LowestLoss => f64::from(c.loss()) * 10.0 + srtt,
             Policy::MostStable => jitter * 4.0 + srtt / 4.0,
         }

@@ -37,6 +37,8 @@ const HELLO_MAX_SKEW: Duration = Duration::from_secs(120);
 const RENET_ACK_PACKET: u8 = 4;
 /// Renet calls per pacing round, at most; each emits up to the profile's `bytes_per_flush`.
 const MAX_PULLS: usize = 64;
+/// Deepest a path's pacing queue is filled, in ticks of its rate.
+const MAX_QUEUE_TICKS: u32 = 2;
 
 /// Why a VC closed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -449,7 +451,19 @@ impl VirtualConnection {
                         }
                         self.on_inner(now, path, id, pn, len, plain);
                     }
-                    Err(CryptoError::Replay(_)) => self.counters.duplicates += 1,
+                    Err(CryptoError::Replay(_)) => {
+                        self.counters.duplicates += 1;
+                        // On a paced redundant VC the slower path's copies all land here; they
+                        // still count as what that path delivered, or it would look lossy.
+                        if self.profile.policy == Policy::Widest
+                            && self.profile.redundancy
+                            && let Some(id) = id
+                            && let Ok(plain) = keys.open_duplicate(pn, aad, &mut bytes[9..])
+                            && matches!(Inner::parse(plain), Ok(Inner::Renet(p)) if p.first() != Some(&RENET_ACK_PACKET))
+                        {
+                            self.paths.on_data_received(id, len);
+                        }
+                    }
                     Err(_) => self.on_auth_failure(now, id),
                 }
             }
@@ -512,6 +526,12 @@ impl VirtualConnection {
                     self.vc,
                 );
                 self.renet = renet_for(&self.profile);
+                // Frames still queued were sealed under the old keys; the peer would take
+                // them for forgeries.
+                self.pacers.clear();
+                self.pull_ok = false;
+                self.ack_due = false;
+                self.acked_at = None;
                 self.renet_at = now;
                 self.newest_renet = None;
                 self.confirmed = false;
@@ -628,8 +648,9 @@ impl VirtualConnection {
         self.paths.handle_timeout(now);
         while let Some((id, ping)) = self.paths.poll_ping() {
             if let Some(p) = self.paths.path(id) {
-                if self.paced() {
+                if self.paced() && self.paths.sending().contains(&id) {
                     // Behind every frame released so far on this path, which the pong counts.
+                    // Idle candidates carry no data, so their pongs say nothing of a rate.
                     self.pacer(now, id).on_ping(now, ping);
                 }
                 self.seal_to(&[p], true, Inner::Ping(ping));
@@ -687,9 +708,16 @@ impl VirtualConnection {
         // frames are not tied to a path.
         let mut moved = VecDeque::new();
         for (i, p) in self.pacers.iter_mut().enumerate() {
-            if p.queued() > 0 && !sending.contains(&PathId(i as u8)) {
+            if p.sent() > 0 && !sending.contains(&PathId(i as u8)) {
                 moved.extend(p.take_queue());
+                // What it measured is stale by the time it carries data again: it starts over.
+                *p = Pacer::new(now);
             }
+        }
+        if self.profile.redundancy {
+            // Each of these has a twin queued on the other path, which may still be sending:
+            // moving it could put both copies on one path.
+            moved.clear();
         }
         for frame in moved {
             let id = self.pick(&sending, frame.len());
@@ -700,7 +728,6 @@ impl VirtualConnection {
         let mut pulls = 0;
         while self.pull_ok && pulls < MAX_PULLS && self.wants_more(&sending) {
             pulls += 1;
-            self.ack_due = false;
             let packets = self.renet.get_packets_to_send();
             if let Some(reason) = self.renet.disconnect_reason() {
                 self.finish(CloseReason::Protocol(format!("{reason}")));
@@ -717,6 +744,7 @@ impl VirtualConnection {
                         && let Some(path) = self.paths.path(primary)
                     {
                         self.acked_at = Some(now);
+                        self.ack_due = false;
                         self.seal_to(&[path], false, Inner::Renet(&p));
                     }
                     continue;
@@ -724,8 +752,13 @@ impl VirtualConnection {
                 data = true;
                 let Some(frame) = self.seal(Inner::Renet(&p)) else { continue };
                 if self.profile.redundancy && sending.len() >= 2 {
-                    // The same sealed frame on the primary and its disjoint second path.
-                    self.pacers[usize::from(sending[1].0)].enqueue(frame.clone());
+                    // The same sealed frame on the primary and on its disjoint second path,
+                    // unless that path is already a tick behind: the copy is optional, and a
+                    // late one is no use.
+                    let second = &mut self.pacers[usize::from(sending[1].0)];
+                    if second.drain_time(frame.len()) <= self.profile.tick {
+                        second.enqueue(frame.clone());
+                    }
                     self.pacers[usize::from(primary.0)].enqueue(frame);
                 } else {
                     let id = self.pick(&sending, frame.len());
@@ -751,12 +784,15 @@ impl VirtualConnection {
     }
 
     /// The sending path where a frame of `len` bytes queued now would arrive first.
+    ///
+    /// No queue is filled past [`MAX_QUEUE_TICKS`] ticks: a frame waiting in it has started
+    /// renet's resend timer, so a deep queue would have renet send it again before it left.
     fn pick(&self, sending: &[PathId], len: usize) -> PathId {
-        let arrival = |id: &PathId| {
-            let queue = self.pacers.get(usize::from(id.0)).map_or(Duration::ZERO, |p| p.drain_time(len));
-            queue + self.paths.srtt(*id).unwrap_or_default() / 2
-        };
-        sending.iter().copied().min_by_key(arrival).unwrap_or(PathId(0))
+        let cap = self.profile.tick * MAX_QUEUE_TICKS;
+        let drain = |id: &PathId| self.pacers.get(usize::from(id.0)).map_or(Duration::ZERO, |p| p.drain_time(len));
+        let arrival = |id: &PathId| drain(id) + self.paths.srtt(*id).unwrap_or_default() / 2;
+        let open = sending.iter().copied().filter(|id| drain(id) <= cap).min_by_key(arrival);
+        open.or_else(|| sending.iter().copied().min_by_key(drain)).unwrap_or(PathId(0))
     }
 
     /// Hands the backlog to renet as its buffers allow, and sends what renet emits (paced
