@@ -109,6 +109,30 @@ impl fmt::Debug for Signature {
     }
 }
 
+// serde implements arrays only up to 32 elements; a signature travels as 64 raw bytes.
+impl serde::Serialize for Signature {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(&self.0)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Signature {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Signature, D::Error> {
+        struct Bytes64;
+        impl serde::de::Visitor<'_> for Bytes64 {
+            type Value = Signature;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{SIGNATURE_LEN} bytes")
+            }
+            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Signature, E> {
+                let a: [u8; SIGNATURE_LEN] = v.try_into().map_err(|_| E::invalid_length(v.len(), &self))?;
+                Ok(Signature(a))
+            }
+        }
+        d.deserialize_bytes(Bytes64)
+    }
+}
+
 /// A signature did not match the key and message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("signature does not match the key and message")]

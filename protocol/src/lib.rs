@@ -4,6 +4,7 @@
 //! Times are passed in by the caller as [`UnixTime`] so that every check here is reproducible.
 
 pub mod codec;
+pub mod control;
 pub mod identity;
 pub mod ticket;
 

@@ -1,0 +1,323 @@
+//! Control-plane messages, named by direction. They travel over the control server's QUIC
+//! connections, one message per length-delimited frame, framed by [`crate::codec`] (version
+//! byte, then postcard). A frame larger than [`MAX_CONTROL_FRAME`] is refused before it is
+//! decoded.
+//!
+//! The control plane never carries game payloads: it signs players in, records where they are
+//! reachable, introduces neighbours to each other, maps the relays, and takes reports.
+
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::identity::{NodeId, PublicKey, Signature};
+use crate::ticket::UnixTime;
+
+/// Largest control frame either side accepts.
+pub const MAX_CONTROL_FRAME: usize = 64 * 1024;
+
+/// Domain separation for the signature that proves a client holds the key it signs in with.
+pub const SIGN_IN_CONTEXT: &[u8] = b"shoal sign-in v1";
+
+/// What a client proves when it signs in: that it holds the secret key of `public_key`, now,
+/// towards this server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyProof {
+    /// The client's long-term key.
+    pub public_key: PublicKey,
+    /// When the proof was made; the server refuses proofs outside its clock-skew window.
+    pub unix_ms: u64,
+    /// Signature over [`KeyProof::message`] with `public_key`'s secret.
+    pub signature: Signature,
+}
+
+impl KeyProof {
+    /// The bytes signed: the account, the key, the time and the server's certificate
+    /// fingerprint, so a proof made for one server or account is useless elsewhere.
+    pub fn message(account: &str, public_key: &PublicKey, unix_ms: u64, server: &[u8; 32]) -> Vec<u8> {
+        let mut m = Vec::with_capacity(account.len() + 80);
+        m.extend_from_slice(&(account.len() as u32).to_be_bytes());
+        m.extend_from_slice(account.as_bytes());
+        m.extend_from_slice(&public_key.0);
+        m.extend_from_slice(&unix_ms.to_be_bytes());
+        m.extend_from_slice(server);
+        m
+    }
+}
+
+/// From a player's client to the control server.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ClientToControl {
+    /// Sign in with an account and password, proving the key the tickets will name.
+    SignIn {
+        /// The account name.
+        account: String,
+        /// Its password (the connection is TLS).
+        password: String,
+        /// Possession of the client's key.
+        proof: KeyProof,
+    },
+    /// Resume after a lost connection or a server restart with a session ticket still valid.
+    Resume {
+        /// The session ticket from [`ControlToClient::Welcome`].
+        session: Vec<u8>,
+        /// Possession of the key the ticket names.
+        proof: KeyProof,
+    },
+    /// The client's own addresses (it learns its observed one in the answer).
+    CheckIn {
+        /// The addresses its mesh socket is bound to, as it sees them.
+        local: Vec<SocketAddr>,
+        /// The mesh socket's port, for the server to pair with the address it observes.
+        mesh_port: u16,
+    },
+    /// Round-trip times to relays it measured, microseconds.
+    RelayRtts(Vec<(NodeId, u32)>),
+    /// The periodic report.
+    Report(Box<Report>),
+    /// Nothing to say; the connection is alive.
+    Keepalive,
+    /// Leaving.
+    SignOut,
+}
+
+/// Why the control server refused a message or a client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Refusal {
+    /// Unknown account or wrong password.
+    BadCredentials,
+    /// The key proof's signature or time is wrong.
+    BadProof,
+    /// The session ticket is forged, expired or for another key.
+    BadTicket,
+    /// A message that needs a signed-in client came before sign-in.
+    NotSignedIn,
+    /// The frame could not be decoded or was too large.
+    Malformed,
+    /// Too many attempts; try again later.
+    RateLimited,
+    /// The client's reports were implausible too often.
+    Implausible,
+    /// The build hash is not on the allow-list.
+    UnknownBuild,
+}
+
+/// A relay a client may use, with the control server's latency estimate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayInfo {
+    /// The relay's node id.
+    pub id: NodeId,
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Estimated RTT through it between the two sides of an introduction (or from the
+    /// client, in a welcome), microseconds; 0 if unknown.
+    pub rtt_us: u32,
+}
+
+/// What a client needs to reach a neighbour.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Introduction {
+    /// The neighbour's long-term key.
+    pub peer_key: PublicKey,
+    /// Its address as the control server observed it.
+    pub observed: Option<SocketAddr>,
+    /// Its own addresses.
+    pub local: Vec<SocketAddr>,
+    /// Relays for the pair, best first.
+    pub relays: Vec<RelayInfo>,
+    /// VCs to open: id and the SDK's 16-byte profile.
+    pub profiles: Vec<(u32, [u8; 16])>,
+}
+
+/// From the control server to a player's client.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ControlToClient {
+    /// Signed in (or resumed).
+    Welcome {
+        /// The session ticket (a `SignedTicket`'s bytes).
+        session: Vec<u8>,
+        /// The relay permit.
+        permit: Vec<u8>,
+        /// Relays to bind to, nearest first where known.
+        relays: Vec<RelayInfo>,
+        /// The server's clock.
+        now: UnixTime,
+    },
+    /// The address the server saw the client's check-in come from.
+    Observed(SocketAddr),
+    /// A new neighbour.
+    Introduce(Box<Introduction>),
+    /// A neighbour that is no longer one.
+    Farewell(NodeId),
+    /// A fresh relay permit, before the old one lapses.
+    Permit(Vec<u8>),
+    /// The message or client was refused; the server may close the connection after this.
+    Refused(Refusal),
+}
+
+/// One of a client's connections, as it reports it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LinkReport {
+    /// The peer.
+    pub peer: NodeId,
+    /// The VC id.
+    pub vc: u32,
+    /// 0 direct, 1 one relay, 2 several relays.
+    pub path_kind: u8,
+    /// Relays on the path in use.
+    pub relays: Vec<NodeId>,
+    /// Smoothed RTT, microseconds.
+    pub rtt_us: u32,
+    /// Loss, 0..1.
+    pub loss: f32,
+    /// Bytes per second sent and received.
+    pub send_bps: u32,
+    /// Bytes per second received.
+    pub recv_bps: u32,
+    /// Frames that failed authentication since the last report.
+    pub auth_failures: u32,
+}
+
+/// What each client reports, continually.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    /// Increases by one per report.
+    pub seq: u64,
+    /// The client's clock when it made the report, milliseconds.
+    pub unix_ms: u64,
+    /// A short status word of the game's (for example "playing", "loading").
+    pub status: String,
+    /// Application status and data, opaque to Shoal.
+    pub app: Vec<u8>,
+    /// Hash of the client build, checked against the allow-list.
+    pub build_hash: [u8; 32],
+    /// Where the character is.
+    pub position: [f32; 3],
+    /// The character's state, opaque to Shoal, persisted.
+    pub character: Vec<u8>,
+    /// Game state, opaque to Shoal.
+    pub game: Vec<u8>,
+    /// Each open connection.
+    pub links: Vec<LinkReport>,
+    /// Peers whose connection was lost since the last report.
+    pub lost: Vec<NodeId>,
+}
+
+/// From a relay node to the control server.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum RelayToControl {
+    /// A relay announcing itself; `proof` signs with the relay's key (account = "relay").
+    Register {
+        /// Where clients reach it.
+        addr: SocketAddr,
+        /// Possession of the relay's key.
+        proof: KeyProof,
+    },
+    /// RTTs to other relays, microseconds.
+    PeerRtts(Vec<(NodeId, u32)>),
+    /// Alive.
+    Keepalive,
+}
+
+/// From the control server to a relay node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ControlToRelay {
+    /// Registered; the relays to measure.
+    Registered {
+        /// Its permit.
+        permit: Vec<u8>,
+        /// Other relays.
+        peers: Vec<RelayInfo>,
+    },
+    /// Refused.
+    Refused(Refusal),
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::codec::{decode, encode};
+    use crate::identity::Identity;
+    use proptest::prelude::*;
+
+    fn report() -> Report {
+        Report {
+            seq: 7,
+            unix_ms: 1_800_000_000_000,
+            status: "playing".into(),
+            app: vec![1, 2, 3],
+            build_hash: [9; 32],
+            position: [1.0, 2.0, -3.5],
+            character: b"hp=10".to_vec(),
+            game: vec![],
+            links: vec![LinkReport {
+                peer: NodeId([1; 8]),
+                vc: 1,
+                path_kind: 1,
+                relays: vec![NodeId([2; 8])],
+                rtt_us: 40_000,
+                loss: 0.01,
+                send_bps: 1000,
+                recv_bps: 2000,
+                auth_failures: 0,
+            }],
+            lost: vec![NodeId([3; 8])],
+        }
+    }
+
+    #[test]
+    fn every_message_round_trips() {
+        let id = Identity::from_seed([4; 32]);
+        let proof = KeyProof { public_key: id.public_key(), unix_ms: 5, signature: id.sign(SIGN_IN_CONTEXT, b"m") };
+        let up = [
+            ClientToControl::SignIn { account: "ana".into(), password: "pw".into(), proof: proof.clone() },
+            ClientToControl::Resume { session: vec![1; 124], proof },
+            ClientToControl::CheckIn { local: vec!["10.0.0.2:4000".parse().unwrap()], mesh_port: 4000 },
+            ClientToControl::RelayRtts(vec![(NodeId([1; 8]), 12_000)]),
+            ClientToControl::Report(Box::new(report())),
+            ClientToControl::Keepalive,
+            ClientToControl::SignOut,
+        ];
+        for m in up {
+            let f = encode(&m).unwrap();
+            assert_eq!(decode::<ClientToControl>(&f, MAX_CONTROL_FRAME).unwrap(), m);
+        }
+        let intro = Introduction {
+            peer_key: id.public_key(),
+            observed: Some("203.0.113.5:6000".parse().unwrap()),
+            local: vec![],
+            relays: vec![RelayInfo { id: NodeId([5; 8]), addr: "198.51.100.1:7000".parse().unwrap(), rtt_us: 30_000 }],
+            profiles: vec![(1, [1; 16])],
+        };
+        let down = [
+            ControlToClient::Welcome { session: vec![1], permit: vec![2], relays: vec![], now: UnixTime(9) },
+            ControlToClient::Observed("203.0.113.5:6000".parse().unwrap()),
+            ControlToClient::Introduce(Box::new(intro)),
+            ControlToClient::Farewell(NodeId([6; 8])),
+            ControlToClient::Permit(vec![3]),
+            ControlToClient::Refused(Refusal::BadCredentials),
+        ];
+        for m in down {
+            let f = encode(&m).unwrap();
+            assert_eq!(decode::<ControlToClient>(&f, MAX_CONTROL_FRAME).unwrap(), m);
+        }
+    }
+
+    #[test]
+    fn truncated_frames_are_errors() {
+        let f = encode(&ClientToControl::Report(Box::new(report()))).unwrap();
+        for cut in 0..f.len() {
+            assert!(decode::<ClientToControl>(&f[..cut], MAX_CONTROL_FRAME).is_err(), "cut at {cut}");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn random_bytes_never_panic(b in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = decode::<ClientToControl>(&b, MAX_CONTROL_FRAME);
+            let _ = decode::<ControlToClient>(&b, MAX_CONTROL_FRAME);
+            let _ = decode::<RelayToControl>(&b, MAX_CONTROL_FRAME);
+        }
+    }
+}
