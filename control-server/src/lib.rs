@@ -2,7 +2,9 @@
 //! game payloads.
 //!
 //! The logic is sans-IO, like every Shoal core: [`interest`] decides from reported coordinates
-//! which players are introduced to each other and when they are dismissed.
+//! which players are introduced to each other and when they are dismissed; [`store`] keeps
+//! accounts, characters and report history in SQLite or PostgreSQL.
 
 pub mod interest;
+pub mod store;
 pub mod synthetic;
