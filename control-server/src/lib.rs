@@ -3,8 +3,10 @@
 //!
 //! The logic is sans-IO, like every Shoal core: [`interest`] decides from reported coordinates
 //! which players are introduced to each other and when they are dismissed; [`store`] keeps
-//! accounts, characters and report history in SQLite or PostgreSQL.
+//! accounts, characters and report history in SQLite or PostgreSQL; [`auth`] checks sign-ins
+//! (argon2id, or the operator's own [`auth::Authenticator`]).
 
+pub mod auth;
 pub mod interest;
 pub mod store;
 pub mod synthetic;
