@@ -4,9 +4,11 @@
 //! The logic is sans-IO, like every Shoal core: [`interest`] decides from reported coordinates
 //! which players are introduced to each other and when they are dismissed; [`store`] keeps
 //! accounts, characters and report history in SQLite or PostgreSQL; [`auth`] checks sign-ins
-//! (argon2id, or the operator's own [`auth::Authenticator`]).
+//! (argon2id, or the operator's own [`auth::Authenticator`]); [`tls`] makes and keeps the
+//! server's certificate and lets clients pin it.
 
 pub mod auth;
 pub mod interest;
 pub mod store;
 pub mod synthetic;
+pub mod tls;

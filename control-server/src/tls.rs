@@ -1,0 +1,282 @@
+//! TLS for the control plane's QUIC: the server's certificate, made self-signed on first start
+//! and kept beside its database, and the two ways a client trusts it: by the certificate's
+//! SHA-256 fingerprint (pinned in the client's config, as a studio ships it), or by a CA file
+//! (PEM or DER) for studios with their own PKI. TLS 1.3 only, ring as the crypto provider.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{CryptoProvider, verify_tls12_signature, verify_tls13_signature};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+
+/// The ALPN protocol of Shoal's control plane.
+pub const ALPN: &[u8] = b"shoal-control/1";
+/// The name the server's certificate is issued for; clients that pin a fingerprint use it as
+/// the server name.
+pub const SERVER_NAME: &str = "shoal-control";
+
+/// Why TLS could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// Reading or writing the key or certificate failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// What failed.
+        source: std::io::Error,
+    },
+    /// Generating the certificate failed.
+    #[error("certificate generation: {0}")]
+    Generate(String),
+    /// rustls or quinn refused the configuration.
+    #[error("TLS configuration: {0}")]
+    Config(String),
+}
+
+/// A certificate's SHA-256 fingerprint.
+pub fn fingerprint(cert: &CertificateDer<'_>) -> [u8; 32] {
+    let d = ring::digest::digest(&ring::digest::SHA256, cert.as_ref());
+    let mut f = [0; 32];
+    f.copy_from_slice(d.as_ref());
+    f
+}
+
+/// The server's certificate and key.
+#[derive(Debug)]
+pub struct ServerIdentity {
+    /// The certificate (DER).
+    pub cert: CertificateDer<'static>,
+    key: PrivatePkcs8KeyDer<'static>,
+}
+
+impl ServerIdentity {
+    /// Loads `control-cert.der` and `control-key.der` from `dir`, or makes a self-signed pair
+    /// there on first start (the key readable by its owner only).
+    pub fn load_or_create(dir: &Path) -> Result<ServerIdentity, TlsError> {
+        let (cert_path, key_path) = (dir.join("control-cert.der"), dir.join("control-key.der"));
+        let io = |p: &Path, source| TlsError::Io { path: p.display().to_string(), source };
+        if cert_path.exists() && key_path.exists() {
+            let cert = std::fs::read(&cert_path).map_err(|e| io(&cert_path, e))?;
+            let key = std::fs::read(&key_path).map_err(|e| io(&key_path, e))?;
+            return Ok(ServerIdentity { cert: CertificateDer::from(cert), key: PrivatePkcs8KeyDer::from(key) });
+        }
+        let key = rcgen::KeyPair::generate().map_err(|e| TlsError::Generate(e.to_string()))?;
+        let params = rcgen::CertificateParams::new(vec![SERVER_NAME.to_string()])
+            .map_err(|e| TlsError::Generate(e.to_string()))?;
+        let cert = params.self_signed(&key).map_err(|e| TlsError::Generate(e.to_string()))?;
+        std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+        write_private(&key_path, &key.serialize_der()).map_err(|e| io(&key_path, e))?;
+        std::fs::write(&cert_path, cert.der()).map_err(|e| io(&cert_path, e))?;
+        Ok(ServerIdentity { cert: cert.der().clone(), key: PrivatePkcs8KeyDer::from(key.serialize_der()) })
+    }
+
+    /// The certificate's fingerprint, which clients pin.
+    pub fn fingerprint(&self) -> [u8; 32] {
+        fingerprint(&self.cert)
+    }
+
+    /// The QUIC server configuration.
+    pub fn server_config(&self) -> Result<quinn::ServerConfig, TlsError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let key = PrivateKeyDer::Pkcs8(self.key.clone_key());
+        let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| TlsError::Config(e.to_string()))?
+            .with_no_client_auth()
+            .with_single_cert(vec![self.cert.clone()], key)
+            .map_err(|e| TlsError::Config(e.to_string()))?;
+        tls.alpn_protocols = vec![ALPN.to_vec()];
+        let quic = QuicServerConfig::try_from(tls).map_err(|e| TlsError::Config(e.to_string()))?;
+        Ok(quinn::ServerConfig::with_crypto(Arc::new(quic)))
+    }
+}
+
+#[cfg(unix)]
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
+    f.write_all(bytes)
+}
+
+#[cfg(not(unix))]
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    std::fs::write(path, bytes)
+}
+
+/// How a client decides to trust the control server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Trust {
+    /// The certificate whose SHA-256 is this.
+    Pinned([u8; 32]),
+    /// Certificates chaining to a CA in this file (PEM, or one DER certificate).
+    CaFile(std::path::PathBuf),
+}
+
+/// Accepts exactly the certificate with a pinned fingerprint; handshake signatures are still
+/// checked with the provider's algorithms, so only the holder of its key passes.
+#[derive(Debug)]
+struct PinnedCert {
+    fingerprint: [u8; 32],
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for PinnedCert {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        // A fingerprint is public: a plain comparison is fine.
+        if fingerprint(end_entity) == self.fingerprint {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::InvalidCertificate(rustls::CertificateError::ApplicationVerificationFailure))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// The QUIC client configuration for reaching a control server trusted as `trust` says.
+pub fn client_config(trust: &Trust) -> Result<quinn::ClientConfig, TlsError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    let mut tls = match trust {
+        Trust::Pinned(fingerprint) => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(PinnedCert { fingerprint: *fingerprint, provider }))
+            .with_no_client_auth(),
+        Trust::CaFile(path) => {
+            let io = |source| TlsError::Io { path: path.display().to_string(), source };
+            let bytes = std::fs::read(path).map_err(io)?;
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in CertificateDer::pem_slice_iter(&bytes) {
+                let cert = cert.map_err(|e| TlsError::Config(format!("{}: {e}", path.display())))?;
+                roots.add(cert).map_err(|e| TlsError::Config(e.to_string()))?;
+            }
+            if roots.is_empty() {
+                // Not PEM: one DER certificate.
+                roots
+                    .add(CertificateDer::from(bytes))
+                    .map_err(|e| TlsError::Config(format!("{}: {e}", path.display())))?;
+            }
+            builder.with_root_certificates(roots).with_no_client_auth()
+        }
+    };
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let quic = QuicClientConfig::try_from(tls).map_err(|e| TlsError::Config(e.to_string()))?;
+    Ok(quinn::ClientConfig::new(Arc::new(quic)))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use std::net::SocketAddr;
+
+    fn dir(name: &str) -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!("shoal-tls-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    }
+
+    /// Connects over real QUIC on loopback and exchanges one message on a stream.
+    async fn handshake(server: &ServerIdentity, trust: &Trust) -> Result<Vec<u8>, String> {
+        let ep = quinn::Endpoint::server(server.server_config().unwrap(), "127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = ep.local_addr().unwrap();
+        let accept = tokio::spawn(async move {
+            let Some(incoming) = ep.accept().await else { return };
+            let Ok(conn) = incoming.await else { return };
+            if let Ok((mut send, mut recv)) = conn.accept_bi().await {
+                let got = recv.read_to_end(1024).await.unwrap_or_default();
+                let _ = send.write_all(&got).await;
+                let _ = send.finish();
+                let _ = conn.closed().await;
+            }
+        });
+        let mut client = quinn::Endpoint::client(SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
+        client.set_default_client_config(client_config(trust).map_err(|e| e.to_string())?);
+        let conn = client.connect(addr, SERVER_NAME).unwrap().await.map_err(|e| e.to_string())?;
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+        send.write_all(b"hello").await.map_err(|e| e.to_string())?;
+        send.finish().map_err(|e| e.to_string())?;
+        let back = recv.read_to_end(1024).await.map_err(|e| e.to_string())?;
+        conn.close(0u32.into(), b"done");
+        accept.abort();
+        Ok(back)
+    }
+
+    #[tokio::test]
+    async fn a_pinned_client_reaches_the_server_and_a_wrong_pin_does_not() {
+        let d = dir("pin");
+        let server = ServerIdentity::load_or_create(&d).unwrap();
+        assert_eq!(handshake(&server, &Trust::Pinned(server.fingerprint())).await.unwrap(), b"hello");
+        let mut wrong = server.fingerprint();
+        wrong[0] ^= 1;
+        let err = handshake(&server, &Trust::Pinned(wrong)).await.unwrap_err();
+        assert!(err.contains("certificate") || err.contains("handshake"), "{err}");
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[tokio::test]
+    async fn the_certificate_survives_a_restart() {
+        let d = dir("keep");
+        let first = ServerIdentity::load_or_create(&d).unwrap();
+        let again = ServerIdentity::load_or_create(&d).unwrap();
+        assert_eq!(first.fingerprint(), again.fingerprint());
+        // A client pinned to the first start still reaches the restarted server.
+        assert_eq!(handshake(&again, &Trust::Pinned(first.fingerprint())).await.unwrap(), b"hello");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(d.join("control-key.der")).unwrap().permissions().mode();
+            assert_eq!(mode & 0o077, 0, "the key must be private to its owner");
+        }
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[tokio::test]
+    async fn a_ca_file_trusts_the_certificate_it_holds() {
+        let d = dir("ca");
+        let server = ServerIdentity::load_or_create(&d).unwrap();
+        // The self-signed certificate is its own CA; the file may be DER as well as PEM.
+        let ca = d.join("ca.der");
+        std::fs::write(&ca, server.cert.as_ref()).unwrap();
+        assert_eq!(handshake(&server, &Trust::CaFile(ca)).await.unwrap(), b"hello");
+        // Another server's certificate is not trusted by that file.
+        let other = ServerIdentity::load_or_create(&dir("ca-other")).unwrap();
+        assert!(handshake(&other, &Trust::CaFile(d.join("ca.der"))).await.is_err());
+        let _ = std::fs::remove_dir_all(&d);
+    }
+}
