@@ -1,13 +1,15 @@
 //! Shoal's control server: it vouches for identities and introduces peers, and never carries
 //! game payloads.
 //!
-//! The logic is sans-IO, like every Shoal core: [`interest`] decides from reported coordinates
+//! The logic is sans-IO, like every Shoal core: [`core`] is the server's state machine (sign-in,
+//! check-in, reports, plausibility, presence, permits, introductions); [`interest`] decides from reported coordinates
 //! which players are introduced to each other and when they are dismissed; [`store`] keeps
 //! accounts, characters and report history in SQLite or PostgreSQL; [`auth`] checks sign-ins
 //! (argon2id, or the operator's own [`auth::Authenticator`]); [`tls`] makes and keeps the
 //! server's certificate and lets clients pin it.
 
 pub mod auth;
+pub mod core;
 pub mod interest;
 pub mod store;
 pub mod synthetic;

@@ -225,6 +225,15 @@ impl Store {
         }))
     }
 
+    /// The account whose character `node_id` last played.
+    pub async fn account_of_node(&self, node_id: [u8; 8]) -> Result<Option<String>, StoreError> {
+        let row = sqlx::query("SELECT account FROM characters WHERE node_id = $1 ORDER BY updated_ms DESC LIMIT 1")
+            .bind(node_id.to_vec())
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|r| r.try_get(0)).transpose()?)
+    }
+
     /// Appends reports to the history, in one transaction.
     pub async fn insert_reports(&self, rows: &[ReportRow]) -> Result<(), StoreError> {
         if rows.is_empty() {

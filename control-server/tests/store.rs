@@ -40,6 +40,8 @@ async fn suite(store: &Store) {
     c.updated_ms = 2_000;
     store.save_character(&c).await.unwrap();
     assert_eq!(store.load_character("ana").await.unwrap(), Some(c));
+    assert_eq!(store.account_of_node([7; 8]).await.unwrap().as_deref(), Some("ana"));
+    assert_eq!(store.account_of_node([8; 8]).await.unwrap(), None);
 
     // Reports: a batch that spans several statements, read back in order, pruned by age.
     let rows: Vec<ReportRow> = (0..1_200).map(|i| report("ana", i, 10_000 + i)).collect();

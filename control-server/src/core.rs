@@ -1,0 +1,852 @@
+//! The control server's logic, sans-IO: fed connections, decoded messages, sign-in verdicts and
+//! the clock; it answers with messages to send, connections to close, sign-ins to check and
+//! rows to persist. The QUIC driver and the tests run the same core.
+//!
+//! A connection signs in (a key proof, then the account check the driver runs through the
+//! [`crate::auth::Authenticator`]) and gets its session ticket and relay permit. It checks in
+//! with its addresses and learns the one the server observed. Its reports move it in the
+//! [`Interest`] set, whose tick introduces neighbours and dismisses those that drift apart.
+//! Reported movement faster than the game allows is flagged; a client flagged
+//! [`CoreConfig::max_flags`] times is cut off and its permit is not renewed. Silence past
+//! [`CoreConfig::presence_timeout`] counts as a lost connection.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use glam::Vec3;
+use rustc_hash::FxHashMap;
+use shoal_protocol::control::{
+    ClientToControl, ControlToClient, Introduction, KeyProof, Refusal, RelayInfo, Report, SIGN_IN_CONTEXT,
+};
+use shoal_protocol::{Identity, NodeId, PublicKey, Roles, SignedTicket, TicketBody, TicketKind, UnixTime};
+
+use crate::interest::{Interest, InterestConfig, InterestError, InterestEvent};
+use crate::store::{Character, ReportRow};
+
+/// A connection's handle, chosen by the driver.
+pub type ConnId = u64;
+
+/// How the core behaves.
+#[derive(Debug, Clone)]
+pub struct CoreConfig {
+    /// Session tickets last this long.
+    pub session_ttl: Duration,
+    /// Relay permits last this long; they are renewed when a third is left.
+    pub permit_ttl: Duration,
+    /// A key proof's clock may differ from ours by this much.
+    pub proof_skew: Duration,
+    /// A client silent this long is gone.
+    pub presence_timeout: Duration,
+    /// The fastest a character may move, units per second.
+    pub max_speed: f32,
+    /// Flags after which a client is cut off.
+    pub max_flags: u32,
+    /// Failed sign-ins on one connection before it is closed.
+    pub max_sign_in_failures: u32,
+    /// Introductions.
+    pub interest: InterestConfig,
+    /// Relays every client may use.
+    pub relays: Vec<RelayInfo>,
+    /// VCs each side of an introduction opens: id and the SDK's wire profile.
+    pub profiles: Vec<(u32, [u8; 16])>,
+    /// Build hashes clients may run; empty accepts any.
+    pub builds: Vec<[u8; 32]>,
+}
+
+impl Default for CoreConfig {
+    fn default() -> Self {
+        CoreConfig {
+            session_ttl: Duration::from_secs(3600),
+            permit_ttl: Duration::from_secs(600),
+            proof_skew: Duration::from_secs(30),
+            presence_timeout: Duration::from_secs(15),
+            max_speed: 20.0,
+            max_flags: 3,
+            max_sign_in_failures: 5,
+            interest: InterestConfig::default(),
+            relays: Vec::new(),
+            profiles: Vec::new(),
+            builds: Vec::new(),
+        }
+    }
+}
+
+/// What the driver must do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Output {
+    /// Send a message on a connection.
+    Send(ConnId, ControlToClient),
+    /// Check these credentials and answer with [`Core::on_verdict`].
+    Verify {
+        /// The connection.
+        conn: ConnId,
+        /// The account.
+        account: String,
+        /// The password.
+        password: String,
+    },
+    /// Find the account whose character `node` last played (a resumed session's ticket names
+    /// the key, not the account) and answer with [`Core::on_account`].
+    FindAccount {
+        /// The connection.
+        conn: ConnId,
+        /// The node resuming.
+        node: NodeId,
+    },
+    /// Close the connection (after sending what is queued for it).
+    Close(ConnId, Refusal),
+    /// Persist a character's latest state.
+    SaveCharacter(Character),
+}
+
+/// Counters of what the core refused and did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CoreCounters {
+    /// Sign-ins accepted (new or resumed).
+    pub signed_in: u64,
+    /// Wrong account or password.
+    pub bad_credentials: u64,
+    /// Key proofs with a bad signature or time.
+    pub bad_proofs: u64,
+    /// Forged, expired or mismatched session tickets.
+    pub bad_tickets: u64,
+    /// Messages that need sign-in, before it.
+    pub not_signed_in: u64,
+    /// Frames that could not be decoded (reported by the driver).
+    pub malformed: u64,
+    /// Reports taken.
+    pub reports: u64,
+    /// Reports with implausible movement.
+    pub implausible: u64,
+    /// Builds not on the allow-list.
+    pub unknown_builds: u64,
+    /// Clients cut off for implausible reports.
+    pub cut_off: u64,
+    /// Clients gone silent.
+    pub lost: u64,
+    /// Introductions sent (one per side).
+    pub introductions: u64,
+    /// Farewells sent (one per side).
+    pub farewells: u64,
+}
+
+/// A signed-in player, as [`Core::player`] shows it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PlayerView<'a> {
+    /// Its account.
+    pub account: &'a str,
+    /// Its last plausible position.
+    pub position: Option<[f32; 3]>,
+    /// Its latest report.
+    pub report: Option<&'a Report>,
+    /// Implausible reports so far.
+    pub flags: u32,
+}
+
+#[derive(Debug)]
+struct Player {
+    account: String,
+    key: PublicKey,
+    observed: Option<SocketAddr>,
+    local: Vec<SocketAddr>,
+    relay_rtts: FxHashMap<NodeId, u32>,
+    /// Last accepted position and the client's time for it.
+    position: Option<(Vec3, u64)>,
+    flags: u32,
+    permit_expires: UnixTime,
+    last_report: Option<Report>,
+}
+
+#[derive(Debug)]
+enum State {
+    Connected,
+    /// Key proven; the account check is with the driver.
+    Verifying {
+        key: PublicKey,
+        account: String,
+    },
+    /// Ticket and key proven; the driver is finding the account.
+    Resuming {
+        key: PublicKey,
+    },
+    SignedIn(Box<Player>),
+}
+
+#[derive(Debug)]
+struct Conn {
+    remote: SocketAddr,
+    state: State,
+    heard: Instant,
+    failures: u32,
+}
+
+/// The control server's core. See the module docs.
+#[derive(Debug)]
+pub struct Core {
+    cfg: CoreConfig,
+    identity: Identity,
+    /// The server certificate's fingerprint, which key proofs are bound to.
+    server_fingerprint: [u8; 32],
+    conns: FxHashMap<ConnId, Conn>,
+    by_node: FxHashMap<NodeId, ConnId>,
+    interest: Interest,
+    outputs: VecDeque<Output>,
+    rows: Vec<ReportRow>,
+    counters: CoreCounters,
+}
+
+impl Core {
+    /// A core that signs tickets as `identity` and binds proofs to `server_fingerprint`.
+    pub fn new(cfg: CoreConfig, identity: Identity, server_fingerprint: [u8; 32]) -> Result<Core, InterestError> {
+        Ok(Core {
+            interest: Interest::new(cfg.interest)?,
+            cfg,
+            identity,
+            server_fingerprint,
+            conns: FxHashMap::default(),
+            by_node: FxHashMap::default(),
+            outputs: VecDeque::new(),
+            rows: Vec::new(),
+            counters: CoreCounters::default(),
+        })
+    }
+
+    /// The control key clients and relays verify tickets with.
+    pub fn public_key(&self) -> PublicKey {
+        self.identity.public_key()
+    }
+
+    /// Counters.
+    pub fn counters(&self) -> CoreCounters {
+        self.counters
+    }
+
+    /// Signed-in players.
+    pub fn players(&self) -> usize {
+        self.by_node.len()
+    }
+
+    /// A signed-in player, as the live-state API shows it.
+    pub fn player(&self, node: NodeId) -> Option<PlayerView<'_>> {
+        let p = self.signed_in(node)?;
+        Some(PlayerView {
+            account: &p.account,
+            position: p.position.map(|(v, _)| v.to_array()),
+            report: p.last_report.as_ref(),
+            flags: p.flags,
+        })
+    }
+
+    /// The next thing to do.
+    #[must_use]
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.outputs.pop_front()
+    }
+
+    /// Report rows waiting to be persisted.
+    pub fn take_report_rows(&mut self) -> Vec<ReportRow> {
+        std::mem::take(&mut self.rows)
+    }
+
+    /// A connection arrived from `remote`.
+    pub fn on_connected(&mut self, now: Instant, conn: ConnId, remote: SocketAddr) {
+        self.conns.insert(conn, Conn { remote, state: State::Connected, heard: now, failures: 0 });
+    }
+
+    /// A connection ended (closed by either side or lost).
+    pub fn on_disconnected(&mut self, conn: ConnId) {
+        let Some(c) = self.conns.remove(&conn) else { return };
+        if let State::SignedIn(p) = c.state {
+            let node = p.key.node_id();
+            if self.by_node.get(&node) == Some(&conn) {
+                self.by_node.remove(&node);
+                self.interest.remove(node);
+                self.drain_interest();
+            }
+        }
+    }
+
+    /// A frame on `conn` could not be decoded.
+    pub fn on_malformed(&mut self, conn: ConnId) {
+        self.counters.malformed += 1;
+        self.outputs.push_back(Output::Send(conn, ControlToClient::Refused(Refusal::Malformed)));
+    }
+
+    /// A decoded message arrived on `conn`.
+    pub fn on_message(&mut self, now: Instant, unix: UnixTime, conn: ConnId, msg: ClientToControl) {
+        let Some(c) = self.conns.get_mut(&conn) else { return };
+        c.heard = now;
+        match msg {
+            ClientToControl::SignIn { account, password, proof } => {
+                if !self.proof_ok(&account, &proof, unix) {
+                    self.counters.bad_proofs += 1;
+                    self.refuse(conn, Refusal::BadProof);
+                    return;
+                }
+                if let Some(c) = self.conns.get_mut(&conn) {
+                    c.state = State::Verifying { key: proof.public_key, account: account.clone() };
+                }
+                self.outputs.push_back(Output::Verify { conn, account, password });
+            }
+            ClientToControl::Resume { session, proof } => {
+                let ticket = SignedTicket::decode(&session)
+                    .ok()
+                    .and_then(|t| t.verify(&self.identity.public_key(), TicketKind::Session, Roles::CLIENT, unix).ok());
+                let Some(t) = ticket else {
+                    self.counters.bad_tickets += 1;
+                    self.refuse(conn, Refusal::BadTicket);
+                    return;
+                };
+                if t.body.public_key != proof.public_key {
+                    self.counters.bad_tickets += 1;
+                    self.refuse(conn, Refusal::BadTicket);
+                    return;
+                }
+                // The proof shows the client holds the ticket's key (no account is claimed:
+                // the server finds it).
+                if !self.proof_ok("", &proof, unix) {
+                    self.counters.bad_proofs += 1;
+                    self.refuse(conn, Refusal::BadProof);
+                    return;
+                }
+                if let Some(c) = self.conns.get_mut(&conn) {
+                    c.state = State::Resuming { key: proof.public_key };
+                }
+                self.outputs.push_back(Output::FindAccount { conn, node: proof.public_key.node_id() });
+            }
+            other => {
+                let Some(Conn { state: State::SignedIn(_), .. }) = self.conns.get(&conn) else {
+                    self.counters.not_signed_in += 1;
+                    self.outputs.push_back(Output::Send(conn, ControlToClient::Refused(Refusal::NotSignedIn)));
+                    return;
+                };
+                self.on_signed_in_message(conn, unix, other);
+            }
+        }
+    }
+
+    fn proof_ok(&self, account: &str, proof: &KeyProof, unix: UnixTime) -> bool {
+        let now_ms = unix.0.saturating_mul(1000);
+        if proof.unix_ms.abs_diff(now_ms) > self.cfg.proof_skew.as_millis() as u64 {
+            return false;
+        }
+        let message = KeyProof::message(account, &proof.public_key, proof.unix_ms, &self.server_fingerprint);
+        proof.public_key.verify(SIGN_IN_CONTEXT, &message, &proof.signature).is_ok()
+    }
+
+    fn refuse(&mut self, conn: ConnId, why: Refusal) {
+        let Some(c) = self.conns.get_mut(&conn) else { return };
+        c.failures += 1;
+        if c.failures >= self.cfg.max_sign_in_failures {
+            self.outputs.push_back(Output::Send(conn, ControlToClient::Refused(Refusal::RateLimited)));
+            self.outputs.push_back(Output::Close(conn, Refusal::RateLimited));
+        } else {
+            self.outputs.push_back(Output::Send(conn, ControlToClient::Refused(why)));
+        }
+    }
+
+    /// The driver's answer to [`Output::Verify`].
+    pub fn on_verdict(&mut self, unix: UnixTime, conn: ConnId, accepted: Option<String>) {
+        let Some(c) = self.conns.get_mut(&conn) else { return };
+        let State::Verifying { key, account } = std::mem::replace(&mut c.state, State::Connected) else { return };
+        match accepted {
+            Some(name) if name == account => self.welcome(conn, unix, name, key),
+            _ => {
+                self.counters.bad_credentials += 1;
+                self.refuse(conn, Refusal::BadCredentials);
+            }
+        }
+    }
+
+    /// The driver's answer to [`Output::FindAccount`]. A node with no saved character cannot
+    /// resume; its client signs in again with its credentials.
+    pub fn on_account(&mut self, unix: UnixTime, conn: ConnId, account: Option<String>) {
+        let Some(c) = self.conns.get_mut(&conn) else { return };
+        let State::Resuming { key } = std::mem::replace(&mut c.state, State::Connected) else { return };
+        match account {
+            Some(account) => self.welcome(conn, unix, account, key),
+            None => {
+                self.counters.bad_tickets += 1;
+                self.refuse(conn, Refusal::BadTicket);
+            }
+        }
+    }
+
+    fn ticket(&self, kind: TicketKind, key: PublicKey, unix: UnixTime, ttl: Duration) -> SignedTicket {
+        TicketBody::new(kind, key, Roles::CLIENT, unix, ttl.as_secs()).sign(&self.identity)
+    }
+
+    fn welcome(&mut self, conn: ConnId, unix: UnixTime, account: String, key: PublicKey) {
+        let node = key.node_id();
+        // A newer sign-in of the same node replaces the old connection.
+        if let Some(old) = self.by_node.get(&node).copied()
+            && old != conn
+        {
+            self.outputs.push_back(Output::Close(old, Refusal::BadTicket));
+            self.on_disconnected(old);
+        }
+        let session = self.ticket(TicketKind::Session, key, unix, self.cfg.session_ttl);
+        let permit = self.ticket(TicketKind::RelayPermit, key, unix, self.cfg.permit_ttl);
+        let Some(c) = self.conns.get_mut(&conn) else { return };
+        c.failures = 0;
+        c.state = State::SignedIn(Box::new(Player {
+            account,
+            key,
+            observed: None,
+            local: Vec::new(),
+            relay_rtts: FxHashMap::default(),
+            position: None,
+            flags: 0,
+            permit_expires: permit.body.expires_at,
+            last_report: None,
+        }));
+        self.by_node.insert(node, conn);
+        self.counters.signed_in += 1;
+        self.outputs.push_back(Output::Send(
+            conn,
+            ControlToClient::Welcome {
+                session: session.encode().to_vec(),
+                permit: permit.encode().to_vec(),
+                relays: self.cfg.relays.clone(),
+                now: unix,
+            },
+        ));
+    }
+
+    fn on_signed_in_message(&mut self, conn: ConnId, unix: UnixTime, msg: ClientToControl) {
+        let Some(c) = self.conns.get_mut(&conn) else { return };
+        let remote = c.remote;
+        let State::SignedIn(p) = &mut c.state else { return };
+        match msg {
+            ClientToControl::CheckIn { local, mesh_port } => {
+                let observed = SocketAddr::new(remote.ip(), mesh_port);
+                p.observed = Some(observed);
+                p.local = local.into_iter().take(8).collect();
+                self.outputs.push_back(Output::Send(conn, ControlToClient::Observed(observed)));
+            }
+            ClientToControl::RelayRtts(rtts) => {
+                p.relay_rtts = rtts.into_iter().take(32).collect();
+            }
+            ClientToControl::Report(report) => {
+                self.counters.reports += 1;
+                if !self.cfg.builds.is_empty() && !self.cfg.builds.contains(&report.build_hash) {
+                    self.counters.unknown_builds += 1;
+                    self.outputs.push_back(Output::Send(conn, ControlToClient::Refused(Refusal::UnknownBuild)));
+                    self.outputs.push_back(Output::Close(conn, Refusal::UnknownBuild));
+                    return;
+                }
+                let pos = Vec3::from_array(report.position);
+                let plausible = pos.is_finite()
+                    && p.position.is_none_or(|(last, at)| {
+                        let dt = report.unix_ms.saturating_sub(at) as f32 / 1000.0;
+                        // A little slack for the clocks between reports.
+                        last.distance(pos) <= self.cfg.max_speed * (dt + 0.25)
+                    });
+                let node = p.key.node_id();
+                if plausible {
+                    p.position = Some((pos, report.unix_ms));
+                    self.outputs.push_back(Output::SaveCharacter(Character {
+                        account: p.account.clone(),
+                        node_id: node.0,
+                        position: pos.as_dvec3().to_array(),
+                        state: report.character.clone(),
+                        updated_ms: (unix.0 * 1000) as i64,
+                    }));
+                } else {
+                    p.flags += 1;
+                    self.counters.implausible += 1;
+                }
+                let cut = p.flags >= self.cfg.max_flags;
+                self.rows.push(ReportRow {
+                    account: p.account.clone(),
+                    node_id: node.0,
+                    seq: report.seq as i64,
+                    received_ms: (unix.0 * 1000) as i64,
+                    status: report.status.clone(),
+                    position: pos.as_dvec3().to_array(),
+                    body: shoal_protocol::codec::encode(&report).unwrap_or_default(),
+                });
+                p.last_report = Some(*report);
+                if plausible {
+                    let _ = self.interest.update(node, pos);
+                }
+                if cut {
+                    self.counters.cut_off += 1;
+                    self.outputs.push_back(Output::Send(conn, ControlToClient::Refused(Refusal::Implausible)));
+                    self.outputs.push_back(Output::Close(conn, Refusal::Implausible));
+                    self.on_disconnected(conn);
+                }
+            }
+            ClientToControl::Keepalive => {}
+            ClientToControl::SignOut => {
+                self.outputs.push_back(Output::Close(conn, Refusal::NotSignedIn));
+                self.on_disconnected(conn);
+            }
+            ClientToControl::SignIn { .. } | ClientToControl::Resume { .. } => {}
+        }
+    }
+
+    /// Runs introductions, presence and permit renewal. Call it at the interest rate (a few
+    /// times a second at most).
+    pub fn tick(&mut self, now: Instant, unix: UnixTime) {
+        let silent: Vec<ConnId> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| now.saturating_duration_since(c.heard) > self.cfg.presence_timeout)
+            .map(|(&id, _)| id)
+            .collect();
+        for conn in silent {
+            self.counters.lost += 1;
+            self.outputs.push_back(Output::Close(conn, Refusal::NotSignedIn));
+            self.on_disconnected(conn);
+        }
+        // Permits with a third of their life left are renewed, except for flagged clients.
+        let renew_before = self.cfg.permit_ttl.as_secs() / 3;
+        let mut renewals = Vec::new();
+        for (&id, c) in &mut self.conns {
+            if let State::SignedIn(p) = &mut c.state
+                && p.flags == 0
+                && p.permit_expires.0.saturating_sub(unix.0) <= renew_before
+            {
+                renewals.push((id, p.key));
+                p.permit_expires = UnixTime(unix.0 + self.cfg.permit_ttl.as_secs());
+            }
+        }
+        renewals.sort_by_key(|r| r.0);
+        for (id, key) in renewals {
+            let permit = self.ticket(TicketKind::RelayPermit, key, unix, self.cfg.permit_ttl);
+            self.outputs.push_back(Output::Send(id, ControlToClient::Permit(permit.encode().to_vec())));
+        }
+        self.interest.tick();
+        self.drain_interest();
+    }
+
+    fn drain_interest(&mut self) {
+        while let Some(e) = self.interest.poll_event() {
+            match e {
+                InterestEvent::Introduce(a, b) => {
+                    for (me, them) in [(a, b), (b, a)] {
+                        if let Some(intro) = self.introduction(me, them)
+                            && let Some(&conn) = self.by_node.get(&me)
+                        {
+                            self.counters.introductions += 1;
+                            self.outputs.push_back(Output::Send(conn, ControlToClient::Introduce(Box::new(intro))));
+                        }
+                    }
+                }
+                InterestEvent::Farewell(a, b) => {
+                    for (me, them) in [(a, b), (b, a)] {
+                        if let Some(&conn) = self.by_node.get(&me) {
+                            self.counters.farewells += 1;
+                            self.outputs.push_back(Output::Send(conn, ControlToClient::Farewell(them)));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn signed_in(&self, node: NodeId) -> Option<&Player> {
+        match &self.conns.get(self.by_node.get(&node)?)?.state {
+            State::SignedIn(p) => Some(p),
+            _ => None,
+        }
+    }
+
+    /// What `me` needs to reach `them`: relays ranked by the sum of both sides' reported RTTs
+    /// to them (unknown counts as a second).
+    fn introduction(&self, me: NodeId, them: NodeId) -> Option<Introduction> {
+        let (a, b) = (self.signed_in(me)?, self.signed_in(them)?);
+        let mut relays = self.cfg.relays.clone();
+        let cost = |r: &RelayInfo| {
+            let rtt = |p: &Player| u64::from(p.relay_rtts.get(&r.id).copied().unwrap_or(1_000_000));
+            rtt(a) + rtt(b)
+        };
+        relays.sort_by_key(|r| (cost(r), r.id));
+        for r in &mut relays {
+            r.rtt_us = u32::try_from(cost(r) / 2).unwrap_or(u32::MAX);
+        }
+        relays.truncate(3);
+        Some(Introduction {
+            peer_key: b.key,
+            observed: b.observed,
+            local: b.local.clone(),
+            relays,
+            profiles: self.cfg.profiles.clone(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::panic)]
+    use super::*;
+
+    const FP: [u8; 32] = [7; 32];
+    const T0: u64 = 1_800_000_000;
+
+    fn core() -> Core {
+        let cfg = CoreConfig {
+            relays: vec![
+                RelayInfo { id: NodeId([1; 8]), addr: "198.51.100.1:7000".parse().unwrap(), rtt_us: 0 },
+                RelayInfo { id: NodeId([2; 8]), addr: "198.51.100.2:7000".parse().unwrap(), rtt_us: 0 },
+            ],
+            profiles: vec![(1, [1; 16])],
+            ..CoreConfig::default()
+        };
+        Core::new(cfg, Identity::from_seed([99; 32]), FP).unwrap()
+    }
+
+    fn proof(id: &Identity, account: &str, unix_ms: u64) -> KeyProof {
+        let m = KeyProof::message(account, &id.public_key(), unix_ms, &FP);
+        KeyProof { public_key: id.public_key(), unix_ms, signature: id.sign(SIGN_IN_CONTEXT, &m) }
+    }
+
+    fn outputs(c: &mut Core) -> Vec<Output> {
+        std::iter::from_fn(|| c.poll_output()).collect()
+    }
+
+    /// Connects and signs `seed`'s identity in as `account`; returns its connection.
+    fn sign_in(c: &mut Core, now: Instant, conn: ConnId, seed: u8, account: &str) -> Identity {
+        let id = Identity::from_seed([seed; 32]);
+        c.on_connected(now, conn, format!("203.0.113.{seed}:5000").parse().unwrap());
+        let msg = ClientToControl::SignIn {
+            account: account.into(),
+            password: "pw".into(),
+            proof: proof(&id, account, T0 * 1000),
+        };
+        c.on_message(now, UnixTime(T0), conn, msg);
+        let out = outputs(c);
+        assert!(matches!(&out[..], [Output::Verify { conn: x, .. }] if *x == conn), "{out:?}");
+        c.on_verdict(UnixTime(T0), conn, Some(account.into()));
+        let out = outputs(c);
+        let [Output::Send(_, ControlToClient::Welcome { session, permit, .. })] = &out[..] else { panic!("{out:?}") };
+        let s = SignedTicket::decode(session).unwrap();
+        s.verify(&c.public_key(), TicketKind::Session, Roles::CLIENT, UnixTime(T0)).unwrap();
+        let p = SignedTicket::decode(permit).unwrap();
+        assert_eq!(p.body.node_id, id.node_id());
+        p.verify(&c.public_key(), TicketKind::RelayPermit, Roles::CLIENT, UnixTime(T0)).unwrap();
+        id
+    }
+
+    fn ticket_for(id: &Identity) -> Vec<u8> {
+        TicketBody::new(TicketKind::Session, id.public_key(), Roles::CLIENT, UnixTime(T0), 3600)
+            .sign(&Identity::from_seed([99; 32]))
+            .encode()
+            .to_vec()
+    }
+
+    fn report(seq: u64, ms: u64, pos: [f32; 3]) -> ClientToControl {
+        ClientToControl::Report(Box::new(Report {
+            seq,
+            unix_ms: ms,
+            status: "playing".into(),
+            app: vec![],
+            build_hash: [0; 32],
+            position: pos,
+            character: vec![seq as u8],
+            game: vec![],
+            links: vec![],
+            lost: vec![],
+        }))
+    }
+
+    #[test]
+    fn sign_in_check_in_and_introductions_then_farewell() {
+        let mut c = core();
+        let t = Instant::now();
+        let a = sign_in(&mut c, t, 1, 10, "ana");
+        let b = sign_in(&mut c, t, 2, 11, "bob");
+        c.on_message(t, UnixTime(T0), 1, ClientToControl::CheckIn { local: vec![], mesh_port: 4000 });
+        assert_eq!(
+            outputs(&mut c),
+            vec![Output::Send(1, ControlToClient::Observed("203.0.113.10:4000".parse().unwrap()))]
+        );
+        c.on_message(t, UnixTime(T0), 2, ClientToControl::RelayRtts(vec![(NodeId([2; 8]), 10_000)]));
+        c.on_message(t, UnixTime(T0), 1, ClientToControl::RelayRtts(vec![(NodeId([2; 8]), 20_000)]));
+        c.on_message(t, UnixTime(T0), 1, report(1, T0 * 1000, [0.0, 0.0, 0.0]));
+        c.on_message(t, UnixTime(T0), 2, report(1, T0 * 1000, [10.0, 0.0, 0.0]));
+        let saved = outputs(&mut c).into_iter().filter(|o| matches!(o, Output::SaveCharacter(_))).count();
+        assert_eq!(saved, 2);
+        assert_eq!(c.take_report_rows().len(), 2);
+        c.tick(t, UnixTime(T0));
+        let out = outputs(&mut c);
+        let intros: Vec<_> = out
+            .iter()
+            .filter_map(|o| match o {
+                Output::Send(conn, ControlToClient::Introduce(i)) => Some((*conn, i.clone())),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(intros.len(), 2, "{out:?}");
+        let to_a = &intros.iter().find(|(conn, _)| *conn == 1).unwrap().1;
+        assert_eq!(to_a.peer_key, b.public_key());
+        assert_eq!(to_a.profiles, vec![(1, [1; 16])]);
+        // Relay 2 is known to both sides, so it ranks first, with half the summed RTT.
+        assert_eq!(to_a.relays[0].id, NodeId([2; 8]));
+        assert_eq!(to_a.relays[0].rtt_us, 15_000);
+        let to_b = &intros.iter().find(|(conn, _)| *conn == 2).unwrap().1;
+        assert_eq!(to_b.peer_key, a.public_key());
+        assert_eq!(to_b.observed, Some("203.0.113.10:4000".parse().unwrap()));
+        // Bob walks away (within the speed limit): farewell to both.
+        for i in 1..=10u64 {
+            c.on_message(t, UnixTime(T0), 2, report(1 + i, T0 * 1000 + i * 1000, [10.0 + 10.0 * i as f32, 0.0, 0.0]));
+        }
+        outputs(&mut c);
+        c.tick(t, UnixTime(T0));
+        let out = outputs(&mut c);
+        assert!(out.contains(&Output::Send(1, ControlToClient::Farewell(b.node_id()))), "{out:?}");
+        assert!(out.contains(&Output::Send(2, ControlToClient::Farewell(a.node_id()))), "{out:?}");
+        assert_eq!(c.counters().implausible, 0);
+    }
+
+    #[test]
+    fn bad_proofs_credentials_and_early_messages_are_refused_and_counted() {
+        let mut c = core();
+        let t = Instant::now();
+        let id = Identity::from_seed([5; 32]);
+        c.on_connected(t, 1, "203.0.113.5:1".parse().unwrap());
+        // Before sign-in.
+        c.on_message(t, UnixTime(T0), 1, ClientToControl::Keepalive);
+        assert_eq!(outputs(&mut c), vec![Output::Send(1, ControlToClient::Refused(Refusal::NotSignedIn))]);
+        // A proof for another account, one too old, one for another server.
+        let other_account = proof(&id, "eve", T0 * 1000);
+        let stale = proof(&id, "ana", (T0 - 120) * 1000);
+        let mut other_server = proof(&id, "ana", T0 * 1000);
+        other_server.signature =
+            id.sign(SIGN_IN_CONTEXT, &KeyProof::message("ana", &id.public_key(), T0 * 1000, &[8; 32]));
+        for p in [other_account, stale, other_server] {
+            c.on_message(
+                t,
+                UnixTime(T0),
+                1,
+                ClientToControl::SignIn { account: "ana".into(), password: "pw".into(), proof: p },
+            );
+            assert_eq!(outputs(&mut c), vec![Output::Send(1, ControlToClient::Refused(Refusal::BadProof))]);
+        }
+        // Wrong password: the verdict says no.
+        c.on_message(
+            t,
+            UnixTime(T0),
+            1,
+            ClientToControl::SignIn {
+                account: "ana".into(),
+                password: "x".into(),
+                proof: proof(&id, "ana", T0 * 1000),
+            },
+        );
+        outputs(&mut c);
+        c.on_verdict(UnixTime(T0), 1, None);
+        assert_eq!(outputs(&mut c), vec![Output::Send(1, ControlToClient::Refused(Refusal::BadCredentials))]);
+        // The fifth failure closes the connection.
+        c.on_message(
+            t,
+            UnixTime(T0),
+            1,
+            ClientToControl::SignIn {
+                account: "ana".into(),
+                password: "x".into(),
+                proof: proof(&id, "ana", T0 * 1000),
+            },
+        );
+        outputs(&mut c);
+        c.on_verdict(UnixTime(T0), 1, None);
+        let out = outputs(&mut c);
+        assert!(out.contains(&Output::Close(1, Refusal::RateLimited)), "{out:?}");
+        let k = c.counters();
+        assert_eq!((k.bad_proofs, k.bad_credentials, k.not_signed_in), (3, 2, 1));
+        c.on_malformed(1);
+        assert_eq!(c.counters().malformed, 1);
+    }
+
+    #[test]
+    fn forged_and_expired_tickets_do_not_resume() {
+        let mut c = core();
+        let t = Instant::now();
+        let id = sign_in(&mut c, t, 1, 10, "ana");
+        // A genuine ticket resumes on a new connection, replacing the old one.
+        let session = TicketBody::new(TicketKind::Session, id.public_key(), Roles::CLIENT, UnixTime(T0), 3600)
+            .sign(&Identity::from_seed([99; 32]));
+        c.on_connected(t, 2, "203.0.113.10:6000".parse().unwrap());
+        c.on_message(
+            t,
+            UnixTime(T0),
+            2,
+            ClientToControl::Resume { session: session.encode().to_vec(), proof: proof(&id, "", T0 * 1000) },
+        );
+        assert_eq!(outputs(&mut c), vec![Output::FindAccount { conn: 2, node: id.node_id() }]);
+        c.on_account(UnixTime(T0), 2, Some("ana".into()));
+        let out = outputs(&mut c);
+        assert!(out.contains(&Output::Close(1, Refusal::BadTicket)), "{out:?}");
+        assert!(out.iter().any(|o| matches!(o, Output::Send(2, ControlToClient::Welcome { .. }))), "{out:?}");
+        // Forged (signed by someone else), expired, and another key's ticket.
+        let forged = TicketBody::new(TicketKind::Session, id.public_key(), Roles::CLIENT, UnixTime(T0), 3600)
+            .sign(&Identity::from_seed([1; 32]));
+        let expired = TicketBody::new(TicketKind::Session, id.public_key(), Roles::CLIENT, UnixTime(T0 - 7200), 3600)
+            .sign(&Identity::from_seed([99; 32]));
+        let other = Identity::from_seed([12; 32]);
+        for (n, ticket, key) in [(3, forged, &id), (4, expired, &id), (5, session, &other)] {
+            c.on_connected(t, n, "203.0.113.10:7000".parse().unwrap());
+            c.on_message(
+                t,
+                UnixTime(T0),
+                n,
+                ClientToControl::Resume { session: ticket.encode().to_vec(), proof: proof(key, "", T0 * 1000) },
+            );
+            assert_eq!(outputs(&mut c), vec![Output::Send(n, ControlToClient::Refused(Refusal::BadTicket))]);
+        }
+        assert_eq!(c.counters().bad_tickets, 3);
+        assert_eq!(c.player(id.node_id()).unwrap().account, "ana");
+        // A node the store knows no account for cannot resume.
+        c.on_connected(t, 6, "203.0.113.10:7001".parse().unwrap());
+        c.on_message(
+            t,
+            UnixTime(T0),
+            6,
+            ClientToControl::Resume { session: ticket_for(&other), proof: proof(&other, "", T0 * 1000) },
+        );
+        assert_eq!(outputs(&mut c), vec![Output::FindAccount { conn: 6, node: other.node_id() }]);
+        c.on_account(UnixTime(T0), 6, None);
+        assert_eq!(outputs(&mut c), vec![Output::Send(6, ControlToClient::Refused(Refusal::BadTicket))]);
+    }
+
+    #[test]
+    fn teleports_are_flagged_and_repeat_offenders_cut_off_without_a_new_permit() {
+        let mut c = core();
+        let t = Instant::now();
+        sign_in(&mut c, t, 1, 10, "ana");
+        c.on_message(t, UnixTime(T0), 1, report(1, T0 * 1000, [0.0, 0.0, 0.0]));
+        // 500 units in one second at a 20/s limit, three times.
+        for i in 1..=3u64 {
+            c.on_message(t, UnixTime(T0), 1, report(1 + i, T0 * 1000 + i * 1000, [500.0 * i as f32, 0.0, 0.0]));
+        }
+        let out = outputs(&mut c);
+        assert!(out.contains(&Output::Close(1, Refusal::Implausible)), "{out:?}");
+        assert_eq!(c.counters().implausible, 3);
+        assert_eq!(c.counters().cut_off, 1);
+        assert_eq!(c.players(), 0);
+        // Its permit is not renewed: it is gone.
+        c.tick(t, UnixTime(T0 + 500));
+        assert!(!outputs(&mut c).iter().any(|o| matches!(o, Output::Send(1, ControlToClient::Permit(_)))));
+    }
+
+    #[test]
+    fn permits_are_renewed_before_they_lapse_and_silence_is_a_lost_client() {
+        let mut c = core();
+        let t = Instant::now();
+        sign_in(&mut c, t, 1, 10, "ana");
+        // Permit TTL 600 s: at 450 s a third is left.
+        c.on_message(t + Duration::from_secs(10), UnixTime(T0 + 450), 1, ClientToControl::Keepalive);
+        c.tick(t + Duration::from_secs(10), UnixTime(T0 + 450));
+        let out = outputs(&mut c);
+        let [Output::Send(1, ControlToClient::Permit(p))] = &out[..] else { panic!("{out:?}") };
+        let p = SignedTicket::decode(p).unwrap();
+        assert_eq!(p.body.expires_at, UnixTime(T0 + 450 + 600));
+        // Nothing for longer than the presence timeout.
+        c.tick(t + Duration::from_secs(30), UnixTime(T0 + 470));
+        assert_eq!(outputs(&mut c), vec![Output::Close(1, Refusal::NotSignedIn)]);
+        assert_eq!(c.counters().lost, 1);
+        assert_eq!(c.players(), 0);
+    }
+}
