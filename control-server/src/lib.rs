@@ -6,11 +6,12 @@
 //! which players are introduced to each other and when they are dismissed; [`store`] keeps
 //! accounts, characters and report history in SQLite or PostgreSQL; [`auth`] checks sign-ins
 //! (argon2id, or the operator's own [`auth::Authenticator`]); [`tls`] makes and keeps the
-//! server's certificate and lets clients pin it.
+//! server's certificate and lets clients pin it; [`server`] runs the core on real QUIC.
 
 pub mod auth;
 pub mod core;
 pub mod interest;
+pub mod server;
 pub mod store;
 pub mod synthetic;
 pub mod tls;

@@ -1,0 +1,295 @@
+//! The control server on real QUIC: the tokio driver around [`Core`].
+//!
+//! Each client opens one bidirectional stream and sends length-prefixed frames (a u32
+//! big-endian length, then a [`shoal_protocol::codec`] frame of at most
+//! [`MAX_CONTROL_FRAME`] bytes); the server answers on the same stream. One task owns the core
+//! and is fed by the connections' reader tasks; sign-in checks and account look-ups run on
+//! their own tasks and come back as events, so a slow hash never holds up other clients.
+//! Report rows and character saves are written to the [`Store`] in batches on each tick.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rustc_hash::FxHashMap;
+use shoal_protocol::codec::{decode, encode};
+use shoal_protocol::control::{ClientToControl, ControlToClient, MAX_CONTROL_FRAME};
+use shoal_protocol::{Identity, UnixTime};
+use tokio::sync::{mpsc, watch};
+
+use crate::auth::{Authenticator, Verdict};
+use crate::core::{ConnId, Core, CoreConfig, CoreCounters, Output};
+use crate::store::{Character, Store};
+use crate::tls::{ServerIdentity, TlsError};
+
+/// How often the core ticks (introductions, presence, permits, persistence).
+pub const TICK: Duration = Duration::from_millis(250);
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// TLS setup failed.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The socket could not be bound.
+    #[error("binding {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The core's configuration is invalid.
+    #[error("interest config: {0}")]
+    Config(String),
+}
+
+/// What the server needs.
+#[derive(Debug)]
+pub struct ServerConfig {
+    /// Where to listen for QUIC.
+    pub listen: SocketAddr,
+    /// The control key that signs tickets.
+    pub identity: Identity,
+    /// The TLS certificate.
+    pub tls: ServerIdentity,
+    /// The core's behaviour.
+    pub core: CoreConfig,
+    /// History older than this is pruned.
+    pub retention: Duration,
+}
+
+enum Event {
+    Connected(ConnId, SocketAddr, mpsc::UnboundedSender<ControlToClient>),
+    Frame(ConnId, Vec<u8>),
+    Malformed(ConnId),
+    Disconnected(ConnId),
+    Verdict(ConnId, Option<String>),
+    Account(ConnId, Option<String>),
+}
+
+/// A running server. Dropping it does not stop it; call [`ServerHandle::shutdown`].
+#[derive(Debug)]
+pub struct ServerHandle {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    counters: watch::Receiver<CoreCounters>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ServerHandle {
+    /// The core's counters, as of its last turn.
+    pub fn counters(&self) -> CoreCounters {
+        *self.counters.borrow()
+    }
+
+    /// Stops accepting, closes every connection, writes what is pending and waits.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+}
+
+fn unix_now() -> UnixTime {
+    UnixTime(SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()))
+}
+
+/// Starts the server.
+pub fn start(cfg: ServerConfig, store: Store, auth: Arc<dyn Authenticator>) -> Result<ServerHandle, ServerError> {
+    let fingerprint = cfg.tls.fingerprint();
+    let endpoint = quinn::Endpoint::server(cfg.tls.server_config()?, cfg.listen)
+        .map_err(|source| ServerError::Bind { addr: cfg.listen, source })?;
+    let addr = endpoint.local_addr().map_err(|source| ServerError::Bind { addr: cfg.listen, source })?;
+    let core = Core::new(cfg.core, cfg.identity, fingerprint).map_err(|e| ServerError::Config(e.to_string()))?;
+    let (stop, stop_rx) = watch::channel(false);
+    let (counters_tx, counters) = watch::channel(CoreCounters::default());
+    let task = tokio::spawn(run(endpoint, core, store, auth, cfg.retention, stop_rx, counters_tx));
+    Ok(ServerHandle { addr, stop, counters, task })
+}
+
+async fn run(
+    endpoint: quinn::Endpoint,
+    mut core: Core,
+    store: Store,
+    auth: Arc<dyn Authenticator>,
+    retention: Duration,
+    mut stop: watch::Receiver<bool>,
+    counters: watch::Sender<CoreCounters>,
+) {
+    let (events, mut rx) = mpsc::unbounded_channel();
+    let mut writers: FxHashMap<ConnId, mpsc::UnboundedSender<ControlToClient>> = FxHashMap::default();
+    let mut next_conn: ConnId = 1;
+    let mut tick = tokio::time::interval(TICK);
+    let mut characters: FxHashMap<String, Character> = FxHashMap::default();
+    let mut last_prune = Instant::now();
+    loop {
+        tokio::select! {
+            biased;
+            _ = stop.changed() => break,
+            incoming = endpoint.accept() => {
+                let Some(incoming) = incoming else { break };
+                let conn = next_conn;
+                next_conn += 1;
+                let events = events.clone();
+                tokio::spawn(async move {
+                    let Ok(connection) = incoming.await else { return };
+                    serve(conn, connection, events).await;
+                });
+            }
+            Some(event) = rx.recv() => {
+                let (now, unix) = (Instant::now(), unix_now());
+                match event {
+                    Event::Connected(conn, remote, writer) => {
+                        writers.insert(conn, writer);
+                        core.on_connected(now, conn, remote);
+                    }
+                    Event::Frame(conn, frame) => match decode::<ClientToControl>(&frame, MAX_CONTROL_FRAME) {
+                        Ok(msg) => core.on_message(now, unix, conn, msg),
+                        Err(_) => core.on_malformed(conn),
+                    },
+                    Event::Malformed(conn) => core.on_malformed(conn),
+                    Event::Disconnected(conn) => {
+                        writers.remove(&conn);
+                        core.on_disconnected(conn);
+                    }
+                    Event::Verdict(conn, account) => core.on_verdict(unix, conn, account),
+                    Event::Account(conn, account) => core.on_account(unix, conn, account),
+                }
+            }
+            _ = tick.tick() => {
+                core.tick(Instant::now(), unix_now());
+                let _ = persist(&store, &mut core, &mut characters);
+                if last_prune.elapsed() >= Duration::from_secs(60) {
+                    last_prune = Instant::now();
+                    let before = (unix_now().0 as i64 - retention.as_secs() as i64) * 1000;
+                    let store = store.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = store.prune_reports(before).await {
+                            tracing::warn!("pruning reports: {e}");
+                        }
+                    });
+                }
+            }
+        }
+        while let Some(out) = core.poll_output() {
+            match out {
+                Output::Send(conn, msg) => {
+                    if let Some(w) = writers.get(&conn) {
+                        let _ = w.send(msg);
+                    }
+                }
+                Output::Verify { conn, account, password } => {
+                    let (auth, events) = (auth.clone(), events.clone());
+                    tokio::spawn(async move {
+                        let verdict = match auth.verify(&account, &password).await {
+                            Ok(Verdict::Accepted(name)) => Some(name),
+                            Ok(Verdict::Refused) => None,
+                            Err(e) => {
+                                tracing::warn!("sign-in check for {account}: {e}");
+                                None
+                            }
+                        };
+                        let _ = events.send(Event::Verdict(conn, verdict));
+                    });
+                }
+                Output::FindAccount { conn, node } => {
+                    let (store, events) = (store.clone(), events.clone());
+                    tokio::spawn(async move {
+                        let account = store.account_of_node(node.0).await.ok().flatten();
+                        let _ = events.send(Event::Account(conn, account));
+                    });
+                }
+                Output::Close(conn, _) => {
+                    // The writer ends the stream after what is queued; the connection closes
+                    // when the client has read it (or on the presence timeout).
+                    writers.remove(&conn);
+                }
+                Output::SaveCharacter(c) => {
+                    characters.insert(c.account.clone(), c);
+                }
+            }
+        }
+        let _ = counters.send(core.counters());
+    }
+    // Shutdown: refuse new connections, tell clients, write what is pending.
+    endpoint.close(0u32.into(), b"shutting down");
+    if let Some(last) = persist(&store, &mut core, &mut characters) {
+        let _ = last.await;
+    }
+    endpoint.wait_idle().await;
+    let _ = counters.send(core.counters());
+}
+
+/// Hands pending report rows and character saves to the store on their own task.
+fn persist(
+    store: &Store,
+    core: &mut Core,
+    characters: &mut FxHashMap<String, Character>,
+) -> Option<tokio::task::JoinHandle<()>> {
+    let rows = core.take_report_rows();
+    let chars: Vec<Character> = characters.drain().map(|(_, c)| c).collect();
+    if rows.is_empty() && chars.is_empty() {
+        return None;
+    }
+    let store = store.clone();
+    Some(tokio::spawn(async move {
+        if let Err(e) = store.insert_reports(&rows).await {
+            tracing::warn!("persisting {} reports: {e}", rows.len());
+        }
+        for c in chars {
+            if let Err(e) = store.save_character(&c).await {
+                tracing::warn!("saving character {}: {e}", c.account);
+            }
+        }
+    }))
+}
+
+/// One client connection: reads frames from its first bi-stream into the core's events and
+/// writes what the core sends it.
+async fn serve(conn: ConnId, connection: quinn::Connection, events: mpsc::UnboundedSender<Event>) {
+    let remote = connection.remote_address();
+    let Ok((mut send, mut recv)) = connection.accept_bi().await else { return };
+    let (tx, mut out) = mpsc::unbounded_channel::<ControlToClient>();
+    if events.send(Event::Connected(conn, remote, tx)).is_err() {
+        return;
+    }
+    let closer = connection.clone();
+    let writer = tokio::spawn(async move {
+        while let Some(msg) = out.recv().await {
+            let Ok(frame) = encode(&msg) else { continue };
+            let mut buf = Vec::with_capacity(4 + frame.len());
+            buf.extend_from_slice(&(frame.len() as u32).to_be_bytes());
+            buf.extend_from_slice(&frame);
+            if send.write_all(&buf).await.is_err() {
+                return;
+            }
+        }
+        // The core closed this client: end the stream so it reads what was sent, then close.
+        let _ = send.finish();
+        let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
+        closer.close(0u32.into(), b"closed by the control server");
+    });
+    loop {
+        let mut len = [0u8; 4];
+        if recv.read_exact(&mut len).await.is_err() {
+            break;
+        }
+        let len = u32::from_be_bytes(len) as usize;
+        if len > MAX_CONTROL_FRAME {
+            // Refused before reading it; the stream cannot be resynchronised, so it ends.
+            let _ = events.send(Event::Malformed(conn));
+            break;
+        }
+        let mut frame = vec![0u8; len];
+        if recv.read_exact(&mut frame).await.is_err() {
+            break;
+        }
+        if events.send(Event::Frame(conn, frame)).is_err() {
+            break;
+        }
+    }
+    let _ = events.send(Event::Disconnected(conn));
+    let _ = writer.await;
+    connection.close(0u32.into(), b"bye");
+}

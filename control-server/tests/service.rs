@@ -1,0 +1,235 @@
+//! The control server on real QUIC on loopback: players sign in, are introduced when their
+//! reports put them near each other and dismissed when they part; every rejection path
+//! answers with its refusal; garbage and oversized frames are refused; and after a restart on
+//! the same database and certificate, clients resume with their session tickets and their
+//! characters are intact.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use shoal_control::auth::{HashCost, StoreAccounts};
+use shoal_control::core::CoreConfig;
+use shoal_control::server::{self, ServerConfig, ServerHandle};
+use shoal_control::store::Store;
+use shoal_control::tls::{self, ServerIdentity, Trust};
+use shoal_protocol::codec::{decode, encode};
+use shoal_protocol::control::{
+    ClientToControl, ControlToClient, KeyProof, MAX_CONTROL_FRAME, Refusal, RelayInfo, Report, SIGN_IN_CONTEXT,
+};
+use shoal_protocol::{Identity, NodeId};
+use tokio::time::timeout;
+
+const WAIT: Duration = Duration::from_secs(5);
+
+fn unix_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64
+}
+
+struct Client {
+    conn: quinn::Connection,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    id: Identity,
+    fingerprint: [u8; 32],
+}
+
+impl Client {
+    async fn connect(addr: SocketAddr, fingerprint: [u8; 32], seed: u8) -> Client {
+        let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        ep.set_default_client_config(tls::client_config(&Trust::Pinned(fingerprint)).unwrap());
+        let conn = ep.connect(addr, tls::SERVER_NAME).unwrap().await.unwrap();
+        let (send, recv) = conn.open_bi().await.unwrap();
+        Client { conn, send, recv, id: Identity::from_seed([seed; 32]), fingerprint }
+    }
+
+    async fn raw(&mut self, bytes: &[u8]) {
+        self.send.write_all(bytes).await.unwrap();
+    }
+
+    async fn send(&mut self, m: &ClientToControl) {
+        let f = encode(m).unwrap();
+        let mut b = (f.len() as u32).to_be_bytes().to_vec();
+        b.extend_from_slice(&f);
+        self.raw(&b).await;
+    }
+
+    async fn next(&mut self) -> Option<ControlToClient> {
+        let mut len = [0u8; 4];
+        timeout(WAIT, self.recv.read_exact(&mut len)).await.ok()?.ok()?;
+        let mut f = vec![0u8; u32::from_be_bytes(len) as usize];
+        timeout(WAIT, self.recv.read_exact(&mut f)).await.ok()?.ok()?;
+        Some(decode(&f, MAX_CONTROL_FRAME).unwrap())
+    }
+
+    /// The next message matching `f`, skipping others (permits, observed addresses).
+    async fn expect<T>(&mut self, f: impl Fn(&ControlToClient) -> Option<T>) -> T {
+        loop {
+            let m = self.next().await.expect("no message from the control server");
+            if let Some(t) = f(&m) {
+                return t;
+            }
+        }
+    }
+
+    fn proof(&self, account: &str) -> KeyProof {
+        let ms = unix_ms();
+        let m = KeyProof::message(account, &self.id.public_key(), ms, &self.fingerprint);
+        KeyProof { public_key: self.id.public_key(), unix_ms: ms, signature: self.id.sign(SIGN_IN_CONTEXT, &m) }
+    }
+
+    async fn sign_in(&mut self, account: &str, password: &str) -> ControlToClient {
+        let proof = self.proof(account);
+        self.send(&ClientToControl::SignIn { account: account.into(), password: password.into(), proof }).await;
+        self.next().await.unwrap()
+    }
+
+    async fn report(&mut self, seq: u64, pos: [f32; 3], character: &[u8]) {
+        let r = Report {
+            seq,
+            unix_ms: unix_ms(),
+            status: "playing".into(),
+            app: vec![],
+            build_hash: [0; 32],
+            position: pos,
+            character: character.to_vec(),
+            game: vec![],
+            links: vec![],
+            lost: vec![],
+        };
+        self.send(&ClientToControl::Report(Box::new(r))).await;
+    }
+}
+
+struct Setup {
+    dir: std::path::PathBuf,
+    store: Store,
+}
+
+impl Setup {
+    async fn new(name: &str) -> Setup {
+        let dir = std::env::temp_dir().join(format!("shoal-service-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let store = Store::open(&format!("sqlite:{}", dir.join("control.db").display())).await.unwrap();
+        Setup { dir, store }
+    }
+
+    async fn start(&self) -> (ServerHandle, [u8; 32]) {
+        let tls = ServerIdentity::load_or_create(&self.dir).unwrap();
+        let fp = tls.fingerprint();
+        let accounts = StoreAccounts::new(self.store.clone(), HashCost { memory_kib: 256, iterations: 1 }).unwrap();
+        accounts.create("ana", "ana-pw", 1).await.unwrap();
+        accounts.create("bob", "bob-pw", 1).await.unwrap();
+        let core = CoreConfig {
+            relays: vec![RelayInfo { id: NodeId([1; 8]), addr: "127.0.0.1:7000".parse().unwrap(), rtt_us: 0 }],
+            profiles: vec![(1, [1; 16])],
+            ..CoreConfig::default()
+        };
+        let cfg = ServerConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            identity: Identity::from_seed([77; 32]),
+            tls,
+            core,
+            retention: Duration::from_secs(3600),
+        };
+        (server::start(cfg, self.store.clone(), Arc::new(accounts)).unwrap(), fp)
+    }
+}
+
+#[tokio::test]
+async fn neighbours_are_introduced_and_dismissed_over_quic() {
+    let setup = Setup::new("intro").await;
+    let (server, fp) = setup.start().await;
+    let mut a = Client::connect(server.addr, fp, 1).await;
+    let mut b = Client::connect(server.addr, fp, 2).await;
+    assert!(matches!(a.sign_in("ana", "ana-pw").await, ControlToClient::Welcome { .. }));
+    assert!(matches!(b.sign_in("bob", "bob-pw").await, ControlToClient::Welcome { .. }));
+    a.send(&ClientToControl::CheckIn { local: vec!["10.0.0.1:4000".parse().unwrap()], mesh_port: 4000 }).await;
+    let observed = a.expect(|m| if let ControlToClient::Observed(o) = m { Some(*o) } else { None }).await;
+    assert_eq!(observed, "127.0.0.1:4000".parse().unwrap());
+    a.report(1, [0.0, 0.0, 0.0], b"ana").await;
+    b.report(1, [5.0, 0.0, 0.0], b"bob").await;
+    let to_a = a.expect(|m| if let ControlToClient::Introduce(i) = m { Some(i.clone()) } else { None }).await;
+    let to_b = b.expect(|m| if let ControlToClient::Introduce(i) = m { Some(i.clone()) } else { None }).await;
+    assert_eq!(to_a.peer_key, b.id.public_key());
+    assert_eq!(to_b.peer_key, a.id.public_key());
+    assert_eq!(to_b.observed, Some(observed));
+    assert_eq!(to_b.local, vec!["10.0.0.1:4000".parse::<SocketAddr>().unwrap()]);
+    assert_eq!(to_a.relays[0].id, NodeId([1; 8]));
+    assert_eq!(to_a.profiles, vec![(1, [1; 16])]);
+    // Bob walks away at 16 units/s (the limit is 20) until past the 60-unit leave radius.
+    for i in 1..=16u64 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        b.report(1 + i, [5.0 + 4.0 * i as f32, 0.0, 0.0], b"bob").await;
+    }
+    let gone = a.expect(|m| if let ControlToClient::Farewell(n) = m { Some(*n) } else { None }).await;
+    assert_eq!(gone, b.id.node_id());
+    let gone = b.expect(|m| if let ControlToClient::Farewell(n) = m { Some(*n) } else { None }).await;
+    assert_eq!(gone, a.id.node_id());
+    let k = server.counters();
+    assert_eq!((k.signed_in, k.introductions, k.farewells, k.implausible), (2, 2, 2, 0));
+    a.conn.close(0u32.into(), b"");
+    b.conn.close(0u32.into(), b"");
+    server.shutdown().await;
+    setup.store.close().await;
+}
+
+#[tokio::test]
+async fn every_rejection_gets_its_refusal() {
+    let setup = Setup::new("reject").await;
+    let (server, fp) = setup.start().await;
+    let mut c = Client::connect(server.addr, fp, 3).await;
+    // Before signing in.
+    c.send(&ClientToControl::Keepalive).await;
+    assert_eq!(c.next().await, Some(ControlToClient::Refused(Refusal::NotSignedIn)));
+    // Wrong password, unknown account, a proof for another account.
+    assert_eq!(c.sign_in("ana", "nope").await, ControlToClient::Refused(Refusal::BadCredentials));
+    assert_eq!(c.sign_in("zed", "ana-pw").await, ControlToClient::Refused(Refusal::BadCredentials));
+    let proof = c.proof("bob");
+    c.send(&ClientToControl::SignIn { account: "ana".into(), password: "ana-pw".into(), proof }).await;
+    assert_eq!(c.next().await, Some(ControlToClient::Refused(Refusal::BadProof)));
+    // A resume with a forged ticket.
+    let proof = c.proof("");
+    c.send(&ClientToControl::Resume { session: vec![0; 124], proof }).await;
+    assert_eq!(c.next().await, Some(ControlToClient::Refused(Refusal::BadTicket)));
+    // Random bytes and a truncated message, framed: refused, and the connection stays usable.
+    c.raw(&[0, 0, 0, 5, 1, 0xff, 0xfe, 0xfd, 0xfc]).await;
+    assert_eq!(c.next().await, Some(ControlToClient::Refused(Refusal::Malformed)));
+    let good = encode(&ClientToControl::Keepalive).unwrap();
+    c.raw(&[0, 0, 0, 1, good[0]]).await;
+    assert_eq!(c.next().await, Some(ControlToClient::Refused(Refusal::Malformed)));
+    // An oversized frame is refused before it is read, and the connection ends.
+    c.raw(&(MAX_CONTROL_FRAME as u32 + 1).to_be_bytes()).await;
+    assert_eq!(c.next().await, Some(ControlToClient::Refused(Refusal::Malformed)));
+    assert_eq!(c.next().await, None, "the stream ends after an oversized frame");
+    let k = server.counters();
+    assert_eq!((k.not_signed_in, k.bad_credentials, k.bad_proofs, k.bad_tickets, k.malformed), (1, 2, 1, 1, 3));
+    server.shutdown().await;
+    setup.store.close().await;
+}
+
+#[tokio::test]
+async fn after_a_restart_clients_resume_and_characters_are_intact() {
+    let setup = Setup::new("restart").await;
+    let (server, fp) = setup.start().await;
+    let mut a = Client::connect(server.addr, fp, 4).await;
+    let ControlToClient::Welcome { session, .. } = a.sign_in("ana", "ana-pw").await else { panic!() };
+    a.report(1, [3.0, 0.0, 4.0], b"hp=10;gold=7").await;
+    // Let a tick persist it, then stop the server.
+    tokio::time::sleep(server::TICK * 3).await;
+    server.shutdown().await;
+    let (server, fp2) = setup.start().await;
+    assert_eq!(fp, fp2, "the certificate is kept across restarts");
+    let mut again = Client::connect(server.addr, fp2, 4).await;
+    let proof = again.proof("");
+    again.send(&ClientToControl::Resume { session, proof }).await;
+    assert!(matches!(again.next().await, Some(ControlToClient::Welcome { .. })));
+    let c = setup.store.load_character("ana").await.unwrap().expect("character saved");
+    assert_eq!(c.state, b"hp=10;gold=7");
+    assert_eq!(c.position, [3.0, 0.0, 4.0]);
+    server.shutdown().await;
+    setup.store.close().await;
+}
