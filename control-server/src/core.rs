@@ -131,6 +131,68 @@ pub struct CoreCounters {
     pub farewells: u64,
 }
 
+/// One player in the live-state API.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct PlayerState {
+    /// Node id, hex.
+    pub node: String,
+    /// Account.
+    pub account: String,
+    /// Last plausible position.
+    pub position: Option<[f32; 3]>,
+    /// Address the server observed.
+    pub observed: Option<SocketAddr>,
+    /// The status word of its latest report.
+    pub status: Option<String>,
+    /// Implausible reports so far.
+    pub flags: u32,
+    /// Current neighbours, hex node ids.
+    pub neighbours: Vec<String>,
+}
+
+/// One link a player reported, in the live-state API.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct LinkState {
+    /// The reporting player, hex.
+    pub from: String,
+    /// The peer, hex.
+    pub to: String,
+    /// The VC id.
+    pub vc: u32,
+    /// "direct", "relayed" or "multi-relay".
+    pub path: &'static str,
+    /// Relays on the path, hex.
+    pub relays: Vec<String>,
+    /// RTT, milliseconds.
+    pub rtt_ms: f32,
+    /// Loss, 0..1.
+    pub loss: f32,
+    /// Bytes per second each way.
+    pub send_bps: u32,
+    /// Bytes per second received.
+    pub recv_bps: u32,
+}
+
+/// The live state, as the dashboard reads it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Snapshot {
+    /// Signed-in players.
+    pub players: Vec<PlayerState>,
+    /// Links from the players' latest reports.
+    pub links: Vec<LinkState>,
+    /// Known relays.
+    pub relays: Vec<RelayState>,
+}
+
+/// A relay in the live-state API.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct RelayState {
+    /// Node id, hex.
+    pub node: String,
+    /// Where it listens.
+    pub addr: SocketAddr,
+}
+
 /// A signed-in player, as [`Core::player`] shows it.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct PlayerView<'a> {
@@ -236,6 +298,46 @@ impl Core {
             report: p.last_report.as_ref(),
             flags: p.flags,
         })
+    }
+
+    /// The live state: players, their reported links, relays.
+    pub fn snapshot(&self) -> Snapshot {
+        let hex = |n: NodeId| shoal_protocol::identity::to_hex(&n.0);
+        let mut players = Vec::new();
+        let mut links = Vec::new();
+        let mut nodes: Vec<(&NodeId, &ConnId)> = self.by_node.iter().collect();
+        nodes.sort();
+        for (&node, conn) in nodes {
+            let Some(Conn { state: State::SignedIn(p), .. }) = self.conns.get(conn) else { continue };
+            players.push(PlayerState {
+                node: hex(node),
+                account: p.account.clone(),
+                position: p.position.map(|(v, _)| v.to_array()),
+                observed: p.observed,
+                status: p.last_report.as_ref().map(|r| r.status.clone()),
+                flags: p.flags,
+                neighbours: self.interest.neighbours(node).map(hex).collect(),
+            });
+            for l in p.last_report.iter().flat_map(|r| &r.links) {
+                links.push(LinkState {
+                    from: hex(node),
+                    to: hex(l.peer),
+                    vc: l.vc,
+                    path: match l.path_kind {
+                        0 => "direct",
+                        1 => "relayed",
+                        _ => "multi-relay",
+                    },
+                    relays: l.relays.iter().map(|r| hex(*r)).collect(),
+                    rtt_ms: l.rtt_us as f32 / 1000.0,
+                    loss: l.loss,
+                    send_bps: l.send_bps,
+                    recv_bps: l.recv_bps,
+                });
+            }
+        }
+        let relays = self.cfg.relays.iter().map(|r| RelayState { node: hex(r.id), addr: r.addr }).collect();
+        Snapshot { players, links, relays }
     }
 
     /// The next thing to do.

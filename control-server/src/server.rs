@@ -15,10 +15,10 @@ use rustc_hash::FxHashMap;
 use shoal_protocol::codec::{decode, encode};
 use shoal_protocol::control::{ClientToControl, ControlToClient, MAX_CONTROL_FRAME};
 use shoal_protocol::{Identity, UnixTime};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::auth::{Authenticator, Verdict};
-use crate::core::{ConnId, Core, CoreConfig, CoreCounters, Output};
+use crate::core::{ConnId, Core, CoreConfig, CoreCounters, Output, Snapshot};
 use crate::store::{Character, Store};
 use crate::tls::{ServerIdentity, TlsError};
 
@@ -66,6 +66,37 @@ enum Event {
     Disconnected(ConnId),
     Verdict(ConnId, Option<String>),
     Account(ConnId, Option<String>),
+    Snapshot(oneshot::Sender<Snapshot>),
+}
+
+/// What the server publishes after each turn.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// The core's counters.
+    pub counters: CoreCounters,
+    /// Signed-in players.
+    pub players: usize,
+}
+
+/// A cloneable handle for reading a running server's state (the HTTP API uses it).
+#[derive(Debug, Clone)]
+pub struct ServerClient {
+    events: mpsc::UnboundedSender<Event>,
+    stats: watch::Receiver<Stats>,
+}
+
+impl ServerClient {
+    /// Counters and gauges as of the core's last turn.
+    pub fn stats(&self) -> Stats {
+        *self.stats.borrow()
+    }
+
+    /// The live state; `None` once the server has stopped.
+    pub async fn snapshot(&self) -> Option<Snapshot> {
+        let (tx, rx) = oneshot::channel();
+        self.events.send(Event::Snapshot(tx)).ok()?;
+        rx.await.ok()
+    }
 }
 
 /// A running server. Dropping it does not stop it; call [`ServerHandle::shutdown`].
@@ -74,14 +105,19 @@ pub struct ServerHandle {
     /// Where it listens.
     pub addr: SocketAddr,
     stop: watch::Sender<bool>,
-    counters: watch::Receiver<CoreCounters>,
+    client: ServerClient,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl ServerHandle {
     /// The core's counters, as of its last turn.
     pub fn counters(&self) -> CoreCounters {
-        *self.counters.borrow()
+        self.client.stats().counters
+    }
+
+    /// A handle for reading its state.
+    pub fn client(&self) -> ServerClient {
+        self.client.clone()
     }
 
     /// Stops accepting, closes every connection, writes what is pending and waits.
@@ -103,21 +139,38 @@ pub fn start(cfg: ServerConfig, store: Store, auth: Arc<dyn Authenticator>) -> R
     let addr = endpoint.local_addr().map_err(|source| ServerError::Bind { addr: cfg.listen, source })?;
     let core = Core::new(cfg.core, cfg.identity, fingerprint).map_err(|e| ServerError::Config(e.to_string()))?;
     let (stop, stop_rx) = watch::channel(false);
-    let (counters_tx, counters) = watch::channel(CoreCounters::default());
-    let task = tokio::spawn(run(endpoint, core, store, auth, cfg.retention, stop_rx, counters_tx));
-    Ok(ServerHandle { addr, stop, counters, task })
+    let (stats_tx, stats) = watch::channel(Stats::default());
+    let (events, rx) = mpsc::unbounded_channel();
+    let client = ServerClient { events: events.clone(), stats };
+    let task = tokio::spawn(run(Task {
+        endpoint,
+        core,
+        store,
+        auth,
+        retention: cfg.retention,
+        stop: stop_rx,
+        stats: stats_tx,
+        events,
+        rx,
+    }));
+    Ok(ServerHandle { addr, stop, client, task })
 }
 
-async fn run(
+/// Everything the server task owns.
+struct Task {
     endpoint: quinn::Endpoint,
-    mut core: Core,
+    core: Core,
     store: Store,
     auth: Arc<dyn Authenticator>,
     retention: Duration,
-    mut stop: watch::Receiver<bool>,
-    counters: watch::Sender<CoreCounters>,
-) {
-    let (events, mut rx) = mpsc::unbounded_channel();
+    stop: watch::Receiver<bool>,
+    stats: watch::Sender<Stats>,
+    events: mpsc::UnboundedSender<Event>,
+    rx: mpsc::UnboundedReceiver<Event>,
+}
+
+async fn run(task: Task) {
+    let Task { endpoint, mut core, store, auth, retention, mut stop, stats, events, mut rx } = task;
     let mut writers: FxHashMap<ConnId, mpsc::UnboundedSender<ControlToClient>> = FxHashMap::default();
     let mut next_conn: ConnId = 1;
     let mut tick = tokio::time::interval(TICK);
@@ -155,6 +208,9 @@ async fn run(
                     }
                     Event::Verdict(conn, account) => core.on_verdict(unix, conn, account),
                     Event::Account(conn, account) => core.on_account(unix, conn, account),
+                    Event::Snapshot(reply) => {
+                        let _ = reply.send(core.snapshot());
+                    }
                 }
             }
             _ = tick.tick() => {
@@ -210,7 +266,7 @@ async fn run(
                 }
             }
         }
-        let _ = counters.send(core.counters());
+        let _ = stats.send(Stats { counters: core.counters(), players: core.players() });
     }
     // Shutdown: refuse new connections, tell clients, write what is pending.
     endpoint.close(0u32.into(), b"shutting down");
@@ -218,7 +274,7 @@ async fn run(
         let _ = last.await;
     }
     endpoint.wait_idle().await;
-    let _ = counters.send(core.counters());
+    let _ = stats.send(Stats { counters: core.counters(), players: core.players() });
 }
 
 /// Hands pending report rows and character saves to the store on their own task.

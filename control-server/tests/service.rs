@@ -103,6 +103,18 @@ impl Client {
     }
 }
 
+/// A plain HTTP/1.1 GET; returns the status and the body.
+async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
+    let mut raw = String::new();
+    timeout(WAIT, s.read_to_string(&mut raw)).await.unwrap().unwrap();
+    let status = raw.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let body = raw.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (status, body)
+}
+
 struct Setup {
     dir: std::path::PathBuf,
     store: Store,
@@ -171,6 +183,28 @@ async fn neighbours_are_introduced_and_dismissed_over_quic() {
     assert_eq!(gone, a.id.node_id());
     let k = server.counters();
     assert_eq!((k.signed_in, k.introductions, k.farewells, k.implausible), (2, 2, 2, 0));
+    // The HTTP side: health, metrics and the live state.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let http_addr = listener.local_addr().unwrap();
+    let (stop_http, stop_rx) = tokio::sync::watch::channel(false);
+    let http = tokio::spawn(shoal_control::http::serve(listener, server.client(), stop_rx));
+    assert_eq!(http_get(http_addr, "/healthz").await, (200, "ok\n".to_string()));
+    let (status, metrics) = http_get(http_addr, "/metrics").await;
+    assert_eq!(status, 200);
+    assert!(metrics.contains("shoal_control_players 2\n"), "{metrics}");
+    assert!(metrics.contains("shoal_control_introductions_total 2\n"), "{metrics}");
+    let (status, body) = http_get(http_addr, "/api/state").await;
+    assert_eq!(status, 200);
+    let state: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let players = state["players"].as_array().unwrap();
+    let mut accounts: Vec<&str> = players.iter().map(|p| p["account"].as_str().unwrap()).collect();
+    accounts.sort_unstable();
+    assert_eq!(accounts, ["ana", "bob"]);
+    let bob = players.iter().find(|p| p["account"] == "bob").unwrap();
+    assert_eq!(bob["position"][0].as_f64().unwrap(), 69.0);
+    assert_eq!(state["relays"][0]["addr"], "127.0.0.1:7000");
+    let _ = stop_http.send(true);
+    let _ = http.await;
     a.conn.close(0u32.into(), b"");
     b.conn.close(0u32.into(), b"");
     server.shutdown().await;

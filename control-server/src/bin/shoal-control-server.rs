@@ -1,0 +1,253 @@
+//! `shoal-control-server`: the control server daemon, and the account and fingerprint tools an
+//! operator needs around it.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use serde::Deserialize;
+use shoal_control::auth::{HashCost, StoreAccounts};
+use shoal_control::core::CoreConfig;
+use shoal_control::interest::InterestConfig;
+use shoal_control::server::{self, ServerConfig};
+use shoal_control::store::Store;
+use shoal_control::tls::ServerIdentity;
+use shoal_mesh::config::load_or_create_key;
+use shoal_protocol::NodeId;
+use shoal_protocol::control::RelayInfo;
+use shoal_protocol::identity::{parse_hex, to_hex};
+
+#[derive(Parser, Debug)]
+#[command(name = "shoal-control-server", version, about = "Shoal control server")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the server from a TOML config file until SIGINT or SIGTERM.
+    Run {
+        /// The config file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Create an account; the password is read from the SHOAL_PASSWORD environment variable.
+    CreateAccount {
+        /// The config file (for the database).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The account name.
+        #[arg(long)]
+        account: String,
+    },
+    /// Print the certificate fingerprint clients pin, and the control public key (creating
+    /// both on first use).
+    Fingerprint {
+        /// The config file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+/// The config file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ControlFile {
+    /// QUIC listen address.
+    listen: SocketAddr,
+    /// HTTP (health, metrics, live state) listen address.
+    http: SocketAddr,
+    /// Where the certificate, its key and the default SQLite database live.
+    data_dir: PathBuf,
+    /// `sqlite:…` or `postgres://…`; default a SQLite file in `data_dir`.
+    #[serde(default)]
+    database: Option<String>,
+    /// The control key (created on first start).
+    key_file: PathBuf,
+    /// Days of report history kept.
+    #[serde(default = "default_retention_days")]
+    retention_days: u64,
+    /// The fastest a character may move, units per second.
+    #[serde(default = "default_max_speed")]
+    max_speed: f32,
+    /// Introductions.
+    #[serde(default)]
+    interest: Option<InterestFile>,
+    /// Relays clients may use.
+    #[serde(default)]
+    relays: Vec<RelayFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InterestFile {
+    enter_radius: f32,
+    leave_radius: f32,
+    max_neighbours: usize,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RelayFile {
+    /// Node id, 16 hex digits.
+    node: String,
+    addr: SocketAddr,
+}
+
+fn default_retention_days() -> u64 {
+    30
+}
+
+fn default_max_speed() -> f32 {
+    20.0
+}
+
+struct Settings {
+    file: ControlFile,
+    base: PathBuf,
+}
+
+impl Settings {
+    fn load(path: &Path) -> anyhow::Result<Settings> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let file: ControlFile = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        Ok(Settings { file, base: path.parent().map(PathBuf::from).unwrap_or_default() })
+    }
+
+    fn path(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() { p.to_path_buf() } else { self.base.join(p) }
+    }
+
+    fn database(&self) -> String {
+        self.file
+            .database
+            .clone()
+            .unwrap_or_else(|| format!("sqlite:{}", self.path(&self.file.data_dir).join("control.db").display()))
+    }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match Cli::parse().command {
+        Command::Run { config } => run(&config),
+        Command::CreateAccount { config, account } => create_account(&config, &account),
+        Command::Fingerprint { config } => fingerprint(&config),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("shoal-control-server: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+}
+
+fn fingerprint(config: &Path) -> anyhow::Result<()> {
+    let s = Settings::load(config)?;
+    std::fs::create_dir_all(s.path(&s.file.data_dir))?;
+    let tls = ServerIdentity::load_or_create(&s.path(&s.file.data_dir))?;
+    let key = load_or_create_key(&s.path(&s.file.key_file))?;
+    println!("fingerprint = \"{}\"\ncontrol_public_key = \"{}\"", to_hex(&tls.fingerprint()), key.public_key());
+    Ok(())
+}
+
+fn create_account(config: &Path, account: &str) -> anyhow::Result<()> {
+    let s = Settings::load(config)?;
+    let password = std::env::var("SHOAL_PASSWORD").context("set SHOAL_PASSWORD to the new account's password")?;
+    std::fs::create_dir_all(s.path(&s.file.data_dir))?;
+    runtime()?.block_on(async {
+        let store = Store::open(&s.database()).await?;
+        let accounts = StoreAccounts::new(store.clone(), HashCost::default())?;
+        let created = accounts.create(account, &password, unix_ms()).await?;
+        store.close().await;
+        anyhow::ensure!(created, "account {account} already exists");
+        println!("created {account}");
+        Ok(())
+    })
+}
+
+fn unix_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+fn run(config: &Path) -> anyhow::Result<()> {
+    let s = Settings::load(config)?;
+    let data = s.path(&s.file.data_dir);
+    std::fs::create_dir_all(&data).with_context(|| format!("creating {}", data.display()))?;
+    let identity = load_or_create_key(&s.path(&s.file.key_file))?;
+    let tls = ServerIdentity::load_or_create(&data)?;
+    let relays = s
+        .file
+        .relays
+        .iter()
+        .map(|r| {
+            let id = parse_hex::<8>(&r.node).with_context(|| format!("relay node id {}", r.node))?;
+            Ok(RelayInfo { id: NodeId(id), addr: r.addr, rtt_us: 0 })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let interest = s.file.interest.as_ref().map_or_else(InterestConfig::default, |i| InterestConfig {
+        enter_radius: i.enter_radius,
+        leave_radius: i.leave_radius,
+        max_neighbours: i.max_neighbours,
+    });
+    interest.validate().context("[interest]")?;
+    let core = CoreConfig { relays, interest, max_speed: s.file.max_speed, ..CoreConfig::default() };
+    runtime()?.block_on(async {
+        let store = Store::open(&s.database()).await.context("opening the database")?;
+        let accounts = StoreAccounts::new(store.clone(), HashCost::default())?;
+        let fingerprint = tls.fingerprint();
+        let cfg = ServerConfig {
+            listen: s.file.listen,
+            identity: identity.clone(),
+            tls,
+            core,
+            retention: Duration::from_secs(s.file.retention_days * 86_400),
+        };
+        let server = server::start(cfg, store.clone(), Arc::new(accounts))?;
+        let http = tokio::net::TcpListener::bind(s.file.http)
+            .await
+            .with_context(|| format!("cannot listen on {}", s.file.http))?;
+        let http_addr = http.local_addr()?;
+        let (stop_http, stop_rx) = tokio::sync::watch::channel(false);
+        let http_task = tokio::spawn(shoal_control::http::serve(http, server.client(), stop_rx));
+        println!(
+            "shoal-control-server ready quic={} http={} fingerprint={} control_public_key={}",
+            server.addr,
+            http_addr,
+            to_hex(&fingerprint),
+            identity.public_key()
+        );
+        shutdown_signal().await;
+        tracing::info!("shutting down");
+        let _ = stop_http.send(true);
+        server.shutdown().await;
+        let _ = http_task.await;
+        store.close().await;
+        Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::error!("cannot install signal handlers; stopping on Ctrl-C only");
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
