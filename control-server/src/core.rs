@@ -94,8 +94,8 @@ pub enum Output {
         /// The node resuming.
         node: NodeId,
     },
-    /// Close the connection (after sending what is queued for it).
-    Close(ConnId, Refusal),
+    /// Close the connection (after sending what is queued for it, which says why).
+    Close(ConnId),
     /// Persist a character's latest state.
     SaveCharacter(Character),
 }
@@ -379,7 +379,10 @@ impl Core {
     pub fn on_message(&mut self, now: Instant, unix: UnixTime, conn: ConnId, msg: ClientToControl) {
         let Some(c) = self.conns.get_mut(&conn) else { return };
         c.heard = now;
+        let signed_in = matches!(c.state, State::SignedIn(_));
         match msg {
+            // A connection signs in once; a second attempt on it changes nothing.
+            ClientToControl::SignIn { .. } | ClientToControl::Resume { .. } if signed_in => {}
             ClientToControl::SignIn { account, password, proof } => {
                 if !self.proof_ok(&account, &proof, unix) {
                     self.counters.bad_proofs += 1;
@@ -417,13 +420,10 @@ impl Core {
                 }
                 self.outputs.push_back(Output::FindAccount { conn, node: proof.public_key.node_id() });
             }
-            other => {
-                let Some(Conn { state: State::SignedIn(_), .. }) = self.conns.get(&conn) else {
-                    self.counters.not_signed_in += 1;
-                    self.outputs.push_back(Output::Send(conn, ControlToClient::Refused(Refusal::NotSignedIn)));
-                    return;
-                };
-                self.on_signed_in_message(conn, unix, other);
+            other if signed_in => self.on_signed_in_message(conn, unix, other),
+            _ => {
+                self.counters.not_signed_in += 1;
+                self.outputs.push_back(Output::Send(conn, ControlToClient::Refused(Refusal::NotSignedIn)));
             }
         }
     }
@@ -442,7 +442,7 @@ impl Core {
         c.failures += 1;
         if c.failures >= self.cfg.max_sign_in_failures {
             self.outputs.push_back(Output::Send(conn, ControlToClient::Refused(Refusal::RateLimited)));
-            self.outputs.push_back(Output::Close(conn, Refusal::RateLimited));
+            self.outputs.push_back(Output::Close(conn));
         } else {
             self.outputs.push_back(Output::Send(conn, ControlToClient::Refused(why)));
         }
@@ -485,7 +485,7 @@ impl Core {
         if let Some(old) = self.by_node.get(&node).copied()
             && old != conn
         {
-            self.outputs.push_back(Output::Close(old, Refusal::BadTicket));
+            self.outputs.push_back(Output::Close(old));
             self.on_disconnected(old);
         }
         let session = self.ticket(TicketKind::Session, key, unix, self.cfg.session_ttl);
@@ -535,7 +535,7 @@ impl Core {
                 if !self.cfg.builds.is_empty() && !self.cfg.builds.contains(&report.build_hash) {
                     self.counters.unknown_builds += 1;
                     self.outputs.push_back(Output::Send(conn, ControlToClient::Refused(Refusal::UnknownBuild)));
-                    self.outputs.push_back(Output::Close(conn, Refusal::UnknownBuild));
+                    self.outputs.push_back(Output::Close(conn));
                     return;
                 }
                 let pos = Vec3::from_array(report.position);
@@ -576,16 +576,15 @@ impl Core {
                 if cut {
                     self.counters.cut_off += 1;
                     self.outputs.push_back(Output::Send(conn, ControlToClient::Refused(Refusal::Implausible)));
-                    self.outputs.push_back(Output::Close(conn, Refusal::Implausible));
+                    self.outputs.push_back(Output::Close(conn));
                     self.on_disconnected(conn);
                 }
             }
-            ClientToControl::Keepalive => {}
             ClientToControl::SignOut => {
-                self.outputs.push_back(Output::Close(conn, Refusal::NotSignedIn));
+                self.outputs.push_back(Output::Close(conn));
                 self.on_disconnected(conn);
             }
-            ClientToControl::SignIn { .. } | ClientToControl::Resume { .. } => {}
+            ClientToControl::Keepalive | ClientToControl::SignIn { .. } | ClientToControl::Resume { .. } => {}
         }
     }
 
@@ -600,7 +599,7 @@ impl Core {
             .collect();
         for conn in silent {
             self.counters.lost += 1;
-            self.outputs.push_back(Output::Close(conn, Refusal::NotSignedIn));
+            self.outputs.push_back(Output::Close(conn));
             self.on_disconnected(conn);
         }
         // Permits with a third of their life left are renewed, except for flagged clients.
@@ -765,6 +764,15 @@ mod tests {
             outputs(&mut c),
             vec![Output::Send(1, ControlToClient::Observed("203.0.113.10:4000".parse().unwrap()))]
         );
+        // A second sign-in on a signed-in connection changes nothing.
+        let again = ClientToControl::SignIn {
+            account: "ana".into(),
+            password: "pw".into(),
+            proof: proof(&a, "ana", T0 * 1000),
+        };
+        c.on_message(t, UnixTime(T0), 1, again);
+        assert_eq!(outputs(&mut c), vec![]);
+        assert_eq!(c.player(a.node_id()).unwrap().account, "ana");
         c.on_message(t, UnixTime(T0), 2, ClientToControl::RelayRtts(vec![(NodeId([2; 8]), 10_000)]));
         c.on_message(t, UnixTime(T0), 1, ClientToControl::RelayRtts(vec![(NodeId([2; 8]), 20_000)]));
         c.on_message(t, UnixTime(T0), 1, report(1, T0 * 1000, [0.0, 0.0, 0.0]));
@@ -855,7 +863,7 @@ mod tests {
         outputs(&mut c);
         c.on_verdict(UnixTime(T0), 1, None);
         let out = outputs(&mut c);
-        assert!(out.contains(&Output::Close(1, Refusal::RateLimited)), "{out:?}");
+        assert!(out.contains(&Output::Close(1)), "{out:?}");
         let k = c.counters();
         assert_eq!((k.bad_proofs, k.bad_credentials, k.not_signed_in), (3, 2, 1));
         c.on_malformed(1);
@@ -880,7 +888,7 @@ mod tests {
         assert_eq!(outputs(&mut c), vec![Output::FindAccount { conn: 2, node: id.node_id() }]);
         c.on_account(UnixTime(T0), 2, Some("ana".into()));
         let out = outputs(&mut c);
-        assert!(out.contains(&Output::Close(1, Refusal::BadTicket)), "{out:?}");
+        assert!(out.contains(&Output::Close(1)), "{out:?}");
         assert!(out.iter().any(|o| matches!(o, Output::Send(2, ControlToClient::Welcome { .. }))), "{out:?}");
         // Forged (signed by someone else), expired, and another key's ticket.
         let forged = TicketBody::new(TicketKind::Session, id.public_key(), Roles::CLIENT, UnixTime(T0), 3600)
@@ -924,7 +932,7 @@ mod tests {
             c.on_message(t, UnixTime(T0), 1, report(1 + i, T0 * 1000 + i * 1000, [500.0 * i as f32, 0.0, 0.0]));
         }
         let out = outputs(&mut c);
-        assert!(out.contains(&Output::Close(1, Refusal::Implausible)), "{out:?}");
+        assert!(out.contains(&Output::Close(1)), "{out:?}");
         assert_eq!(c.counters().implausible, 3);
         assert_eq!(c.counters().cut_off, 1);
         assert_eq!(c.players(), 0);
@@ -947,7 +955,7 @@ mod tests {
         assert_eq!(p.body.expires_at, UnixTime(T0 + 450 + 600));
         // Nothing for longer than the presence timeout.
         c.tick(t + Duration::from_secs(30), UnixTime(T0 + 470));
-        assert_eq!(outputs(&mut c), vec![Output::Close(1, Refusal::NotSignedIn)]);
+        assert_eq!(outputs(&mut c), vec![Output::Close(1)]);
         assert_eq!(c.counters().lost, 1);
         assert_eq!(c.players(), 0);
     }

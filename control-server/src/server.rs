@@ -61,7 +61,7 @@ pub struct ServerConfig {
 
 enum Event {
     Connected(ConnId, SocketAddr, mpsc::UnboundedSender<ControlToClient>),
-    Frame(ConnId, Vec<u8>),
+    Message(ConnId, ClientToControl),
     Malformed(ConnId),
     Disconnected(ConnId),
     Verdict(ConnId, Option<String>),
@@ -197,10 +197,7 @@ async fn run(task: Task) {
                         writers.insert(conn, writer);
                         core.on_connected(now, conn, remote);
                     }
-                    Event::Frame(conn, frame) => match decode::<ClientToControl>(&frame, MAX_CONTROL_FRAME) {
-                        Ok(msg) => core.on_message(now, unix, conn, msg),
-                        Err(_) => core.on_malformed(conn),
-                    },
+                    Event::Message(conn, msg) => core.on_message(now, unix, conn, msg),
                     Event::Malformed(conn) => core.on_malformed(conn),
                     Event::Disconnected(conn) => {
                         writers.remove(&conn);
@@ -256,7 +253,7 @@ async fn run(task: Task) {
                         let _ = events.send(Event::Account(conn, account));
                     });
                 }
-                Output::Close(conn, _) => {
+                Output::Close(conn) => {
                     // The writer ends the stream after what is queued; the connection closes
                     // when the client has read it (or on the presence timeout).
                     writers.remove(&conn);
@@ -301,8 +298,8 @@ fn persist(
     }))
 }
 
-/// One client connection: reads frames from its first bi-stream into the core's events and
-/// writes what the core sends it.
+/// One client connection: reads and decodes frames from its first bi-stream into the core's
+/// events, and writes what the core sends it.
 async fn serve(conn: ConnId, connection: quinn::Connection, events: mpsc::UnboundedSender<Event>) {
     let remote = connection.remote_address();
     let Ok((mut send, mut recv)) = connection.accept_bi().await else { return };
@@ -341,7 +338,12 @@ async fn serve(conn: ConnId, connection: quinn::Connection, events: mpsc::Unboun
         if recv.read_exact(&mut frame).await.is_err() {
             break;
         }
-        if events.send(Event::Frame(conn, frame)).is_err() {
+        // Decoded here, on the connection's own task, so the core's task only acts.
+        let event = match decode::<ClientToControl>(&frame, MAX_CONTROL_FRAME) {
+            Ok(msg) => Event::Message(conn, msg),
+            Err(_) => Event::Malformed(conn),
+        };
+        if events.send(event).is_err() {
             break;
         }
     }

@@ -63,7 +63,6 @@ struct Sample {
     sent: u64,
     delivered: u64,
     acked: Instant,
-    rtt: Duration,
     /// The pacing rate when the ping left.
     rate: f64,
 }
@@ -250,10 +249,7 @@ impl Pacer {
         if self.pings.len() >= MAX_PINGS {
             self.pings.pop_front();
         }
-        self.pings.push_back((
-            id,
-            Sample { at: now, sent: self.sent, delivered: 0, acked: now, rtt: Duration::ZERO, rate: self.rate },
-        ));
+        self.pings.push_back((id, Sample { at: now, sent: self.sent, delivered: 0, acked: now, rate: self.rate }));
     }
 
     /// The pong for ping `id` came back after `rtt`, saying the peer had received
@@ -266,7 +262,6 @@ impl Pacer {
         // The peer cannot have received more than was sent; a lying peer only slows itself.
         s.delivered = delivered.min(s.sent);
         s.acked = now;
-        s.rtt = rtt;
         self.min_rtt.push(now, rtt, MIN_RTT_FOR);
         let min_rtt = self.min_rtt.get().unwrap_or(rtt);
         if self.recent.len() >= QUEUE_PONGS_AVOIDANCE {

@@ -229,7 +229,7 @@ fn run(config: &Path) -> anyhow::Result<()> {
             to_hex(&fingerprint),
             identity.public_key()
         );
-        shutdown_signal().await;
+        shoal_mesh::driver::shutdown_signal().await;
         tracing::info!("shutting down");
         let _ = stop_http.send(true);
         server.shutdown().await;
@@ -237,17 +237,4 @@ fn run(config: &Path) -> anyhow::Result<()> {
         store.close().await;
         Ok(())
     })
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        tracing::error!("cannot install signal handlers; stopping on Ctrl-C only");
-        let _ = tokio::signal::ctrl_c().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
 }

@@ -116,7 +116,7 @@ fn run(config: PathBuf) -> anyhow::Result<()> {
         tracing::info!(node = %relay.node_id(), mesh = %relay.local_addr(), workers = settings.workers, "relay running");
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let server = metrics.map(|l| tokio::spawn(serve_metrics(l, relay.stats().clone(), stop_rx)));
-        shutdown_signal().await;
+        shoal_mesh::driver::shutdown_signal().await;
         tracing::info!("shutting down");
         let _ = stop_tx.send(true);
         if let Some(s) = server {
@@ -144,18 +144,5 @@ async fn serve_metrics(
     };
     if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
         tracing::error!("metrics server: {e}");
-    }
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        tracing::error!("cannot install signal handlers; stopping on Ctrl-C only");
-        let _ = tokio::signal::ctrl_c().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
     }
 }
