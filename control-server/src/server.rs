@@ -1,8 +1,7 @@
 //! The control server on real QUIC: the tokio driver around [`Core`].
 //!
-//! Each client opens one bidirectional stream and sends length-prefixed frames (a u32
-//! big-endian length, then a [`shoal_protocol::codec`] frame of at most
-//! [`MAX_CONTROL_FRAME`] bytes); the server answers on the same stream. One task owns the core
+//! Each client opens one bidirectional stream and sends length-prefixed frames
+//! ([`shoal_mesh::control`]); the server answers on the same stream. One task owns the core
 //! and is fed by the connections' reader tasks; sign-in checks and account look-ups run on
 //! their own tasks and come back as events, so a slow hash never holds up other clients.
 //! Report rows and character saves are written to the [`Store`] in batches on each tick.
@@ -12,7 +11,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rustc_hash::FxHashMap;
-use shoal_protocol::codec::{decode, encode};
+use shoal_mesh::control::{LinkError, read_frame, write_message};
+use shoal_protocol::codec::decode;
 use shoal_protocol::control::{ClientToControl, ControlToClient, MAX_CONTROL_FRAME};
 use shoal_protocol::{Identity, UnixTime};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -310,11 +310,7 @@ async fn serve(conn: ConnId, connection: quinn::Connection, events: mpsc::Unboun
     let closer = connection.clone();
     let writer = tokio::spawn(async move {
         while let Some(msg) = out.recv().await {
-            let Ok(frame) = encode(&msg) else { continue };
-            let mut buf = Vec::with_capacity(4 + frame.len());
-            buf.extend_from_slice(&(frame.len() as u32).to_be_bytes());
-            buf.extend_from_slice(&frame);
-            if send.write_all(&buf).await.is_err() {
+            if let Err(LinkError::Closed(_)) = write_message(&mut send, &msg).await {
                 return;
             }
         }
@@ -324,20 +320,15 @@ async fn serve(conn: ConnId, connection: quinn::Connection, events: mpsc::Unboun
         closer.close(0u32.into(), b"closed by the control server");
     });
     loop {
-        let mut len = [0u8; 4];
-        if recv.read_exact(&mut len).await.is_err() {
-            break;
-        }
-        let len = u32::from_be_bytes(len) as usize;
-        if len > MAX_CONTROL_FRAME {
-            // Refused before reading it; the stream cannot be resynchronised, so it ends.
-            let _ = events.send(Event::Malformed(conn));
-            break;
-        }
-        let mut frame = vec![0u8; len];
-        if recv.read_exact(&mut frame).await.is_err() {
-            break;
-        }
+        let frame = match read_frame(&mut recv).await {
+            Ok(frame) => frame,
+            Err(LinkError::Oversized(_)) => {
+                // Refused before reading it; the stream cannot be resynchronised, so it ends.
+                let _ = events.send(Event::Malformed(conn));
+                break;
+            }
+            Err(_) => break,
+        };
         // Decoded here, on the connection's own task, so the core's task only acts.
         let event = match decode::<ClientToControl>(&frame, MAX_CONTROL_FRAME) {
             Ok(msg) => Event::Message(conn, msg),

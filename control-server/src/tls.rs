@@ -1,23 +1,13 @@
-//! TLS for the control plane's QUIC: the server's certificate, made self-signed on first start
-//! and kept beside its database, and the two ways a client trusts it: by the certificate's
-//! SHA-256 fingerprint (pinned in the client's config, as a studio ships it), or by a CA file
-//! (PEM or DER) for studios with their own PKI. TLS 1.3 only, ring as the crypto provider.
+//! TLS for the control plane's QUIC, server side: the server's certificate, made self-signed
+//! on first start and kept beside its database. Clients trust it by its fingerprint or a CA
+//! file ([`shoal_mesh::control::Trust`]). TLS 1.3 only, ring as the crypto provider.
 
 use std::path::Path;
 use std::sync::Arc;
 
-use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::{CryptoProvider, verify_tls12_signature, verify_tls13_signature};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme};
-
-/// The ALPN protocol of Shoal's control plane.
-pub const ALPN: &[u8] = b"shoal-control/1";
-/// The name the server's certificate is issued for; clients that pin a fingerprint use it as
-/// the server name.
-pub const SERVER_NAME: &str = "shoal-control";
+use quinn::crypto::rustls::QuicServerConfig;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+pub use shoal_mesh::control::{ALPN, SERVER_NAME, fingerprint};
 
 /// Why TLS could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -36,14 +26,6 @@ pub enum TlsError {
     /// rustls or quinn refused the configuration.
     #[error("TLS configuration: {0}")]
     Config(String),
-}
-
-/// A certificate's SHA-256 fingerprint.
-pub fn fingerprint(cert: &CertificateDer<'_>) -> [u8; 32] {
-    let d = ring::digest::digest(&ring::digest::SHA256, cert.as_ref());
-    let mut f = [0; 32];
-    f.copy_from_slice(d.as_ref());
-    f
 }
 
 /// The server's certificate and key.
@@ -77,7 +59,7 @@ impl ServerIdentity {
 
     /// The certificate's fingerprint, which clients pin.
     pub fn fingerprint(&self) -> [u8; 32] {
-        fingerprint(&self.cert)
+        fingerprint(self.cert.as_ref())
     }
 
     /// The QUIC server configuration.
@@ -109,100 +91,11 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     std::fs::write(path, bytes)
 }
 
-/// How a client decides to trust the control server.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Trust {
-    /// The certificate whose SHA-256 is this.
-    Pinned([u8; 32]),
-    /// Certificates chaining to a CA in this file (PEM, or one DER certificate).
-    CaFile(std::path::PathBuf),
-}
-
-/// Accepts exactly the certificate with a pinned fingerprint; handshake signatures are still
-/// checked with the provider's algorithms, so only the holder of its key passes.
-#[derive(Debug)]
-struct PinnedCert {
-    fingerprint: [u8; 32],
-    provider: Arc<CryptoProvider>,
-}
-
-impl ServerCertVerifier for PinnedCert {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        // A fingerprint is public: a plain comparison is fine.
-        if fingerprint(end_entity) == self.fingerprint {
-            Ok(ServerCertVerified::assertion())
-        } else {
-            Err(rustls::Error::InvalidCertificate(rustls::CertificateError::ApplicationVerificationFailure))
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
-    }
-}
-
-/// The QUIC client configuration for reaching a control server trusted as `trust` says.
-pub fn client_config(trust: &Trust) -> Result<quinn::ClientConfig, TlsError> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| TlsError::Config(e.to_string()))?;
-    let mut tls = match trust {
-        Trust::Pinned(fingerprint) => builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(PinnedCert { fingerprint: *fingerprint, provider }))
-            .with_no_client_auth(),
-        Trust::CaFile(path) => {
-            let io = |source| TlsError::Io { path: path.display().to_string(), source };
-            let bytes = std::fs::read(path).map_err(io)?;
-            let mut roots = rustls::RootCertStore::empty();
-            for cert in CertificateDer::pem_slice_iter(&bytes) {
-                let cert = cert.map_err(|e| TlsError::Config(format!("{}: {e}", path.display())))?;
-                roots.add(cert).map_err(|e| TlsError::Config(e.to_string()))?;
-            }
-            if roots.is_empty() {
-                // Not PEM: one DER certificate.
-                roots
-                    .add(CertificateDer::from(bytes))
-                    .map_err(|e| TlsError::Config(format!("{}: {e}", path.display())))?;
-            }
-            builder.with_root_certificates(roots).with_no_client_auth()
-        }
-    };
-    tls.alpn_protocols = vec![ALPN.to_vec()];
-    let quic = QuicClientConfig::try_from(tls).map_err(|e| TlsError::Config(e.to_string()))?;
-    Ok(quinn::ClientConfig::new(Arc::new(quic)))
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use shoal_mesh::control::{Trust, client_config};
     use std::net::SocketAddr;
 
     fn dir(name: &str) -> std::path::PathBuf {

@@ -14,8 +14,9 @@ use shoal_control::auth::{HashCost, StoreAccounts};
 use shoal_control::core::CoreConfig;
 use shoal_control::server::{self, ServerConfig, ServerHandle};
 use shoal_control::store::Store;
-use shoal_control::tls::{self, ServerIdentity, Trust};
-use shoal_protocol::codec::{decode, encode};
+use shoal_control::tls::ServerIdentity;
+use shoal_mesh::control::{ControlLink, Trust};
+use shoal_protocol::codec::encode;
 use shoal_protocol::control::{
     ClientToControl, ControlToClient, KeyProof, MAX_CONTROL_FRAME, Refusal, RelayInfo, Report, SIGN_IN_CONTEXT,
 };
@@ -29,39 +30,27 @@ fn unix_ms() -> u64 {
 }
 
 struct Client {
-    conn: quinn::Connection,
-    send: quinn::SendStream,
-    recv: quinn::RecvStream,
+    link: ControlLink,
     id: Identity,
     fingerprint: [u8; 32],
 }
 
 impl Client {
     async fn connect(addr: SocketAddr, fingerprint: [u8; 32], seed: u8) -> Client {
-        let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-        ep.set_default_client_config(tls::client_config(&Trust::Pinned(fingerprint)).unwrap());
-        let conn = ep.connect(addr, tls::SERVER_NAME).unwrap().await.unwrap();
-        let (send, recv) = conn.open_bi().await.unwrap();
-        Client { conn, send, recv, id: Identity::from_seed([seed; 32]), fingerprint }
+        let link = ControlLink::connect(addr, &Trust::Pinned(fingerprint)).await.unwrap();
+        Client { link, id: Identity::from_seed([seed; 32]), fingerprint }
     }
 
     async fn raw(&mut self, bytes: &[u8]) {
-        self.send.write_all(bytes).await.unwrap();
+        self.link.send.write_all(bytes).await.unwrap();
     }
 
     async fn send(&mut self, m: &ClientToControl) {
-        let f = encode(m).unwrap();
-        let mut b = (f.len() as u32).to_be_bytes().to_vec();
-        b.extend_from_slice(&f);
-        self.raw(&b).await;
+        self.link.send(m).await.unwrap();
     }
 
     async fn next(&mut self) -> Option<ControlToClient> {
-        let mut len = [0u8; 4];
-        timeout(WAIT, self.recv.read_exact(&mut len)).await.ok()?.ok()?;
-        let mut f = vec![0u8; u32::from_be_bytes(len) as usize];
-        timeout(WAIT, self.recv.read_exact(&mut f)).await.ok()?.ok()?;
-        Some(decode(&f, MAX_CONTROL_FRAME).unwrap())
+        timeout(WAIT, self.link.recv()).await.ok()?.ok()
     }
 
     /// The next message matching `f`, skipping others (permits, observed addresses).
@@ -205,8 +194,8 @@ async fn neighbours_are_introduced_and_dismissed_over_quic() {
     assert_eq!(state["relays"][0]["addr"], "127.0.0.1:7000");
     let _ = stop_http.send(true);
     let _ = http.await;
-    a.conn.close(0u32.into(), b"");
-    b.conn.close(0u32.into(), b"");
+    a.link.close("");
+    b.link.close("");
     server.shutdown().await;
     setup.store.close().await;
 }
