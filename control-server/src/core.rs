@@ -105,6 +105,8 @@ pub enum Output {
 pub struct CoreCounters {
     /// Sign-ins accepted (new or resumed).
     pub signed_in: u64,
+    /// Of those, sessions resumed with a ticket.
+    pub resumed: u64,
     /// Wrong account or password.
     pub bad_credentials: u64,
     /// Key proofs with a bad signature or time.
@@ -467,7 +469,10 @@ impl Core {
         let Some(c) = self.conns.get_mut(&conn) else { return };
         let State::Resuming { key } = std::mem::replace(&mut c.state, State::Connected) else { return };
         match account {
-            Some(account) => self.welcome(conn, unix, account, key),
+            Some(account) => {
+                self.counters.resumed += 1;
+                self.welcome(conn, unix, account, key);
+            }
             None => {
                 self.counters.bad_tickets += 1;
                 self.refuse(conn, Refusal::BadTicket);
@@ -700,8 +705,7 @@ mod tests {
     }
 
     fn proof(id: &Identity, account: &str, unix_ms: u64) -> KeyProof {
-        let m = KeyProof::message(account, &id.public_key(), unix_ms, &FP);
-        KeyProof { public_key: id.public_key(), unix_ms, signature: id.sign(SIGN_IN_CONTEXT, &m) }
+        KeyProof::new(id, account, unix_ms, &FP)
     }
 
     fn outputs(c: &mut Core) -> Vec<Output> {

@@ -54,8 +54,9 @@ pub fn render_prometheus(s: &Stats) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "# HELP shoal_control_players Signed-in players.\n# TYPE shoal_control_players gauge");
     let _ = writeln!(out, "shoal_control_players {}", s.players);
-    let counters: [(&str, &str, u64); 8] = [
+    let counters: [(&str, &str, u64); 9] = [
         ("shoal_control_sign_ins_total", "Sign-ins accepted, new or resumed.", c.signed_in),
+        ("shoal_control_resumes_total", "Sessions resumed with a ticket.", c.resumed),
         ("shoal_control_reports_total", "Reports taken.", c.reports),
         ("shoal_control_implausible_reports_total", "Reports with implausible movement.", c.implausible),
         ("shoal_control_cut_off_total", "Clients cut off for implausible reports.", c.cut_off),

@@ -18,7 +18,7 @@ use shoal_control::tls::ServerIdentity;
 use shoal_mesh::control::{ControlLink, Trust};
 use shoal_protocol::codec::encode;
 use shoal_protocol::control::{
-    ClientToControl, ControlToClient, KeyProof, MAX_CONTROL_FRAME, Refusal, RelayInfo, Report, SIGN_IN_CONTEXT,
+    ClientToControl, ControlToClient, KeyProof, MAX_CONTROL_FRAME, Refusal, RelayInfo, Report,
 };
 use shoal_protocol::{Identity, NodeId};
 use tokio::time::timeout;
@@ -64,9 +64,7 @@ impl Client {
     }
 
     fn proof(&self, account: &str) -> KeyProof {
-        let ms = unix_ms();
-        let m = KeyProof::message(account, &self.id.public_key(), ms, &self.fingerprint);
-        KeyProof { public_key: self.id.public_key(), unix_ms: ms, signature: self.id.sign(SIGN_IN_CONTEXT, &m) }
+        KeyProof::new(&self.id, account, unix_ms(), &self.fingerprint)
     }
 
     async fn sign_in(&mut self, account: &str, password: &str) -> ControlToClient {

@@ -69,6 +69,11 @@ pub struct BindClient {
     started: Instant,
     next_send: Instant,
     retry: Duration,
+    /// When the handshake's only request went out; `None` once it was retransmitted, so an
+    /// answer cannot be matched to one send (Karn's rule).
+    request_sent: Option<Instant>,
+    /// Smoothed round-trip time of request to challenge.
+    rtt: Option<Duration>,
 }
 
 impl BindClient {
@@ -82,6 +87,8 @@ impl BindClient {
             started: now,
             next_send: now,
             retry: FIRST_RETRY,
+            request_sent: None,
+            rtt: None,
         }
     }
 
@@ -98,6 +105,12 @@ impl BindClient {
     /// What the relay granted, while the binding holds.
     pub fn bound(&self) -> Option<Bound> {
         self.bound
+    }
+
+    /// The smoothed round-trip time to the relay, measured on each handshake (every
+    /// [`KEEPALIVE`] while bound).
+    pub fn rtt(&self) -> Option<Duration> {
+        self.rtt
     }
 
     /// Whether the relay holds our binding.
@@ -146,9 +159,13 @@ impl BindClient {
                 self.phase = Phase::Requesting;
                 self.started = now;
                 self.retry = FIRST_RETRY;
+                self.request_sent = Some(now);
                 self.request(me)
             }
-            Phase::Requesting => self.request(me),
+            Phase::Requesting => {
+                self.request_sent = None;
+                self.request(me)
+            }
             Phase::Proving(challenge) => self.proof(me, permit, &challenge),
         };
         self.next_send = now + self.retry;
@@ -171,6 +188,10 @@ impl BindClient {
         }
         match (dgram.kind(), self.phase) {
             (Kind::BindChallenge, Phase::Requesting | Phase::Proving(_)) => {
+                if let (Phase::Requesting, Some(sent)) = (self.phase, self.request_sent.take()) {
+                    let sample = now.saturating_duration_since(sent);
+                    self.rtt = Some(self.rtt.map_or(sample, |old| (old * 7 + sample) / 8));
+                }
                 let challenge = Challenge::read(dgram.body());
                 self.relay_id = Some(dgram.source());
                 self.phase = Phase::Proving(challenge);

@@ -221,6 +221,12 @@ impl ControlLink {
         Ok(ControlLink { endpoint, connection, send, recv })
     }
 
+    /// The fingerprint of the certificate the server presented (what a key proof is bound to).
+    pub fn server_fingerprint(&self) -> Option<[u8; 32]> {
+        let certs = self.connection.peer_identity()?.downcast::<Vec<CertificateDer<'static>>>().ok()?;
+        Some(fingerprint(certs.first()?))
+    }
+
     /// Sends one message.
     pub async fn send<T: Serialize>(&mut self, msg: &T) -> Result<(), LinkError> {
         write_message(&mut self.send, msg).await

@@ -257,6 +257,11 @@ impl Endpoint {
         self.relays.iter().filter(|r| r.is_bound()).filter_map(|r| Some((r.relay_id()?, r.relay())))
     }
 
+    /// The relays that hold our binding, with the round-trip time each last measured.
+    pub fn relay_rtts(&self) -> impl Iterator<Item = (NodeId, SocketAddr, Duration)> + '_ {
+        self.relays.iter().filter(|r| r.is_bound()).filter_map(|r| Some((r.relay_id()?, r.relay(), r.rtt()?)))
+    }
+
     /// Our address as seen by a relay, once bound.
     pub fn observed_address(&self) -> Option<SocketAddr> {
         self.relays.iter().find_map(|r| r.bound().map(|b| b.observed))

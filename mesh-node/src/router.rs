@@ -268,6 +268,11 @@ impl Router {
         }
     }
 
+    /// The peer relays that hold our binding, with the round-trip time each last measured.
+    pub fn peer_rtts(&self) -> impl Iterator<Item = (NodeId, SocketAddr, Duration)> + '_ {
+        self.peers.iter().filter(|p| p.is_bound()).filter_map(|p| Some((p.relay_id()?, p.relay(), p.rtt()?)))
+    }
+
     /// Adopts a binding another worker of this relay verified (see [`RouterEvent::Bound`]).
     pub fn apply_binding(&mut self, now: Instant, node: NodeId, roles: Roles, addr: SocketAddr, expires_at: u64) {
         let left = expires_at.saturating_sub(self.clock.unix_secs(now));

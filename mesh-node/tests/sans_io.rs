@@ -357,6 +357,17 @@ fn expired_permit_stops_forwarding_and_forged_permit_never_binds() {
 }
 
 #[test]
+fn binds_measure_the_round_trip_to_each_relay() {
+    let (mut net, _control, _a, _b) = topology();
+    let r1 = net.relay(2).id();
+    let r2 = net.relay(3).id();
+    let a = net.endpoint(0).relay_rtts().collect::<Vec<_>>();
+    assert_eq!(a, vec![(r1, addr(11), 2 * HOP)], "request out, challenge back: two hops");
+    let peers = net.relay(2).peer_rtts().collect::<Vec<_>>();
+    assert_eq!(peers, vec![(r2, addr(12), 2 * HOP)], "a relay measures its peer relays the same way");
+}
+
+#[test]
 fn bindings_stay_usable_across_keepalive_refreshes() {
     let (mut net, _control, _a, b) = topology();
     let (r1, r2) = (net.relay(2).id(), net.relay(3).id());

@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::identity::{NodeId, PublicKey, Signature};
+use crate::identity::{Identity, NodeId, PublicKey, Signature};
 use crate::ticket::UnixTime;
 
 /// Largest control frame either side accepts.
@@ -32,6 +32,14 @@ pub struct KeyProof {
 }
 
 impl KeyProof {
+    /// `identity`'s proof for `account`, made at `unix_ms`, towards the server whose
+    /// certificate has fingerprint `server`.
+    pub fn new(identity: &Identity, account: &str, unix_ms: u64, server: &[u8; 32]) -> KeyProof {
+        let public_key = identity.public_key();
+        let m = KeyProof::message(account, &public_key, unix_ms, server);
+        KeyProof { public_key, unix_ms, signature: identity.sign(SIGN_IN_CONTEXT, &m) }
+    }
+
     /// The bytes signed: the account, the key, the time and the server's certificate
     /// fingerprint, so a proof made for one server or account is useless elsewhere.
     pub fn message(account: &str, public_key: &PublicKey, unix_ms: u64, server: &[u8; 32]) -> Vec<u8> {
@@ -61,7 +69,8 @@ pub enum ClientToControl {
     Resume {
         /// The session ticket from [`ControlToClient::Welcome`].
         session: Vec<u8>,
-        /// Possession of the key the ticket names.
+        /// Possession of the key the ticket names, made for the empty account (a resume
+        /// claims none; the server finds it).
         proof: KeyProof,
     },
     /// The client's own addresses (it learns its observed one in the answer).
@@ -238,7 +247,6 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::codec::{decode, encode};
-    use crate::identity::Identity;
     use proptest::prelude::*;
 
     fn report() -> Report {

@@ -1,10 +1,12 @@
 //! The SDK on a real UDP socket: a background tokio task owns the socket and the sans-IO
-//! [`Node`]; the game holds a [`Client`] handle that sends it commands and receives its
-//! events and messages. Dropping the handle stops the task.
+//! [`Node`]; the game holds a [`Client`] that receives its events and messages, and sends it
+//! commands through a [`NodeHandle`] (which the client derefs to, and which can be cloned
+//! into other tasks). Dropping the client stops the task.
 
 use std::io;
 use std::net::SocketAddr;
-use std::time::Instant;
+use std::ops::Deref;
+use std::time::{Duration, Instant};
 
 use renet::Bytes;
 use shoal_mesh::clock::WallClock;
@@ -13,7 +15,7 @@ use shoal_protocol::{Identity, NodeId, SignedTicket};
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::node::{Event, Node, NodeError, PeerInfo, VcKey};
+use crate::node::{Event, Node, NodeCounters, NodeError, PeerInfo, VcKey};
 use crate::profile::Profile;
 use crate::vc::VcStats;
 
@@ -28,6 +30,22 @@ enum Cmd {
     Send(VcKey, Bytes, oneshot::Sender<Result<(), NodeError>>),
     Close(VcKey),
     Stats(VcKey, oneshot::Sender<Option<VcStats>>),
+    SetPermit(SignedTicket),
+    RemovePeer(NodeId, oneshot::Sender<Vec<VcKey>>),
+    Status(oneshot::Sender<NodeStatus>),
+}
+
+/// A node's state as a whole, for reports and dashboards.
+#[derive(Debug, Clone, Default)]
+pub struct NodeStatus {
+    /// Every VC, with what it measures.
+    pub links: Vec<(VcKey, VcStats)>,
+    /// Relays holding our binding: id, address, round-trip time.
+    pub relays: Vec<(NodeId, SocketAddr, Duration)>,
+    /// Our address as a relay saw it.
+    pub observed: Option<SocketAddr>,
+    /// Datagrams refused before reaching a VC.
+    pub counters: NodeCounters,
 }
 
 /// What the client reports to the game.
@@ -50,46 +68,21 @@ pub enum ClientError {
     Node(#[from] NodeError),
 }
 
-/// The game's handle on a running node. See the module docs.
-#[derive(Debug)]
-pub struct Client {
+/// Sends commands to a running node; cheap to clone. See the module docs.
+#[derive(Debug, Clone)]
+pub struct NodeHandle {
     cmds: mpsc::UnboundedSender<Cmd>,
-    events: mpsc::UnboundedReceiver<ClientEvent>,
-    id: NodeId,
-    local: SocketAddr,
-    task: tokio::task::JoinHandle<()>,
 }
 
-impl Drop for Client {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-impl Client {
-    /// Starts a node for `identity` (showing `permit` to relays) on an already bound socket.
-    pub fn start(socket: UdpSocket, identity: Identity, permit: SignedTicket) -> io::Result<Client> {
-        let local = socket.local_addr()?;
-        let id = identity.node_id();
-        let node = Node::new(identity, permit, WallClock::system());
-        let (cmds, cmd_rx) = mpsc::unbounded_channel();
-        let (ev_tx, events) = mpsc::unbounded_channel();
-        let task = tokio::spawn(run(socket, node, cmd_rx, ev_tx));
-        Ok(Client { cmds, events, id, local, task })
-    }
-
-    /// Our node id.
-    pub fn id(&self) -> NodeId {
-        self.id
-    }
-
-    /// The socket's address.
-    pub fn local_addr(&self) -> SocketAddr {
-        self.local
-    }
-
+impl NodeHandle {
     fn cmd(&self, c: Cmd) -> Result<(), ClientError> {
         self.cmds.send(c).map_err(|_| ClientError::Stopped)
+    }
+
+    async fn ask<T>(&self, c: impl FnOnce(oneshot::Sender<T>) -> Cmd) -> Result<T, ClientError> {
+        let (tx, rx) = oneshot::channel();
+        self.cmd(c(tx))?;
+        rx.await.map_err(|_| ClientError::Stopped)
     }
 
     /// Starts binding to a relay; [`Event::RelayBound`] follows.
@@ -102,18 +95,25 @@ impl Client {
         self.cmd(Cmd::AddPeer(info))
     }
 
+    /// Forgets a peer and closes every VC with it; returns the VCs closed.
+    pub async fn remove_peer(&self, peer: NodeId) -> Result<Vec<VcKey>, ClientError> {
+        self.ask(|tx| Cmd::RemovePeer(peer, tx)).await
+    }
+
+    /// Replaces the relay permit; every binding is proved again with it.
+    pub fn set_permit(&self, permit: SignedTicket) -> Result<(), ClientError> {
+        self.cmd(Cmd::SetPermit(permit))
+    }
+
     /// Opens a VC.
     pub async fn open(&self, peer: NodeId, vc: VcId, profile: Profile) -> Result<VcKey, ClientError> {
-        let (tx, rx) = oneshot::channel();
-        self.cmd(Cmd::Open(peer, vc, profile, tx))?;
-        Ok(rx.await.map_err(|_| ClientError::Stopped)??)
+        Ok(self.ask(|tx| Cmd::Open(peer, vc, profile, tx)).await??)
     }
 
     /// Queues a message on a VC.
     pub async fn send(&self, key: VcKey, message: impl Into<Bytes>) -> Result<(), ClientError> {
-        let (tx, rx) = oneshot::channel();
-        self.cmd(Cmd::Send(key, message.into(), tx))?;
-        Ok(rx.await.map_err(|_| ClientError::Stopped)??)
+        let message = message.into();
+        Ok(self.ask(|tx| Cmd::Send(key, message, tx)).await??)
     }
 
     /// Closes a VC.
@@ -123,9 +123,64 @@ impl Client {
 
     /// A VC's stats.
     pub async fn stats(&self, key: VcKey) -> Result<Option<VcStats>, ClientError> {
-        let (tx, rx) = oneshot::channel();
-        self.cmd(Cmd::Stats(key, tx))?;
-        rx.await.map_err(|_| ClientError::Stopped)
+        self.ask(|tx| Cmd::Stats(key, tx)).await
+    }
+
+    /// Every VC's stats, the relays and the observed address at once.
+    pub async fn status(&self) -> Result<NodeStatus, ClientError> {
+        self.ask(Cmd::Status).await
+    }
+}
+
+/// The game's handle on a running node. See the module docs.
+#[derive(Debug)]
+pub struct Client {
+    handle: NodeHandle,
+    events: mpsc::UnboundedReceiver<ClientEvent>,
+    id: NodeId,
+    local: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Deref for Client {
+    type Target = NodeHandle;
+
+    fn deref(&self) -> &NodeHandle {
+        &self.handle
+    }
+}
+
+impl Client {
+    /// Starts a node for `identity` (showing `permit` to relays) on an already bound socket.
+    pub fn start(socket: UdpSocket, identity: Identity, permit: SignedTicket) -> io::Result<Client> {
+        let local = socket.local_addr()?;
+        let id = identity.node_id();
+        let node = Node::new(identity, permit, WallClock::system());
+        let (cmds, cmd_rx) = mpsc::unbounded_channel();
+        let (ev_tx, events) = mpsc::unbounded_channel();
+        let task = tokio::spawn(run(socket, node, cmd_rx, ev_tx));
+        Ok(Client { handle: NodeHandle { cmds }, events, id, local, task })
+    }
+
+    /// Our node id.
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+
+    /// The socket's address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+
+    /// A handle for sending commands from elsewhere.
+    pub fn handle(&self) -> NodeHandle {
+        self.handle.clone()
     }
 
     /// The next event or message; `None` once the task has stopped.
@@ -210,6 +265,16 @@ fn handle_cmd(node: &mut Node, c: Cmd) {
         Cmd::Close(k) => node.close(now, k),
         Cmd::Stats(k, tx) => {
             let _ = tx.send(node.stats(now, k));
+        }
+        Cmd::SetPermit(p) => node.set_permit(now, p),
+        Cmd::RemovePeer(peer, tx) => {
+            let _ = tx.send(node.remove_peer(now, peer));
+        }
+        Cmd::Status(tx) => {
+            let links = node.vcs().filter_map(|k| Some((k, node.stats(now, k)?))).collect();
+            let relays = node.endpoint().relay_rtts().collect();
+            let observed = node.endpoint().observed_address();
+            let _ = tx.send(NodeStatus { links, relays, observed, counters: *node.counters() });
         }
     }
 }

@@ -15,10 +15,13 @@ pub mod node;
 pub mod pacing;
 pub mod path;
 pub mod profile;
+pub mod session;
 pub mod vc;
 
-pub use driver::{Client, ClientError, ClientEvent};
+pub use driver::{Client, ClientError, ClientEvent, NodeHandle, NodeStatus};
 pub use node::{Event, Node, NodeCounters, NodeError, PeerInfo, VcKey};
 pub use path::{PathId, PathInfo, PathKind, PathStats, SwitchReason};
 pub use profile::{Delivery, Policy, Profile, ProfileConfig};
+pub use session::{PlayerState, Session, SessionConfig, SessionError, SessionEvent};
+pub use shoal_mesh::control::Trust;
 pub use vc::{CloseReason, VcCounters, VcEvent, VcSendError, VcStats};

@@ -158,6 +158,30 @@ impl Node {
         self.peers.insert(peer, info);
     }
 
+    /// Forgets a peer (the control server's farewell): closes every VC with it, telling the
+    /// peer, and refuses its hellos from now on. Returns the VCs that were closed.
+    pub fn remove_peer(&mut self, now: Instant, peer: NodeId) -> Vec<VcKey> {
+        self.peers.remove(&peer);
+        let keys: Vec<VcKey> =
+            self.vcs.range(VcKey { peer, vc: VcId(0) }..=VcKey { peer, vc: VcId(u32::MAX) }).map(|(k, _)| *k).collect();
+        for &key in &keys {
+            self.close(now, key);
+        }
+        keys
+    }
+
+    /// Whether we know a peer.
+    pub fn knows(&self, peer: NodeId) -> bool {
+        self.peers.contains_key(&peer)
+    }
+
+    /// Replaces our relay permit (renewed by the control server); every relay binding is
+    /// proved again with it.
+    pub fn set_permit(&mut self, now: Instant, permit: SignedTicket) {
+        self.endpoint.set_permit(now, permit);
+        self.drain_endpoint(now);
+    }
+
     /// Opens VC `vc` to `peer` with `profile`. The peer opens the same VC when our hello
     /// arrives (or when it opens it too, as both sides of an introduction do).
     pub fn open(&mut self, now: Instant, peer: NodeId, vc: VcId, profile: Profile) -> Result<VcKey, NodeError> {

@@ -3,75 +3,15 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use shoal_mesh::endpoint::Path;
 use shoal_mesh::wire::{Route, VcId};
-use shoal_protocol::identity::to_hex;
-use shoal_protocol::{Identity, NodeId, Roles, SignedTicket, TicketBody, TicketKind, UnixTime};
+use shoal_protocol::{Identity, Roles};
 use shoal_sdk::{Client, ClientEvent, Event, PeerInfo, Profile, VcEvent};
+use shoal_tests::procs::{permit, start_relay};
 use tokio::time::timeout;
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
-}
-
-fn permit(control: &Identity, node: &Identity, roles: Roles) -> SignedTicket {
-    TicketBody::new(TicketKind::RelayPermit, node.public_key(), roles, UnixTime(unix_now()), 600).sign(control)
-}
-
-/// The relay binary, built with the same profile as this test if it is not there yet.
-fn relay_binary() -> std::path::PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let profile_dir = exe.parent().and_then(|d| d.parent()).unwrap().to_path_buf();
-    let bin = profile_dir.join("shoal-mesh-node");
-    let mut build = Command::new(env!("CARGO"));
-    build.args(["build", "-q", "-p", "shoal-mesh", "--bin", "shoal-mesh-node"]);
-    if profile_dir.ends_with("release") {
-        build.arg("--release");
-    }
-    assert!(build.status().unwrap().success(), "building shoal-mesh-node failed");
-    bin
-}
-
-struct RelayProc(Child);
-
-impl Drop for RelayProc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start_relay(control: &Identity) -> (RelayProc, NodeId, SocketAddr) {
-    let dir = std::env::temp_dir().join(format!("shoal-loopback-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let identity = Identity::from_seed([42; 32]);
-    std::fs::write(dir.join("relay.key"), to_hex(identity.seed())).unwrap();
-    let config = format!(
-        "listen = \"127.0.0.1:0\"\nmetrics = \"127.0.0.1:0\"\nworkers = 1\nkey_file = \"relay.key\"\n\
-         control_public_key = \"{}\"\npermit = \"{}\"\npeers = []\n",
-        control.public_key(),
-        to_hex(&permit(control, &identity, Roles::RELAY).encode()),
-    );
-    let path = dir.join("relay.toml");
-    std::fs::write(&path, config).unwrap();
-    let mut child = Command::new(relay_binary())
-        .args(["run", "--config"])
-        .arg(&path)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    assert!(line.starts_with("shoal-mesh-node ready"), "{line}");
-    let field = |k: &str| line.split_whitespace().find_map(|w| w.strip_prefix(k)).unwrap().to_string();
-    (RelayProc(child), field("node=").parse().unwrap(), field("mesh=").parse().unwrap())
-}
 
 async fn client(control: &Identity, seed: u8, relay: SocketAddr) -> (Client, Identity) {
     let id = Identity::from_seed([seed; 32]);
@@ -95,7 +35,9 @@ fn chunk(i: u8) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_clients_exchange_on_realtime_reliable_and_bulk_vcs_through_a_relay_process() {
     let control = Identity::from_seed([100; 32]);
-    let (_relay, relay_id, relay_addr) = start_relay(&control);
+    let dir = std::env::temp_dir().join(format!("shoal-loopback-{}", std::process::id()));
+    let relay = start_relay(&dir, &control, 42, "");
+    let (relay_id, relay_addr) = (relay.id, relay.addr);
     let (mut a, ida) = client(&control, 1, relay_addr).await;
     let (mut b, idb) = client(&control, 2, relay_addr).await;
     let via = Path::Relayed(Route::new(&[relay_id]).unwrap());

@@ -1,0 +1,89 @@
+//! Daemons the integration tests start as real processes: the `shoal-mesh-node` relay.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use shoal_protocol::identity::to_hex;
+use shoal_protocol::{Identity, NodeId, Roles, SignedTicket, TicketBody, TicketKind, UnixTime};
+
+/// Unix seconds now.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// A relay permit for `node`, signed by `control`, valid for ten minutes.
+pub fn permit(control: &Identity, node: &Identity, roles: Roles) -> SignedTicket {
+    TicketBody::new(TicketKind::RelayPermit, node.public_key(), roles, UnixTime(unix_now()), 600).sign(control)
+}
+
+/// The relay binary beside the running test's profile directory, built first (with the same
+/// profile) so a test never runs a stale one.
+pub fn relay_binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    let profile_dir = exe.parent().and_then(|d| d.parent()).map(Path::to_path_buf).unwrap_or_default();
+    let mut build = Command::new(env!("CARGO"));
+    build.args(["build", "-q", "-p", "shoal-mesh", "--bin", "shoal-mesh-node"]);
+    if profile_dir.ends_with("release") {
+        build.arg("--release");
+    }
+    let built = build.status().is_ok_and(|s| s.success());
+    assert!(built, "building shoal-mesh-node failed");
+    profile_dir.join("shoal-mesh-node")
+}
+
+/// A running relay process; killed when dropped.
+#[derive(Debug)]
+pub struct RelayProc {
+    child: Child,
+    /// Its node id.
+    pub id: NodeId,
+    /// Its mesh address.
+    pub addr: SocketAddr,
+    /// The line it printed when ready.
+    pub ready: String,
+}
+
+impl Drop for RelayProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts a relay with identity seed `seed` in `dir`, trusting `control`'s tickets and holding a
+/// permit from it, with `extra` appended to its config file; waits for its ready line.
+pub fn start_relay(dir: &Path, control: &Identity, seed: u8, extra: &str) -> RelayProc {
+    let create = std::fs::create_dir_all(dir);
+    assert!(create.is_ok(), "cannot create {}", dir.display());
+    let identity = Identity::from_seed([seed; 32]);
+    let key = format!("relay-{seed}.key");
+    let written = std::fs::write(dir.join(&key), to_hex(identity.seed()));
+    assert!(written.is_ok(), "cannot write the relay key");
+    let config = format!(
+        "listen = \"127.0.0.1:0\"\nmetrics = \"127.0.0.1:0\"\nworkers = 1\nkey_file = \"{key}\"\n\
+         control_public_key = \"{}\"\npermit = \"{}\"\n{extra}",
+        control.public_key(),
+        to_hex(&permit(control, &identity, Roles::RELAY).encode()),
+    );
+    let path = dir.join(format!("relay-{seed}.toml"));
+    let written = std::fs::write(&path, config);
+    assert!(written.is_ok(), "cannot write the relay config");
+    let child = Command::new(relay_binary())
+        .args(["run", "--config"])
+        .arg(&path)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn();
+    let Ok(mut child) = child else { panic!("cannot start shoal-mesh-node") };
+    let mut ready = String::new();
+    if let Some(out) = child.stdout.take() {
+        let _ = BufReader::new(out).read_line(&mut ready);
+    }
+    assert!(ready.starts_with("shoal-mesh-node ready"), "relay did not start: {ready}");
+    let field = |k: &str| ready.split_whitespace().find_map(|w| w.strip_prefix(k)).unwrap_or_default().to_string();
+    let (id, addr) = (field("node=").parse(), field("mesh=").parse());
+    let (Ok(id), Ok(addr)) = (id, addr) else { panic!("unreadable ready line: {ready}") };
+    RelayProc { child, id, addr, ready }
+}

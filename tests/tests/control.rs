@@ -1,0 +1,253 @@
+//! The SDK's session against a real control server on loopback: two players sign in over
+//! QUIC, report positions near each other, are introduced, open VCs through a relay process and
+//! talk; when one walks away both get a farewell and their VCs close. And a session whose
+//! control server restarts reconnects by itself and resumes.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use shoal_control::auth::{HashCost, StoreAccounts};
+use shoal_control::core::CoreConfig;
+use shoal_control::server::{self, ServerConfig, ServerHandle};
+use shoal_control::store::Store;
+use shoal_control::tls::ServerIdentity;
+use shoal_mesh::control::LinkError;
+use shoal_mesh::wire::VcId;
+use shoal_protocol::Identity;
+use shoal_protocol::control::{Refusal, RelayInfo};
+use shoal_sdk::{
+    Event, PathKind, PlayerState, Session, SessionConfig, SessionError, SessionEvent, Trust, VcEvent, VcKey,
+};
+use shoal_tests::procs::start_relay;
+use tokio::time::{Instant, timeout_at};
+
+fn temp_dir(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("shoal-control-e2e-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Starts a control server on `listen` with its certificate and database in `dir`, knowing
+/// `relays`, with accounts ana and bob.
+async fn control_server(
+    dir: &std::path::Path,
+    store: &Store,
+    listen: SocketAddr,
+    relays: Vec<RelayInfo>,
+) -> ServerHandle {
+    let accounts = StoreAccounts::new(store.clone(), HashCost { memory_kib: 256, iterations: 1 }).unwrap();
+    accounts.create("ana", "ana-pw", 1).await.unwrap();
+    accounts.create("bob", "bob-pw", 1).await.unwrap();
+    let cfg = ServerConfig {
+        listen,
+        identity: Identity::from_seed([77; 32]),
+        tls: ServerIdentity::load_or_create(dir).unwrap(),
+        core: CoreConfig { relays, ..CoreConfig::default() },
+        retention: Duration::from_secs(3600),
+    };
+    server::start(cfg, store.clone(), Arc::new(accounts)).unwrap()
+}
+
+fn session_config(server: SocketAddr, dir: &std::path::Path, account: &str, seed: u8) -> SessionConfig {
+    let fp = ServerIdentity::load_or_create(dir).unwrap().fingerprint();
+    let id = Identity::from_seed([seed; 32]);
+    let mut cfg = SessionConfig::new(server, Trust::Pinned(fp), account, &format!("{account}-pw"), id);
+    cfg.report_every = Duration::from_millis(200);
+    cfg
+}
+
+fn at(x: f32, who: &str) -> PlayerState {
+    PlayerState {
+        position: [x, 0.0, 0.0],
+        status: "playing".into(),
+        character: who.as_bytes().to_vec(),
+        ..Default::default()
+    }
+}
+
+/// Reads `s`'s events until `f` picks one, for at most ten seconds.
+async fn until<T>(s: &mut Session, what: &str, mut f: impl FnMut(SessionEvent) -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let ev = timeout_at(deadline, s.next()).await.unwrap_or_else(|_| panic!("timed out waiting for {what}"));
+        if let Some(t) = f(ev.unwrap_or_else(|| panic!("session stopped while waiting for {what}"))) {
+            return t;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_sessions_are_introduced_talk_through_a_relay_and_part_with_a_farewell() {
+    let dir = temp_dir("intro");
+    let control = Identity::from_seed([77; 32]);
+    let relay = start_relay(&dir, &control, 42, "");
+    let store = Store::open(&format!("sqlite:{}", dir.join("control.db").display())).await.unwrap();
+    let relays = vec![RelayInfo { id: relay.id, addr: relay.addr, rtt_us: 0 }];
+    let server = control_server(&dir, &store, "127.0.0.1:0".parse().unwrap(), relays).await;
+
+    let mut a = Session::start(session_config(server.addr, &dir, "ana", 1)).await.unwrap();
+    let mut b = Session::start(session_config(server.addr, &dir, "bob", 2)).await.unwrap();
+    a.set_state(at(0.0, "ana"));
+    b.set_state(at(5.0, "bob"));
+
+    // Introduced both ways, with the default realtime and reliable VCs opened.
+    let (ab, ba) = (VcKey { peer: b.id(), vc: VcId(2) }, VcKey { peer: a.id(), vc: VcId(2) });
+    let b_id = b.id();
+    let vcs = until(&mut a, "a's introduction", |e| match e {
+        SessionEvent::Introduced { peer, vcs } if peer == b_id => Some(vcs),
+        _ => None,
+    })
+    .await;
+    assert_eq!(vcs, vec![VcKey { peer: b.id(), vc: VcId(1) }, ab]);
+    let a_id = a.id();
+    until(&mut b, "b's introduction", |e| {
+        matches!(e, SessionEvent::Introduced { peer, .. } if peer == a_id).then_some(())
+    })
+    .await;
+
+    // They talk on the reliable VC, through the relay.
+    until(&mut a, "the reliable VC to open", |e| {
+        matches!(e, SessionEvent::Node(Event::Vc(k, VcEvent::Opened)) if k == ab).then_some(())
+    })
+    .await;
+    a.send(ab, &b"hello bob"[..]).await.unwrap();
+    let got = until(&mut b, "a's message", |e| match e {
+        SessionEvent::Message(k, m) if k == ba => Some(m),
+        _ => None,
+    })
+    .await;
+    assert_eq!(&got[..], b"hello bob");
+    b.send(ba, &b"hello ana"[..]).await.unwrap();
+    let got = until(&mut a, "b's answer", |e| match e {
+        SessionEvent::Message(k, m) if k == ab => Some(m),
+        _ => None,
+    })
+    .await;
+    assert_eq!(&got[..], b"hello ana");
+    let path = a.stats(ab).await.unwrap().unwrap().path.unwrap();
+    assert_eq!(path.kind, PathKind::OneRelay);
+    assert_eq!(path.path.route().relays(), [relay.id]);
+
+    // Their reports carry the link and the relay's round-trip time reaches the control
+    // server, which shows the link in its live state.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let snap = server.client().snapshot().await.unwrap();
+        let reported =
+            snap.links.iter().any(|l| l.vc == 2 && l.path == "relayed" && l.relays == [relay.id.to_string()]);
+        if reported {
+            break;
+        }
+        assert!(Instant::now() < deadline, "links never reported: {:?}", snap.links);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Bob walks away at 16 units/s (the limit is 20) until past the 60-unit leave radius.
+    for i in 1..=16 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        b.set_state(at(5.0 + 4.0 * i as f32, "bob"));
+    }
+    let closed = until(&mut a, "a's farewell", |e| match e {
+        SessionEvent::Farewell { peer, closed } if peer == b_id => Some(closed),
+        _ => None,
+    })
+    .await;
+    assert!(closed.contains(&ab), "{closed:?}");
+    until(&mut b, "b's farewell", |e| matches!(e, SessionEvent::Farewell { peer, .. } if peer == a_id).then_some(()))
+        .await;
+    // The VCs are gone on both sides: nothing more can be sent.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while a.stats(ab).await.unwrap().is_some() || b.stats(ba).await.unwrap().is_some() {
+        assert!(Instant::now() < deadline, "VCs still open after the farewell");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(a.send(ab, &b"still there?"[..]).await.is_err());
+    let k = server.counters();
+    assert_eq!((k.introductions, k.farewells, k.implausible), (2, 2, 0));
+
+    a.sign_out().await;
+    b.sign_out().await;
+    server.shutdown().await;
+    store.close().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_reconnects_and_resumes_after_the_control_server_restarts() {
+    let dir = temp_dir("restart");
+    let url = format!("sqlite:{}", dir.join("control.db").display());
+    let store = Store::open(&url).await.unwrap();
+    let server = control_server(&dir, &store, "127.0.0.1:0".parse().unwrap(), Vec::new()).await;
+    let addr = server.addr;
+    let mut a = Session::start(session_config(addr, &dir, "ana", 1)).await.unwrap();
+    a.set_state(at(3.0, "ana at 3"));
+    // Wait until the character is saved (it is what a resume finds the account by).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while store.load_character("ana").await.unwrap().is_none() {
+        assert!(Instant::now() < deadline, "character never saved");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    server.shutdown().await;
+    until(&mut a, "the loss of the control connection", |e| matches!(e, SessionEvent::ControlLost(_)).then_some(()))
+        .await;
+    let server = control_server(&dir, &store, addr, Vec::new()).await;
+    until(&mut a, "the reconnect", |e| match e {
+        SessionEvent::ControlRestored => Some(()),
+        SessionEvent::Refused(r) => panic!("refused: {r:?}"),
+        _ => None,
+    })
+    .await;
+    // Resumed with the ticket, not signed in again: no password check on the new server.
+    let k = server.counters();
+    assert_eq!((k.signed_in, k.resumed, k.bad_tickets), (1, 1, 0));
+    a.set_state(at(4.0, "ana at 4"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let snap = server.client().snapshot().await.unwrap();
+        if snap.players.iter().any(|p| p.account == "ana" && p.position == Some([4.0, 0.0, 0.0])) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "reports did not resume: {:?}", snap.players);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let saved = store.load_character("ana").await.unwrap().unwrap();
+    assert!(saved.state == b"ana at 3" || saved.state == b"ana at 4", "{saved:?}");
+
+    a.sign_out().await;
+    server.shutdown().await;
+    store.close().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_that_cannot_sign_in_says_why() {
+    let dir = temp_dir("refused");
+    let store = Store::open(&format!("sqlite:{}", dir.join("control.db").display())).await.unwrap();
+    let server = control_server(&dir, &store, "127.0.0.1:0".parse().unwrap(), Vec::new()).await;
+    let mut wrong_password = session_config(server.addr, &dir, "ana", 1);
+    wrong_password.password = "not-ana-pw".into();
+    let err = Session::start(wrong_password).await.unwrap_err();
+    assert!(matches!(err, SessionError::Refused(Refusal::BadCredentials)), "{err}");
+
+    let mut wrong_pin = session_config(server.addr, &dir, "ana", 1);
+    wrong_pin.trust = Trust::Pinned([7; 32]);
+    let err = Session::start(wrong_pin).await.unwrap_err();
+    assert!(matches!(err, SessionError::Link(LinkError::Connect(_))), "{err}");
+
+    // Nobody listening: the start gives up after its timeout instead of hanging.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut unreachable = session_config(silent.local_addr().unwrap(), &dir, "ana", 1);
+    unreachable.connect_timeout = Duration::from_millis(500);
+    let err = Session::start(unreachable).await.unwrap_err();
+    assert!(matches!(err, SessionError::Timeout), "{err}");
+    assert_eq!(server.counters().bad_credentials, 1);
+
+    server.shutdown().await;
+    store.close().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
