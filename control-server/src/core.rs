@@ -10,14 +10,15 @@
 //! [`CoreConfig::max_flags`] times is cut off and its permit is not renewed. Silence past
 //! [`CoreConfig::presence_timeout`] counts as a lost connection.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use glam::Vec3;
 use rustc_hash::FxHashMap;
 use shoal_protocol::control::{
-    ClientToControl, ControlToClient, Introduction, KeyProof, Refusal, RelayInfo, Report, SIGN_IN_CONTEXT,
+    ClientToControl, ControlToClient, ControlToRelay, Introduction, KeyProof, RELAY_ACCOUNT, Refusal, RelayInfo,
+    RelayToControl, Report, RouteInfo, SIGN_IN_CONTEXT,
 };
 use shoal_protocol::{Identity, NodeId, PublicKey, Roles, SignedTicket, TicketBody, TicketKind, UnixTime};
 
@@ -98,6 +99,8 @@ pub enum Output {
     Close(ConnId),
     /// Persist a character's latest state.
     SaveCharacter(Character),
+    /// Send a message on a relay's connection.
+    SendRelay(ConnId, ControlToRelay),
 }
 
 /// Counters of what the core refused and did.
@@ -131,6 +134,10 @@ pub struct CoreCounters {
     pub introductions: u64,
     /// Farewells sent (one per side).
     pub farewells: u64,
+    /// Relay registrations accepted.
+    pub relays_registered: u64,
+    /// Registrations from relays not in the configuration, or with a bad proof.
+    pub relays_refused: u64,
 }
 
 /// One player in the live-state API.
@@ -193,6 +200,10 @@ pub struct RelayState {
     pub node: String,
     /// Where it listens.
     pub addr: SocketAddr,
+    /// Whether it is registered now.
+    pub registered: bool,
+    /// Round-trip times to its peer relays as it measured them: node id hex, milliseconds.
+    pub peers: Vec<(String, f32)>,
 }
 
 /// A signed-in player, as [`Core::player`] shows it.
@@ -235,6 +246,8 @@ enum State {
         key: PublicKey,
     },
     SignedIn(Box<Player>),
+    /// A registered relay.
+    Relay(NodeId),
 }
 
 #[derive(Debug)]
@@ -243,6 +256,18 @@ struct Conn {
     state: State,
     heard: Instant,
     failures: u32,
+}
+
+/// A relay of the relay map: configured, and registered while `conn` is set.
+#[derive(Debug)]
+struct RelayEntry {
+    addr: SocketAddr,
+    conn: Option<ConnId>,
+    /// Its key, once it registered.
+    key: Option<PublicKey>,
+    /// Its RTTs to other relays, microseconds.
+    peer_rtts: FxHashMap<NodeId, u32>,
+    permit_expires: UnixTime,
 }
 
 /// The control server's core. See the module docs.
@@ -255,6 +280,8 @@ pub struct Core {
     conns: FxHashMap<ConnId, Conn>,
     by_node: FxHashMap<NodeId, ConnId>,
     interest: Interest,
+    /// The relay map, keyed and ordered by node id.
+    relays: BTreeMap<NodeId, RelayEntry>,
     outputs: VecDeque<Output>,
     rows: Vec<ReportRow>,
     counters: CoreCounters,
@@ -263,8 +290,25 @@ pub struct Core {
 impl Core {
     /// A core that signs tickets as `identity` and binds proofs to `server_fingerprint`.
     pub fn new(cfg: CoreConfig, identity: Identity, server_fingerprint: [u8; 32]) -> Result<Core, InterestError> {
+        let relays = cfg
+            .relays
+            .iter()
+            .map(|r| {
+                (
+                    r.id,
+                    RelayEntry {
+                        addr: r.addr,
+                        conn: None,
+                        key: None,
+                        peer_rtts: FxHashMap::default(),
+                        permit_expires: UnixTime(0),
+                    },
+                )
+            })
+            .collect();
         Ok(Core {
             interest: Interest::new(cfg.interest)?,
+            relays,
             cfg,
             identity,
             server_fingerprint,
@@ -338,7 +382,16 @@ impl Core {
                 });
             }
         }
-        let relays = self.cfg.relays.iter().map(|r| RelayState { node: hex(r.id), addr: r.addr }).collect();
+        let relays = self
+            .relays
+            .iter()
+            .map(|(id, r)| {
+                let mut peers: Vec<(String, f32)> =
+                    r.peer_rtts.iter().map(|(p, us)| (hex(*p), *us as f32 / 1000.0)).collect();
+                peers.sort_by(|a, b| a.0.cmp(&b.0));
+                RelayState { node: hex(*id), addr: r.addr, registered: r.conn.is_some(), peers }
+            })
+            .collect();
         Snapshot { players, links, relays }
     }
 
@@ -361,6 +414,12 @@ impl Core {
     /// A connection ended (closed by either side or lost).
     pub fn on_disconnected(&mut self, conn: ConnId) {
         let Some(c) = self.conns.remove(&conn) else { return };
+        if let State::Relay(id) = c.state
+            && let Some(r) = self.relays.get_mut(&id)
+            && r.conn == Some(conn)
+        {
+            r.conn = None;
+        }
         if let State::SignedIn(p) = c.state {
             let node = p.key.node_id();
             if self.by_node.get(&node) == Some(&conn) {
@@ -484,6 +543,73 @@ impl Core {
         TicketBody::new(kind, key, Roles::CLIENT, unix, ttl.as_secs()).sign(&self.identity)
     }
 
+    /// A message arrived on a relay's connection.
+    pub fn on_relay_message(&mut self, now: Instant, unix: UnixTime, conn: ConnId, msg: RelayToControl) {
+        let Some(c) = self.conns.get_mut(&conn) else { return };
+        c.heard = now;
+        let registered = match c.state {
+            State::Relay(id) => Some(id),
+            _ => None,
+        };
+        match (msg, registered) {
+            (RelayToControl::Register { addr, proof }, None) => {
+                let id = proof.public_key.node_id();
+                if !self.proof_ok(RELAY_ACCOUNT, &proof, unix) || !self.relays.contains_key(&id) {
+                    self.counters.relays_refused += 1;
+                    let why = if self.relays.contains_key(&id) { Refusal::BadProof } else { Refusal::BadCredentials };
+                    self.outputs.push_back(Output::SendRelay(conn, ControlToRelay::Refused(why)));
+                    self.outputs.push_back(Output::Close(conn));
+                    return;
+                }
+                // A relay that registers again (restart, new connection) replaces its old one.
+                if let Some(old) = self.relays.get(&id).and_then(|r| r.conn)
+                    && old != conn
+                {
+                    self.outputs.push_back(Output::Close(old));
+                    self.on_disconnected(old);
+                }
+                if let Some(c) = self.conns.get_mut(&conn) {
+                    c.state = State::Relay(id);
+                }
+                if let Some(r) = self.relays.get_mut(&id) {
+                    r.addr = addr;
+                    r.conn = Some(conn);
+                    r.key = Some(proof.public_key);
+                }
+                self.counters.relays_registered += 1;
+                self.send_registered(id, proof.public_key, unix);
+            }
+            (RelayToControl::PeerRtts(rtts), Some(id)) => {
+                if let Some(r) = self.relays.get_mut(&id) {
+                    r.peer_rtts = rtts.into_iter().filter(|(p, _)| *p != id).take(64).collect();
+                }
+            }
+            (RelayToControl::Keepalive, Some(_)) | (RelayToControl::Register { .. }, Some(_)) => {}
+            (_, None) => {
+                self.counters.not_signed_in += 1;
+                self.outputs.push_back(Output::SendRelay(conn, ControlToRelay::Refused(Refusal::NotSignedIn)));
+            }
+        }
+    }
+
+    /// Tells a registered relay its permit and its peers.
+    fn send_registered(&mut self, id: NodeId, key: PublicKey, unix: UnixTime) {
+        let permit = TicketBody::new(TicketKind::RelayPermit, key, Roles::RELAY, unix, self.cfg.permit_ttl.as_secs())
+            .sign(&self.identity);
+        let peers = self
+            .relays
+            .iter()
+            .filter(|(p, _)| **p != id)
+            .map(|(p, r)| RelayInfo { id: *p, addr: r.addr, rtt_us: r.peer_rtts.get(&id).copied().unwrap_or(0) })
+            .collect();
+        let Some(r) = self.relays.get_mut(&id) else { return };
+        r.permit_expires = permit.body.expires_at;
+        if let Some(conn) = r.conn {
+            let msg = ControlToRelay::Registered { permit: permit.encode().to_vec(), peers };
+            self.outputs.push_back(Output::SendRelay(conn, msg));
+        }
+    }
+
     fn welcome(&mut self, conn: ConnId, unix: UnixTime, account: String, key: PublicKey) {
         let node = key.node_id();
         // A newer sign-in of the same node replaces the old connection.
@@ -515,7 +641,7 @@ impl Core {
             ControlToClient::Welcome {
                 session: session.encode().to_vec(),
                 permit: permit.encode().to_vec(),
-                relays: self.cfg.relays.clone(),
+                relays: self.relay_list(),
                 now: unix,
             },
         ));
@@ -624,6 +750,15 @@ impl Core {
             let permit = self.ticket(TicketKind::RelayPermit, key, unix, self.cfg.permit_ttl);
             self.outputs.push_back(Output::Send(id, ControlToClient::Permit(permit.encode().to_vec())));
         }
+        let relays: Vec<(NodeId, PublicKey)> = self
+            .relays
+            .iter()
+            .filter(|(_, r)| r.conn.is_some() && r.permit_expires.0.saturating_sub(unix.0) <= renew_before)
+            .filter_map(|(id, r)| Some((*id, r.key?)))
+            .collect();
+        for (id, key) in relays {
+            self.send_registered(id, key, unix);
+        }
         self.interest.tick();
         self.drain_interest();
     }
@@ -660,25 +795,59 @@ impl Core {
         }
     }
 
-    /// What `me` needs to reach `them`: relays ranked by the sum of both sides' reported RTTs
-    /// to them (unknown counts as a second).
+    /// The relays clients bind to, with their current addresses.
+    fn relay_list(&self) -> Vec<RelayInfo> {
+        self.relays.iter().map(|(id, r)| RelayInfo { id: *id, addr: r.addr, rtt_us: 0 }).collect()
+    }
+
+    /// The relays' own round trip between `a` and `b`, as either measured it.
+    fn relay_rtt(&self, a: NodeId, b: NodeId) -> Option<u32> {
+        let ab = self.relays.get(&a).and_then(|r| r.peer_rtts.get(&b).copied());
+        let ba = self.relays.get(&b).and_then(|r| r.peer_rtts.get(&a).copied());
+        ab.into_iter().chain(ba).min()
+    }
+
+    /// What `me` needs to reach `them`. Single relays are ranked by the sum of both sides'
+    /// reported RTTs to them (unknown counts as a second); routes through two relays, one
+    /// each side measured, cost my RTT to the first, the relays' RTT to each other and their
+    /// RTT to the second, and are offered when they beat the best single relay.
     fn introduction(&self, me: NodeId, them: NodeId) -> Option<Introduction> {
+        const UNKNOWN: u64 = 1_000_000;
         let (a, b) = (self.signed_in(me)?, self.signed_in(them)?);
-        let mut relays = self.cfg.relays.clone();
-        let cost = |r: &RelayInfo| {
-            let rtt = |p: &Player| u64::from(p.relay_rtts.get(&r.id).copied().unwrap_or(1_000_000));
-            rtt(a) + rtt(b)
-        };
-        relays.sort_by_key(|r| (cost(r), r.id));
-        for r in &mut relays {
-            r.rtt_us = u32::try_from(cost(r) / 2).unwrap_or(u32::MAX);
+        let to = |p: &Player, r: NodeId| p.relay_rtts.get(&r).map(|&us| u64::from(us));
+        let us = |cost: u64| u32::try_from(cost).unwrap_or(u32::MAX);
+        let mut relays: Vec<(u64, RelayInfo)> = self
+            .relays
+            .iter()
+            .map(|(&id, r)| {
+                let cost = to(a, id).unwrap_or(UNKNOWN) + to(b, id).unwrap_or(UNKNOWN);
+                (cost, RelayInfo { id, addr: r.addr, rtt_us: us(cost) })
+            })
+            .collect();
+        relays.sort_by_key(|(cost, r)| (*cost, r.id));
+        let best_single = relays.first().map_or(u64::MAX, |(cost, _)| *cost);
+        let mut routes: Vec<(u64, RouteInfo)> = Vec::new();
+        for (&r1, &mine) in &a.relay_rtts {
+            for (&r2, &theirs) in &b.relay_rtts {
+                if r1 == r2 || !self.relays.contains_key(&r1) || !self.relays.contains_key(&r2) {
+                    continue;
+                }
+                let Some(between) = self.relay_rtt(r1, r2) else { continue };
+                let cost = u64::from(mine) + u64::from(between) + u64::from(theirs);
+                if cost < best_single {
+                    routes.push((cost, RouteInfo { relays: vec![r1, r2], rtt_us: us(cost) }));
+                }
+            }
         }
+        routes.sort_by(|(c1, r1), (c2, r2)| (c1, &r1.relays).cmp(&(c2, &r2.relays)));
+        routes.truncate(2);
         relays.truncate(3);
         Some(Introduction {
             peer_key: b.key,
             observed: b.observed,
             local: b.local.clone(),
-            relays,
+            relays: relays.into_iter().map(|(_, r)| r).collect(),
+            routes: routes.into_iter().map(|(_, r)| r).collect(),
             profiles: self.cfg.profiles.clone(),
         })
     }
@@ -797,9 +966,11 @@ mod tests {
         let to_a = &intros.iter().find(|(conn, _)| *conn == 1).unwrap().1;
         assert_eq!(to_a.peer_key, b.public_key());
         assert_eq!(to_a.profiles, vec![(1, [1; 16])]);
-        // Relay 2 is known to both sides, so it ranks first, with half the summed RTT.
+        // Relay 2 is known to both sides, so it ranks first; the estimate is the round trip
+        // between the players through it: the sum of their RTTs to it.
         assert_eq!(to_a.relays[0].id, NodeId([2; 8]));
-        assert_eq!(to_a.relays[0].rtt_us, 15_000);
+        assert_eq!(to_a.relays[0].rtt_us, 30_000);
+        assert!(to_a.routes.is_empty(), "no relay map yet, so no two-relay routes");
         let to_b = &intros.iter().find(|(conn, _)| *conn == 2).unwrap().1;
         assert_eq!(to_b.peer_key, a.public_key());
         assert_eq!(to_b.observed, Some("203.0.113.10:4000".parse().unwrap()));
@@ -813,6 +984,125 @@ mod tests {
         assert!(out.contains(&Output::Send(1, ControlToClient::Farewell(b.node_id()))), "{out:?}");
         assert!(out.contains(&Output::Send(2, ControlToClient::Farewell(a.node_id()))), "{out:?}");
         assert_eq!(c.counters().implausible, 0);
+    }
+
+    /// Registers relay `seed` (configured as `NodeId([n; 8])` only for seeds the core knows).
+    fn register(c: &mut Core, t: Instant, conn: ConnId, relay: &Identity) -> Vec<Output> {
+        c.on_connected(t, conn, "198.51.100.9:40000".parse().unwrap());
+        let msg = RelayToControl::Register {
+            addr: "198.51.100.9:7000".parse().unwrap(),
+            proof: proof(relay, RELAY_ACCOUNT, T0 * 1000),
+        };
+        c.on_relay_message(t, UnixTime(T0), conn, msg);
+        outputs(c)
+    }
+
+    fn relay_core(relays: &[&Identity]) -> Core {
+        let cfg = CoreConfig {
+            relays: relays
+                .iter()
+                .enumerate()
+                .map(|(i, r)| RelayInfo {
+                    id: r.node_id(),
+                    addr: format!("198.51.100.{}:7000", i + 1).parse().unwrap(),
+                    rtt_us: 0,
+                })
+                .collect(),
+            ..CoreConfig::default()
+        };
+        Core::new(cfg, Identity::from_seed([99; 32]), FP).unwrap()
+    }
+
+    #[test]
+    fn configured_relays_register_get_a_relay_permit_and_their_peers_and_others_are_refused() {
+        let (r1, r2) = (Identity::from_seed([31; 32]), Identity::from_seed([32; 32]));
+        let mut c = relay_core(&[&r1, &r2]);
+        let t = Instant::now();
+        // Before registering, a relay's other messages are refused.
+        c.on_connected(t, 9, "198.51.100.9:40000".parse().unwrap());
+        c.on_relay_message(t, UnixTime(T0), 9, RelayToControl::PeerRtts(vec![]));
+        assert_eq!(outputs(&mut c), vec![Output::SendRelay(9, ControlToRelay::Refused(Refusal::NotSignedIn))]);
+
+        let out = register(&mut c, t, 1, &r1);
+        let [Output::SendRelay(1, ControlToRelay::Registered { permit, peers })] = &out[..] else { panic!("{out:?}") };
+        let permit = SignedTicket::decode(permit).unwrap();
+        assert_eq!(permit.body.node_id, r1.node_id());
+        permit.verify(&c.public_key(), TicketKind::RelayPermit, Roles::RELAY, UnixTime(T0)).unwrap();
+        assert_eq!(peers.iter().map(|p| p.id).collect::<Vec<_>>(), vec![r2.node_id()]);
+        // Its announced address replaces the configured one, for relays and clients alike.
+        let r2_out = register(&mut c, t, 2, &r2);
+        let [Output::SendRelay(2, ControlToRelay::Registered { peers, .. })] = &r2_out[..] else { panic!() };
+        assert_eq!(peers[0].addr, "198.51.100.9:7000".parse().unwrap());
+
+        // Measured RTTs show in the live state.
+        c.on_relay_message(t, UnixTime(T0), 1, RelayToControl::PeerRtts(vec![(r2.node_id(), 1_500)]));
+        let snap = c.snapshot();
+        let hex = |n: NodeId| shoal_protocol::identity::to_hex(&n.0);
+        let s1 = snap.relays.iter().find(|r| r.node == hex(r1.node_id())).unwrap();
+        assert!(s1.registered);
+        assert_eq!(s1.peers, vec![(hex(r2.node_id()), 1.5)]);
+
+        // A relay the server was not configured with, and a bad proof, are refused and closed.
+        let stranger = Identity::from_seed([33; 32]);
+        let out = register(&mut c, t, 3, &stranger);
+        assert_eq!(out, vec![Output::SendRelay(3, ControlToRelay::Refused(Refusal::BadCredentials)), Output::Close(3)]);
+        c.on_connected(t, 4, "198.51.100.9:40001".parse().unwrap());
+        let forged = RelayToControl::Register {
+            addr: "198.51.100.9:7000".parse().unwrap(),
+            proof: KeyProof::new(&r1, RELAY_ACCOUNT, T0 * 1000, &[0; 32]),
+        };
+        c.on_relay_message(t, UnixTime(T0), 4, forged);
+        assert_eq!(
+            outputs(&mut c),
+            vec![Output::SendRelay(4, ControlToRelay::Refused(Refusal::BadProof)), Output::Close(4)]
+        );
+        assert_eq!((c.counters().relays_registered, c.counters().relays_refused), (2, 2));
+
+        // The permit is renewed before it lapses; a lost relay shows as unregistered.
+        c.tick(t, UnixTime(T0 + c.cfg.permit_ttl.as_secs() * 2 / 3 + 1));
+        let renewed = outputs(&mut c)
+            .into_iter()
+            .filter(|o| matches!(o, Output::SendRelay(_, ControlToRelay::Registered { .. })))
+            .count();
+        assert_eq!(renewed, 2);
+        c.on_disconnected(1);
+        assert!(!c.snapshot().relays.iter().find(|r| r.node == hex(r1.node_id())).unwrap().registered);
+    }
+
+    #[test]
+    fn players_near_different_relays_get_a_two_relay_route_when_the_relay_map_says_it_is_faster() {
+        let (r1, r2, r3) =
+            (Identity::from_seed([31; 32]), Identity::from_seed([32; 32]), Identity::from_seed([34; 32]));
+        let mut c = relay_core(&[&r1, &r2, &r3]);
+        let t = Instant::now();
+        register(&mut c, t, 101, &r1);
+        register(&mut c, t, 102, &r2);
+        c.on_relay_message(t, UnixTime(T0), 101, RelayToControl::PeerRtts(vec![(r2.node_id(), 20_000)]));
+        let a = sign_in(&mut c, t, 1, 10, "ana");
+        let b = sign_in(&mut c, t, 2, 11, "bob");
+        // Ana is near r1, Bob near r2; r3 is far from both.
+        let ms = |r: &Identity, ms: u32| (r.node_id(), ms * 1000);
+        c.on_message(t, UnixTime(T0), 1, ClientToControl::RelayRtts(vec![ms(&r1, 5), ms(&r2, 100), ms(&r3, 90)]));
+        c.on_message(t, UnixTime(T0), 2, ClientToControl::RelayRtts(vec![ms(&r1, 100), ms(&r2, 5), ms(&r3, 90)]));
+        c.on_message(t, UnixTime(T0), 1, report(1, T0 * 1000, [0.0, 0.0, 0.0]));
+        c.on_message(t, UnixTime(T0), 2, report(1, T0 * 1000, [10.0, 0.0, 0.0]));
+        outputs(&mut c);
+        c.tick(t, UnixTime(T0));
+        let intros: Vec<(ConnId, Box<Introduction>)> = outputs(&mut c)
+            .into_iter()
+            .filter_map(|o| match o {
+                Output::Send(conn, ControlToClient::Introduce(i)) => Some((conn, i)),
+                _ => None,
+            })
+            .collect();
+        let to = |conn| &intros.iter().find(|(c, _)| *c == conn).unwrap().1;
+        // 5 + 20 + 5 = 30 ms through r1 and r2, against 105 ms through either alone.
+        assert_eq!(to(1).routes, vec![RouteInfo { relays: vec![r1.node_id(), r2.node_id()], rtt_us: 30_000 }]);
+        assert_eq!(to(2).routes, vec![RouteInfo { relays: vec![r2.node_id(), r1.node_id()], rtt_us: 30_000 }]);
+        // Single relays still come, best first (r1 and r2 tie at 105 ms; r3 is 180 ms).
+        assert_eq!(to(1).relays.iter().map(|r| r.rtt_us).collect::<Vec<_>>(), vec![105_000, 105_000, 180_000]);
+        assert_eq!(to(1).peer_key, b.public_key());
+        assert_eq!(to(2).peer_key, a.public_key());
     }
 
     #[test]

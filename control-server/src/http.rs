@@ -54,9 +54,10 @@ pub fn render_prometheus(s: &Stats) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "# HELP shoal_control_players Signed-in players.\n# TYPE shoal_control_players gauge");
     let _ = writeln!(out, "shoal_control_players {}", s.players);
-    let counters: [(&str, &str, u64); 9] = [
+    let counters: [(&str, &str, u64); 10] = [
         ("shoal_control_sign_ins_total", "Sign-ins accepted, new or resumed.", c.signed_in),
         ("shoal_control_resumes_total", "Sessions resumed with a ticket.", c.resumed),
+        ("shoal_control_relay_registrations_total", "Relay registrations accepted.", c.relays_registered),
         ("shoal_control_reports_total", "Reports taken.", c.reports),
         ("shoal_control_implausible_reports_total", "Reports with implausible movement.", c.implausible),
         ("shoal_control_cut_off_total", "Clients cut off for implausible reports.", c.cut_off),
@@ -78,6 +79,7 @@ pub fn render_prometheus(s: &Stats) -> String {
         ("bad_ticket", c.bad_tickets),
         ("not_signed_in", c.not_signed_in),
         ("malformed", c.malformed),
+        ("relay_refused", c.relays_refused),
     ] {
         let _ = writeln!(out, "shoal_control_refusals_total{{reason=\"{reason}\"}} {v}");
     }

@@ -1,6 +1,7 @@
 //! The control server on real QUIC: the tokio driver around [`Core`].
 //!
-//! Each client opens one bidirectional stream and sends length-prefixed frames
+//! Players' clients (ALPN `shoal-control/1`) and relays (ALPN `shoal-relay/1`) connect to the
+//! same port. Each opens one bidirectional stream and sends length-prefixed frames
 //! ([`shoal_mesh::control`]); the server answers on the same stream. One task owns the core
 //! and is fed by the connections' reader tasks; sign-in checks and account look-ups run on
 //! their own tasks and come back as events, so a slow hash never holds up other clients.
@@ -11,9 +12,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rustc_hash::FxHashMap;
-use shoal_mesh::control::{LinkError, read_frame, write_message};
+use shoal_mesh::control::{LinkError, RELAY_ALPN, read_frame, write_message};
 use shoal_protocol::codec::decode;
-use shoal_protocol::control::{ClientToControl, ControlToClient, MAX_CONTROL_FRAME};
+use shoal_protocol::control::{ClientToControl, ControlToClient, ControlToRelay, MAX_CONTROL_FRAME, RelayToControl};
 use shoal_protocol::{Identity, UnixTime};
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -59,9 +60,16 @@ pub struct ServerConfig {
     pub retention: Duration,
 }
 
+/// What the core sends on a connection: a client's or a relay's message.
+enum Outgoing {
+    Client(ControlToClient),
+    Relay(ControlToRelay),
+}
+
 enum Event {
-    Connected(ConnId, SocketAddr, mpsc::UnboundedSender<ControlToClient>),
+    Connected(ConnId, SocketAddr, mpsc::UnboundedSender<Outgoing>),
     Message(ConnId, ClientToControl),
+    RelayMessage(ConnId, RelayToControl),
     Malformed(ConnId),
     Disconnected(ConnId),
     Verdict(ConnId, Option<String>),
@@ -171,7 +179,7 @@ struct Task {
 
 async fn run(task: Task) {
     let Task { endpoint, mut core, store, auth, retention, mut stop, stats, events, mut rx } = task;
-    let mut writers: FxHashMap<ConnId, mpsc::UnboundedSender<ControlToClient>> = FxHashMap::default();
+    let mut writers: FxHashMap<ConnId, mpsc::UnboundedSender<Outgoing>> = FxHashMap::default();
     let mut next_conn: ConnId = 1;
     let mut tick = tokio::time::interval(TICK);
     let mut characters: FxHashMap<String, Character> = FxHashMap::default();
@@ -198,6 +206,7 @@ async fn run(task: Task) {
                         core.on_connected(now, conn, remote);
                     }
                     Event::Message(conn, msg) => core.on_message(now, unix, conn, msg),
+                    Event::RelayMessage(conn, msg) => core.on_relay_message(now, unix, conn, msg),
                     Event::Malformed(conn) => core.on_malformed(conn),
                     Event::Disconnected(conn) => {
                         writers.remove(&conn);
@@ -229,7 +238,12 @@ async fn run(task: Task) {
             match out {
                 Output::Send(conn, msg) => {
                     if let Some(w) = writers.get(&conn) {
-                        let _ = w.send(msg);
+                        let _ = w.send(Outgoing::Client(msg));
+                    }
+                }
+                Output::SendRelay(conn, msg) => {
+                    if let Some(w) = writers.get(&conn) {
+                        let _ = w.send(Outgoing::Relay(msg));
                     }
                 }
                 Output::Verify { conn, account, password } => {
@@ -302,15 +316,25 @@ fn persist(
 /// events, and writes what the core sends it.
 async fn serve(conn: ConnId, connection: quinn::Connection, events: mpsc::UnboundedSender<Event>) {
     let remote = connection.remote_address();
+    // The ALPN says who is calling: a player's client or a relay.
+    let relay = connection
+        .handshake_data()
+        .and_then(|h| h.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+        .and_then(|h| h.protocol)
+        .is_some_and(|p| p == RELAY_ALPN);
     let Ok((mut send, mut recv)) = connection.accept_bi().await else { return };
-    let (tx, mut out) = mpsc::unbounded_channel::<ControlToClient>();
+    let (tx, mut out) = mpsc::unbounded_channel::<Outgoing>();
     if events.send(Event::Connected(conn, remote, tx)).is_err() {
         return;
     }
     let closer = connection.clone();
     let writer = tokio::spawn(async move {
         while let Some(msg) = out.recv().await {
-            if let Err(LinkError::Closed(_)) = write_message(&mut send, &msg).await {
+            let written = match msg {
+                Outgoing::Client(m) => write_message(&mut send, &m).await,
+                Outgoing::Relay(m) => write_message(&mut send, &m).await,
+            };
+            if let Err(LinkError::Closed(_)) = written {
                 return;
             }
         }
@@ -330,10 +354,12 @@ async fn serve(conn: ConnId, connection: quinn::Connection, events: mpsc::Unboun
             Err(_) => break,
         };
         // Decoded here, on the connection's own task, so the core's task only acts.
-        let event = match decode::<ClientToControl>(&frame, MAX_CONTROL_FRAME) {
-            Ok(msg) => Event::Message(conn, msg),
-            Err(_) => Event::Malformed(conn),
+        let event = if relay {
+            decode::<RelayToControl>(&frame, MAX_CONTROL_FRAME).map(|m| Event::RelayMessage(conn, m))
+        } else {
+            decode::<ClientToControl>(&frame, MAX_CONTROL_FRAME).map(|m| Event::Message(conn, m))
         };
+        let event = event.unwrap_or(Event::Malformed(conn));
         if events.send(event).is_err() {
             break;
         }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use quinn::crypto::rustls::QuicServerConfig;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-pub use shoal_mesh::control::{ALPN, SERVER_NAME, fingerprint};
+pub use shoal_mesh::control::{ALPN, RELAY_ALPN, SERVER_NAME, fingerprint};
 
 /// Why TLS could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -72,7 +72,7 @@ impl ServerIdentity {
             .with_no_client_auth()
             .with_single_cert(vec![self.cert.clone()], key)
             .map_err(|e| TlsError::Config(e.to_string()))?;
-        tls.alpn_protocols = vec![ALPN.to_vec()];
+        tls.alpn_protocols = vec![ALPN.to_vec(), RELAY_ALPN.to_vec()];
         let quic = QuicServerConfig::try_from(tls).map_err(|e| TlsError::Config(e.to_string()))?;
         Ok(quinn::ServerConfig::with_crypto(Arc::new(quic)))
     }

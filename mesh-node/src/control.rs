@@ -26,6 +26,8 @@ use shoal_protocol::identity::parse_hex;
 
 /// The ALPN protocol of Shoal's control plane.
 pub const ALPN: &[u8] = b"shoal-control/1";
+/// The ALPN protocol relays speak to the control server (`RelayToControl` / `ControlToRelay`).
+pub const RELAY_ALPN: &[u8] = b"shoal-relay/1";
 /// The name the server's certificate is issued for; clients that pin a fingerprint use it as
 /// the server name.
 pub const SERVER_NAME: &str = "shoal-control";
@@ -131,8 +133,13 @@ impl ServerCertVerifier for PinnedCert {
     }
 }
 
-/// The QUIC client configuration for reaching a control server trusted as `trust` says.
+/// The QUIC client configuration for reaching a control server trusted as `trust` says, as a
+/// player's client.
 pub fn client_config(trust: &Trust) -> Result<quinn::ClientConfig, LinkError> {
+    config_for(trust, ALPN)
+}
+
+fn config_for(trust: &Trust, alpn: &[u8]) -> Result<quinn::ClientConfig, LinkError> {
     let config = |e: &dyn std::fmt::Display| LinkError::Config(e.to_string());
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
@@ -157,7 +164,7 @@ pub fn client_config(trust: &Trust) -> Result<quinn::ClientConfig, LinkError> {
             builder.with_root_certificates(roots).with_no_client_auth()
         }
     };
-    tls.alpn_protocols = vec![ALPN.to_vec()];
+    tls.alpn_protocols = vec![alpn.to_vec()];
     let quic = QuicClientConfig::try_from(tls).map_err(|e| config(&e))?;
     Ok(quinn::ClientConfig::new(Arc::new(quic)))
 }
@@ -209,12 +216,22 @@ pub struct ControlLink {
 }
 
 impl ControlLink {
-    /// Connects to the control server at `server` and opens the message stream.
+    /// Connects to the control server at `server` as a player's client and opens the message
+    /// stream.
     pub async fn connect(server: SocketAddr, trust: &Trust) -> Result<ControlLink, LinkError> {
+        ControlLink::connect_with(server, trust, ALPN).await
+    }
+
+    /// Connects as a relay.
+    pub async fn connect_relay(server: SocketAddr, trust: &Trust) -> Result<ControlLink, LinkError> {
+        ControlLink::connect_with(server, trust, RELAY_ALPN).await
+    }
+
+    async fn connect_with(server: SocketAddr, trust: &Trust, alpn: &[u8]) -> Result<ControlLink, LinkError> {
         let local: SocketAddr = if server.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { ([0u16; 8], 0).into() };
         let local = if server.ip().is_loopback() { SocketAddr::new(server.ip(), 0) } else { local };
         let mut endpoint = quinn::Endpoint::client(local).map_err(LinkError::Socket)?;
-        endpoint.set_default_client_config(client_config(trust)?);
+        endpoint.set_default_client_config(config_for(trust, alpn)?);
         let connecting = endpoint.connect(server, SERVER_NAME).map_err(|e| LinkError::Connect(e.to_string()))?;
         let connection = connecting.await.map_err(|e| LinkError::Connect(e.to_string()))?;
         let (send, recv) = connection.open_bi().await.map_err(|e| LinkError::Connect(e.to_string()))?;

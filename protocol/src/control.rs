@@ -16,6 +16,9 @@ use crate::ticket::UnixTime;
 /// Largest control frame either side accepts.
 pub const MAX_CONTROL_FRAME: usize = 64 * 1024;
 
+/// The account a relay's [`KeyProof`] names.
+pub const RELAY_ACCOUNT: &str = "relay";
+
 /// Domain separation for the signature that proves a client holds the key it signs in with.
 pub const SIGN_IN_CONTEXT: &[u8] = b"shoal sign-in v1";
 
@@ -123,6 +126,16 @@ pub struct RelayInfo {
     pub rtt_us: u32,
 }
 
+/// A route through several relays, as the receiver of an introduction uses it: the first relay
+/// is one it is bound to, the last one its neighbour is bound to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouteInfo {
+    /// The relays in order.
+    pub relays: Vec<NodeId>,
+    /// Estimated round-trip time between the two players along it, microseconds.
+    pub rtt_us: u32,
+}
+
 /// What a client needs to reach a neighbour.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Introduction {
@@ -132,8 +145,12 @@ pub struct Introduction {
     pub observed: Option<SocketAddr>,
     /// Its own addresses.
     pub local: Vec<SocketAddr>,
-    /// Relays for the pair, best first.
+    /// Relays for the pair, best first; `rtt_us` is the estimated round trip between the
+    /// two players through it.
     pub relays: Vec<RelayInfo>,
+    /// Routes through two relays (one near each player, over the relays' own link) that the
+    /// relay map estimates to be faster than any single relay, best first.
+    pub routes: Vec<RouteInfo>,
     /// VCs to open: id and the SDK's 16-byte profile.
     pub profiles: Vec<(u32, [u8; 16])>,
 }
@@ -212,10 +229,11 @@ pub struct Report {
     pub lost: Vec<NodeId>,
 }
 
-/// From a relay node to the control server.
+/// From a relay node to the control server (on connections with ALPN `shoal-relay/1`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum RelayToControl {
-    /// A relay announcing itself; `proof` signs with the relay's key (account = "relay").
+    /// A relay announcing itself; `proof` signs with the relay's key for the account
+    /// [`RELAY_ACCOUNT`]. Only relays the control server is configured with are accepted.
     Register {
         /// Where clients reach it.
         addr: SocketAddr,
@@ -231,7 +249,8 @@ pub enum RelayToControl {
 /// From the control server to a relay node.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum ControlToRelay {
-    /// Registered; the relays to measure.
+    /// Registered (sent again with a fresh permit before the old one lapses, and whenever the
+    /// set of relays changes); the relays to bind to and measure.
     Registered {
         /// Its permit.
         permit: Vec<u8>,
@@ -296,6 +315,7 @@ mod tests {
             observed: Some("203.0.113.5:6000".parse().unwrap()),
             local: vec![],
             relays: vec![RelayInfo { id: NodeId([5; 8]), addr: "198.51.100.1:7000".parse().unwrap(), rtt_us: 30_000 }],
+            routes: vec![RouteInfo { relays: vec![NodeId([5; 8]), NodeId([6; 8])], rtt_us: 20_000 }],
             profiles: vec![(1, [1; 16])],
         };
         let down = [
@@ -309,6 +329,31 @@ mod tests {
         for m in down {
             let f = encode(&m).unwrap();
             assert_eq!(decode::<ControlToClient>(&f, MAX_CONTROL_FRAME).unwrap(), m);
+        }
+    }
+
+    #[test]
+    fn relay_messages_round_trip() {
+        let id = Identity::from_seed([8; 32]);
+        let up = [
+            RelayToControl::Register {
+                addr: "198.51.100.1:7000".parse().unwrap(),
+                proof: KeyProof::new(&id, "relay", 5, &[1; 32]),
+            },
+            RelayToControl::PeerRtts(vec![(NodeId([1; 8]), 900)]),
+            RelayToControl::Keepalive,
+        ];
+        for m in up {
+            let f = encode(&m).unwrap();
+            assert_eq!(decode::<RelayToControl>(&f, MAX_CONTROL_FRAME).unwrap(), m);
+        }
+        let down = [
+            ControlToRelay::Registered { permit: vec![1; 124], peers: vec![] },
+            ControlToRelay::Refused(Refusal::BadCredentials),
+        ];
+        for m in down {
+            let f = encode(&m).unwrap();
+            assert_eq!(decode::<ControlToRelay>(&f, MAX_CONTROL_FRAME).unwrap(), m);
         }
     }
 

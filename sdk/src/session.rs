@@ -549,7 +549,11 @@ impl Task {
     async fn introduce(&mut self, intro: Introduction) {
         let peer = intro.peer_key.node_id();
         self.add_relays(intro.relays.iter());
-        let paths = intro.relays.iter().filter_map(|r| Route::new(&[r.id])).map(Path::Relayed).collect::<Vec<Path>>();
+        // Two-relay routes come first: the control server offers them only when its relay map
+        // says they beat every single relay.
+        let routes = intro.routes.iter().filter_map(|r| Route::new(&r.relays));
+        let single = intro.relays.iter().filter_map(|r| Route::new(&[r.id]));
+        let paths: Vec<Path> = routes.chain(single).map(Path::Relayed).collect();
         let _ = self.node.add_peer(PeerInfo { key: intro.peer_key, paths });
         let profiles: Vec<(VcId, Profile)> = if intro.profiles.is_empty() {
             self.cfg.profiles.clone()
