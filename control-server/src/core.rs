@@ -577,7 +577,16 @@ impl Core {
                     r.key = Some(proof.public_key);
                 }
                 self.counters.relays_registered += 1;
-                self.send_registered(id, proof.public_key, unix);
+                // The newcomer learns the registered relays, and they learn it.
+                let others: Vec<(NodeId, PublicKey)> = self
+                    .relays
+                    .iter()
+                    .filter(|(_, r)| r.conn.is_some())
+                    .filter_map(|(p, r)| Some((*p, r.key?)))
+                    .collect();
+                for (other, key) in others {
+                    self.send_registered(other, key, unix);
+                }
             }
             (RelayToControl::PeerRtts(rtts), Some(id)) => {
                 if let Some(r) = self.relays.get_mut(&id) {
@@ -592,14 +601,14 @@ impl Core {
         }
     }
 
-    /// Tells a registered relay its permit and its peers.
+    /// Tells a registered relay its permit and its peers (the other registered relays).
     fn send_registered(&mut self, id: NodeId, key: PublicKey, unix: UnixTime) {
         let permit = TicketBody::new(TicketKind::RelayPermit, key, Roles::RELAY, unix, self.cfg.permit_ttl.as_secs())
             .sign(&self.identity);
         let peers = self
             .relays
             .iter()
-            .filter(|(p, _)| **p != id)
+            .filter(|(p, r)| **p != id && r.conn.is_some())
             .map(|(p, r)| RelayInfo { id: *p, addr: r.addr, rtt_us: r.peer_rtts.get(&id).copied().unwrap_or(0) })
             .collect();
         let Some(r) = self.relays.get_mut(&id) else { return };
@@ -1028,11 +1037,22 @@ mod tests {
         let permit = SignedTicket::decode(permit).unwrap();
         assert_eq!(permit.body.node_id, r1.node_id());
         permit.verify(&c.public_key(), TicketKind::RelayPermit, Roles::RELAY, UnixTime(T0)).unwrap();
-        assert_eq!(peers.iter().map(|p| p.id).collect::<Vec<_>>(), vec![r2.node_id()]);
-        // Its announced address replaces the configured one, for relays and clients alike.
-        let r2_out = register(&mut c, t, 2, &r2);
-        let [Output::SendRelay(2, ControlToRelay::Registered { peers, .. })] = &r2_out[..] else { panic!() };
-        assert_eq!(peers[0].addr, "198.51.100.9:7000".parse().unwrap());
+        assert!(peers.is_empty(), "no other relay has registered yet");
+        // When r2 registers, each learns the other, at the address it announced.
+        let out = register(&mut c, t, 2, &r2);
+        let peers_of = |conn: ConnId| {
+            out.iter()
+                .find_map(|o| match o {
+                    Output::SendRelay(c, ControlToRelay::Registered { peers, .. }) if *c == conn => Some(peers.clone()),
+                    _ => None,
+                })
+                .unwrap()
+        };
+        assert_eq!(
+            peers_of(1).iter().map(|p| (p.id, p.addr)).collect::<Vec<_>>(),
+            vec![(r2.node_id(), "198.51.100.9:7000".parse().unwrap())]
+        );
+        assert_eq!(peers_of(2).iter().map(|p| p.id).collect::<Vec<_>>(), vec![r1.node_id()]);
 
         // Measured RTTs show in the live state.
         c.on_relay_message(t, UnixTime(T0), 1, RelayToControl::PeerRtts(vec![(r2.node_id(), 1_500)]));

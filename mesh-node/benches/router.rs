@@ -20,8 +20,9 @@ fn router(now: Instant) -> (Router, SocketAddr, Header, Route) {
     let me = Identity::from_seed([2; 32]);
     let lots = Rate { per_sec: 1e12, burst: 1e12 };
     let cfg = RouterConfig {
-        permit: TicketBody::new(TicketKind::RelayPermit, me.public_key(), Roles::RELAY, UnixTime(T0), 3600)
-            .sign(&control),
+        permit: Some(
+            TicketBody::new(TicketKind::RelayPermit, me.public_key(), Roles::RELAY, UnixTime(T0), 3600).sign(&control),
+        ),
         identity: me.clone(),
         control_key: control.public_key(),
         source_packets: lots,

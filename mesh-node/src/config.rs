@@ -7,7 +7,14 @@
 //! key_file = "relay.key"            # the relay's identity seed (hex); created if missing
 //! control_public_key = "…64 hex…"   # the only key whose tickets this relay trusts
 //! permit = "…248 hex…"              # this relay's permit, role relay, signed by that key
+//!                                    # (optional with [control], which issues it)
 //! peers = ["192.0.2.10:7000"]       # relays to bind to at start
+//!
+//! [control]                          # optional: register with the control server
+//! addr = "192.0.2.1:7100"           # its QUIC address
+//! trust = "sha256:…64 hex…"         # its certificate's fingerprint, or a CA file's path
+//! public_addr = "192.0.2.20:7000"   # where clients reach this relay (default: the listen
+//!                                    # address, which must then be a specific one)
 //!
 //! [limits]
 //! source_packets_per_sec = 20000
@@ -25,6 +32,7 @@ use shoal_protocol::identity::{parse_hex, to_hex};
 use shoal_protocol::ticket::TICKET_LEN;
 use shoal_protocol::{Identity, PublicKey, Roles, SignedTicket, TicketKind, UnixTime};
 
+use crate::control::Trust;
 use crate::driver::relay::RelayOptions;
 use crate::router::{Rate, RouterConfig};
 
@@ -45,13 +53,41 @@ pub struct RelayFile {
     /// Control server public key, hex.
     pub control_public_key: String,
     /// This relay's permit, hex.
-    pub permit: String,
+    #[serde(default)]
+    pub permit: Option<String>,
     /// Peer relays.
     #[serde(default)]
     pub peers: Vec<SocketAddr>,
     /// Rate and size limits.
     #[serde(default)]
     pub limits: Limits,
+    /// Registration with the control server.
+    #[serde(default)]
+    pub control: Option<ControlFile>,
+}
+
+/// The `[control]` table.
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlFile {
+    /// The control server's QUIC address.
+    pub addr: SocketAddr,
+    /// `sha256:<hex>` or a CA file.
+    pub trust: String,
+    /// Where clients reach this relay.
+    #[serde(default)]
+    pub public_addr: Option<SocketAddr>,
+}
+
+/// Validated `[control]` settings.
+#[derive(Debug, Clone)]
+pub struct ControlSettings {
+    /// The control server's QUIC address.
+    pub addr: SocketAddr,
+    /// How its certificate is trusted.
+    pub trust: Trust,
+    /// Where clients reach this relay; `None` means the address the relay is bound to.
+    pub public_addr: Option<SocketAddr>,
 }
 
 fn one() -> usize {
@@ -137,6 +173,8 @@ pub struct RelaySettings {
     pub workers: usize,
     /// Router and peers.
     pub options: RelayOptions,
+    /// Registration with the control server, if configured.
+    pub control: Option<ControlSettings>,
 }
 
 fn invalid(field: &'static str, reason: impl Into<String>) -> ConfigError {
@@ -158,18 +196,25 @@ impl RelayFile {
         }
         let control_key =
             PublicKey(parse_hex(&self.control_public_key).map_err(|e| invalid("control_public_key", e.to_string()))?);
-        let permit_bytes: [u8; TICKET_LEN] = parse_hex(&self.permit).map_err(|e| invalid("permit", e.to_string()))?;
-        let permit = SignedTicket::decode(&permit_bytes).map_err(|e| invalid("permit", e.to_string()))?;
         let identity = load_or_create_key(&base.join(&self.key_file))?;
-        if permit.body.node_id != identity.node_id() {
-            return Err(invalid(
-                "permit",
-                format!("issued to node {}, but key_file holds node {}", permit.body.node_id, identity.node_id()),
-            ));
-        }
-        permit
-            .verify(&control_key, TicketKind::RelayPermit, Roles::RELAY, now)
-            .map_err(|e| invalid("permit", e.to_string()))?;
+        let permit = match &self.permit {
+            Some(hex) => Some(self.check_permit(hex, &identity, &control_key, now)?),
+            None if self.control.is_some() => None,
+            None => return Err(invalid("permit", "required unless [control] is set (the control server issues it)")),
+        };
+        let control = match &self.control {
+            Some(c) => {
+                if c.public_addr.is_none() && self.listen.ip().is_unspecified() {
+                    return Err(invalid(
+                        "control.public_addr",
+                        "required when listen is an unspecified address: clients must be told where to reach us",
+                    ));
+                }
+                let trust = c.trust.parse().map_err(|e: String| invalid("control.trust", e))?;
+                Some(ControlSettings { addr: c.addr, trust, public_addr: c.public_addr })
+            }
+            None => None,
+        };
         let l = &self.limits;
         let positive =
             |field, v: f64| if v > 0.0 && v.is_finite() { Ok(v) } else { Err(invalid(field, "must be > 0")) };
@@ -200,7 +245,29 @@ impl RelayFile {
             metrics: self.metrics,
             workers: self.workers,
             options: RelayOptions { router, peers: self.peers.clone() },
+            control,
         })
+    }
+
+    fn check_permit(
+        &self,
+        hex: &str,
+        identity: &Identity,
+        control_key: &PublicKey,
+        now: UnixTime,
+    ) -> Result<SignedTicket, ConfigError> {
+        let permit_bytes: [u8; TICKET_LEN] = parse_hex(hex).map_err(|e| invalid("permit", e.to_string()))?;
+        let permit = SignedTicket::decode(&permit_bytes).map_err(|e| invalid("permit", e.to_string()))?;
+        if permit.body.node_id != identity.node_id() {
+            return Err(invalid(
+                "permit",
+                format!("issued to node {}, but key_file holds node {}", permit.body.node_id, identity.node_id()),
+            ));
+        }
+        permit
+            .verify(control_key, TicketKind::RelayPermit, Roles::RELAY, now)
+            .map_err(|e| invalid("permit", e.to_string()))?;
+        Ok(permit)
     }
 }
 

@@ -74,8 +74,9 @@ impl TokenBucket {
 pub struct RouterConfig {
     /// The relay's identity.
     pub identity: Identity,
-    /// The relay's own permit (kind relay permit, role relay), shown to peer relays.
-    pub permit: SignedTicket,
+    /// The relay's own permit (kind relay permit, role relay), shown to peer relays. Without
+    /// one (a relay waiting for the control server to issue it) it binds to no peer relay.
+    pub permit: Option<SignedTicket>,
     /// The control server's public key: the only key whose tickets the relay trusts.
     pub control_key: PublicKey,
     /// Per-source limit in datagrams.
@@ -268,6 +269,15 @@ impl Router {
         }
     }
 
+    /// Replaces this relay's own permit (issued or renewed by the control server) and binds to
+    /// every peer relay again with it.
+    pub fn set_permit(&mut self, now: Instant, permit: SignedTicket) {
+        self.cfg.permit = Some(permit);
+        for p in &mut self.peers {
+            p.refresh(now);
+        }
+    }
+
     /// The peer relays that hold our binding, with the round-trip time each last measured.
     pub fn peer_rtts(&self) -> impl Iterator<Item = (NodeId, SocketAddr, Duration)> + '_ {
         self.peers.iter().filter(|p| p.is_bound()).filter_map(|p| Some((p.relay_id()?, p.relay(), p.rtt()?)))
@@ -302,9 +312,11 @@ impl Router {
 
     /// Drives peer binds and drops lapsed bindings and idle rate-limit state.
     pub fn handle_timeout(&mut self, now: Instant) {
-        for p in &mut self.peers {
-            if let Some(t) = p.handle_timeout(now, &self.cfg.identity, &self.cfg.permit) {
-                self.transmits.push_back(t);
+        if let Some(permit) = &self.cfg.permit {
+            for p in &mut self.peers {
+                if let Some(t) = p.handle_timeout(now, &self.cfg.identity, permit) {
+                    self.transmits.push_back(t);
+                }
             }
         }
         if now >= self.next_sweep {
@@ -591,7 +603,8 @@ impl Router {
             return Verdict::Drop(DropReason::UnsolicitedBindReply);
         };
         let was_bound = peer.is_bound();
-        if let Some(t) = peer.handle_datagram(now, &self.clock, &d, &self.cfg.identity, &self.cfg.permit) {
+        let Some(permit) = &self.cfg.permit else { return Verdict::Drop(DropReason::UnsolicitedBindReply) };
+        if let Some(t) = peer.handle_datagram(now, &self.clock, &d, &self.cfg.identity, permit) {
             self.transmits.push_back(t);
         }
         if !was_bound
@@ -652,8 +665,10 @@ mod tests {
         let now = Instant::now();
         let clock = WallClock::new(now, T0 * 1_000_000);
         let cfg = RouterConfig {
-            permit: TicketBody::new(TicketKind::RelayPermit, me.public_key(), Roles::RELAY, UnixTime(T0), 60)
-                .sign(&control),
+            permit: Some(
+                TicketBody::new(TicketKind::RelayPermit, me.public_key(), Roles::RELAY, UnixTime(T0), 60)
+                    .sign(&control),
+            ),
             identity: me,
             control_key: control.public_key(),
             source_packets: lots,

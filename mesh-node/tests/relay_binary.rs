@@ -227,6 +227,28 @@ fn a_bad_config_is_refused_with_a_clear_error() {
             ),
             "workers",
         ),
+        (
+            &*format!(
+                "listen = \"127.0.0.1:0\"\nkey_file = \"r.key\"\ncontrol_public_key = \"{}\"\n",
+                control.public_key()
+            ),
+            "required unless [control]",
+        ),
+        (
+            &*format!(
+                "listen = \"0.0.0.0:0\"\nkey_file = \"r.key\"\ncontrol_public_key = \"{}\"\n[control]\naddr = \"127.0.0.1:1\"\ntrust = \"sha256:{}\"\n",
+                control.public_key(),
+                "ab".repeat(32)
+            ),
+            "control.public_addr",
+        ),
+        (
+            &*format!(
+                "listen = \"127.0.0.1:0\"\nkey_file = \"r.key\"\ncontrol_public_key = \"{}\"\n[control]\naddr = \"127.0.0.1:1\"\ntrust = \"sha256:12\"\n",
+                control.public_key()
+            ),
+            "control.trust",
+        ),
     ];
     for (text, mentions) in cases {
         let path = dir.join("bad.toml");

@@ -31,7 +31,7 @@ fn relay_cfg(control: &Identity, seed: u8) -> RouterConfig {
     let identity = Identity::from_seed([seed; 32]);
     let lots = Rate { per_sec: 1e6, burst: 1e6 };
     RouterConfig {
-        permit: permit(control, &identity, Roles::RELAY, 3600),
+        permit: Some(permit(control, &identity, Roles::RELAY, 3600)),
         identity,
         control_key: control.public_key(),
         source_packets: Rate { per_sec: 100.0, burst: 20.0 },

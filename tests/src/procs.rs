@@ -55,18 +55,41 @@ impl Drop for RelayProc {
 /// Starts a relay with identity seed `seed` in `dir`, trusting `control`'s tickets and holding a
 /// permit from it, with `extra` appended to its config file; waits for its ready line.
 pub fn start_relay(dir: &Path, control: &Identity, seed: u8, extra: &str) -> RelayProc {
+    let identity = Identity::from_seed([seed; 32]);
+    let permit = to_hex(&permit(control, &identity, Roles::RELAY).encode());
+    spawn_relay(
+        dir,
+        seed,
+        &format!("control_public_key = \"{}\"\npermit = \"{permit}\"\n{extra}", control.public_key()),
+    )
+}
+
+/// Starts a relay with identity seed `seed` in `dir` that holds no permit of its own: it
+/// registers with the control server at `server` (pinned by `fingerprint`), which issues one.
+pub fn start_registered_relay(
+    dir: &Path,
+    control: &Identity,
+    seed: u8,
+    server: SocketAddr,
+    fingerprint: &[u8; 32],
+) -> RelayProc {
+    let body = format!(
+        "control_public_key = \"{}\"\n[control]\naddr = \"{server}\"\ntrust = \"sha256:{}\"\n",
+        control.public_key(),
+        to_hex(fingerprint)
+    );
+    spawn_relay(dir, seed, &body)
+}
+
+fn spawn_relay(dir: &Path, seed: u8, body: &str) -> RelayProc {
     let create = std::fs::create_dir_all(dir);
     assert!(create.is_ok(), "cannot create {}", dir.display());
     let identity = Identity::from_seed([seed; 32]);
     let key = format!("relay-{seed}.key");
     let written = std::fs::write(dir.join(&key), to_hex(identity.seed()));
     assert!(written.is_ok(), "cannot write the relay key");
-    let config = format!(
-        "listen = \"127.0.0.1:0\"\nmetrics = \"127.0.0.1:0\"\nworkers = 1\nkey_file = \"{key}\"\n\
-         control_public_key = \"{}\"\npermit = \"{}\"\n{extra}",
-        control.public_key(),
-        to_hex(&permit(control, &identity, Roles::RELAY).encode()),
-    );
+    let config =
+        format!("listen = \"127.0.0.1:0\"\nmetrics = \"127.0.0.1:0\"\nworkers = 1\nkey_file = \"{key}\"\n{body}");
     let path = dir.join(format!("relay-{seed}.toml"));
     let written = std::fs::write(&path, config);
     assert!(written.is_ok(), "cannot write the relay config");

@@ -159,7 +159,7 @@ impl Sim {
         let identity = Identity::from_seed(self.rng.random());
         let lots = Rate { per_sec: 1e9, burst: 1e9 };
         let cfg = RouterConfig {
-            permit: self.permit(&identity, Roles::RELAY),
+            permit: Some(self.permit(&identity, Roles::RELAY)),
             identity,
             control_key: self.control.public_key(),
             source_packets: lots,

@@ -21,7 +21,7 @@ use shoal_protocol::control::{Refusal, RelayInfo};
 use shoal_sdk::{
     Event, PathKind, PlayerState, Session, SessionConfig, SessionError, SessionEvent, Trust, VcEvent, VcKey,
 };
-use shoal_tests::procs::start_relay;
+use shoal_tests::procs::{start_registered_relay, start_relay};
 use tokio::time::{Instant, timeout_at};
 
 fn temp_dir(name: &str) -> std::path::PathBuf {
@@ -247,6 +247,66 @@ async fn a_session_that_cannot_sign_in_says_why() {
     assert!(matches!(err, SessionError::Timeout), "{err}");
     assert_eq!(server.counters().bad_credentials, 1);
 
+    server.shutdown().await;
+    store.close().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relays_register_measure_each_other_and_are_handed_to_players() {
+    let dir = temp_dir("relays");
+    let control = Identity::from_seed([77; 32]);
+    let store = Store::open(&format!("sqlite:{}", dir.join("control.db").display())).await.unwrap();
+    // The operator lists the relays' keys; their addresses come with their registration.
+    let (s1, s2) = (51, 52);
+    let configured = [s1, s2].map(|s| RelayInfo {
+        id: Identity::from_seed([s; 32]).node_id(),
+        addr: "127.0.0.1:9".parse().unwrap(),
+        rtt_us: 0,
+    });
+    let server = control_server(&dir, &store, "127.0.0.1:0".parse().unwrap(), configured.to_vec()).await;
+    let fp = ServerIdentity::load_or_create(&dir).unwrap().fingerprint();
+    // Neither relay has a permit in its config: the control server issues them.
+    let r1 = start_registered_relay(&dir, &control, s1, server.addr, &fp);
+    let r2 = start_registered_relay(&dir, &control, s2, server.addr, &fp);
+    let _stranger = start_registered_relay(&dir, &control, 53, server.addr, &fp);
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let hex = |id: shoal_protocol::NodeId| shoal_protocol::identity::to_hex(&id.0);
+    loop {
+        let snap = server.client().snapshot().await.unwrap();
+        let measured = |me: &shoal_tests::procs::RelayProc, other: &shoal_tests::procs::RelayProc| {
+            snap.relays.iter().any(|r| {
+                r.node == hex(me.id)
+                    && r.registered
+                    && r.addr == me.addr
+                    && r.peers.iter().any(|(p, ms)| *p == hex(other.id) && *ms > 0.0 && *ms < 1000.0)
+            })
+        };
+        if measured(&r1, &r2) && measured(&r2, &r1) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "relays never registered and measured each other: {:?}", snap.relays);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let k = server.counters();
+    assert!(k.relays_registered >= 2);
+    assert!(k.relays_refused >= 1, "a relay the operator did not list is refused");
+
+    // A player is sent to the relays where they registered, and both accept its permit.
+    let mut a = Session::start(session_config(server.addr, &dir, "ana", 1)).await.unwrap();
+    let mut bound = std::collections::BTreeSet::new();
+    while bound.len() < 2 {
+        let addr = until(&mut a, "relay bindings", |e| match e {
+            SessionEvent::Node(Event::RelayBound { addr, .. }) => Some(addr),
+            _ => None,
+        })
+        .await;
+        bound.insert(addr);
+    }
+    assert_eq!(bound, [r1.addr, r2.addr].into_iter().collect());
+
+    a.sign_out().await;
     server.shutdown().await;
     store.close().await;
     let _ = std::fs::remove_dir_all(&dir);

@@ -46,7 +46,7 @@ fn start_relay(control: &Identity, peers: Vec<std::net::SocketAddr>) -> anyhow::
     let mut secret = [0u8; 32];
     secret.copy_from_slice(&identity()?.seed()[..]);
     let router = RouterConfig {
-        permit: permit(control, &me, Roles::RELAY),
+        permit: Some(permit(control, &me, Roles::RELAY)),
         identity: me,
         control_key: control.public_key(),
         source_packets: Rate { per_sec: 2_000.0, burst: 200.0 },

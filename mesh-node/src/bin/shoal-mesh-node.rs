@@ -9,6 +9,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use shoal_mesh::config::{RelayFile, load_or_create_key};
 use shoal_mesh::driver::batch::bind_reuseport;
+use shoal_mesh::driver::register::{self, Registration};
 use shoal_mesh::driver::relay::{Relay, RelayStats};
 use shoal_protocol::identity::to_hex;
 use shoal_protocol::{PublicKey, Roles, TicketBody, TicketKind, UnixTime};
@@ -94,6 +95,7 @@ fn run(config: PathBuf) -> anyhow::Result<()> {
     let settings = file.validate(&base, unix_now())?;
     let sockets = bind_reuseport(settings.listen, settings.workers, 8 << 20)
         .with_context(|| format!("cannot listen on {}", settings.listen))?;
+    let identity = settings.options.router.identity.clone();
     let relay = Relay::spawn(sockets, settings.options).context("cannot start workers")?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async move {
@@ -115,12 +117,21 @@ fn run(config: PathBuf) -> anyhow::Result<()> {
         );
         tracing::info!(node = %relay.node_id(), mesh = %relay.local_addr(), workers = settings.workers, "relay running");
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let server = metrics.map(|l| tokio::spawn(serve_metrics(l, relay.stats().clone(), stop_rx)));
+        let server = metrics.map(|l| tokio::spawn(serve_metrics(l, relay.stats().clone(), stop_rx.clone())));
+        let registration = settings.control.map(|c| {
+            let reg = Registration {
+                control: c.addr,
+                trust: c.trust,
+                identity,
+                public_addr: c.public_addr.unwrap_or(relay.local_addr()),
+            };
+            tokio::spawn(register::run(reg, relay.handle(), stop_rx))
+        });
         shoal_mesh::driver::shutdown_signal().await;
         tracing::info!("shutting down");
         let _ = stop_tx.send(true);
-        if let Some(s) = server {
-            let _ = s.await;
+        for task in server.into_iter().chain(registration) {
+            let _ = task.await;
         }
         let stats = relay.stats().clone();
         relay.shutdown();

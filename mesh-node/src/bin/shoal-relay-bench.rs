@@ -265,7 +265,7 @@ fn run(hop: Hop, size: usize, args: &Args) -> anyhow::Result<RunResult> {
             let me = Identity::generate().map_err(|_| anyhow::anyhow!("no randomness"))?;
             let unlimited = Rate { per_sec: 1e12, burst: 1e12 };
             let cfg = RouterConfig {
-                permit: permit(&control, &me, Roles::RELAY),
+                permit: Some(permit(&control, &me, Roles::RELAY)),
                 identity: me,
                 control_key: control.public_key(),
                 source_packets: unlimited,

@@ -2,6 +2,7 @@
 
 pub mod batch;
 pub mod endpoint;
+pub mod register;
 pub mod relay;
 
 /// Resolves on SIGTERM or SIGINT (or Ctrl-C where the handlers cannot be installed): how the

@@ -17,7 +17,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
-use shoal_protocol::{NodeId, Roles};
+use shoal_protocol::{NodeId, Roles, SignedTicket};
 
 use crate::clock::WallClock;
 use crate::driver::batch::{BATCH, Batch};
@@ -49,6 +49,9 @@ pub struct RelayOptions {
 pub struct RelayStats {
     workers: Vec<Mutex<(Counters, usize)>>,
     tids: Mutex<Vec<i32>>,
+    /// Peer relays holding our binding, with their round-trip times (from the worker that
+    /// owns peer binds).
+    peers: Mutex<Vec<(NodeId, SocketAddr, Duration)>>,
 }
 
 impl RelayStats {
@@ -68,6 +71,11 @@ impl RelayStats {
         self.workers.iter().filter_map(|w| w.lock().ok().map(|w| w.1)).max().unwrap_or(0)
     }
 
+    /// Peer relays holding our binding: id, address, round-trip time.
+    pub fn peer_rtts(&self) -> Vec<(NodeId, SocketAddr, Duration)> {
+        self.peers.lock().map(|p| p.clone()).unwrap_or_default()
+    }
+
     /// Operating-system thread ids of the workers, for per-thread CPU accounting.
     pub fn worker_tids(&self) -> Vec<i32> {
         self.tids.lock().map(|t| t.clone()).unwrap_or_default()
@@ -84,6 +92,38 @@ enum WorkerMsg {
     Bound { node: NodeId, roles: Roles, addr: SocketAddr, expires_at: u64 },
     /// A peer relay's bind reply that reached a worker that does not own peer binds.
     PeerReply { from: SocketAddr, bytes: Vec<u8> },
+    /// Bind to a peer relay (sent to the worker that owns peer binds).
+    AddPeer(SocketAddr),
+    /// Our own permit, issued or renewed by the control server.
+    SetPermit(SignedTicket),
+}
+
+/// Tells a running relay's workers what the control server said; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct RelayHandle {
+    workers: Vec<Sender<WorkerMsg>>,
+    stats: Arc<RelayStats>,
+}
+
+impl RelayHandle {
+    /// Binds to a peer relay (nothing happens if already bound to it).
+    pub fn add_peer(&self, addr: SocketAddr) {
+        if let Some(owner) = self.workers.first() {
+            let _ = owner.send(WorkerMsg::AddPeer(addr));
+        }
+    }
+
+    /// Replaces the relay's own permit on every worker.
+    pub fn set_permit(&self, permit: SignedTicket) {
+        for w in &self.workers {
+            let _ = w.send(WorkerMsg::SetPermit(permit));
+        }
+    }
+
+    /// Peer relays holding our binding, with their round-trip times.
+    pub fn peer_rtts(&self) -> Vec<(NodeId, SocketAddr, Duration)> {
+        self.stats.peer_rtts()
+    }
 }
 
 /// A running relay. Dropping it stops the workers and waits for them.
@@ -94,6 +134,7 @@ pub struct Relay {
     stats: Arc<RelayStats>,
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
+    workers: Vec<Sender<WorkerMsg>>,
 }
 
 impl Relay {
@@ -108,6 +149,7 @@ impl Relay {
         let stats = Arc::new(RelayStats {
             workers: (0..n).map(|_| Mutex::new((Counters::default(), 0))).collect(),
             tids: Mutex::new(Vec::new()),
+            peers: Mutex::new(Vec::new()),
         });
         let stop = Arc::new(AtomicBool::new(false));
         let (senders, receivers): (Vec<Sender<WorkerMsg>>, Vec<Receiver<WorkerMsg>>) =
@@ -129,7 +171,7 @@ impl Relay {
             let t = std::thread::Builder::new().name(format!("relay-worker-{idx}")).spawn(move || worker.run(sock))?;
             threads.push(t);
         }
-        Ok(Relay { local_addr, id, stats, stop, threads })
+        Ok(Relay { local_addr, id, stats, stop, threads, workers: senders })
     }
 
     /// The address the relay listens on.
@@ -140,6 +182,11 @@ impl Relay {
     /// The relay's node id.
     pub fn node_id(&self) -> NodeId {
         self.id
+    }
+
+    /// A handle for passing on what the control server says.
+    pub fn handle(&self) -> RelayHandle {
+        RelayHandle { workers: self.workers.clone(), stats: self.stats.clone() }
     }
 
     /// Published counters.
@@ -265,6 +312,8 @@ impl Worker {
                 let _ = self.router.handle_datagram(now, from, &mut bytes);
                 self.drain(sock);
             }
+            WorkerMsg::AddPeer(addr) => self.router.add_peer(addr, now),
+            WorkerMsg::SetPermit(permit) => self.router.set_permit(now, permit),
         }
     }
 
@@ -298,6 +347,12 @@ impl Worker {
             && let Ok(mut s) = slot.lock()
         {
             *s = (self.router.counters().clone(), self.router.bindings());
+        }
+        if self.idx == 0
+            && let Ok(mut p) = self.stats.peers.lock()
+        {
+            p.clear();
+            p.extend(self.router.peer_rtts());
         }
     }
 }
