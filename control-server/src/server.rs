@@ -5,7 +5,8 @@
 //! ([`shoal_mesh::control`]); the server answers on the same stream. One task owns the core
 //! and is fed by the connections' reader tasks; sign-in checks and account look-ups run on
 //! their own tasks and come back as events, so a slow hash never holds up other clients.
-//! Report rows and character saves are written to the [`Store`] in batches on each tick.
+//! Report rows and character saves are written to the [`Store`] in batches on each tick, by
+//! one writer task, in order; shutdown waits until everything queued is written.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -20,7 +21,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::auth::{Authenticator, Verdict};
 use crate::core::{ConnId, Core, CoreConfig, CoreCounters, Output, Snapshot};
-use crate::store::{Character, Store};
+use crate::store::{Character, ReportRow, Store};
 use crate::tls::{ServerIdentity, TlsError};
 
 /// How often the core ticks (introductions, presence, permits, persistence).
@@ -183,6 +184,8 @@ async fn run(task: Task) {
     let mut next_conn: ConnId = 1;
     let mut tick = tokio::time::interval(TICK);
     let mut characters: FxHashMap<String, Character> = FxHashMap::default();
+    let (writes, queue) = mpsc::unbounded_channel();
+    let writer = tokio::spawn(write_loop(store.clone(), queue));
     let mut last_prune = Instant::now();
     loop {
         tokio::select! {
@@ -221,7 +224,7 @@ async fn run(task: Task) {
             }
             _ = tick.tick() => {
                 core.tick(Instant::now(), unix_now());
-                let _ = persist(&store, &mut core, &mut characters);
+                persist(&writes, &mut core, &mut characters);
                 if last_prune.elapsed() >= Duration::from_secs(60) {
                     last_prune = Instant::now();
                     let before = (unix_now().0 as i64 - retention.as_secs() as i64) * 1000;
@@ -281,35 +284,49 @@ async fn run(task: Task) {
     }
     // Shutdown: refuse new connections, tell clients, write what is pending.
     endpoint.close(0u32.into(), b"shutting down");
-    if let Some(last) = persist(&store, &mut core, &mut characters) {
-        let _ = last.await;
-    }
+    persist(&writes, &mut core, &mut characters);
+    drop(writes);
+    let _ = writer.await;
     endpoint.wait_idle().await;
     let _ = stats.send(Stats { counters: core.counters(), players: core.players() });
 }
 
-/// Hands pending report rows and character saves to the store on their own task.
-fn persist(
-    store: &Store,
-    core: &mut Core,
-    characters: &mut FxHashMap<String, Character>,
-) -> Option<tokio::task::JoinHandle<()>> {
+/// One tick's writes.
+struct Writes {
+    rows: Vec<ReportRow>,
+    characters: Vec<Character>,
+}
+
+/// Hands pending report rows and character saves to the writer.
+fn persist(writer: &mpsc::UnboundedSender<Writes>, core: &mut Core, characters: &mut FxHashMap<String, Character>) {
     let rows = core.take_report_rows();
-    let chars: Vec<Character> = characters.drain().map(|(_, c)| c).collect();
-    if rows.is_empty() && chars.is_empty() {
-        return None;
+    let characters: Vec<Character> = characters.drain().map(|(_, c)| c).collect();
+    if !rows.is_empty() || !characters.is_empty() {
+        let _ = writer.send(Writes { rows, characters });
     }
-    let store = store.clone();
-    Some(tokio::spawn(async move {
-        if let Err(e) = store.insert_reports(&rows).await {
-            tracing::warn!("persisting {} reports: {e}", rows.len());
+}
+
+/// The one task that writes to the store, in order. One writer holds at most one of the
+/// pool's connections, so sign-ins always find one for their look-ups; when it falls behind,
+/// the ticks that queued meanwhile go out as one batch. It ends when the server drops its
+/// sender, after writing everything queued.
+async fn write_loop(store: Store, mut queue: mpsc::UnboundedReceiver<Writes>) {
+    while let Some(mut w) = queue.recv().await {
+        let mut characters: FxHashMap<String, Character> =
+            w.characters.drain(..).map(|c| (c.account.clone(), c)).collect();
+        while let Ok(more) = queue.try_recv() {
+            w.rows.extend(more.rows);
+            characters.extend(more.characters.into_iter().map(|c| (c.account.clone(), c)));
         }
-        for c in chars {
-            if let Err(e) = store.save_character(&c).await {
+        if let Err(e) = store.insert_reports(&w.rows).await {
+            tracing::warn!("persisting {} reports: {e}", w.rows.len());
+        }
+        for c in characters.values() {
+            if let Err(e) = store.save_character(c).await {
                 tracing::warn!("saving character {}: {e}", c.account);
             }
         }
-    }))
+    }
 }
 
 /// One client connection: reads and decodes frames from its first bi-stream into the core's

@@ -241,7 +241,7 @@ impl Store {
         }
         let mut tx = self.pool.begin().await?;
         for chunk in rows.chunks(REPORT_BATCH) {
-            let sql = insert_reports_sql(chunk.len());
+            let sql = insert_reports_sql(self.backend, chunk.len());
             let mut q = sqlx::query(&sql);
             for r in chunk {
                 q = q
@@ -305,7 +305,9 @@ impl Store {
     }
 }
 
-fn insert_reports_sql(rows: usize) -> String {
+/// A multi-row insert. SQLite gets anonymous `?` parameters: it looks numbered ones up by name
+/// in a list, which makes binding a 4,500-parameter statement quadratic.
+fn insert_reports_sql(backend: Backend, rows: usize) -> String {
     let mut sql =
         String::from("INSERT INTO reports (account, node_id, seq, received_ms, status, x, y, z, body) VALUES ");
     let mut n = 1;
@@ -318,9 +320,13 @@ fn insert_reports_sql(rows: usize) -> String {
             if c > 0 {
                 sql.push_str(", ");
             }
-            sql.push('$');
-            sql.push_str(&n.to_string());
-            n += 1;
+            if backend == Backend::Sqlite {
+                sql.push('?');
+            } else {
+                sql.push('$');
+                sql.push_str(&n.to_string());
+                n += 1;
+            }
         }
         sql.push(')');
     }
