@@ -170,7 +170,8 @@ pub struct Session {
     events: mpsc::UnboundedReceiver<SessionEvent>,
     id: NodeId,
     local: SocketAddr,
-    task: JoinHandle<()>,
+    /// The session task; taken by [`Session::sign_out`].
+    task: Option<JoinHandle<()>>,
 }
 
 impl Deref for Session {
@@ -183,7 +184,9 @@ impl Deref for Session {
 
 impl Drop for Session {
     fn drop(&mut self) {
-        self.task.abort();
+        if let Some(task) = &self.task {
+            task.abort();
+        }
     }
 }
 
@@ -206,7 +209,7 @@ impl Session {
         let (ev_tx, events) = mpsc::unbounded_channel();
         let mut task = Task::new(cfg, client, cmd_rx, ev_tx);
         task.attach(link, welcome).await;
-        let task = tokio::spawn(task.run());
+        let task = Some(tokio::spawn(task.run()));
         Ok(Session { node, cmds, events, id, local, task })
     }
 
@@ -233,8 +236,9 @@ impl Session {
     /// Says goodbye to the control server and stops the node.
     pub async fn sign_out(mut self) {
         let _ = self.cmds.send(Cmd::SignOut);
-        let task = std::mem::replace(&mut self.task, tokio::spawn(async {}));
-        let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
+        if let Some(task) = self.task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
+        }
     }
 }
 
@@ -304,21 +308,26 @@ enum Incoming {
     Lost(u64, String),
 }
 
+/// The control connection while it is up; its reader runs on its own task.
+struct Up {
+    send: quinn::SendStream,
+    connection: quinn::Connection,
+    endpoint: quinn::Endpoint,
+}
+
 struct Task {
     cfg: SessionConfig,
+    /// The node; commands go through its [`NodeHandle`].
     client: Client,
-    node: NodeHandle,
     cmds: mpsc::UnboundedReceiver<Cmd>,
     events: mpsc::UnboundedSender<SessionEvent>,
-    /// The connected link's sending half and connection, while connected.
-    link: Option<(quinn::SendStream, quinn::Connection, quinn::Endpoint)>,
+    link: Option<Up>,
     /// Which connection the reader's messages belong to.
     generation: u64,
     incoming_tx: mpsc::UnboundedSender<Incoming>,
     incoming: mpsc::UnboundedReceiver<Incoming>,
+    /// While disconnected: the next attempt (its backoff wait, then connecting).
     reconnecting: Option<JoinHandle<Result<(ControlLink, Welcome), SessionError>>>,
-    /// When the next attempt starts, while disconnected.
-    retry_at: Option<tokio::time::Instant>,
     backoff: Duration,
     /// No more reconnecting (a final refusal).
     refused: bool,
@@ -326,7 +335,6 @@ struct Task {
     state: PlayerState,
     seq: u64,
     lost: BTreeSet<NodeId>,
-    relays: BTreeSet<SocketAddr>,
     auth_failures: BTreeMap<VcKey, u64>,
     sent_rtts: Vec<(NodeId, u32)>,
     observed: Option<SocketAddr>,
@@ -342,7 +350,6 @@ impl Task {
         let (incoming_tx, incoming) = mpsc::unbounded_channel();
         Task {
             backoff: cfg.reconnect_min,
-            node: client.handle(),
             cfg,
             client,
             cmds,
@@ -352,13 +359,11 @@ impl Task {
             incoming_tx,
             incoming,
             reconnecting: None,
-            retry_at: None,
             refused: false,
             ticket: Vec::new(),
             state: PlayerState::default(),
             seq: 0,
             lost: BTreeSet::new(),
-            relays: BTreeSet::new(),
             auth_failures: BTreeMap::new(),
             sent_rtts: Vec::new(),
             observed: None,
@@ -389,25 +394,24 @@ impl Task {
                 }
             }
         });
-        self.link = Some((send, connection, endpoint));
+        self.link = Some(Up { send, connection, endpoint });
         self.ticket = welcome.session;
-        let _ = self.node.set_permit(welcome.permit);
+        let _ = self.client.set_permit(welcome.permit);
         self.add_relays(welcome.relays.iter());
         self.backoff = self.cfg.reconnect_min;
         self.check_in().await;
     }
 
-    fn add_relays<'a>(&mut self, relays: impl Iterator<Item = &'a RelayInfo>) {
+    /// Binds to relays (the node ignores ones it already has).
+    fn add_relays<'a>(&self, relays: impl Iterator<Item = &'a RelayInfo>) {
         for r in relays {
-            if self.relays.insert(r.addr) {
-                let _ = self.node.add_relay(r.addr);
-            }
+            let _ = self.client.add_relay(r.addr);
         }
     }
 
     async fn send(&mut self, msg: &ClientToControl) {
-        let Some((send, ..)) = &mut self.link else { return };
-        if let Err(e) = write_message(send, msg).await {
+        let Some(up) = &mut self.link else { return };
+        if let Err(e) = write_message(&mut up.send, msg).await {
             self.lose(e.to_string());
         }
     }
@@ -420,12 +424,13 @@ impl Task {
 
     /// The control connection is gone: schedule a reconnect.
     fn lose(&mut self, why: String) {
-        let Some((_, connection, _)) = self.link.take() else { return };
-        connection.close(0u32.into(), b"lost");
+        let Some(up) = self.link.take() else { return };
+        up.connection.close(0u32.into(), b"lost");
         self.emit(SessionEvent::ControlLost(why));
         self.schedule_retry();
     }
 
+    /// Starts the next attempt after the backoff.
     fn schedule_retry(&mut self) {
         if self.refused {
             return;
@@ -435,21 +440,19 @@ impl Task {
         let mut r = [0u8; 2];
         let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut r);
         let jitter = self.backoff.mul_f64(f64::from(u16::from_le_bytes(r)) / f64::from(u16::MAX) / 4.0);
-        self.retry_at = Some(tokio::time::Instant::now() + self.backoff + jitter);
+        let wait = self.backoff + jitter;
         self.backoff = (self.backoff * 2).min(self.cfg.reconnect_max);
+        let (cfg, ticket) = (self.cfg.clone(), self.ticket.clone());
+        self.reconnecting = Some(tokio::spawn(async move {
+            tokio::time::sleep(wait).await;
+            connect(&cfg, Some(&ticket)).await
+        }));
     }
 
     async fn run(mut self) {
         let mut report = tokio::time::interval(self.cfg.report_every);
         report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let retry_at = self.retry_at;
-            let retry = async move {
-                match retry_at {
-                    Some(t) => tokio::time::sleep_until(t).await,
-                    None => std::future::pending().await,
-                }
-            };
             let attempt = async {
                 match &mut self.reconnecting {
                     Some(h) => h.await,
@@ -471,20 +474,18 @@ impl Task {
                     Some(Cmd::SetState(s)) => self.state = s,
                     Some(Cmd::SignOut) | None => {
                         self.send(&ClientToControl::SignOut).await;
-                        if let Some((mut send, connection, endpoint)) = self.link.take() {
-                            let _ = send.finish();
-                            let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
-                            connection.close(0u32.into(), b"signed out");
-                            let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+                        if let Some(mut up) = self.link.take() {
+                            let _ = up.send.finish();
+                            let _ = tokio::time::timeout(Duration::from_secs(1), up.send.stopped()).await;
+                            up.connection.close(0u32.into(), b"signed out");
+                            let _ = tokio::time::timeout(Duration::from_secs(1), up.endpoint.wait_idle()).await;
+                        }
+                        if let Some(attempt) = self.reconnecting.take() {
+                            attempt.abort();
                         }
                         return;
                     }
                 },
-                () = retry => {
-                    self.retry_at = None;
-                    let (cfg, ticket) = (self.cfg.clone(), self.ticket.clone());
-                    self.reconnecting = Some(tokio::spawn(async move { connect(&cfg, Some(&ticket)).await }));
-                }
                 done = attempt => {
                     self.reconnecting = None;
                     match done {
@@ -526,12 +527,12 @@ impl Task {
         match m {
             ControlToClient::Introduce(intro) => self.introduce(*intro).await,
             ControlToClient::Farewell(peer) => {
-                let closed = self.node.remove_peer(peer).await.unwrap_or_default();
+                let closed = self.client.remove_peer(peer).await.unwrap_or_default();
                 self.emit(SessionEvent::Farewell { peer, closed });
             }
             ControlToClient::Permit(p) => match SignedTicket::decode(&p) {
                 Ok(p) => {
-                    let _ = self.node.set_permit(p);
+                    let _ = self.client.set_permit(p);
                 }
                 Err(e) => tracing::warn!("control server sent an unreadable permit: {e}"),
             },
@@ -554,7 +555,7 @@ impl Task {
         let routes = intro.routes.iter().filter_map(|r| Route::new(&r.relays));
         let single = intro.relays.iter().filter_map(|r| Route::new(&[r.id]));
         let paths: Vec<Path> = routes.chain(single).map(Path::Relayed).collect();
-        let _ = self.node.add_peer(PeerInfo { key: intro.peer_key, paths });
+        let _ = self.client.add_peer(PeerInfo { key: intro.peer_key, paths });
         let profiles: Vec<(VcId, Profile)> = if intro.profiles.is_empty() {
             self.cfg.profiles.clone()
         } else {
@@ -567,7 +568,7 @@ impl Task {
         let mut vcs = Vec::with_capacity(profiles.len());
         for (vc, profile) in profiles {
             // Both sides open; whichever hello lands first opens the other side's VC.
-            match self.node.open(peer, vc, profile).await {
+            match self.client.open(peer, vc, profile).await {
                 Ok(key) => vcs.push(key),
                 Err(crate::ClientError::Node(NodeError::Exists(key))) => vcs.push(key),
                 Err(e) => tracing::warn!("opening VC {vc:?} with {peer}: {e}"),
@@ -580,7 +581,7 @@ impl Task {
         if self.link.is_none() {
             return;
         }
-        let Ok(status) = self.node.status().await else { return };
+        let Ok(status) = self.client.status().await else { return };
         if status.observed.is_some() && status.observed != self.observed {
             // A relay sees us somewhere new (first bind, or the address changed).
             self.observed = status.observed;

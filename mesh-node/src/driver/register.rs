@@ -10,7 +10,7 @@ use shoal_protocol::control::{ControlToRelay, KeyProof, RELAY_ACCOUNT, RelayToCo
 use shoal_protocol::{Identity, SignedTicket};
 use tokio::sync::{mpsc, watch};
 
-use crate::control::{ControlLink, LinkError, Trust, read_message};
+use crate::control::{ControlLink, LinkError, Trust, read_message, write_message};
 use crate::driver::relay::RelayHandle;
 
 /// How often the relay reports its peers' round-trip times (and so keeps its presence).
@@ -68,7 +68,7 @@ async fn session(reg: &Registration, relay: &RelayHandle, backoff: &mut Duration
     let ControlLink { endpoint: _endpoint, connection, mut send, mut recv } = link;
     let unix_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
     let proof = KeyProof::new(&reg.identity, RELAY_ACCOUNT, unix_ms, &server);
-    crate::control::write_message(&mut send, &RelayToControl::Register { addr: reg.public_addr, proof }).await?;
+    write_message(&mut send, &RelayToControl::Register { addr: reg.public_addr, proof }).await?;
     // Reads go through a task: a read cut short by the report timer would lose its frame.
     let (tx, mut rx) = mpsc::unbounded_channel();
     let reader = tokio::spawn(async move {
@@ -105,7 +105,7 @@ async fn session(reg: &Registration, relay: &RelayHandle, backoff: &mut Duration
                         .map(|(id, _, rtt)| (id, rtt.as_micros().min(u128::from(u32::MAX)) as u32))
                         .collect();
                     let msg = if rtts.is_empty() { RelayToControl::Keepalive } else { RelayToControl::PeerRtts(rtts) };
-                    crate::control::write_message(&mut send, &msg).await?;
+                    write_message(&mut send, &msg).await?;
                 }
             }
         }
