@@ -1,11 +1,13 @@
 //! The contract every Shoal component speaks: node identities, tickets signed by the control
-//! server, and the framing of control messages. Pure data and codecs; no sockets, no clocks.
+//! server, the framing of control messages and VC profiles. Pure data and codecs; no sockets,
+//! no clocks.
 //!
 //! Times are passed in by the caller as [`UnixTime`] so that every check here is reproducible.
 
 pub mod codec;
 pub mod control;
 pub mod identity;
+pub mod profile;
 pub mod ticket;
 
 pub use identity::{Identity, NodeId, PublicKey, Signature, SignatureError};

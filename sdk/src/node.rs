@@ -318,7 +318,7 @@ impl Node {
                 self.counters.unknown_peer += 1;
                 return;
             }
-            let profile = match ProfileConfig::from_wire(&h.profile).and_then(|c| c.validate()) {
+            let profile = match ProfileConfig::from_wire(&h.profile).and_then(|c| Profile::from_config(&c)) {
                 Ok(p) => p,
                 Err(_) => {
                     self.counters.refused_hellos += 1;

@@ -30,7 +30,7 @@ const IDLE_PING: Duration = Duration::from_millis(250);
 /// Bounds of the ping interval of an active path.
 const ACTIVE_PING_MIN: Duration = Duration::from_millis(10);
 const ACTIVE_PING_MAX: Duration = Duration::from_millis(100);
-/// Authentication failures within [`TAMPER_WINDOW`] that get a path abandoned.
+/// Authentication failures within `TAMPER_WINDOW` that get a path abandoned.
 pub const TAMPER_LIMIT: u32 = 5;
 const TAMPER_WINDOW: Duration = Duration::from_secs(2);
 /// How long an abandoned path stays out before it is probed again.

@@ -1,83 +1,17 @@
 //! Profiles: what a virtual connection promises (delivery) and how it picks its paths
-//! (policy and criteria). Written as plain serde data ([`ProfileConfig`]), validated once
-//! into a typed [`Profile`] that the VC and its path manager read.
+//! (policy and criteria). Written as plain serde data ([`ProfileConfig`], defined with its wire
+//! form in [`shoal_protocol::profile`] so that the control server reads and sends the same
+//! thing), validated once into a typed [`Profile`] that the VC and its path manager read.
 
 use std::time::Duration;
 
 use renet::{ChannelConfig, ConnectionConfig, SendType};
-use serde::{Deserialize, Serialize};
+pub use shoal_protocol::profile::{
+    CustomCriteria, Delivery, MAX_STRIPE, PROFILE_WIRE_LEN, ProfileConfig, ProfileError,
+};
 
 /// What renet may emit per call on a paced (widest-path) profile.
 const PACED_BYTES_PER_CALL: u64 = 12_000;
-/// Largest number of paths a Bulk VC stripes over.
-pub const MAX_STRIPE: u8 = 3;
-
-/// A profile as written in a game's config file or sent in a VC hello.
-///
-/// ```toml
-/// kind = "realtime"
-/// redundancy = true
-/// ```
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
-pub enum ProfileConfig {
-    /// Unreliable, latest-wins; lowest latency.
-    Realtime {
-        /// Send a second copy of every packet on a disjoint path. The receiver then also
-        /// takes the slower path's copy of a packet the faster path lost, even after a newer
-        /// one: nothing is lost across a single path failure, at the price of strict order.
-        #[serde(default)]
-        redundancy: bool,
-    },
-    /// Reliable ordered; lowest loss under a latency bound.
-    Reliable {
-        /// The latency bound a path must meet, in ms (default 250).
-        #[serde(default)]
-        max_latency_ms: Option<u32>,
-    },
-    /// Reliable unordered, large messages; widest paths, striped.
-    Bulk {
-        /// How many paths to stripe over, 1 to 3 (default 3).
-        #[serde(default)]
-        max_paths: Option<u8>,
-    },
-    /// Unreliable; most stable latency.
-    Voice,
-    /// Criteria of the game's own.
-    Custom(CustomCriteria),
-}
-
-/// The criteria of a custom profile.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CustomCriteria {
-    /// How messages are delivered.
-    pub delivery: Delivery,
-    /// Paths slower than this (smoothed RTT, ms) are not used while a faster one exists.
-    #[serde(default)]
-    pub max_latency_ms: Option<u32>,
-    /// Paths known to carry less than this (kbit/s) are not used while a wider one exists.
-    #[serde(default)]
-    pub min_bandwidth_kbps: Option<u32>,
-    /// Paths losing more than this fraction (0..1) are left.
-    #[serde(default)]
-    pub max_loss: Option<f32>,
-    /// Send a second copy of every packet on a disjoint path.
-    #[serde(default)]
-    pub redundancy: bool,
-}
-
-/// How a VC delivers messages.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Delivery {
-    /// May be lost or arrive out of order; a newer message supersedes an older one.
-    Unreliable,
-    /// Every message, in the order sent.
-    ReliableOrdered,
-    /// Every message, in any order.
-    ReliableUnordered,
-}
 
 /// Which path a VC prefers among those that meet its criteria.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,26 +39,6 @@ pub enum ProfileKind {
     Voice,
     /// [`ProfileConfig::Custom`].
     Custom,
-}
-
-/// A profile that failed validation.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum ProfileError {
-    /// A loss fraction outside 0..1.
-    #[error("max_loss must lie in 0..1, got {0}")]
-    Loss(f32),
-    /// A stripe width outside 1..=3.
-    #[error("max_paths must be 1 to {MAX_STRIPE}, got {0}")]
-    Stripe(u8),
-    /// A latency bound of zero.
-    #[error("max_latency_ms must be above zero")]
-    Latency,
-    /// A hello named a profile kind this version does not know.
-    #[error("unknown profile kind {0} in a hello")]
-    UnknownWire(u8),
-    /// Redundant copies of reliable messages: renet already resends them.
-    #[error("redundancy applies to unreliable delivery only")]
-    RedundantReliable,
 }
 
 /// A validated profile: the typed criteria a VC runs by.
@@ -159,9 +73,10 @@ pub struct Profile {
     pub config: ProfileConfig,
 }
 
-impl ProfileConfig {
-    /// Checks the config and derives the typed profile.
-    pub fn validate(&self) -> Result<Profile, ProfileError> {
+impl Profile {
+    /// Checks the config ([`ProfileConfig::check`]) and derives the typed profile.
+    pub fn from_config(config: &ProfileConfig) -> Result<Profile, ProfileError> {
+        config.check()?;
         let base = |kind, delivery, policy| Profile {
             kind,
             delivery,
@@ -175,54 +90,42 @@ impl ProfileConfig {
             resend: Duration::from_millis(100),
             bytes_per_flush: 60_000,
             max_buffered: 4 << 20,
-            config: self.clone(),
+            config: config.clone(),
         };
-        let mut p = match self {
+        // Every range below has been checked: the derivation cannot fail.
+        let mut p = match config {
             ProfileConfig::Realtime { redundancy } => Profile {
                 redundancy: *redundancy,
                 tick: Duration::from_millis(5),
                 ..base(ProfileKind::Realtime, Delivery::Unreliable, Policy::LowestLatency)
             },
             ProfileConfig::Reliable { max_latency_ms } => Profile {
-                max_latency: Some(ms(max_latency_ms.unwrap_or(250))?),
+                max_latency: Some(ms(max_latency_ms.unwrap_or(250))),
                 max_loss: 0.02,
                 ..base(ProfileKind::Reliable, Delivery::ReliableOrdered, Policy::LowestLoss)
             },
-            ProfileConfig::Bulk { max_paths } => {
-                let stripe = max_paths.unwrap_or(MAX_STRIPE);
-                if !(1..=MAX_STRIPE).contains(&stripe) {
-                    return Err(ProfileError::Stripe(stripe));
-                }
-                Profile {
-                    stripe,
-                    max_loss: 0.10,
-                    resend: Duration::from_millis(200),
-                    max_buffered: 64 << 20,
-                    ..base(ProfileKind::Bulk, Delivery::ReliableUnordered, Policy::Widest)
-                }
-            }
+            ProfileConfig::Bulk { max_paths } => Profile {
+                stripe: max_paths.unwrap_or(MAX_STRIPE),
+                max_loss: 0.10,
+                resend: Duration::from_millis(200),
+                max_buffered: 64 << 20,
+                ..base(ProfileKind::Bulk, Delivery::ReliableUnordered, Policy::Widest)
+            },
             ProfileConfig::Voice => Profile {
                 tick: Duration::from_millis(5),
                 max_loss: 0.10,
                 ..base(ProfileKind::Voice, Delivery::Unreliable, Policy::MostStable)
             },
             ProfileConfig::Custom(c) => {
-                let max_loss = c.max_loss.unwrap_or(0.05);
-                if !(0.0..=1.0).contains(&max_loss) {
-                    return Err(ProfileError::Loss(max_loss));
-                }
-                if c.redundancy && c.delivery != Delivery::Unreliable {
-                    return Err(ProfileError::RedundantReliable);
-                }
                 let policy = match (c.min_bandwidth_kbps, c.delivery) {
                     (Some(_), _) => Policy::Widest,
                     (None, Delivery::Unreliable) => Policy::LowestLatency,
                     (None, _) => Policy::LowestLoss,
                 };
                 Profile {
-                    max_latency: c.max_latency_ms.as_ref().map(|m| ms(*m)).transpose()?,
+                    max_latency: c.max_latency_ms.map(ms),
                     min_bandwidth: c.min_bandwidth_kbps.map(|k| u64::from(k) * 125),
-                    max_loss,
+                    max_loss: c.max_loss.unwrap_or(0.05),
                     redundancy: c.redundancy,
                     ..base(ProfileKind::Custom, c.delivery, policy)
                 }
@@ -260,70 +163,8 @@ impl Profile {
     }
 }
 
-/// Bytes of a profile in a VC hello.
-pub const PROFILE_WIRE_LEN: usize = 16;
-
-impl ProfileConfig {
-    /// The fixed-size form sent in a VC hello, so that the peer opens the VC with the same
-    /// delivery and channel settings. An absent option is written as zero, which no valid
-    /// profile uses.
-    pub fn to_wire(&self) -> [u8; PROFILE_WIRE_LEN] {
-        let mut w = [0; PROFILE_WIRE_LEN];
-        let (tag, flags, delivery, paths, latency, bandwidth, loss) = match self {
-            ProfileConfig::Realtime { redundancy } => (1, u8::from(*redundancy), 0, 0, None, None, None),
-            ProfileConfig::Reliable { max_latency_ms } => (2, 0, 0, 0, *max_latency_ms, None, None),
-            ProfileConfig::Bulk { max_paths } => (3, 0, 0, max_paths.unwrap_or(0), None, None, None),
-            ProfileConfig::Voice => (4, 0, 0, 0, None, None, None),
-            ProfileConfig::Custom(c) => {
-                let d = match c.delivery {
-                    Delivery::Unreliable => 1,
-                    Delivery::ReliableOrdered => 2,
-                    Delivery::ReliableUnordered => 3,
-                };
-                (5, u8::from(c.redundancy), d, 0, c.max_latency_ms, c.min_bandwidth_kbps, c.max_loss)
-            }
-        };
-        w[0] = tag;
-        w[1] = flags;
-        w[2] = delivery;
-        w[3] = paths;
-        w[4..8].copy_from_slice(&latency.unwrap_or(0).to_be_bytes());
-        w[8..12].copy_from_slice(&bandwidth.unwrap_or(0).to_be_bytes());
-        // Loss travels as a non-negative f32 plus one, so that zero still means "absent".
-        w[12..16].copy_from_slice(&loss.map_or(0.0, |l| l + 1.0).to_be_bytes());
-        w
-    }
-
-    /// Reads [`ProfileConfig::to_wire`]; the result still needs [`ProfileConfig::validate`].
-    pub fn from_wire(w: &[u8; PROFILE_WIRE_LEN]) -> Result<ProfileConfig, ProfileError> {
-        let u32_at = |i: usize| u32::from_be_bytes([w[i], w[i + 1], w[i + 2], w[i + 3]]);
-        let opt = |v: u32| (v != 0).then_some(v);
-        let latency = opt(u32_at(4));
-        let loss = f32::from_be_bytes([w[12], w[13], w[14], w[15]]);
-        Ok(match w[0] {
-            1 => ProfileConfig::Realtime { redundancy: w[1] & 1 == 1 },
-            2 => ProfileConfig::Reliable { max_latency_ms: latency },
-            3 => ProfileConfig::Bulk { max_paths: (w[3] != 0).then_some(w[3]) },
-            4 => ProfileConfig::Voice,
-            5 => ProfileConfig::Custom(CustomCriteria {
-                delivery: match w[2] {
-                    1 => Delivery::Unreliable,
-                    2 => Delivery::ReliableOrdered,
-                    3 => Delivery::ReliableUnordered,
-                    other => return Err(ProfileError::UnknownWire(other)),
-                },
-                max_latency_ms: latency,
-                min_bandwidth_kbps: opt(u32_at(8)),
-                max_loss: (loss != 0.0).then_some(loss - 1.0),
-                redundancy: w[1] & 1 == 1,
-            }),
-            other => return Err(ProfileError::UnknownWire(other)),
-        })
-    }
-}
-
-fn ms(v: u32) -> Result<Duration, ProfileError> {
-    if v == 0 { Err(ProfileError::Latency) } else { Ok(Duration::from_millis(u64::from(v))) }
+fn ms(v: u32) -> Duration {
+    Duration::from_millis(u64::from(v))
 }
 
 impl Profile {
@@ -349,7 +190,7 @@ impl Profile {
 
     fn known(c: ProfileConfig) -> Profile {
         // The named profiles with default fields are valid by construction (see the tests).
-        c.validate().unwrap_or_else(|e| unreachable!("built-in profile invalid: {e}"))
+        Profile::from_config(&c).unwrap_or_else(|e| unreachable!("built-in profile invalid: {e}"))
     }
 
     /// Whether messages are resent until acknowledged.
@@ -375,14 +216,12 @@ mod tests {
     }
 
     #[test]
-    fn config_reads_from_toml_and_bad_values_name_the_field() {
-        let c: ProfileConfig = toml::from_str("kind = \"realtime\"\nredundancy = true").unwrap();
-        assert_eq!(c, ProfileConfig::Realtime { redundancy: true });
+    fn configs_from_toml_derive_their_criteria_and_bad_ones_are_refused() {
         let c: ProfileConfig = toml::from_str(
             "kind = \"custom\"\ndelivery = \"unreliable\"\nmax_latency_ms = 80\nmax_loss = 0.01\nredundancy = true",
         )
         .unwrap();
-        let p = c.validate().unwrap();
+        let p = Profile::from_config(&c).unwrap();
         assert_eq!(
             (p.policy, p.max_latency, p.max_loss),
             (Policy::LowestLatency, Some(Duration::from_millis(80)), 0.01)
@@ -394,33 +233,11 @@ mod tests {
             max_loss: None,
             redundancy: true,
         });
-        assert_eq!(bad.validate(), Err(ProfileError::RedundantReliable));
-        assert_eq!(ProfileConfig::Bulk { max_paths: Some(4) }.validate(), Err(ProfileError::Stripe(4)));
-        assert_eq!(ProfileConfig::Reliable { max_latency_ms: Some(0) }.validate(), Err(ProfileError::Latency));
-        assert!(toml::from_str::<ProfileConfig>("kind = \"realtime\"\nredundncy = true").is_err());
-    }
-
-    #[test]
-    fn profiles_round_trip_through_the_hello_encoding() {
-        let custom = ProfileConfig::Custom(CustomCriteria {
-            delivery: Delivery::Unreliable,
-            max_latency_ms: Some(80),
-            min_bandwidth_kbps: Some(512),
-            max_loss: Some(0.25),
-            redundancy: true,
-        });
-        for c in [
-            ProfileConfig::Realtime { redundancy: false },
-            ProfileConfig::Realtime { redundancy: true },
-            ProfileConfig::Reliable { max_latency_ms: Some(120) },
-            ProfileConfig::Bulk { max_paths: Some(2) },
-            ProfileConfig::Voice,
-            custom,
-        ] {
-            assert_eq!(ProfileConfig::from_wire(&c.to_wire()), Ok(c));
-        }
-        let mut junk = ProfileConfig::Voice.to_wire();
-        junk[0] = 99;
-        assert_eq!(ProfileConfig::from_wire(&junk), Err(ProfileError::UnknownWire(99)));
+        assert_eq!(Profile::from_config(&bad), Err(ProfileError::RedundantReliable));
+        assert_eq!(Profile::from_config(&ProfileConfig::Bulk { max_paths: Some(4) }), Err(ProfileError::Stripe(4)));
+        assert_eq!(
+            Profile::from_config(&ProfileConfig::Reliable { max_latency_ms: Some(0) }),
+            Err(ProfileError::Latency)
+        );
     }
 }

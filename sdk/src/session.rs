@@ -562,7 +562,7 @@ impl Task {
             intro
                 .profiles
                 .iter()
-                .filter_map(|(vc, w)| Some((VcId(*vc), ProfileConfig::from_wire(w).ok()?.validate().ok()?)))
+                .filter_map(|(vc, w)| Some((VcId(*vc), Profile::from_config(&ProfileConfig::from_wire(w).ok()?).ok()?)))
                 .collect()
         };
         let mut vcs = Vec::with_capacity(profiles.len());

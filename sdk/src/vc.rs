@@ -492,7 +492,7 @@ impl VirtualConnection {
             self.counters.bad_hellos += 1;
             return;
         }
-        let same_profile = ProfileConfig::from_wire(&h.profile).ok().and_then(|c| c.validate().ok());
+        let same_profile = ProfileConfig::from_wire(&h.profile).ok().and_then(|c| Profile::from_config(&c).ok());
         if same_profile.is_none_or(|p| p.delivery != self.profile.delivery) {
             self.counters.bad_hellos += 1;
             return;

@@ -343,8 +343,8 @@ pub fn bulk_transfer(seed: u64, stripe: u8, total: usize, limit: Duration) -> Bu
         duo.sim.link(a, r, LinkConfig::latency(la).with_jitter(jitter).with_bandwidth(bw));
         duo.sim.link(r, b, LinkConfig::latency(lb).with_jitter(jitter));
     }
-    let profile =
-        shoal_sdk::ProfileConfig::Bulk { max_paths: Some(stripe) }.validate().unwrap_or_else(|_| Profile::bulk());
+    let profile = Profile::from_config(&shoal_sdk::ProfileConfig::Bulk { max_paths: Some(stripe) })
+        .unwrap_or_else(|_| Profile::bulk());
     let (ka, kb) = duo.open(1, profile);
     // Let the key exchange and the first path measurements finish.
     duo.sim.run_for(Duration::from_millis(500));

@@ -285,14 +285,13 @@ fn a_path_measured_narrower_than_the_profile_minimum_is_left() {
     let mut duo = Duo::new(Sim::new(seed), &spec);
     let narrow = duo.paths[0].relays[0];
     duo.sim.link(duo.a, narrow, LinkConfig::latency(10 * MS).with_bandwidth(1_000_000));
-    let profile = ProfileConfig::Custom(CustomCriteria {
+    let profile = Profile::from_config(&ProfileConfig::Custom(CustomCriteria {
         delivery: Delivery::ReliableUnordered,
         max_latency_ms: None,
         min_bandwidth_kbps: Some(16_000),
         max_loss: None,
         redundancy: false,
-    })
-    .validate()
+    }))
     .unwrap();
     let (ka, kb) = duo.open(1, profile);
     duo.sim.run_for(Duration::from_millis(500));
@@ -330,14 +329,13 @@ fn a_paced_redundant_profile_sends_each_packet_on_two_paths() {
     use shoal_sdk::{Delivery, ProfileConfig};
     let seed = 5;
     let mut duo = three_paths(seed);
-    let profile = ProfileConfig::Custom(CustomCriteria {
+    let profile = Profile::from_config(&ProfileConfig::Custom(CustomCriteria {
         delivery: Delivery::Unreliable,
         max_latency_ms: None,
         min_bandwidth_kbps: Some(1_000),
         max_loss: None,
         redundancy: true,
-    })
-    .validate()
+    }))
     .unwrap();
     let (ka, kb) = duo.open(1, profile);
     let (a, b) = (duo.a, duo.b);

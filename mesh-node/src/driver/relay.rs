@@ -55,7 +55,7 @@ pub struct RelayStats {
 }
 
 impl RelayStats {
-    /// Counters summed over workers (at most [`PUBLISH_EVERY`] old).
+    /// Counters summed over workers (at most `PUBLISH_EVERY` old).
     pub fn counters(&self) -> Counters {
         let mut sum = Counters::default();
         for w in &self.workers {
