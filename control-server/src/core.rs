@@ -20,6 +20,7 @@ use shoal_protocol::control::{
     ClientToControl, ControlToClient, ControlToRelay, Introduction, KeyProof, RELAY_ACCOUNT, Refusal, RelayInfo,
     RelayToControl, Report, RouteInfo, SIGN_IN_CONTEXT,
 };
+use shoal_protocol::profile::ProfileConfig;
 use shoal_protocol::{Identity, NodeId, PublicKey, Roles, SignedTicket, TicketBody, TicketKind, UnixTime};
 
 use crate::interest::{Interest, InterestConfig, InterestError, InterestEvent};
@@ -49,8 +50,8 @@ pub struct CoreConfig {
     pub interest: InterestConfig,
     /// Relays every client may use.
     pub relays: Vec<RelayInfo>,
-    /// VCs each side of an introduction opens: id and the SDK's wire profile.
-    pub profiles: Vec<(u32, [u8; 16])>,
+    /// VCs each side of an introduction opens, by id; none leaves the choice to the client.
+    pub profiles: Vec<(u32, ProfileConfig)>,
     /// Build hashes clients may run; empty accepts any.
     pub builds: Vec<[u8; 32]>,
 }
@@ -138,6 +139,8 @@ pub struct CoreCounters {
     pub relays_registered: u64,
     /// Registrations from relays not in the configuration, or with a bad proof.
     pub relays_refused: u64,
+    /// Connections closed because they did not read what the server sent them.
+    pub overflowed: u64,
 }
 
 /// One player in the live-state API.
@@ -427,6 +430,16 @@ impl Core {
                 self.interest.remove(node);
                 self.drain_interest();
             }
+        }
+    }
+
+    /// `conn` stopped reading: what the server queued for it reached the driver's bound. It is
+    /// closed like a client gone silent, and counted.
+    pub fn on_overflow(&mut self, conn: ConnId) {
+        if self.conns.contains_key(&conn) {
+            self.counters.overflowed += 1;
+            self.outputs.push_back(Output::Close(conn));
+            self.on_disconnected(conn);
         }
     }
 
@@ -857,7 +870,7 @@ impl Core {
             local: b.local.clone(),
             relays: relays.into_iter().map(|(_, r)| r).collect(),
             routes: routes.into_iter().map(|(_, r)| r).collect(),
-            profiles: self.cfg.profiles.clone(),
+            profiles: self.cfg.profiles.iter().map(|(vc, p)| (*vc, p.to_wire())).collect(),
         })
     }
 }
@@ -876,7 +889,7 @@ mod tests {
                 RelayInfo { id: NodeId([1; 8]), addr: "198.51.100.1:7000".parse().unwrap(), rtt_us: 0 },
                 RelayInfo { id: NodeId([2; 8]), addr: "198.51.100.2:7000".parse().unwrap(), rtt_us: 0 },
             ],
-            profiles: vec![(1, [1; 16])],
+            profiles: vec![(1, ProfileConfig::Voice)],
             ..CoreConfig::default()
         };
         Core::new(cfg, Identity::from_seed([99; 32]), FP).unwrap()
@@ -974,7 +987,7 @@ mod tests {
         assert_eq!(intros.len(), 2, "{out:?}");
         let to_a = &intros.iter().find(|(conn, _)| *conn == 1).unwrap().1;
         assert_eq!(to_a.peer_key, b.public_key());
-        assert_eq!(to_a.profiles, vec![(1, [1; 16])]);
+        assert_eq!(to_a.profiles, vec![(1, ProfileConfig::Voice.to_wire())]);
         // Relay 2 is known to both sides, so it ranks first; the estimate is the round trip
         // between the players through it: the sum of their RTTs to it.
         assert_eq!(to_a.relays[0].id, NodeId([2; 8]));

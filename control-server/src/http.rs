@@ -54,7 +54,7 @@ pub fn render_prometheus(s: &Stats) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "# HELP shoal_control_players Signed-in players.\n# TYPE shoal_control_players gauge");
     let _ = writeln!(out, "shoal_control_players {}", s.players);
-    let counters: [(&str, &str, u64); 10] = [
+    let counters: [(&str, &str, u64); 12] = [
         ("shoal_control_sign_ins_total", "Sign-ins accepted, new or resumed.", c.signed_in),
         ("shoal_control_resumes_total", "Sessions resumed with a ticket.", c.resumed),
         ("shoal_control_relay_registrations_total", "Relay registrations accepted.", c.relays_registered),
@@ -65,6 +65,8 @@ pub fn render_prometheus(s: &Stats) -> String {
         ("shoal_control_introductions_total", "Introductions sent, one per side.", c.introductions),
         ("shoal_control_farewells_total", "Farewells sent, one per side.", c.farewells),
         ("shoal_control_unknown_builds_total", "Reports from builds not on the allow-list.", c.unknown_builds),
+        ("shoal_control_throttled_total", "Messages whose reading waited for the sender's rate limit.", s.throttled),
+        ("shoal_control_overflowed_total", "Connections closed for not reading what was sent to them.", c.overflowed),
     ];
     for (name, help, v) in counters {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");

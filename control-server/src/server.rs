@@ -7,13 +7,22 @@
 //! their own tasks and come back as events, so a slow hash never holds up other clients.
 //! Report rows and character saves are written to the [`Store`] in batches on each tick, by
 //! one writer task, in order; shutdown waits until everything queued is written.
+//!
+//! Overload is held off at every queue. Each connection's reader takes a token from its
+//! [`Bucket`] per message and waits when it has none, so a client writing too fast is slowed
+//! by QUIC's flow control. The core's event queue is bounded, so readers wait when the core
+//! is behind. The tick comes before events, so introductions, presence and persistence keep
+//! their pace under load. What the core sends a connection is bounded too; a client that
+//! stops reading is closed and counted.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rustc_hash::FxHashMap;
 use shoal_mesh::control::{LinkError, RELAY_ALPN, read_frame, write_message};
+use shoal_mesh::driver::batch::bind_reuseport;
 use shoal_protocol::codec::decode;
 use shoal_protocol::control::{ClientToControl, ControlToClient, ControlToRelay, MAX_CONTROL_FRAME, RelayToControl};
 use shoal_protocol::{Identity, UnixTime};
@@ -21,11 +30,26 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::auth::{Authenticator, Verdict};
 use crate::core::{ConnId, Core, CoreConfig, CoreCounters, Output, Snapshot};
+use crate::limit::{Bucket, RateLimit};
 use crate::store::{Character, ReportRow, Store};
 use crate::tls::{ServerIdentity, TlsError};
 
 /// How often the core ticks (introductions, presence, permits, persistence).
 pub const TICK: Duration = Duration::from_millis(250);
+
+/// Bytes the QUIC socket may queue in each direction (the kernel caps it at
+/// `net.core.rmem_max` / `wmem_max`).
+const SOCKET_BUFFER: usize = 4 << 20;
+
+/// Events waiting for the core: readers wait when it is full.
+const EVENT_QUEUE: usize = 1024;
+
+/// Messages waiting to be written to one connection: past this it is not reading, and it is
+/// closed.
+const OUTGOING_QUEUE: usize = 256;
+
+/// A message the client has not let the server write for this long means it is not reading.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +83,15 @@ pub struct ServerConfig {
     pub core: CoreConfig,
     /// History older than this is pruned.
     pub retention: Duration,
+    /// How fast each connection may send.
+    pub rate_limit: RateLimit,
+}
+
+/// A connection's way out: its writer task's queue, and the connection itself for closing it
+/// at once when it stops reading.
+struct Writer {
+    queue: mpsc::Sender<Outgoing>,
+    connection: quinn::Connection,
 }
 
 /// What the core sends on a connection: a client's or a relay's message.
@@ -68,7 +101,7 @@ enum Outgoing {
 }
 
 enum Event {
-    Connected(ConnId, SocketAddr, mpsc::UnboundedSender<Outgoing>),
+    Connected(ConnId, SocketAddr, Writer),
     Message(ConnId, ClientToControl),
     RelayMessage(ConnId, RelayToControl),
     Malformed(ConnId),
@@ -85,12 +118,14 @@ pub struct Stats {
     pub counters: CoreCounters,
     /// Signed-in players.
     pub players: usize,
+    /// Messages whose reading waited for their connection's rate limit.
+    pub throttled: u64,
 }
 
 /// A cloneable handle for reading a running server's state (the HTTP API uses it).
 #[derive(Debug, Clone)]
 pub struct ServerClient {
-    events: mpsc::UnboundedSender<Event>,
+    events: mpsc::Sender<Event>,
     stats: watch::Receiver<Stats>,
 }
 
@@ -103,7 +138,7 @@ impl ServerClient {
     /// The live state; `None` once the server has stopped.
     pub async fn snapshot(&self) -> Option<Snapshot> {
         let (tx, rx) = oneshot::channel();
-        self.events.send(Event::Snapshot(tx)).ok()?;
+        self.events.send(Event::Snapshot(tx)).await.ok()?;
         rx.await.ok()
     }
 }
@@ -143,13 +178,27 @@ fn unix_now() -> UnixTime {
 /// Starts the server.
 pub fn start(cfg: ServerConfig, store: Store, auth: Arc<dyn Authenticator>) -> Result<ServerHandle, ServerError> {
     let fingerprint = cfg.tls.fingerprint();
-    let endpoint = quinn::Endpoint::server(cfg.tls.server_config()?, cfg.listen)
-        .map_err(|source| ServerError::Bind { addr: cfg.listen, source })?;
+    let bind = |source| ServerError::Bind { addr: cfg.listen, source };
+    // A socket buffer well above the kernel's default, so that a burst from many clients at
+    // once is queued rather than dropped (a dropped handshake packet costs a client the
+    // handshake's retransmission timeout, about a second).
+    let socket = bind_reuseport(cfg.listen, 1, SOCKET_BUFFER)
+        .map_err(bind)?
+        .pop()
+        .ok_or_else(|| bind(std::io::Error::other("no socket")))?;
+    let endpoint = quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(cfg.tls.server_config()?),
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(bind)?;
     let addr = endpoint.local_addr().map_err(|source| ServerError::Bind { addr: cfg.listen, source })?;
     let core = Core::new(cfg.core, cfg.identity, fingerprint).map_err(|e| ServerError::Config(e.to_string()))?;
     let (stop, stop_rx) = watch::channel(false);
     let (stats_tx, stats) = watch::channel(Stats::default());
-    let (events, rx) = mpsc::unbounded_channel();
+    cfg.rate_limit.validate().map_err(ServerError::Config)?;
+    let (events, rx) = mpsc::channel(EVENT_QUEUE);
     let client = ServerClient { events: events.clone(), stats };
     let task = tokio::spawn(run(Task {
         endpoint,
@@ -157,6 +206,7 @@ pub fn start(cfg: ServerConfig, store: Store, auth: Arc<dyn Authenticator>) -> R
         store,
         auth,
         retention: cfg.retention,
+        rate_limit: cfg.rate_limit,
         stop: stop_rx,
         stats: stats_tx,
         events,
@@ -172,17 +222,21 @@ struct Task {
     store: Store,
     auth: Arc<dyn Authenticator>,
     retention: Duration,
+    rate_limit: RateLimit,
     stop: watch::Receiver<bool>,
     stats: watch::Sender<Stats>,
-    events: mpsc::UnboundedSender<Event>,
-    rx: mpsc::UnboundedReceiver<Event>,
+    events: mpsc::Sender<Event>,
+    rx: mpsc::Receiver<Event>,
 }
 
 async fn run(task: Task) {
-    let Task { endpoint, mut core, store, auth, retention, mut stop, stats, events, mut rx } = task;
-    let mut writers: FxHashMap<ConnId, mpsc::UnboundedSender<Outgoing>> = FxHashMap::default();
+    let Task { endpoint, mut core, store, auth, retention, rate_limit, mut stop, stats, events, mut rx } = task;
+    let mut writers: FxHashMap<ConnId, Writer> = FxHashMap::default();
     let mut next_conn: ConnId = 1;
+    let throttled = Arc::new(AtomicU64::new(0));
     let mut tick = tokio::time::interval(TICK);
+    // A tick that came late is not made up for with a burst of ticks.
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut characters: FxHashMap<String, Character> = FxHashMap::default();
     let (writes, queue) = mpsc::unbounded_channel();
     let writer = tokio::spawn(write_loop(store.clone(), queue));
@@ -191,14 +245,28 @@ async fn run(task: Task) {
         tokio::select! {
             biased;
             _ = stop.changed() => break,
+            _ = tick.tick() => {
+                core.tick(Instant::now(), unix_now());
+                persist(&writes, &mut core, &mut characters);
+                if last_prune.elapsed() >= Duration::from_secs(60) {
+                    last_prune = Instant::now();
+                    let before = (unix_now().0 as i64 - retention.as_secs() as i64) * 1000;
+                    let store = store.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = store.prune_reports(before).await {
+                            tracing::warn!("pruning reports: {e}");
+                        }
+                    });
+                }
+            }
             incoming = endpoint.accept() => {
                 let Some(incoming) = incoming else { break };
                 let conn = next_conn;
                 next_conn += 1;
-                let events = events.clone();
+                let (events, throttled) = (events.clone(), throttled.clone());
                 tokio::spawn(async move {
                     let Ok(connection) = incoming.await else { return };
-                    serve(conn, connection, events).await;
+                    serve(conn, connection, events, Reader { limit: rate_limit, throttled }).await;
                 });
             }
             Some(event) = rx.recv() => {
@@ -222,33 +290,11 @@ async fn run(task: Task) {
                     }
                 }
             }
-            _ = tick.tick() => {
-                core.tick(Instant::now(), unix_now());
-                persist(&writes, &mut core, &mut characters);
-                if last_prune.elapsed() >= Duration::from_secs(60) {
-                    last_prune = Instant::now();
-                    let before = (unix_now().0 as i64 - retention.as_secs() as i64) * 1000;
-                    let store = store.clone();
-                    tokio::spawn(async move {
-                        if let Err(e) = store.prune_reports(before).await {
-                            tracing::warn!("pruning reports: {e}");
-                        }
-                    });
-                }
-            }
         }
         while let Some(out) = core.poll_output() {
             match out {
-                Output::Send(conn, msg) => {
-                    if let Some(w) = writers.get(&conn) {
-                        let _ = w.send(Outgoing::Client(msg));
-                    }
-                }
-                Output::SendRelay(conn, msg) => {
-                    if let Some(w) = writers.get(&conn) {
-                        let _ = w.send(Outgoing::Relay(msg));
-                    }
-                }
+                Output::Send(conn, msg) => queue_for(&writers, &mut core, conn, Outgoing::Client(msg)),
+                Output::SendRelay(conn, msg) => queue_for(&writers, &mut core, conn, Outgoing::Relay(msg)),
                 Output::Verify { conn, account, password } => {
                     let (auth, events) = (auth.clone(), events.clone());
                     tokio::spawn(async move {
@@ -260,14 +306,14 @@ async fn run(task: Task) {
                                 None
                             }
                         };
-                        let _ = events.send(Event::Verdict(conn, verdict));
+                        let _ = events.send(Event::Verdict(conn, verdict)).await;
                     });
                 }
                 Output::FindAccount { conn, node } => {
                     let (store, events) = (store.clone(), events.clone());
                     tokio::spawn(async move {
                         let account = store.account_of_node(node.0).await.ok().flatten();
-                        let _ = events.send(Event::Account(conn, account));
+                        let _ = events.send(Event::Account(conn, account)).await;
                     });
                 }
                 Output::Close(conn) => {
@@ -280,7 +326,7 @@ async fn run(task: Task) {
                 }
             }
         }
-        let _ = stats.send(Stats { counters: core.counters(), players: core.players() });
+        publish(&stats, &core, &throttled);
     }
     // Shutdown: refuse new connections, tell clients, write what is pending.
     endpoint.close(0u32.into(), b"shutting down");
@@ -288,7 +334,26 @@ async fn run(task: Task) {
     drop(writes);
     let _ = writer.await;
     endpoint.wait_idle().await;
-    let _ = stats.send(Stats { counters: core.counters(), players: core.players() });
+    publish(&stats, &core, &throttled);
+}
+
+fn publish(stats: &watch::Sender<Stats>, core: &Core, throttled: &AtomicU64) {
+    let _ = stats.send(Stats {
+        counters: core.counters(),
+        players: core.players(),
+        throttled: throttled.load(Ordering::Relaxed),
+    });
+}
+
+/// Queues `msg` for `conn`'s writer; a connection whose queue is full has stopped reading and
+/// is closed (the core counts it).
+fn queue_for(writers: &FxHashMap<ConnId, Writer>, core: &mut Core, conn: ConnId, msg: Outgoing) {
+    let Some(w) = writers.get(&conn) else { return };
+    if let Err(mpsc::error::TrySendError::Full(_)) = w.queue.try_send(msg) {
+        tracing::debug!("connection {conn} is not reading; closing it");
+        w.connection.close(1u32.into(), b"not reading");
+        core.on_overflow(conn);
+    }
 }
 
 /// One tick's writes.
@@ -329,9 +394,16 @@ async fn write_loop(store: Store, mut queue: mpsc::UnboundedReceiver<Writes>) {
     }
 }
 
+/// What a connection's reader is held to.
+struct Reader {
+    limit: RateLimit,
+    /// Counts every message that had to wait for a token, across connections.
+    throttled: Arc<AtomicU64>,
+}
+
 /// One client connection: reads and decodes frames from its first bi-stream into the core's
-/// events, and writes what the core sends it.
-async fn serve(conn: ConnId, connection: quinn::Connection, events: mpsc::UnboundedSender<Event>) {
+/// events, at most at its rate limit, and writes what the core sends it.
+async fn serve(conn: ConnId, connection: quinn::Connection, events: mpsc::Sender<Event>, reader: Reader) {
     let remote = connection.remote_address();
     // The ALPN says who is calling: a player's client or a relay.
     let relay = connection
@@ -340,19 +412,26 @@ async fn serve(conn: ConnId, connection: quinn::Connection, events: mpsc::Unboun
         .and_then(|h| h.protocol)
         .is_some_and(|p| p == RELAY_ALPN);
     let Ok((mut send, mut recv)) = connection.accept_bi().await else { return };
-    let (tx, mut out) = mpsc::unbounded_channel::<Outgoing>();
-    if events.send(Event::Connected(conn, remote, tx)).is_err() {
+    let (tx, mut out) = mpsc::channel::<Outgoing>(OUTGOING_QUEUE);
+    if events.send(Event::Connected(conn, remote, Writer { queue: tx, connection: connection.clone() })).await.is_err()
+    {
         return;
     }
     let closer = connection.clone();
     let writer = tokio::spawn(async move {
         while let Some(msg) = out.recv().await {
             let written = match msg {
-                Outgoing::Client(m) => write_message(&mut send, &m).await,
-                Outgoing::Relay(m) => write_message(&mut send, &m).await,
+                Outgoing::Client(m) => tokio::time::timeout(WRITE_TIMEOUT, write_message(&mut send, &m)).await,
+                Outgoing::Relay(m) => tokio::time::timeout(WRITE_TIMEOUT, write_message(&mut send, &m)).await,
             };
-            if let Err(LinkError::Closed(_)) = written {
-                return;
+            match written {
+                Ok(Err(LinkError::Closed(_))) => return,
+                Err(_) => {
+                    // Not read for that long: the client is gone or will not read.
+                    closer.close(1u32.into(), b"not reading");
+                    return;
+                }
+                Ok(_) => {}
             }
         }
         // The core closed this client: end the stream so it reads what was sent, then close.
@@ -360,12 +439,20 @@ async fn serve(conn: ConnId, connection: quinn::Connection, events: mpsc::Unboun
         let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
         closer.close(0u32.into(), b"closed by the control server");
     });
+    let mut bucket = Bucket::new(reader.limit, Instant::now());
     loop {
+        // Not read until it may be taken: the client's writes back up into its own buffers.
+        if let Some(wait) = bucket.take(Instant::now()) {
+            reader.throttled.fetch_add(1, Ordering::Relaxed);
+            tokio::time::sleep(wait).await;
+            // The token is there now; taking it cannot fail.
+            let _ = bucket.take(Instant::now());
+        }
         let frame = match read_frame(&mut recv).await {
             Ok(frame) => frame,
             Err(LinkError::Oversized(_)) => {
                 // Refused before reading it; the stream cannot be resynchronised, so it ends.
-                let _ = events.send(Event::Malformed(conn));
+                let _ = events.send(Event::Malformed(conn)).await;
                 break;
             }
             Err(_) => break,
@@ -377,11 +464,11 @@ async fn serve(conn: ConnId, connection: quinn::Connection, events: mpsc::Unboun
             decode::<ClientToControl>(&frame, MAX_CONTROL_FRAME).map(|m| Event::Message(conn, m))
         };
         let event = event.unwrap_or(Event::Malformed(conn));
-        if events.send(event).is_err() {
+        if events.send(event).await.is_err() {
             break;
         }
     }
-    let _ = events.send(Event::Disconnected(conn));
+    let _ = events.send(Event::Disconnected(conn)).await;
     let _ = writer.await;
     connection.close(0u32.into(), b"bye");
 }

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use quinn::crypto::rustls::QuicServerConfig;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 pub use shoal_mesh::control::{ALPN, RELAY_ALPN, SERVER_NAME, fingerprint};
+use shoal_protocol::control::MAX_CONTROL_FRAME;
 
 /// Why TLS could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -74,7 +75,18 @@ impl ServerIdentity {
             .map_err(|e| TlsError::Config(e.to_string()))?;
         tls.alpn_protocols = vec![ALPN.to_vec(), RELAY_ALPN.to_vec()];
         let quic = QuicServerConfig::try_from(tls).map_err(|e| TlsError::Config(e.to_string()))?;
-        Ok(quinn::ServerConfig::with_crypto(Arc::new(quic)))
+        let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
+        // A client speaks on one stream, and what it may have in flight there is bounded by
+        // two of the largest frames: the server never buffers more than that for anyone.
+        let window = quinn::VarInt::from_u32(2 * MAX_CONTROL_FRAME as u32);
+        let mut transport = quinn::TransportConfig::default();
+        transport
+            .max_concurrent_bidi_streams(1u32.into())
+            .max_concurrent_uni_streams(0u32.into())
+            .stream_receive_window(window)
+            .receive_window(window);
+        config.transport_config(Arc::new(transport));
+        Ok(config)
     }
 }
 

@@ -2,16 +2,18 @@
 //! reports put them near each other and dismissed when they part; every rejection path
 //! answers with its refusal; garbage and oversized frames are refused; and after a restart on
 //! the same database and certificate, clients resume with their session tickets and their
-//! characters are intact.
+//! characters are intact. A client writing as fast as it can is slowed to its rate limit
+//! while others sign in, and loses nothing; a client that stops reading is closed.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use shoal_control::auth::{HashCost, StoreAccounts};
 use shoal_control::core::CoreConfig;
+use shoal_control::limit::RateLimit;
 use shoal_control::server::{self, ServerConfig, ServerHandle};
 use shoal_control::store::Store;
 use shoal_control::tls::ServerIdentity;
@@ -20,6 +22,7 @@ use shoal_protocol::codec::encode;
 use shoal_protocol::control::{
     ClientToControl, ControlToClient, KeyProof, MAX_CONTROL_FRAME, Refusal, RelayInfo, Report,
 };
+use shoal_protocol::profile::ProfileConfig;
 use shoal_protocol::{Identity, NodeId};
 use tokio::time::timeout;
 
@@ -117,6 +120,10 @@ impl Setup {
     }
 
     async fn start(&self) -> (ServerHandle, [u8; 32]) {
+        self.start_limited(RateLimit::default()).await
+    }
+
+    async fn start_limited(&self, rate_limit: RateLimit) -> (ServerHandle, [u8; 32]) {
         let tls = ServerIdentity::load_or_create(&self.dir).unwrap();
         let fp = tls.fingerprint();
         let accounts = StoreAccounts::new(self.store.clone(), HashCost { memory_kib: 256, iterations: 1 }).unwrap();
@@ -124,7 +131,7 @@ impl Setup {
         accounts.create("bob", "bob-pw", 1).await.unwrap();
         let core = CoreConfig {
             relays: vec![RelayInfo { id: NodeId([1; 8]), addr: "127.0.0.1:7000".parse().unwrap(), rtt_us: 0 }],
-            profiles: vec![(1, [1; 16])],
+            profiles: vec![(1, ProfileConfig::Voice)],
             ..CoreConfig::default()
         };
         let cfg = ServerConfig {
@@ -133,6 +140,7 @@ impl Setup {
             tls,
             core,
             retention: Duration::from_secs(3600),
+            rate_limit,
         };
         (server::start(cfg, self.store.clone(), Arc::new(accounts)).unwrap(), fp)
     }
@@ -158,7 +166,7 @@ async fn neighbours_are_introduced_and_dismissed_over_quic() {
     assert_eq!(to_b.observed, Some(observed));
     assert_eq!(to_b.local, vec!["10.0.0.1:4000".parse::<SocketAddr>().unwrap()]);
     assert_eq!(to_a.relays[0].id, NodeId([1; 8]));
-    assert_eq!(to_a.profiles, vec![(1, [1; 16])]);
+    assert_eq!(to_a.profiles, vec![(1, ProfileConfig::Voice.to_wire())]);
     // Bob walks away at 16 units/s (the limit is 20) until past the 60-unit leave radius.
     for i in 1..=16u64 {
         tokio::time::sleep(Duration::from_millis(250)).await;
@@ -253,4 +261,84 @@ async fn after_a_restart_clients_resume_and_characters_are_intact() {
     assert_eq!(c.position, [3.0, 0.0, 4.0]);
     server.shutdown().await;
     setup.store.close().await;
+}
+
+#[tokio::test]
+async fn a_flooding_client_is_slowed_to_its_limit_and_others_still_sign_in() {
+    let setup = Setup::new("flood").await;
+    let limit = RateLimit { per_s: 100.0, burst: 20.0 };
+    let (server, fp) = setup.start_limited(limit).await;
+    let mut flooder = Client::connect(server.addr, fp, 1).await;
+    assert!(matches!(flooder.sign_in("ana", "ana-pw").await, ControlToClient::Welcome { .. }));
+    let start = Instant::now();
+    let before = server.counters().reports;
+    // 400 reports back to back, standing still: four seconds' worth at the limit.
+    const FLOOD: u64 = 400;
+    let writer = tokio::spawn(async move {
+        for seq in 0..FLOOD {
+            flooder.report(seq, [0.0; 3], b"").await;
+        }
+        flooder
+    });
+    // Meanwhile another player signs in and is answered, without waiting for the flood.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut other = Client::connect(server.addr, fp, 2).await;
+    assert!(matches!(other.sign_in("bob", "bob-pw").await, ControlToClient::Welcome { .. }));
+    let taken = server.counters().reports - before;
+    let allowed = limit.burst + limit.per_s * start.elapsed().as_secs_f64() + 10.0;
+    assert!((taken as f64) < allowed, "{taken} reports taken, the limit allows {allowed:.0}");
+    assert!(taken < FLOOD, "the flood was not slowed: all {taken} taken before the second sign-in");
+    // Slowed, not dropped: every report is taken in the end, and the waits were counted.
+    let _flooder = writer.await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while server.counters().reports - before < FLOOD && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(server.counters().reports - before, FLOOD);
+    assert!(server.client().stats().throttled >= FLOOD - limit.burst as u64 - 10, "{:?}", server.client().stats());
+    let metrics = shoal_control::http::render_prometheus(&server.client().stats());
+    assert!(metrics.contains("shoal_control_throttled_total"), "{metrics}");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_closed_and_counted() {
+    let setup = Setup::new("deaf").await;
+    // Loose enough that only the unread replies matter here.
+    let (server, fp) = setup.start_limited(RateLimit { per_s: 100_000.0, burst: 100_000.0 }).await;
+    // A client whose stream window holds only a few replies, so that the server's writes to
+    // it block once it stops reading.
+    let mut config = shoal_mesh::control::client_config(&Trust::Pinned(fp)).unwrap();
+    let mut transport = quinn::TransportConfig::default();
+    transport.stream_receive_window(1024u32.into());
+    transport.receive_window(4096u32.into());
+    config.transport_config(Arc::new(transport));
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(config);
+    let connection =
+        endpoint.connect(server.addr, shoal_mesh::control::SERVER_NAME).unwrap().await.expect("connecting");
+    let (mut send, mut recv) = connection.open_bi().await.unwrap();
+    let id = Identity::from_seed([3; 32]);
+    let proof = KeyProof::new(&id, "ana", unix_ms(), &fp);
+    let sign_in = ClientToControl::SignIn { account: "ana".into(), password: "ana-pw".into(), proof };
+    shoal_mesh::control::write_message(&mut send, &sign_in).await.unwrap();
+    let welcome: ControlToClient = timeout(WAIT, shoal_mesh::control::read_message(&mut recv)).await.unwrap().unwrap();
+    assert!(matches!(welcome, ControlToClient::Welcome { .. }));
+    // Every check-in is answered with the observed address; none of the answers is read.
+    let check_in = ClientToControl::CheckIn { local: vec![], mesh_port: 4000 };
+    let flood = async {
+        for _ in 0..5_000 {
+            if shoal_mesh::control::write_message(&mut send, &check_in).await.is_err() {
+                break;
+            }
+        }
+    };
+    let _ = timeout(Duration::from_secs(20), flood).await;
+    let closed = timeout(WAIT, connection.closed()).await;
+    assert!(closed.is_ok(), "the server kept a client that does not read");
+    assert_eq!(server.counters().overflowed, 1);
+    // The server serves others as before.
+    let mut other = Client::connect(server.addr, fp, 4).await;
+    assert!(matches!(other.sign_in("bob", "bob-pw").await, ControlToClient::Welcome { .. }));
+    server.shutdown().await;
 }

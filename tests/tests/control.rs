@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use shoal_control::auth::{HashCost, StoreAccounts};
 use shoal_control::core::CoreConfig;
+use shoal_control::limit::RateLimit;
 use shoal_control::server::{self, ServerConfig, ServerHandle};
 use shoal_control::store::Store;
 use shoal_control::tls::ServerIdentity;
@@ -18,6 +19,7 @@ use shoal_mesh::control::LinkError;
 use shoal_mesh::wire::VcId;
 use shoal_protocol::Identity;
 use shoal_protocol::control::{Refusal, RelayInfo};
+use shoal_protocol::profile::ProfileConfig;
 use shoal_sdk::{
     Event, PathKind, PlayerState, Session, SessionConfig, SessionError, SessionEvent, Trust, VcEvent, VcKey,
 };
@@ -32,7 +34,8 @@ fn temp_dir(name: &str) -> std::path::PathBuf {
 }
 
 /// Starts a control server on `listen` with its certificate and database in `dir`, knowing
-/// `relays`, with accounts ana and bob.
+/// `relays`, with accounts ana and bob. Its introductions ask for a realtime VC 1 and a
+/// reliable VC 3 (not the SDK's defaults, VCs 1 and 2).
 async fn control_server(
     dir: &std::path::Path,
     store: &Store,
@@ -46,8 +49,16 @@ async fn control_server(
         listen,
         identity: Identity::from_seed([77; 32]),
         tls: ServerIdentity::load_or_create(dir).unwrap(),
-        core: CoreConfig { relays, ..CoreConfig::default() },
+        core: CoreConfig {
+            relays,
+            profiles: vec![
+                (1, ProfileConfig::Realtime { redundancy: false }),
+                (3, ProfileConfig::Reliable { max_latency_ms: None }),
+            ],
+            ..CoreConfig::default()
+        },
         retention: Duration::from_secs(3600),
+        rate_limit: RateLimit::default(),
     };
     server::start(cfg, store.clone(), Arc::new(accounts)).unwrap()
 }
@@ -94,8 +105,8 @@ async fn two_sessions_are_introduced_talk_through_a_relay_and_part_with_a_farewe
     a.set_state(at(0.0, "ana"));
     b.set_state(at(5.0, "bob"));
 
-    // Introduced both ways, with the default realtime and reliable VCs opened.
-    let (ab, ba) = (VcKey { peer: b.id(), vc: VcId(2) }, VcKey { peer: a.id(), vc: VcId(2) });
+    // Introduced both ways, with the VCs the control server asks for opened.
+    let (ab, ba) = (VcKey { peer: b.id(), vc: VcId(3) }, VcKey { peer: a.id(), vc: VcId(3) });
     let b_id = b.id();
     let vcs = until(&mut a, "a's introduction", |e| match e {
         SessionEvent::Introduced { peer, vcs } if peer == b_id => Some(vcs),
@@ -138,7 +149,7 @@ async fn two_sessions_are_introduced_talk_through_a_relay_and_part_with_a_farewe
     loop {
         let snap = server.client().snapshot().await.unwrap();
         let reported =
-            snap.links.iter().any(|l| l.vc == 2 && l.path == "relayed" && l.relays == [relay.id.to_string()]);
+            snap.links.iter().any(|l| l.vc == 3 && l.path == "relayed" && l.relays == [relay.id.to_string()]);
         if reported {
             break;
         }

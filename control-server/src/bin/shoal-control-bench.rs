@@ -17,7 +17,9 @@
 //! (`Store::report_count`), while a fresh connection signs in every 100 ms, timed from connect
 //! to `Welcome`. The clients then pause until the server has taken and persisted everything.
 //! An optional unthrottled phase (`--flood-seconds`: clients write back-to-back) shows what
-//! happens past the ceiling. Last the server gets SIGTERM, and the rows it left in the
+//! happens past the ceiling: the server's per-connection rate limit, set to twice each load
+//! client's share of the offered rate (a load client stands in for many players), slows the
+//! clients, and the server's peak memory and the sign-in latency show whether it held. Last the server gets SIGTERM, and the rows it left in the
 //! database are checked against the reports it said it took.
 //!
 //! Progress goes to stderr; stdout gets one JSON line at the end.
@@ -66,6 +68,10 @@ struct Args {
     /// PostgreSQL URL for a second run (default: the SHOAL_TEST_POSTGRES_URL environment variable).
     #[arg(long)]
     postgres: Option<String>,
+    /// Messages per second each connection may send (the server's `[limits]`); default twice
+    /// each load client's share of `--rate`, and at least the server's default of 20.
+    #[arg(long)]
+    client_limit: Option<f64>,
     /// A short run for a smoke check: at most a 2 s window, 1 s warm-up and 1 s flood, and 32
     /// clients; 10 idle sign-in probes; 3 neighbour ticks.
     #[arg(long)]
@@ -80,6 +86,8 @@ struct Plan {
     flood: f64,
     clients: usize,
     rate: u64,
+    /// Messages per second each connection may send.
+    client_limit: f64,
     idle_probes: usize,
     ticks: usize,
 }
@@ -90,6 +98,9 @@ impl Plan {
         ensure!(a.flood_seconds >= 0.0 && a.flood_seconds.is_finite(), "--flood-seconds must be 0 or more");
         ensure!(a.clients > 0, "--clients must be at least 1");
         ensure!(a.rate > 0, "--rate must be at least 1");
+        ensure!(a.client_limit.is_none_or(|l| l.is_finite() && l > 0.0), "--client-limit must be positive");
+        let limit =
+            |clients: usize| a.client_limit.unwrap_or_else(|| (2.0 * a.rate as f64 / clients as f64).max(20.0).ceil());
         Ok(if a.quick {
             Plan {
                 seconds: a.seconds.min(2.0),
@@ -97,6 +108,7 @@ impl Plan {
                 flood: a.flood_seconds.min(1.0),
                 clients: a.clients.min(32),
                 rate: a.rate,
+                client_limit: limit(a.clients.min(32)),
                 idle_probes: 10,
                 ticks: 3,
             }
@@ -107,6 +119,7 @@ impl Plan {
                 flood: a.flood_seconds,
                 clients: a.clients,
                 rate: a.rate,
+                client_limit: limit(a.clients),
                 idle_probes: 30,
                 ticks: 9,
             }
@@ -182,6 +195,7 @@ fn run() -> anyhow::Result<()> {
     j.int("neighbour_tick_100k_pairs", uniform.pairs as u64);
     j.int("clients", plan.clients as u64);
     j.int("offered_per_s", plan.rate);
+    j.num("client_limit_per_s", plan.client_limit, 0);
     j.num("window_s", plan.seconds, 1);
     j.num("flood_s", plan.flood, 1);
     j.int("report_bytes", sqlite.report_bytes as u64);
@@ -281,6 +295,8 @@ struct BackendResult {
     /// The unthrottled phase, if run.
     flood: Option<(Window, Settled)>,
     idle: Percentiles,
+    /// The server's resident memory after the idle probes, MiB.
+    idle_rss_mib: f64,
     sent_total: u64,
     taken_total: u64,
     /// Rows in the database after the server stopped, beyond those before it started.
@@ -300,6 +316,7 @@ impl BackendResult {
         j.num(&format!("{n}_store_alone_character_saves_ms"), self.direct.character_saves_ms, 1);
         self.paced_settle.write(j, n);
         self.idle.write(j, &format!("{n}_signin_idle"));
+        j.num(&format!("{n}_server_rss_mib_idle"), self.idle_rss_mib, 0);
         if let Some((w, s)) = &self.flood {
             w.write(j, &format!("{n}_flood"));
             s.write(j, &format!("{n}_flood"));
@@ -361,10 +378,12 @@ async fn run_on(
     std::fs::write(
         &config,
         format!(
-            "listen = \"127.0.0.1:0\"\nhttp = \"127.0.0.1:0\"\ndata_dir = {}\ndatabase = {}\nkey_file = {}\n",
+            "listen = \"127.0.0.1:0\"\nhttp = \"127.0.0.1:0\"\ndata_dir = {}\ndatabase = {}\nkey_file = {}\n\
+             [limits]\nmessages_per_s = {limit}\nburst = {limit}\n",
             toml_str(&dir.join("data").display().to_string()),
             toml_str(url),
             toml_str(&dir.join("control.key").display().to_string()),
+            limit = plan.client_limit,
         ),
     )
     .with_context(|| format!("writing {}", config.display()))?;
@@ -538,6 +557,7 @@ async fn drive(
 
     eprintln!("{name}: {} sign-in probes on the idle server", plan.idle_probes);
     let idle = probe_series(target, probe_accounts.clone(), plan.idle_probes).await?;
+    let idle_rss_mib = resident_mib(target.pid)?;
 
     eprintln!("{name}: signing in {} load clients", plan.clients);
     let mut joins = Vec::new();
@@ -584,11 +604,15 @@ async fn drive(
         shared.mode.store(PAUSE, Ordering::Relaxed);
         let s = settle(target, db, &shared).await?;
         eprintln!(
-            "{name}: unthrottled: {:.0} sent/s, {:.0} taken/s, {:.0} persisted/s; settled: taken {:.2} s and \
-             persisted {} after sending stopped, {} rows missing",
+            "{name}: unthrottled: {:.0} sent/s, {:.0} taken/s, {:.0} persisted/s, {:.0} throttled/s; server at most \
+             {:.0} MiB; sign-in p99 {:.1} ms; settled: taken {:.2} s and persisted {} after sending stopped, {} rows \
+             missing",
             w.sent_per_s,
             w.taken_per_s,
             w.persisted_per_s,
+            w.throttled_per_s,
+            w.server_rss_mib_max,
+            w.probes.p99_ms,
             s.taken_s,
             s.persisted_s.map_or("never".into(), |s| format!("{s:.2} s")),
             s.rows_missing
@@ -616,6 +640,7 @@ async fn drive(
         paced_settle,
         flood,
         idle,
+        idle_rss_mib,
         sent_total,
         taken_total,
         rows_persisted: 0,
@@ -647,6 +672,10 @@ struct Window {
     bench_cores: f64,
     /// The server's CPU per report taken, microseconds.
     server_us_per_report: f64,
+    /// The server process's largest resident memory seen over the stretch, MiB.
+    server_rss_mib_max: f64,
+    /// Messages the server made wait for their connection's rate limit, per second.
+    throttled_per_s: f64,
     probes: Percentiles,
 }
 
@@ -659,6 +688,8 @@ impl Window {
         j.num(&format!("{prefix}_server_cores"), self.server_cores, 2);
         j.num(&format!("{prefix}_bench_cores"), self.bench_cores, 2);
         j.num(&format!("{prefix}_server_us_per_report"), self.server_us_per_report, 1);
+        j.num(&format!("{prefix}_server_rss_mib_max"), self.server_rss_mib_max, 0);
+        j.num(&format!("{prefix}_throttled_per_s"), self.throttled_per_s, 0);
         self.probes.write(j, &format!("{prefix}_signin"));
     }
 }
@@ -674,14 +705,21 @@ async fn measure(
     let probes = (seconds / PROBE_INTERVAL.as_secs_f64()).round() as usize;
     let rows0 = db.rows().await?;
     let taken0 = metric(target.http, "shoal_control_reports_total").await?;
+    let throttled0 = metric(target.http, "shoal_control_throttled_total").await?;
     let sent0 = shared.sent.load(Ordering::Relaxed);
     let (server0, bench0) = (cpu_seconds(target.pid)?, cpu_seconds(std::process::id())?);
     let t0 = Instant::now();
     let probing = tokio::spawn(probe_series(target, probe_accounts.clone(), probes));
-    tokio::time::sleep(Duration::from_secs_f64(seconds)).await;
+    let end = t0 + Duration::from_secs_f64(seconds);
+    let mut rss_max = resident_mib(target.pid)?;
+    while Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(100).min(end.saturating_duration_since(Instant::now()))).await;
+        rss_max = rss_max.max(resident_mib(target.pid)?);
+    }
     let sent1 = shared.sent.load(Ordering::Relaxed);
     let (server1, bench1) = (cpu_seconds(target.pid)?, cpu_seconds(std::process::id())?);
     let taken1 = metric(target.http, "shoal_control_reports_total").await?;
+    let throttled1 = metric(target.http, "shoal_control_throttled_total").await?;
     let rows1 = db.rows().await?;
     let secs = t0.elapsed().as_secs_f64();
     let probes = probing.await??;
@@ -692,6 +730,8 @@ async fn measure(
         server_cores: (server1 - server0) / secs,
         bench_cores: (bench1 - bench0) / secs,
         server_us_per_report: (server1 - server0) * 1e6 / (taken1 - taken0).max(1) as f64,
+        server_rss_mib_max: rss_max,
+        throttled_per_s: (throttled1 - throttled0) as f64 / secs,
         probes,
     })
 }
@@ -743,6 +783,19 @@ async fn settle(target: Target, db: Db<'_>, shared: &Shared) -> anyhow::Result<S
     }
     let rows_missing = taken as i64 - rows;
     Ok(Settled { taken_s, persisted_s: (rows_missing <= 0).then(|| t.elapsed().as_secs_f64()), rows_missing })
+}
+
+/// A process's resident memory, MiB (`VmRSS` in `/proc/<pid>/status`).
+fn resident_mib(pid: u32) -> anyhow::Result<f64> {
+    let path = format!("/proc/{pid}/status");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    let kib = text
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .context("no VmRSS in the process status")?;
+    Ok(kib / 1024.0)
 }
 
 /// CPU time a process has used, seconds (utime + stime from `/proc/<pid>/stat`, in the

@@ -13,6 +13,7 @@ use serde::Deserialize;
 use shoal_control::auth::{HashCost, StoreAccounts};
 use shoal_control::core::CoreConfig;
 use shoal_control::interest::InterestConfig;
+use shoal_control::limit::RateLimit;
 use shoal_control::server::{self, ServerConfig};
 use shoal_control::store::Store;
 use shoal_control::tls::ServerIdentity;
@@ -20,6 +21,7 @@ use shoal_mesh::config::load_or_create_key;
 use shoal_protocol::NodeId;
 use shoal_protocol::control::RelayInfo;
 use shoal_protocol::identity::{parse_hex, to_hex};
+use shoal_protocol::profile::ProfileConfig;
 
 #[derive(Parser, Debug)]
 #[command(name = "shoal-control-server", version, about = "Shoal control server")]
@@ -81,6 +83,35 @@ struct ControlFile {
     /// Relays clients may use.
     #[serde(default)]
     relays: Vec<RelayFile>,
+    /// How fast each connection may send.
+    #[serde(default)]
+    limits: Option<LimitsFile>,
+    /// VCs both sides of an introduction open; none leaves the choice to the clients.
+    #[serde(default)]
+    profiles: Vec<ProfileFile>,
+}
+
+/// One VC an introduction asks for: its id and its profile, written as a game writes one.
+///
+/// ```toml
+/// [[profiles]]
+/// vc = 1
+/// kind = "realtime"
+/// ```
+#[derive(Debug, Deserialize)]
+struct ProfileFile {
+    vc: u32,
+    #[serde(flatten)]
+    profile: ProfileConfig,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LimitsFile {
+    /// Sustained messages per second per connection.
+    messages_per_s: f64,
+    /// Messages a connection may send back to back.
+    burst: f64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -97,6 +128,39 @@ struct RelayFile {
     /// Node id, 16 hex digits.
     node: String,
     addr: SocketAddr,
+}
+
+impl ControlFile {
+    /// The core's configuration and the connections' rate limit, checked.
+    fn core(&self) -> anyhow::Result<(CoreConfig, RateLimit)> {
+        let relays = self
+            .relays
+            .iter()
+            .map(|r| {
+                let id = parse_hex::<8>(&r.node).with_context(|| format!("relay node id {}", r.node))?;
+                Ok(RelayInfo { id: NodeId(id), addr: r.addr, rtt_us: 0 })
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let interest = self.interest.as_ref().map_or_else(InterestConfig::default, |i| InterestConfig {
+            enter_radius: i.enter_radius,
+            leave_radius: i.leave_radius,
+            max_neighbours: i.max_neighbours,
+        });
+        interest.validate().context("[interest]")?;
+        let rate_limit = self
+            .limits
+            .as_ref()
+            .map_or_else(RateLimit::default, |l| RateLimit { per_s: l.messages_per_s, burst: l.burst });
+        rate_limit.validate().map_err(anyhow::Error::msg).context("[limits]")?;
+        let mut profiles: Vec<(u32, ProfileConfig)> = Vec::new();
+        for p in &self.profiles {
+            p.profile.check().with_context(|| format!("[[profiles]] vc = {}", p.vc))?;
+            anyhow::ensure!(profiles.iter().all(|(vc, _)| *vc != p.vc), "[[profiles]]: VC {} is listed twice", p.vc);
+            profiles.push((p.vc, p.profile.clone()));
+        }
+        let core = CoreConfig { relays, interest, profiles, max_speed: self.max_speed, ..CoreConfig::default() };
+        Ok((core, rate_limit))
+    }
 }
 
 fn default_retention_days() -> u64 {
@@ -188,22 +252,7 @@ fn run(config: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(&data).with_context(|| format!("creating {}", data.display()))?;
     let identity = load_or_create_key(&s.path(&s.file.key_file))?;
     let tls = ServerIdentity::load_or_create(&data)?;
-    let relays = s
-        .file
-        .relays
-        .iter()
-        .map(|r| {
-            let id = parse_hex::<8>(&r.node).with_context(|| format!("relay node id {}", r.node))?;
-            Ok(RelayInfo { id: NodeId(id), addr: r.addr, rtt_us: 0 })
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    let interest = s.file.interest.as_ref().map_or_else(InterestConfig::default, |i| InterestConfig {
-        enter_radius: i.enter_radius,
-        leave_radius: i.leave_radius,
-        max_neighbours: i.max_neighbours,
-    });
-    interest.validate().context("[interest]")?;
-    let core = CoreConfig { relays, interest, max_speed: s.file.max_speed, ..CoreConfig::default() };
+    let (core, rate_limit) = s.file.core()?;
     runtime()?.block_on(async {
         let store = Store::open(&s.database()).await.context("opening the database")?;
         let accounts = StoreAccounts::new(store.clone(), HashCost::default())?;
@@ -214,6 +263,7 @@ fn run(config: &Path) -> anyhow::Result<()> {
             tls,
             core,
             retention: Duration::from_secs(s.file.retention_days * 86_400),
+            rate_limit,
         };
         let server = server::start(cfg, store.clone(), Arc::new(accounts))?;
         let http = tokio::net::TcpListener::bind(s.file.http)
@@ -237,4 +287,47 @@ fn run(config: &Path) -> anyhow::Result<()> {
         store.close().await;
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    const BASE: &str = "listen = \"127.0.0.1:0\"\nhttp = \"127.0.0.1:0\"\ndata_dir = \"d\"\nkey_file = \"k\"\n";
+
+    fn parse(extra: &str) -> anyhow::Result<(CoreConfig, RateLimit)> {
+        let file: ControlFile = toml::from_str(&format!("{BASE}{extra}"))?;
+        file.core()
+    }
+
+    #[test]
+    fn introductions_carry_the_profiles_the_config_names() {
+        let (core, limit) = parse(
+            "[[profiles]]\nvc = 1\nkind = \"realtime\"\nredundancy = true\n\n\
+             [[profiles]]\nvc = 7\nkind = \"custom\"\ndelivery = \"reliable_unordered\"\nmax_latency_ms = 90\n\n\
+             [limits]\nmessages_per_s = 5\nburst = 10\n",
+        )
+        .unwrap();
+        assert_eq!(core.profiles.len(), 2);
+        assert_eq!(core.profiles[0], (1, ProfileConfig::Realtime { redundancy: true }));
+        assert_eq!(core.profiles[1].0, 7);
+        assert_eq!(limit, RateLimit { per_s: 5.0, burst: 10.0 });
+        let (core, limit) = parse("").unwrap();
+        assert!(core.profiles.is_empty());
+        assert_eq!(limit, RateLimit::default());
+    }
+
+    #[test]
+    fn bad_profiles_and_limits_are_refused_with_their_place() {
+        let e = parse("[[profiles]]\nvc = 2\nkind = \"bulk\"\nmax_paths = 9\n").unwrap_err();
+        assert!(format!("{e:#}").contains("vc = 2"), "{e:#}");
+        let e = parse("[[profiles]]\nvc = 2\nkind = \"voice\"\n[[profiles]]\nvc = 2\nkind = \"voice\"\n").unwrap_err();
+        assert!(format!("{e:#}").contains("twice"), "{e:#}");
+        assert!(toml::from_str::<ControlFile>(&format!("{BASE}[[profiles]]\nvc = 2\nkind = \"loud\"\n")).is_err());
+        let misspelled = format!("{BASE}[[profiles]]\nvc = 2\nkind = \"realtime\"\nredundncy = true\n");
+        assert!(toml::from_str::<ControlFile>(&misspelled).is_err());
+        let e = parse("[limits]\nmessages_per_s = 0\nburst = 10\n").unwrap_err();
+        assert!(format!("{e:#}").contains("[limits]"), "{e:#}");
+    }
 }
