@@ -674,8 +674,12 @@ impl Core {
         let remote = c.remote;
         let State::SignedIn(p) = &mut c.state else { return };
         match msg {
-            ClientToControl::CheckIn { local, mesh_port } => {
-                let observed = SocketAddr::new(remote.ip(), mesh_port);
+            ClientToControl::CheckIn { local, mesh_port, reflexive } => {
+                // A relay's observation of the mesh socket is its real mapping; a claim of
+                // another IP is not taken (peers would be sent to punch at it).
+                let observed = reflexive
+                    .filter(|r| r.ip() == remote.ip())
+                    .unwrap_or_else(|| SocketAddr::new(remote.ip(), mesh_port));
                 p.observed = Some(observed);
                 p.local = local.into_iter().take(8).collect();
                 self.outputs.push_back(Output::Send(conn, ControlToClient::Observed(observed)));
@@ -954,7 +958,18 @@ mod tests {
         let t = Instant::now();
         let a = sign_in(&mut c, t, 1, 10, "ana");
         let b = sign_in(&mut c, t, 2, 11, "bob");
-        c.on_message(t, UnixTime(T0), 1, ClientToControl::CheckIn { local: vec![], mesh_port: 4000 });
+        c.on_message(t, UnixTime(T0), 1, ClientToControl::CheckIn { local: vec![], mesh_port: 4000, reflexive: None });
+        assert_eq!(
+            outputs(&mut c),
+            vec![Output::Send(1, ControlToClient::Observed("203.0.113.10:4000".parse().unwrap()))]
+        );
+        // A relay's view of the mesh socket (its NAT mapping) is taken when it shares the IP
+        // the server sees; one that names another IP is not.
+        let mapped: SocketAddr = "203.0.113.10:61000".parse().unwrap();
+        let check_in = |reflexive| ClientToControl::CheckIn { local: vec![], mesh_port: 4000, reflexive };
+        c.on_message(t, UnixTime(T0), 1, check_in(Some(mapped)));
+        assert_eq!(outputs(&mut c), vec![Output::Send(1, ControlToClient::Observed(mapped))]);
+        c.on_message(t, UnixTime(T0), 1, check_in(Some("198.51.100.1:61000".parse().unwrap())));
         assert_eq!(
             outputs(&mut c),
             vec![Output::Send(1, ControlToClient::Observed("203.0.113.10:4000".parse().unwrap()))]

@@ -154,7 +154,12 @@ async fn neighbours_are_introduced_and_dismissed_over_quic() {
     let mut b = Client::connect(server.addr, fp, 2).await;
     assert!(matches!(a.sign_in("ana", "ana-pw").await, ControlToClient::Welcome { .. }));
     assert!(matches!(b.sign_in("bob", "bob-pw").await, ControlToClient::Welcome { .. }));
-    a.send(&ClientToControl::CheckIn { local: vec!["10.0.0.1:4000".parse().unwrap()], mesh_port: 4000 }).await;
+    a.send(&ClientToControl::CheckIn {
+        local: vec!["10.0.0.1:4000".parse().unwrap()],
+        mesh_port: 4000,
+        reflexive: None,
+    })
+    .await;
     let observed = a.expect(|m| if let ControlToClient::Observed(o) = m { Some(*o) } else { None }).await;
     assert_eq!(observed, "127.0.0.1:4000".parse().unwrap());
     a.report(1, [0.0, 0.0, 0.0], b"ana").await;
@@ -325,7 +330,7 @@ async fn a_client_that_stops_reading_is_closed_and_counted() {
     let welcome: ControlToClient = timeout(WAIT, shoal_mesh::control::read_message(&mut recv)).await.unwrap().unwrap();
     assert!(matches!(welcome, ControlToClient::Welcome { .. }));
     // Every check-in is answered with the observed address; none of the answers is read.
-    let check_in = ClientToControl::CheckIn { local: vec![], mesh_port: 4000 };
+    let check_in = ClientToControl::CheckIn { local: vec![], mesh_port: 4000, reflexive: None };
     let flood = async {
         for _ in 0..5_000 {
             if shoal_mesh::control::write_message(&mut send, &check_in).await.is_err() {

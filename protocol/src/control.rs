@@ -82,6 +82,11 @@ pub enum ClientToControl {
         local: Vec<SocketAddr>,
         /// The mesh socket's port, for the server to pair with the address it observes.
         mesh_port: u16,
+        /// The mesh socket's address as a relay observed it (its NAT mapping), once one has.
+        /// The server takes it as the client's observed address when its IP is the one the
+        /// server sees the client at, so that peers punch towards the mapping the mesh
+        /// socket really has rather than a guess from the control connection's.
+        reflexive: Option<SocketAddr>,
     },
     /// Round-trip times to relays it measured, microseconds.
     RelayRtts(Vec<(NodeId, u32)>),
@@ -300,7 +305,11 @@ mod tests {
         let up = [
             ClientToControl::SignIn { account: "ana".into(), password: "pw".into(), proof: proof.clone() },
             ClientToControl::Resume { session: vec![1; 124], proof },
-            ClientToControl::CheckIn { local: vec!["10.0.0.2:4000".parse().unwrap()], mesh_port: 4000 },
+            ClientToControl::CheckIn {
+                local: vec!["10.0.0.2:4000".parse().unwrap()],
+                mesh_port: 4000,
+                reflexive: Some("203.0.113.9:61000".parse().unwrap()),
+            },
             ClientToControl::RelayRtts(vec![(NodeId([1; 8]), 12_000)]),
             ClientToControl::Report(Box::new(report())),
             ClientToControl::Keepalive,

@@ -12,6 +12,16 @@
 //! for one ping interval plus half an RTT plus four RTT deviations: a deadline that follows
 //! the path's own RTT rather than a fixed timeout. A dead or failing active path is left at
 //! once; a merely better one only after it has stayed better for a hold time (hysteresis).
+//!
+//! Direct candidates are hole-punched. Until one answers, it is pinged every
+//! [`PUNCH_INTERVAL`], at most [`PUNCH_PROBES`] times per attempt: both peers do this from the
+//! moment their keys agree, so each side's first probes open its own NAT's mapping for the
+//! other's, and a later probe gets through. An attempt that hears nothing has failed (the
+//! VC stays relayed, and its stats say so); the next attempt comes after [`PUNCH_RETRY`],
+//! doubling up to [`PUNCH_RETRY_MAX`], since networks change. A direct path that answers and
+//! is clearly better than the relayed one in use takes the traffic at once, without the hold
+//! time: it is what punching is for, and the relayed path stays a pinged candidate, ready
+//! to take the traffic back the moment the direct one falls silent.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -43,6 +53,31 @@ const PING_GIVE_UP: Duration = Duration::from_secs(1);
 const MAX_PINGS_IN_FLIGHT: usize = 32;
 /// The window a path's minimum RTT is taken over.
 const MIN_RTT_FOR: Duration = Duration::from_secs(10);
+/// How often a direct candidate that has not answered yet is probed.
+pub const PUNCH_INTERVAL: Duration = Duration::from_millis(20);
+/// Probes in one punching attempt (one second of them).
+pub const PUNCH_PROBES: u32 = 50;
+/// The wait before the second attempt; it doubles up to [`PUNCH_RETRY_MAX`].
+pub const PUNCH_RETRY: Duration = Duration::from_secs(15);
+/// The longest wait between attempts.
+pub const PUNCH_RETRY_MAX: Duration = Duration::from_secs(600);
+
+/// Where hole punching stands on a direct candidate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Punch {
+    /// Probing: no answer yet in attempt `attempt` (1 for the first).
+    Trying {
+        /// The attempt.
+        attempt: u32,
+    },
+    /// The peer answered over it: the NATs let the path through.
+    Open,
+    /// No answer in `attempts` attempts; the next comes later.
+    Failed {
+        /// Attempts so far.
+        attempts: u32,
+    },
+}
 
 /// A candidate's index within its VC.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -118,6 +153,8 @@ pub struct PathStats {
     /// Paced VCs: what the path delivered when it last showed congestion (its bandwidth as
     /// far as it is known), bytes per second.
     pub capacity: Option<f64>,
+    /// Direct paths: where hole punching stands.
+    pub punch: Option<Punch>,
 }
 
 /// A candidate path as the VC's stats show it.
@@ -183,6 +220,10 @@ struct Candidate {
     /// When it last joined the active set: silence is counted from then at the earliest,
     /// since until then it was pinged at the slow rate.
     joined: Option<Instant>,
+    /// Direct paths before they first answer: probes left in this attempt, and when the
+    /// next attempt starts once they are spent.
+    punch_left: u32,
+    punch_retry: Option<Instant>,
 }
 
 impl Candidate {
@@ -224,6 +265,11 @@ impl Candidate {
     fn silence_deadline(&self, interval: Duration) -> Option<Duration> {
         let srtt = self.stats.srtt?;
         Some(interval + srtt / 2 + 4 * self.rttvar + Duration::from_millis(5))
+    }
+
+    /// Whether it is a direct path still being punched, or waiting for its next attempt.
+    fn punching(&self) -> bool {
+        matches!(self.stats.punch, Some(Punch::Trying { .. } | Punch::Failed { .. }))
     }
 
     fn relays(&self) -> &[shoal_protocol::NodeId] {
@@ -293,7 +339,13 @@ impl PathManager {
             abandoned_until: None,
             better_since: None,
             joined: None,
+            punch_left: PUNCH_PROBES,
+            punch_retry: None,
         });
+        let c = self.candidates.last_mut()?;
+        if matches!(path, Path::Direct(_)) {
+            c.stats.punch = Some(Punch::Trying { attempt: 1 });
+        }
         Some(PathId((self.candidates.len() - 1) as u8))
     }
 
@@ -331,6 +383,9 @@ impl PathManager {
 
     fn ping_interval(&self, id: PathId) -> Duration {
         let c = &self.candidates[usize::from(id.0)];
+        if matches!(c.stats.punch, Some(Punch::Trying { .. })) {
+            return PUNCH_INTERVAL;
+        }
         if !self.active.contains(&id) {
             return IDLE_PING;
         }
@@ -351,7 +406,18 @@ impl PathManager {
         let c = self.candidates.get_mut(usize::from(id.0))?;
         let at = c.pings.iter().position(|(p, _)| *p == ping)?;
         let (_, sent) = c.pings[at];
+        if c.punching() {
+            // The first answer through the NATs. The probes before it were stopped by a NAT
+            // not yet open, which says nothing of the path's loss. Perhaps it answers the last
+            // probe of a failed attempt: pinging resumes at the usual rate.
+            c.stats.punch = Some(Punch::Open);
+            c.punch_retry = None;
+            c.next_ping = c.next_ping.min(now);
+            c.pings.drain(..at);
+            (c.outcomes, c.samples) = (0, 0);
+        }
         // Pings before this one that are still waiting were overtaken: count them as lost.
+        let at = c.pings.iter().position(|(p, _)| *p == ping)?;
         for _ in 0..at {
             c.pings.pop_front();
             c.record(true);
@@ -478,7 +544,16 @@ impl PathManager {
                 c.pings.pop_front();
                 c.record(true);
             }
-            if now >= c.next_ping && !c.is_abandoned(now) {
+            if let Some(Punch::Failed { attempts }) = c.stats.punch
+                && c.punch_retry.is_some_and(|t| now >= t)
+            {
+                c.stats.punch = Some(Punch::Trying { attempt: attempts + 1 });
+                c.punch_left = PUNCH_PROBES;
+                c.punch_retry = None;
+                c.next_ping = now;
+            }
+            let waiting = matches!(c.stats.punch, Some(Punch::Failed { .. }));
+            if now >= c.next_ping && !c.is_abandoned(now) && !waiting {
                 let ping = self.next_ping_id;
                 self.next_ping_id = self.next_ping_id.wrapping_add(1);
                 if c.pings.len() >= MAX_PINGS_IN_FLIGHT {
@@ -489,6 +564,17 @@ impl PathManager {
                 c.stats.pings += 1;
                 c.next_ping = now + interval;
                 self.pings_due.push_back((id, ping));
+                if let Some(Punch::Trying { attempt }) = c.stats.punch {
+                    c.punch_left = c.punch_left.saturating_sub(1);
+                    if c.punch_left == 0 {
+                        // This attempt's last probe: it has a give-up time to answer in, and
+                        // the attempt has failed if it does not (see `on_pong`).
+                        let wait = PUNCH_RETRY.saturating_mul(1 << (attempt - 1).min(10)).min(PUNCH_RETRY_MAX);
+                        c.stats.punch = Some(Punch::Failed { attempts: attempt });
+                        c.punch_retry = Some(now + wait);
+                        c.next_ping = now + wait;
+                    }
+                }
             }
         }
         self.reselect(now, None);
@@ -592,7 +678,7 @@ impl PathManager {
             }
             Some(cur) => {
                 let why_leave = forced.or_else(|| self.is_dead(now, cur)).or_else(|| self.breaks_criteria(cur));
-                let best = ranked.first().copied();
+                let best = self.preferred(&ranked, cur);
                 match (why_leave, best) {
                     (Some(why), Some(best)) if best != cur => {
                         // Leave a failing path only for one that does not fail the same way.
@@ -621,11 +707,17 @@ impl PathManager {
                         next.or(Some(cur))
                     }
                     (None, Some(best)) if best != cur && self.breaks_criteria(best).is_none() => {
-                        if self.clearly_better(best, cur) {
+                        let upgrade = self.candidates[usize::from(best.0)].relays().is_empty()
+                            && !self.candidates[usize::from(cur.0)].relays().is_empty();
+                        let clearly = self.clearly_better(best, cur);
+                        if clearly || upgrade {
                             let hold = self.hold();
                             let since = *self.candidates[usize::from(best.0)].better_since.get_or_insert(now);
                             let settled = self.last_switch.is_none_or(|t| now.saturating_duration_since(t) >= hold);
-                            if self.provisional || (now.saturating_duration_since(since) >= hold && settled) {
+                            if self.provisional
+                                || (upgrade && clearly)
+                                || (now.saturating_duration_since(since) >= hold && settled)
+                            {
                                 reason = Some(SwitchReason::Better);
                                 Some(best)
                             } else {
@@ -642,7 +734,11 @@ impl PathManager {
         };
         let Some(primary) = primary else { return };
         // Until every candidate has a first RTT, a clearly better one wins without the hold.
-        if self.provisional && self.candidates.iter().all(|c| c.stats.srtt.is_some() || c.is_abandoned(now)) {
+        if self.provisional
+            && self.candidates.iter().all(|c| {
+                c.stats.srtt.is_some() || c.is_abandoned(now) || matches!(c.stats.punch, Some(Punch::Failed { .. }))
+            })
+        {
             self.provisional = false;
         }
         let mut active = vec![primary];
@@ -680,6 +776,23 @@ impl PathManager {
             self.events.push_back(PathEvent::Degraded { path: Box::new(self.info_of(primary, now)) });
         }
         self.degraded = degraded;
+    }
+
+    /// The best-ranked candidate; but a relayed primary gives way to a direct path that is not
+    /// clearly worse than the best, since a direct path spares the relays and a hop.
+    fn preferred(&self, ranked: &[PathId], cur: PathId) -> Option<PathId> {
+        let best = ranked.first().copied()?;
+        if self.candidates[usize::from(cur.0)].relays().is_empty() {
+            return Some(best);
+        }
+        let direct = ranked
+            .iter()
+            .copied()
+            .find(|&d| self.candidates[usize::from(d.0)].relays().is_empty() && self.breaks_criteria(d).is_none());
+        match direct {
+            Some(d) if !self.clearly_better(best, d) => Some(d),
+            _ => Some(best),
+        }
     }
 
     fn clearly_better(&self, a: PathId, b: PathId) -> bool {
@@ -768,6 +881,106 @@ mod tests {
             }
         }
         INFLIGHT.set(inflight);
+    }
+
+    fn direct() -> Path {
+        Path::Direct("203.0.113.7:4000".parse().unwrap())
+    }
+
+    /// Pings sent on `id` so far.
+    fn pings(m: &PathManager, id: PathId, now: Instant) -> u64 {
+        m.info(now)[usize::from(id.0)].stats.pings
+    }
+
+    fn punch(m: &PathManager, id: PathId, now: Instant) -> Option<Punch> {
+        m.info(now)[usize::from(id.0)].stats.punch
+    }
+
+    #[test]
+    fn a_direct_path_that_never_answers_is_punched_in_bounded_attempts_with_backoff() {
+        let t0 = Instant::now();
+        let mut m = PathManager::new(Profile::reliable(), &[relayed(&[1]), direct()], t0);
+        let d = PathId(1);
+        let relay_only = |id: PathId, _| (id.0 == 0).then(|| Duration::from_millis(60));
+        run(&mut m, t0, Duration::from_millis(500), relay_only);
+        assert_eq!(punch(&m, d, t0), Some(Punch::Trying { attempt: 1 }));
+        // Every 20 ms while trying: about 25 probes in half a second.
+        assert!((24..=26).contains(&pings(&m, d, t0)), "{}", pings(&m, d, t0));
+        run(&mut m, t0 + Duration::from_millis(500), Duration::from_millis(9_500), relay_only);
+        assert_eq!(punch(&m, d, t0), Some(Punch::Failed { attempts: 1 }));
+        assert_eq!(pings(&m, d, t0), u64::from(PUNCH_PROBES), "one attempt, then quiet until the retry");
+        assert_eq!(m.sending(), &[PathId(0)], "the VC stays relayed");
+        // The second attempt comes 15 s after the first ended, the third 30 s after that.
+        run(&mut m, t0 + Duration::from_secs(10), Duration::from_secs(10), relay_only);
+        assert_eq!(pings(&m, d, t0), 2 * u64::from(PUNCH_PROBES));
+        assert_eq!(punch(&m, d, t0), Some(Punch::Failed { attempts: 2 }));
+        run(&mut m, t0 + Duration::from_secs(20), Duration::from_secs(25), relay_only);
+        assert_eq!(pings(&m, d, t0), 2 * u64::from(PUNCH_PROBES), "the third attempt waits 30 s");
+        run(&mut m, t0 + Duration::from_secs(45), Duration::from_secs(10), relay_only);
+        assert_eq!(pings(&m, d, t0), 3 * u64::from(PUNCH_PROBES));
+    }
+
+    #[test]
+    fn a_punched_direct_path_takes_the_traffic_at_its_first_answer() {
+        let t0 = Instant::now();
+        let mut m = PathManager::new(Profile::reliable(), &[relayed(&[1]), direct()], t0);
+        // The peer's NAT lets probes through from 300 ms on (when its own probes opened it).
+        let opens = Duration::from_millis(300);
+        let net = move |id: PathId, t: Duration| match id.0 {
+            0 => Some(Duration::from_millis(60)),
+            _ => (t >= opens).then(|| Duration::from_millis(20)),
+        };
+        run(&mut m, t0, Duration::from_millis(280), net);
+        assert_eq!(m.sending(), &[PathId(0)]);
+        while m.poll_event().is_some() {}
+        run(&mut m, t0 + Duration::from_millis(280), Duration::from_millis(100), |id, t| {
+            net(id, t + Duration::from_millis(280))
+        });
+        assert_eq!(punch(&m, PathId(1), t0), Some(Punch::Open));
+        // Within one probe interval and one direct RTT of the NAT opening, not a hold time.
+        assert_eq!(m.sending(), &[PathId(1)]);
+        let ev = m.poll_event().unwrap();
+        assert!(matches!(ev, PathEvent::Changed { reason: SwitchReason::Better, .. }), "{ev:?}");
+        // If it dies, the relayed path takes over again.
+        run(&mut m, t0 + Duration::from_millis(380), Duration::from_millis(600), |id, _| {
+            (id.0 == 0).then(|| Duration::from_millis(60))
+        });
+        assert_eq!(m.sending(), &[PathId(0)]);
+    }
+
+    #[test]
+    fn a_direct_path_as_fast_as_the_relay_is_preferred_and_kept() {
+        let t0 = Instant::now();
+        let mut m = PathManager::new(Profile::reliable(), &[relayed(&[1]), direct()], t0);
+        // The direct path answers from the start, a little slower than the relay (loopback).
+        let net = |id: PathId, _| Some(Duration::from_micros(if id.0 == 0 { 300 } else { 320 }));
+        run(&mut m, t0, Duration::from_millis(500), net);
+        assert_eq!(m.sending(), &[PathId(1)]);
+        // And it stays there: the relay is not clearly better.
+        while m.poll_event().is_some() {}
+        run(&mut m, t0 + Duration::from_millis(500), Duration::from_secs(5), net);
+        assert_eq!(m.poll_event(), None);
+        assert_eq!(m.sending(), &[PathId(1)]);
+    }
+
+    #[test]
+    fn a_failed_punch_does_not_keep_relay_choices_provisional() {
+        let t0 = Instant::now();
+        let mut m = PathManager::new(Profile::realtime(false), &[relayed(&[1]), relayed(&[2]), direct()], t0);
+        let swapping = |id: PathId, t: Duration| {
+            let odd = (t.as_millis() / 300) % 2 == 1;
+            match id.0 {
+                2 => None,
+                _ => Some(Duration::from_millis(if (id.0 == 0) == odd { 40 } else { 46 })),
+            }
+        };
+        run(&mut m, t0, Duration::from_secs(2), swapping);
+        while m.poll_event().is_some() {}
+        run(&mut m, t0 + Duration::from_secs(2), Duration::from_secs(6), |id, t| {
+            swapping(id, t + Duration::from_secs(2))
+        });
+        let changes = std::iter::from_fn(|| m.poll_event()).filter(|e| matches!(e, PathEvent::Changed { .. })).count();
+        assert_eq!(changes, 0, "relays swapped every 300 ms were followed");
     }
 
     #[test]

@@ -39,6 +39,10 @@ use crate::path::PathKind;
 use crate::profile::{Profile, ProfileConfig};
 use crate::vc::{CloseReason, VcEvent};
 
+/// Direct addresses of a neighbour punched at once: its observed address and its first local
+/// ones. Each costs a burst of probes per attempt.
+const MAX_DIRECT_CANDIDATES: usize = 4;
+
 /// What a session needs.
 #[derive(Debug, Clone)]
 pub struct SessionConfig {
@@ -419,7 +423,8 @@ impl Task {
     async fn check_in(&mut self) {
         let local = local_candidates(self.client.local_addr(), self.cfg.control);
         let mesh_port = self.client.local_addr().port();
-        self.send(&ClientToControl::CheckIn { local, mesh_port }).await;
+        let reflexive = self.observed;
+        self.send(&ClientToControl::CheckIn { local, mesh_port, reflexive }).await;
     }
 
     /// The control connection is gone: schedule a reconnect.
@@ -554,7 +559,15 @@ impl Task {
         // says they beat every single relay.
         let routes = intro.routes.iter().filter_map(|r| Route::new(&r.relays));
         let single = intro.relays.iter().filter_map(|r| Route::new(&[r.id]));
-        let paths: Vec<Path> = routes.chain(single).map(Path::Relayed).collect();
+        // Relayed paths first, so the VC starts on one at once; the direct candidates after
+        // them are punched in parallel and take over when they answer.
+        let direct = intro.observed.into_iter().chain(intro.local.iter().copied()).take(MAX_DIRECT_CANDIDATES);
+        let mut paths: Vec<Path> = routes.chain(single).map(Path::Relayed).collect();
+        for addr in direct {
+            if !paths.contains(&Path::Direct(addr)) {
+                paths.push(Path::Direct(addr));
+            }
+        }
         let _ = self.client.add_peer(PeerInfo { key: intro.peer_key, paths });
         let profiles: Vec<(VcId, Profile)> = if intro.profiles.is_empty() {
             self.cfg.profiles.clone()

@@ -424,7 +424,9 @@ impl VirtualConnection {
         if self.is_closed() {
             return;
         }
-        let id = self.paths.add(now, path);
+        // Only an authenticated frame may add a path (below): an address that merely claims to
+        // be the peer must not make the VC send to it.
+        let mut id = self.paths.find(&path);
         match Frame::parse(bytes) {
             Ok(Frame::Hello(h, sig)) => self.on_hello(now, h, &sig),
             Ok(Frame::Sealed { pn, .. }) => {
@@ -436,6 +438,11 @@ impl VirtualConnection {
                 let len = bytes.len();
                 match keys.open(pn, aad, &mut bytes[9..]) {
                     Ok(plain) => {
+                        if id.is_none() {
+                            // The peer from an address we did not know: it moved, or its NAT
+                            // mapped it to a port no introduction could name.
+                            id = self.paths.add(now, path);
+                        }
                         self.counters.frames_received += 1;
                         self.counters.bytes_received += len as u64;
                         self.last_heard = now;
