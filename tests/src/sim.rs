@@ -3,13 +3,19 @@
 //! pair of hosts with their own latency, jitter, loss, reordering, duplication and bandwidth.
 //! Hosts crash and restart, pairs partition, and a relay can be made to flip bits.
 //!
+//! Players can sit behind NATs ([`Sim::add_nat`], [`Sim::add_node_behind`]): such a host has a
+//! private address, what it sends to the outside leaves with the NAT's public mapping as its
+//! source, and what arrives at the NAT's public address reaches it only through a live mapping
+//! whose filter admits the sender. The NAT translates; the link between the two hosts still
+//! decides latency and loss.
+//!
 //! Every random choice comes from one seeded generator, so the same seed gives the same run.
 //! Key material is the exception (the VC's ephemeral keys come from the system), and no
 //! decision depends on its bytes.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use rand::rngs::Xoshiro256PlusPlus;
@@ -21,6 +27,7 @@ use shoal_protocol::{Identity, Roles, SignedTicket, TicketBody, TicketKind, Unix
 use shoal_sdk::{Event, Node};
 
 use crate::link::{Link, LinkConfig};
+use crate::nat::{Nat, NatConfig, NatStats};
 
 /// Unix time at the start of every simulation.
 pub const T0_UNIX: u64 = 1_800_000_000;
@@ -28,6 +35,16 @@ pub const T0_UNIX: u64 = 1_800_000_000;
 /// A host in the simulation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct HostId(pub usize);
+
+/// A NAT box in the simulation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NatId(pub usize);
+
+/// Most NATs a simulation holds: one public address each, in 203.0.113.0/24.
+pub const MAX_NATS: usize = 254;
+
+/// Most hosts behind one NAT: one private address each, in `192.168.<nat>.0/24`.
+pub const MAX_HOSTS_PER_NAT: usize = 254;
 
 #[derive(Debug)]
 enum Core {
@@ -37,7 +54,10 @@ enum Core {
 
 #[derive(Debug)]
 struct Host {
+    /// The host's own socket address: public, or private when it is behind a NAT.
     addr: SocketAddr,
+    /// The NAT it sits behind, if any.
+    nat: Option<usize>,
     core: Core,
     up: bool,
     /// Relays only: the config to restart with, and the peer relays to bind again.
@@ -47,12 +67,22 @@ struct Host {
     tamper: f64,
 }
 
+/// Where a datagram in flight is headed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Dest {
+    /// A host's own socket address.
+    Host(SocketAddr),
+    /// A NAT's public address; the NAT translates (or refuses) the datagram when it arrives,
+    /// so that its filter sees the mappings of that moment.
+    Nat(usize, SocketAddr),
+}
+
 /// A datagram in flight.
 #[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
 struct InFlight {
     at: Instant,
     seq: u64,
-    to: usize,
+    to: Dest,
     from: SocketAddr,
     bytes: Vec<u8>,
 }
@@ -66,8 +96,11 @@ pub struct NetStats {
     pub delivered: u64,
     /// Lost on a link (loss model or full queue).
     pub lost: u64,
-    /// Dropped because the receiver was down or partitioned away.
+    /// Dropped because the receiver was down, partitioned away or had no such address.
     pub blackholed: u64,
+    /// Dropped by a NAT: no live mapping on the port, the filter refused the sender, or a
+    /// host sent to its own NAT's public address and the NAT does not hairpin.
+    pub filtered: u64,
     /// Bits a tampering relay flipped.
     pub tampered: u64,
 }
@@ -81,7 +114,13 @@ pub struct Sim {
     rng: Xoshiro256PlusPlus,
     control: Identity,
     hosts: Vec<Host>,
+    /// Hosts on the open network, by address.
     by_addr: BTreeMap<SocketAddr, usize>,
+    /// Hosts behind NATs, by private address.
+    private: BTreeMap<SocketAddr, usize>,
+    nats: Vec<Nat>,
+    /// NATs by public address.
+    nat_by_ip: BTreeMap<IpAddr, usize>,
     links: BTreeMap<(usize, usize), Link>,
     default_link: LinkConfig,
     partitions: BTreeSet<(usize, usize)>,
@@ -105,6 +144,9 @@ impl Sim {
             control,
             hosts: Vec::new(),
             by_addr: BTreeMap::new(),
+            private: BTreeMap::new(),
+            nats: Vec::new(),
+            nat_by_ip: BTreeMap::new(),
             links: BTreeMap::new(),
             default_link: LinkConfig::latency(Duration::from_millis(20)),
             partitions: BTreeSet::new(),
@@ -170,27 +212,117 @@ impl Sim {
             cookie_secret: self.rng.random(),
         };
         let router = Router::new(cfg.clone(), self.clock(), self.now);
-        self.push_host(Core::Relay(Box::new(router)), Some(cfg))
+        let addr = self.next_addr();
+        self.push_host(addr, None, Core::Relay(Box::new(router)), Some(cfg))
     }
 
     /// Adds a player node.
     pub fn add_node(&mut self) -> HostId {
-        let identity = Identity::from_seed(self.rng.random());
-        let node = Node::new(identity.clone(), self.permit(&identity, Roles::CLIENT), self.clock());
-        self.push_host(Core::Node(Box::new(node)), None)
+        let core = self.player();
+        let addr = self.next_addr();
+        self.push_host(addr, None, core, None)
     }
 
-    fn push_host(&mut self, core: Core, relay_cfg: Option<RouterConfig>) -> HostId {
-        let addr = self.next_addr();
+    fn player(&mut self) -> Core {
+        let identity = Identity::from_seed(self.rng.random());
+        let node = Node::new(identity.clone(), self.permit(&identity, Roles::CLIENT), self.clock());
+        Core::Node(Box::new(node))
+    }
+
+    fn push_host(
+        &mut self,
+        addr: SocketAddr,
+        nat: Option<usize>,
+        core: Core,
+        relay_cfg: Option<RouterConfig>,
+    ) -> HostId {
         let i = self.hosts.len();
-        self.hosts.push(Host { addr, core, up: true, relay_cfg, relay_peers: Vec::new(), tamper: 0.0 });
-        self.by_addr.insert(addr, i);
+        self.hosts.push(Host { addr, nat, core, up: true, relay_cfg, relay_peers: Vec::new(), tamper: 0.0 });
+        let table = if nat.is_some() { &mut self.private } else { &mut self.by_addr };
+        table.insert(addr, i);
         HostId(i)
     }
 
-    /// A host's address.
+    /// Adds a NAT box behaving as `cfg`, with its own public address (203.0.113.x, apart
+    /// from the 10.x addresses of hosts on the open network). Its ports start at a point drawn
+    /// from the seeded generator.
+    ///
+    /// # Panics
+    /// Past [`MAX_NATS`]: a scenario bug.
+    #[allow(clippy::panic)]
+    pub fn add_nat(&mut self, cfg: NatConfig) -> NatId {
+        let i = self.nats.len();
+        if i >= MAX_NATS {
+            panic!("more than {MAX_NATS} NATs");
+        }
+        let ip = IpAddr::from([203, 0, 113, i as u8 + 1]);
+        self.nats.push(Nat::new(ip, cfg, self.rng.random()));
+        self.nat_by_ip.insert(ip, i);
+        NatId(i)
+    }
+
+    /// Adds a player node behind `nat`, at private address `192.168.<nat>.<n>:7000`.
+    ///
+    /// # Panics
+    /// Past [`MAX_HOSTS_PER_NAT`] hosts behind one NAT: a scenario bug.
+    #[allow(clippy::panic)]
+    pub fn add_node_behind(&mut self, nat: NatId) -> HostId {
+        let behind = self.hosts.iter().filter(|h| h.nat == Some(nat.0)).count();
+        if behind >= MAX_HOSTS_PER_NAT {
+            panic!("more than {MAX_HOSTS_PER_NAT} hosts behind NAT {nat:?}");
+        }
+        let core = self.player();
+        let addr = SocketAddr::from(([192, 168, nat.0 as u8, behind as u8 + 1], 7000));
+        self.push_host(addr, Some(nat.0), core, None)
+    }
+
+    /// A host's own address: the one its socket is bound to, private for a host behind a
+    /// NAT (see [`Sim::mapping`] for the address others see).
     pub fn addr(&self, h: HostId) -> SocketAddr {
         self.hosts[h.0].addr
+    }
+
+    /// The NAT a host sits behind, if any.
+    pub fn nat_of(&self, h: HostId) -> Option<NatId> {
+        self.hosts[h.0].nat.map(NatId)
+    }
+
+    /// A NAT's public IP address.
+    pub fn nat_ip(&self, nat: NatId) -> IpAddr {
+        self.nats[nat.0].public_ip()
+    }
+
+    /// What a NAT has done so far.
+    pub fn nat_stats(&self, nat: NatId) -> NatStats {
+        self.nats[nat.0].stats()
+    }
+
+    /// The source address `dst` sees host `h`'s datagrams come from, without sending
+    /// anything: `h`'s own address if it is on the open network or `dst` is on its side of
+    /// the NAT, else its NAT's live mapping towards `dst` (`None` until `h` has sent there,
+    /// or after the mapping expired). Behind an endpoint-independent mapping this is the
+    /// same for every destination; behind a symmetric NAT it is not.
+    pub fn mapping(&self, h: HostId, dst: SocketAddr) -> Option<SocketAddr> {
+        let host = &self.hosts[h.0];
+        let Some(x) = host.nat else { return Some(host.addr) };
+        if self.private.get(&dst).is_some_and(|&i| self.hosts[i].nat == Some(x)) {
+            return Some(host.addr);
+        }
+        self.nats[x].mapping(self.now, host.addr, dst)
+    }
+
+    /// Moves host `h` to a new port (its socket rebound, or a phone changing network): later
+    /// datagrams leave from the new address (behind a NAT, through a new mapping), and
+    /// datagrams to the old one are lost. Returns the new address.
+    pub fn rebind(&mut self, h: HostId) -> SocketAddr {
+        let old = self.hosts[h.0].addr;
+        let port = if old.port() == u16::MAX { 1024 } else { old.port() + 1 };
+        let new = SocketAddr::new(old.ip(), port);
+        let table = if self.hosts[h.0].nat.is_some() { &mut self.private } else { &mut self.by_addr };
+        table.remove(&old);
+        table.insert(new, h.0);
+        self.hosts[h.0].addr = new;
+        new
     }
 
     /// A relay's node id.
@@ -289,10 +421,18 @@ impl Sim {
     }
 
     /// Sends raw `bytes` to `to` as if host `from` had sent them: a forger on `from`'s
-    /// address (an on-path attacker at a relay, say).
+    /// address (an on-path attacker at a relay, say). They are addressed to `to`'s own
+    /// address, which for a host behind a NAT only hosts behind the same NAT reach; see
+    /// [`Sim::send_raw`] to aim at a mapping.
     pub fn inject(&mut self, from: HostId, to: HostId, bytes: Vec<u8>) {
         let addr = self.addr(to);
         self.send(from.0, addr, bytes);
+    }
+
+    /// Sends raw `bytes` from host `from` to address `to`, through `from`'s NAT if it has
+    /// one, exactly as the host's own datagrams go.
+    pub fn send_raw(&mut self, from: HostId, to: SocketAddr, bytes: Vec<u8>) {
+        self.send(from.0, to, bytes);
     }
 
     /// Events the nodes reported, with when and where.
@@ -307,26 +447,56 @@ impl Sim {
 
     fn send(&mut self, from: usize, to: SocketAddr, mut bytes: Vec<u8>) {
         self.stats.sent += 1;
-        let Some(&dst) = self.by_addr.get(&to) else {
+        let now = self.now;
+        let (src, nat) = (self.hosts[from].addr, self.hosts[from].nat);
+        // Out through the sender's NAT, unless the receiver is on the same side of it.
+        let from_addr = match nat {
+            Some(x) if self.private.get(&to).is_some_and(|&i| self.hosts[i].nat == Some(x)) => src,
+            Some(x) if to.ip() == self.nats[x].public_ip() => match self.nats[x].hairpin(now, src, to) {
+                Some(public) => public,
+                None => {
+                    self.stats.filtered += 1;
+                    return;
+                }
+            },
+            Some(x) => self.nats[x].outbound(now, src, to),
+            None => src,
+        };
+        // Where it goes, and the host it will reach if nothing changes on the way.
+        let (dest, dst) = if let Some(&n) = self.nat_by_ip.get(&to.ip()) {
+            let dst = self.nats[n].target(now, to).and_then(|a| self.private.get(&a).copied());
+            (Dest::Nat(n, to), dst)
+        } else if let Some(&i) = self.by_addr.get(&to) {
+            (Dest::Host(to), Some(i))
+        } else if let Some(&i) = self.private.get(&to).filter(|&&i| nat.is_some() && self.hosts[i].nat == nat) {
+            (Dest::Host(to), Some(i))
+        } else {
             self.stats.blackholed += 1;
             return;
         };
-        if self.partitions.contains(&(from, dst)) {
-            self.stats.blackholed += 1;
-            return;
-        }
-        let default = self.default_link;
-        let link = self.links.entry((from, dst)).or_insert_with(|| Link::new(default));
-        let arrivals = link.transmit(self.now, bytes.len(), &mut self.rng);
+        let arrivals = match dst {
+            Some(dst) => {
+                if self.partitions.contains(&(from, dst)) {
+                    self.stats.blackholed += 1;
+                    return;
+                }
+                let default = self.default_link;
+                let link = self.links.entry((from, dst)).or_insert_with(|| Link::new(default));
+                link.transmit(now, bytes.len(), &mut self.rng)
+            }
+            // A port with no mapping yet: the datagram still travels (a mapping may open
+            // before it arrives, as when a peer predicts a symmetric NAT's next port), over a
+            // default link.
+            None => Link::new(self.default_link).transmit(now, bytes.len(), &mut self.rng),
+        };
         if arrivals.is_empty() {
             self.stats.lost += 1;
         }
-        let from_addr = self.hosts[from].addr;
         let n = arrivals.len();
         for (i, at) in arrivals.into_iter().enumerate() {
             self.seq += 1;
             let b = if i + 1 == n { std::mem::take(&mut bytes) } else { bytes.clone() };
-            self.queue.push(Reverse(InFlight { at, seq: self.seq, to: dst, from: from_addr, bytes: b }));
+            self.queue.push(Reverse(InFlight { at, seq: self.seq, to: dest, from: from_addr, bytes: b }));
         }
     }
 
@@ -355,13 +525,27 @@ impl Sim {
     }
 
     fn deliver(&mut self, f: InFlight) {
-        let i = f.to;
+        let now = self.now;
+        let to = match f.to {
+            Dest::Host(a) => a,
+            Dest::Nat(x, public) => match self.nats[x].inbound(now, f.from, public) {
+                Some(a) => a,
+                None => {
+                    self.stats.filtered += 1;
+                    return;
+                }
+            },
+        };
+        let Some(&i) = self.by_addr.get(&to).or_else(|| self.private.get(&to)) else {
+            // Nobody holds the address any more: the host rebound since.
+            self.stats.blackholed += 1;
+            return;
+        };
         if !self.hosts[i].up {
             self.stats.blackholed += 1;
             return;
         }
         self.stats.delivered += 1;
-        let now = self.now;
         let mut bytes = f.bytes;
         let mut out: Option<(SocketAddr, usize)> = None;
         let tamper = self.hosts[i].tamper;
