@@ -220,10 +220,9 @@ struct Candidate {
     /// When it last joined the active set: silence is counted from then at the earliest,
     /// since until then it was pinged at the slow rate.
     joined: Option<Instant>,
-    /// Direct paths before they first answer: probes left in this attempt, and when the
-    /// next attempt starts once they are spent.
+    /// Direct paths before they first answer: probes left in this attempt. Once they are
+    /// spent, `next_ping` is when the next attempt starts.
     punch_left: u32,
-    punch_retry: Option<Instant>,
 }
 
 impl Candidate {
@@ -340,7 +339,6 @@ impl PathManager {
             better_since: None,
             joined: None,
             punch_left: PUNCH_PROBES,
-            punch_retry: None,
         });
         let c = self.candidates.last_mut()?;
         if matches!(path, Path::Direct(_)) {
@@ -405,19 +403,18 @@ impl PathManager {
     pub fn on_pong(&mut self, now: Instant, id: PathId, ping: u32) -> Option<Duration> {
         let c = self.candidates.get_mut(usize::from(id.0))?;
         let at = c.pings.iter().position(|(p, _)| *p == ping)?;
-        let (_, sent) = c.pings[at];
         if c.punching() {
             // The first answer through the NATs. The probes before it were stopped by a NAT
             // not yet open, which says nothing of the path's loss. Perhaps it answers the last
             // probe of a failed attempt: pinging resumes at the usual rate.
             c.stats.punch = Some(Punch::Open);
-            c.punch_retry = None;
             c.next_ping = c.next_ping.min(now);
             c.pings.drain(..at);
             (c.outcomes, c.samples) = (0, 0);
         }
         // Pings before this one that are still waiting were overtaken: count them as lost.
         let at = c.pings.iter().position(|(p, _)| *p == ping)?;
+        let (_, sent) = c.pings[at];
         for _ in 0..at {
             c.pings.pop_front();
             c.record(true);
@@ -544,16 +541,12 @@ impl PathManager {
                 c.pings.pop_front();
                 c.record(true);
             }
-            if let Some(Punch::Failed { attempts }) = c.stats.punch
-                && c.punch_retry.is_some_and(|t| now >= t)
-            {
-                c.stats.punch = Some(Punch::Trying { attempt: attempts + 1 });
-                c.punch_left = PUNCH_PROBES;
-                c.punch_retry = None;
-                c.next_ping = now;
-            }
-            let waiting = matches!(c.stats.punch, Some(Punch::Failed { .. }));
-            if now >= c.next_ping && !c.is_abandoned(now) && !waiting {
+            if now >= c.next_ping && !c.is_abandoned(now) {
+                if let Some(Punch::Failed { attempts }) = c.stats.punch {
+                    // The wait after a failed attempt is over: the next one starts.
+                    c.stats.punch = Some(Punch::Trying { attempt: attempts + 1 });
+                    c.punch_left = PUNCH_PROBES;
+                }
                 let ping = self.next_ping_id;
                 self.next_ping_id = self.next_ping_id.wrapping_add(1);
                 if c.pings.len() >= MAX_PINGS_IN_FLIGHT {
@@ -567,11 +560,10 @@ impl PathManager {
                 if let Some(Punch::Trying { attempt }) = c.stats.punch {
                     c.punch_left = c.punch_left.saturating_sub(1);
                     if c.punch_left == 0 {
-                        // This attempt's last probe: it has a give-up time to answer in, and
-                        // the attempt has failed if it does not (see `on_pong`).
+                        // The attempt's last probe. It counts as failed unless this probe or
+                        // an earlier one is still answered (see `on_pong`).
                         let wait = PUNCH_RETRY.saturating_mul(1 << (attempt - 1).min(10)).min(PUNCH_RETRY_MAX);
                         c.stats.punch = Some(Punch::Failed { attempts: attempt });
-                        c.punch_retry = Some(now + wait);
                         c.next_ping = now + wait;
                     }
                 }
