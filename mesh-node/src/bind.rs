@@ -18,9 +18,15 @@ use crate::wire::{
 /// First retransmission delay of an unanswered request or proof; doubles up to [`MAX_RETRY`].
 const FIRST_RETRY: Duration = Duration::from_millis(200);
 const MAX_RETRY: Duration = Duration::from_secs(4);
-/// How often a bound node binds again anyway: keeps NAT mappings open and lets the relay see
-/// a new address promptly.
-pub const KEEPALIVE: Duration = Duration::from_secs(20);
+/// How often a bound node binds again anyway, where nothing tells how long its NAT keeps a
+/// silent mapping: keeps the mapping open (many NATs drop one after 30 s, a few sooner) and
+/// lets the relay see a new address promptly.
+pub const KEEPALIVE: Duration = Duration::from_secs(15);
+/// Bounds of a keepalive interval fitted to the NAT's measured mapping lifetime.
+pub const KEEPALIVE_MIN: Duration = Duration::from_secs(5);
+/// The longest keepalive interval: also how often a node on the open network, which has no
+/// mapping to hold, binds again.
+pub const KEEPALIVE_MAX: Duration = Duration::from_secs(120);
 /// A binding is renewed this long before it lapses.
 const RENEW_BEFORE: Duration = Duration::from_secs(30);
 
@@ -41,6 +47,43 @@ pub struct Bound {
     pub observed: SocketAddr,
     /// Unix second at which the relay drops the binding.
     pub expires_at: u64,
+}
+
+/// How long our NAT keeps a mapping without outbound traffic, as far as the relay's view of us
+/// has shown: after a silence it either still sees us at the same address (the mapping held)
+/// or at a new one (the mapping expired and the NAT made another).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MappingLife {
+    /// The longest silence the mapping survived.
+    pub held: Duration,
+    /// The shortest silence after which we came back at a new address.
+    pub broke: Option<Duration>,
+}
+
+impl MappingLife {
+    /// The keepalive interval to use next: the default until a silence that long has held,
+    /// then doubling while nothing has broken; once one has, halfway between the longest
+    /// silence that held and the shortest that broke, until the two are within an eighth
+    /// of each other, and then the one that held.
+    pub fn interval(&self) -> Duration {
+        let held = self.held;
+        let next = match self.broke {
+            None if held < KEEPALIVE => KEEPALIVE,
+            None => held * 2,
+            Some(broke) if broke <= held => broke * 3 / 4,
+            Some(broke) if broke - held > held / 8 => (held + broke) / 2,
+            Some(_) => held,
+        };
+        next.clamp(KEEPALIVE_MIN, KEEPALIVE_MAX)
+    }
+
+    fn record(&mut self, silence: Duration, same_address: bool) {
+        if same_address {
+            self.held = self.held.max(silence);
+        } else {
+            self.broke = Some(self.broke.map_or(silence, |b| b.min(silence)));
+        }
+    }
 }
 
 /// Where the handshake stands.
@@ -74,6 +117,21 @@ pub struct BindClient {
     request_sent: Option<Instant>,
     /// Smoothed round-trip time of request to challenge.
     rtt: Option<Duration>,
+    /// Our socket's own address, if the driver told us: it says whether a NAT sits between us
+    /// and the relay, and whether the NAT's mappings can be told apart by port.
+    local: Option<SocketAddr>,
+    /// When we last sent the relay anything (our NAT refreshes its mapping then).
+    last_sent: Instant,
+    /// The address the relay last saw, kept across a lost binding.
+    last_observed: Option<SocketAddr>,
+    /// A keepalive handshake is in flight after this much silence towards the relay.
+    silence: Option<Duration>,
+    /// Whether the next handshake is a keepalive (not a first bind, a renewal or a retry).
+    keepalive_due: bool,
+    life: MappingLife,
+    keepalive: Duration,
+    /// When the binding must be renewed, whatever else is sent.
+    renew_at: Instant,
 }
 
 impl BindClient {
@@ -89,6 +147,55 @@ impl BindClient {
             retry: FIRST_RETRY,
             request_sent: None,
             rtt: None,
+            local: None,
+            last_sent: now,
+            last_observed: None,
+            silence: None,
+            keepalive_due: false,
+            life: MappingLife::default(),
+            keepalive: KEEPALIVE,
+            renew_at: now,
+        }
+    }
+
+    /// Tells the client its socket's own address (again after the socket moved, which
+    /// forgets what was measured of the old network's NAT).
+    pub fn set_local(&mut self, local: SocketAddr) {
+        if self.local != Some(local) {
+            self.local = Some(local);
+            self.life = MappingLife::default();
+        }
+    }
+
+    /// We sent the relay a datagram (data or a probe): the NAT's mapping was refreshed, and
+    /// the next keepalive is due a keepalive interval from now (or at renewal time).
+    pub fn on_sent(&mut self, now: Instant) {
+        self.last_sent = now;
+        if self.keepalive_due && self.phase == Phase::Idle {
+            self.next_send = (now + self.keepalive).min(self.renew_at);
+        }
+    }
+
+    /// The interval between keepalive binds now in use.
+    pub fn keepalive(&self) -> Duration {
+        self.keepalive
+    }
+
+    /// What the keepalives have shown of the NAT's mapping lifetime.
+    pub fn mapping_life(&self) -> MappingLife {
+        self.life
+    }
+
+    /// The keepalive interval for a relay that sees us at `observed`. Without a NAT there is
+    /// no mapping to hold, only the binding to renew. Behind a NAT that gives mappings ports
+    /// of its own choosing, an expired mapping comes back at a new port, so the lifetime can
+    /// be measured. Behind one that keeps our port, or when our address is unknown, an
+    /// expired mapping looks like the old one: the default stands.
+    fn keepalive_for(&self, observed: SocketAddr) -> Duration {
+        match self.local {
+            Some(l) if l == observed => KEEPALIVE_MAX,
+            Some(l) if l.port() != observed.port() => self.life.interval(),
+            _ => KEEPALIVE,
         }
     }
 
@@ -108,7 +215,7 @@ impl BindClient {
     }
 
     /// The smoothed round-trip time to the relay, measured on each handshake (every
-    /// [`KEEPALIVE`] while bound).
+    /// keepalive while bound).
     pub fn rtt(&self) -> Option<Duration> {
         self.rtt
     }
@@ -127,6 +234,7 @@ impl BindClient {
     /// Forgets the binding and binds again at once (the relay said it no longer holds it).
     pub fn restart(&mut self, now: Instant) {
         self.bound = None;
+        self.keepalive_due = false;
         self.refresh(now);
     }
 
@@ -134,6 +242,7 @@ impl BindClient {
     /// retry interval (a refused permit stays refused until it is renewed).
     pub fn refused(&mut self, now: Instant) {
         self.bound = None;
+        self.keepalive_due = false;
         self.phase = Phase::Idle;
         self.next_send = now + MAX_RETRY;
         self.retry = MAX_RETRY;
@@ -141,6 +250,7 @@ impl BindClient {
 
     /// Binds again at once, keeping the current binding meanwhile (e.g. a renewed permit).
     pub fn refresh(&mut self, now: Instant) {
+        self.keepalive_due = false;
         self.phase = Phase::Idle;
         self.next_send = now;
         self.retry = FIRST_RETRY;
@@ -156,6 +266,9 @@ impl BindClient {
         }
         let out = match self.phase {
             Phase::Idle => {
+                // A keepalive after a silence: its answer tells whether the mapping held.
+                let keepalive = std::mem::take(&mut self.keepalive_due) && self.bound.is_some();
+                self.silence = keepalive.then(|| now.saturating_duration_since(self.last_sent));
                 self.phase = Phase::Requesting;
                 self.started = now;
                 self.retry = FIRST_RETRY;
@@ -168,6 +281,7 @@ impl BindClient {
             }
             Phase::Proving(challenge) => self.proof(me, permit, &challenge),
         };
+        self.last_sent = now;
         self.next_send = now + self.retry;
         self.retry = (self.retry * 2).min(MAX_RETRY);
         out
@@ -197,14 +311,24 @@ impl BindClient {
                 self.phase = Phase::Proving(challenge);
                 self.next_send = now + FIRST_RETRY;
                 self.retry = FIRST_RETRY * 2;
+                self.last_sent = now;
                 self.proof(me, permit, &challenge)
             }
             (Kind::BindAck, Phase::Proving(_)) if Some(dgram.source()) == self.relay_id => {
                 let ack = BindAck::read(dgram.body()).ok()?;
                 self.bound = Some(Bound { observed: ack.observed, expires_at: ack.expires_at });
                 self.phase = Phase::Idle;
+                if let (Some(silence), Some(before)) = (self.silence.take(), self.last_observed) {
+                    self.life.record(silence, before == ack.observed);
+                }
+                self.last_observed = Some(ack.observed);
+                self.keepalive = self.keepalive_for(ack.observed);
+                self.keepalive_due = true;
+                // The keepalive follows the last datagram we sent by one interval, so the
+                // silence it ends is the one measured; the renewal comes first if it is due.
                 let left = Duration::from_secs(ack.expires_at.saturating_sub(clock.unix_secs(now)));
-                self.next_send = now + KEEPALIVE.min(left.saturating_sub(RENEW_BEFORE)).max(Duration::from_secs(1));
+                self.renew_at = now + left.saturating_sub(RENEW_BEFORE).max(Duration::from_secs(1));
+                self.next_send = (self.last_sent + self.keepalive).min(self.renew_at);
                 self.retry = FIRST_RETRY;
                 None
             }
@@ -236,5 +360,53 @@ impl BindClient {
         let len = wire::emit(&mut buf, &h, &Route::DIRECT, 0, &body).ok()?;
         buf.truncate(len);
         Some(Transmit { to: self.relay, bytes: buf })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: Duration = Duration::from_secs(1);
+
+    /// Runs the keepalive search against a NAT whose mappings live `lifetime` of silence,
+    /// returning the intervals tried.
+    fn search(lifetime: Duration, rounds: usize) -> Vec<Duration> {
+        let mut life = MappingLife::default();
+        let mut tried = Vec::new();
+        for _ in 0..rounds {
+            let next = life.interval();
+            tried.push(next);
+            life.record(next, next < lifetime);
+        }
+        tried
+    }
+
+    #[test]
+    fn the_keepalive_starts_at_the_default_and_grows_while_the_mapping_holds() {
+        assert_eq!(MappingLife::default().interval(), KEEPALIVE);
+        assert_eq!(search(Duration::MAX, 6), [15 * S, 30 * S, 60 * S, 120 * S, 120 * S, 120 * S]);
+    }
+
+    #[test]
+    fn the_keepalive_settles_just_under_the_mapping_lifetime() {
+        for lifetime in [20 * S, 30 * S, 45 * S, 65 * S, 100 * S] {
+            let tried = search(lifetime, 20);
+            let last = *tried.last().unwrap();
+            assert!(last < lifetime && last >= lifetime * 3 / 4, "{lifetime:?}: {tried:?}");
+            // Each mapping that broke cost one expiry; the search takes few of them.
+            let broke = tried.iter().filter(|&&t| t >= lifetime).count();
+            assert!(broke <= 4, "{lifetime:?}: {tried:?}");
+            assert_eq!(tried[tried.len() - 5..], [last; 5], "{lifetime:?} did not settle: {tried:?}");
+        }
+    }
+
+    #[test]
+    fn a_nat_quicker_than_the_default_gets_keepalives_as_often_as_it_needs_within_the_floor() {
+        let tried = search(10 * S, 20);
+        let last = *tried.last().unwrap();
+        assert!(last < 10 * S && last >= 7 * S, "{tried:?}");
+        let tried = search(3 * S, 20);
+        assert_eq!(*tried.last().unwrap(), KEEPALIVE_MIN, "{tried:?}");
     }
 }

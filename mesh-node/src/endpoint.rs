@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use rustc_hash::FxHashMap;
 use shoal_protocol::{Identity, NodeId, SignedTicket};
 
-use crate::bind::{BindClient, Transmit};
+use crate::bind::{BindClient, MappingLife, Transmit};
 use crate::clock::WallClock;
 use crate::wire::{
     self, Datagram, EmitError, Header, Kind, MAX_DATAGRAM, MAX_ROUTE, Notice, PROBE_ID_LEN, Route, TRACE_ORIGIN_LEN,
@@ -212,6 +212,8 @@ pub struct Endpoint {
     next_probe: u64,
     transmits: VecDeque<Transmit>,
     events: VecDeque<EndpointEvent>,
+    /// Our socket's address, once the driver said.
+    local: Option<SocketAddr>,
     /// Datagrams that were not for us or not valid, by kind of fault.
     pub rejected: u64,
 }
@@ -228,6 +230,7 @@ impl Endpoint {
             next_probe: 1,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
+            local: None,
             rejected: 0,
         }
     }
@@ -245,10 +248,23 @@ impl Endpoint {
         }
     }
 
+    /// Our socket moved (a new network, a new port): binds again everywhere at once from the
+    /// new address, which each relay takes as the node having moved once the proof checks
+    /// out.
+    pub fn network_changed(&mut self, now: Instant) {
+        for r in &mut self.relays {
+            r.refresh(now);
+        }
+    }
+
     /// Starts binding to the relay at `addr`.
     pub fn add_relay(&mut self, now: Instant, addr: SocketAddr) {
         if !self.relays.iter().any(|r| r.relay() == addr) {
-            self.relays.push(BindClient::new(addr, now));
+            let mut r = BindClient::new(addr, now);
+            if let Some(local) = self.local {
+                r.set_local(local);
+            }
+            self.relays.push(r);
         }
     }
 
@@ -265,6 +281,30 @@ impl Endpoint {
     /// Our address as seen by a relay, once bound.
     pub fn observed_address(&self) -> Option<SocketAddr> {
         self.relays.iter().find_map(|r| r.bound().map(|b| b.observed))
+    }
+
+    /// A datagram goes to `to`: if that is a relay, our NAT's mapping towards it is fresh.
+    fn note_sent(&mut self, now: Instant, to: SocketAddr) {
+        if let Some(r) = self.relays.iter_mut().find(|r| r.relay() == to) {
+            r.on_sent(now);
+        }
+    }
+
+    /// Tells the endpoint its socket's address (at start, and after the socket moved), from
+    /// which the relay bindings tell whether a NAT sits in front and how long its mappings
+    /// live, and fit their keepalives to that.
+    pub fn set_local_addr(&mut self, local: SocketAddr) {
+        self.local = Some(local);
+        for r in &mut self.relays {
+            r.set_local(local);
+        }
+    }
+
+    /// The keepalive interval of the binding to the relay at `relay`, and what it has
+    /// measured of the NAT's mapping lifetime.
+    pub fn keepalive(&self, relay: SocketAddr) -> Option<(Duration, MappingLife)> {
+        let r = self.relays.iter().find(|r| r.relay() == relay)?;
+        Some((r.keepalive(), r.mapping_life()))
     }
 
     fn first_hop(&self, path: &Path) -> Result<SocketAddr, SendError> {
@@ -284,7 +324,7 @@ impl Endpoint {
     /// Writes a data datagram into `buf` without allocating; returns where to send it and its
     /// length. The tokio driver sends from its own buffers with this.
     pub fn encode_data(
-        &self,
+        &mut self,
         now: Instant,
         env: &Envelope,
         payload: &[u8],
@@ -299,6 +339,7 @@ impl Endpoint {
             trace: env.trace,
         };
         let len = wire::emit(buf, &h, &env.path.route(), self.clock.stamp_us(now), payload)?;
+        self.note_sent(now, to);
         Ok((to, len))
     }
 
@@ -325,6 +366,7 @@ impl Endpoint {
         let len = wire::emit(&mut buf, &h, &route, self.clock.stamp_us(now), &body)?;
         buf.truncate(len);
         self.transmits.push_back(Transmit { to, bytes: buf });
+        self.note_sent(now, to);
         self.probes.insert(id, PendingProbe { destination, route, sent: now });
         Ok(id)
     }

@@ -13,7 +13,7 @@ use shoal_mesh::clock::WallClock;
 use shoal_mesh::wire::VcId;
 use shoal_protocol::{Identity, NodeId, SignedTicket};
 use tokio::net::UdpSocket;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::node::{Event, Node, NodeCounters, NodeError, PeerInfo, VcKey};
 use crate::profile::Profile;
@@ -33,6 +33,7 @@ enum Cmd {
     SetPermit(SignedTicket),
     RemovePeer(NodeId, oneshot::Sender<Vec<VcKey>>),
     Status(oneshot::Sender<NodeStatus>),
+    Rebind(SocketAddr, oneshot::Sender<io::Result<SocketAddr>>),
 }
 
 /// A node's state as a whole, for reports and dashboards.
@@ -66,12 +67,16 @@ pub enum ClientError {
     /// The node refused.
     #[error(transparent)]
     Node(#[from] NodeError),
+    /// A new socket could not be bound.
+    #[error("binding a new socket: {0}")]
+    Bind(#[from] io::Error),
 }
 
 /// Sends commands to a running node; cheap to clone. See the module docs.
 #[derive(Debug, Clone)]
 pub struct NodeHandle {
     cmds: mpsc::UnboundedSender<Cmd>,
+    local: watch::Receiver<SocketAddr>,
 }
 
 impl NodeHandle {
@@ -83,6 +88,11 @@ impl NodeHandle {
         let (tx, rx) = oneshot::channel();
         self.cmd(c(tx))?;
         rx.await.map_err(|_| ClientError::Stopped)
+    }
+
+    /// The socket's address (the new one after [`NodeHandle::rebind`]).
+    pub fn local_addr(&self) -> SocketAddr {
+        *self.local.borrow()
     }
 
     /// Starts binding to a relay; [`Event::RelayBound`] follows.
@@ -126,6 +136,14 @@ impl NodeHandle {
         self.ask(|tx| Cmd::Stats(key, tx)).await
     }
 
+    /// Moves the node to a new socket bound to `addr` (the game saw the network change, say
+    /// Wi-Fi to cellular; port 0 picks one), and returns its address. VCs carry on: relays
+    /// are bound again from the new address, every path is probed at once, and peers learn
+    /// the new address from our authenticated frames. The old socket is closed.
+    pub async fn rebind(&self, addr: SocketAddr) -> Result<SocketAddr, ClientError> {
+        Ok(self.ask(|tx| Cmd::Rebind(addr, tx)).await??)
+    }
+
     /// Every VC's stats, the relays and the observed address at once.
     pub async fn status(&self) -> Result<NodeStatus, ClientError> {
         self.ask(Cmd::Status).await
@@ -138,7 +156,6 @@ pub struct Client {
     handle: NodeHandle,
     events: mpsc::UnboundedReceiver<ClientEvent>,
     id: NodeId,
-    local: SocketAddr,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -161,21 +178,18 @@ impl Client {
     pub fn start(socket: UdpSocket, identity: Identity, permit: SignedTicket) -> io::Result<Client> {
         let local = socket.local_addr()?;
         let id = identity.node_id();
-        let node = Node::new(identity, permit, WallClock::system());
+        let mut node = Node::new(identity, permit, WallClock::system());
+        node.set_local_addr(local);
         let (cmds, cmd_rx) = mpsc::unbounded_channel();
         let (ev_tx, events) = mpsc::unbounded_channel();
-        let task = tokio::spawn(run(socket, node, cmd_rx, ev_tx));
-        Ok(Client { handle: NodeHandle { cmds }, events, id, local, task })
+        let (local_tx, local) = watch::channel(local);
+        let task = tokio::spawn(run(socket, node, cmd_rx, ev_tx, local_tx));
+        Ok(Client { handle: NodeHandle { cmds, local }, events, id, task })
     }
 
     /// Our node id.
     pub fn id(&self) -> NodeId {
         self.id
-    }
-
-    /// The socket's address.
-    pub fn local_addr(&self) -> SocketAddr {
-        self.local
     }
 
     /// A handle for sending commands from elsewhere.
@@ -190,10 +204,11 @@ impl Client {
 }
 
 async fn run(
-    sock: UdpSocket,
+    mut sock: UdpSocket,
     mut node: Node,
     mut cmds: mpsc::UnboundedReceiver<Cmd>,
     events: mpsc::UnboundedSender<ClientEvent>,
+    local: watch::Sender<SocketAddr>,
 ) {
     let mut buf = vec![0u8; 2048];
     loop {
@@ -208,10 +223,10 @@ async fn run(
             biased;
             c = cmds.recv() => {
                 let Some(c) = c else { return };
-                handle_cmd(&mut node, c);
+                handle_cmd(&mut node, &mut sock, &local, c).await;
                 for _ in 1..WORK_BUDGET {
                     match cmds.try_recv() {
-                        Ok(c) => handle_cmd(&mut node, c),
+                        Ok(c) => handle_cmd(&mut node, &mut sock, &local, c).await,
                         Err(_) => break,
                     }
                 }
@@ -251,9 +266,22 @@ async fn run(
     }
 }
 
-fn handle_cmd(node: &mut Node, c: Cmd) {
+async fn handle_cmd(node: &mut Node, sock: &mut UdpSocket, local: &watch::Sender<SocketAddr>, c: Cmd) {
     let now = Instant::now();
     match c {
+        Cmd::Rebind(addr, tx) => {
+            let moved = match UdpSocket::bind(addr).await.and_then(|s| Ok((s.local_addr()?, s))) {
+                Ok((addr, new)) => {
+                    *sock = new;
+                    local.send_replace(addr);
+                    node.set_local_addr(addr);
+                    node.network_changed(Instant::now());
+                    Ok(addr)
+                }
+                Err(e) => Err(e),
+            };
+            let _ = tx.send(moved);
+        }
         Cmd::AddRelay(a) => node.add_relay(now, a),
         Cmd::AddPeer(p) => node.add_peer(now, p),
         Cmd::Open(peer, vc, profile, tx) => {

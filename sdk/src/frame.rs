@@ -4,10 +4,13 @@
 //! hello   [1][ephemeral 32][static key 32][unix ms 8][profile 16][signature 64]     153 bytes
 //! sealed  [2][packet number 8][ciphertext][tag 16]
 //!         plaintext: [kind 1][body]   kind 1 renet packet, 2 ping(id u32), 3 pong(id u32),
-//!                                     4 close(reason u8)
+//!                                     4 close(reason u8), 5 candidates(seq u32, addrs),
+//!                                     6 candidates ack(seq u32)
 //! ```
 //! The tag of a sealed frame covers its first 9 bytes and the mesh header's source,
 //! destination and VC id, so a relay can neither read a frame nor move it to another VC.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use shoal_mesh::wire::VcId;
 use shoal_protocol::identity::SIGNATURE_LEN;
@@ -32,6 +35,14 @@ pub enum FrameError {
     #[error("frame of type {kind} truncated at {len} bytes")]
     Truncated {
         /// Frame type byte.
+        kind: u8,
+        /// Bytes present.
+        len: usize,
+    },
+    /// A sealed kind whose body does not hold together (a bad count, family or length).
+    #[error("malformed body of sealed kind {kind} ({len} bytes)")]
+    Malformed {
+        /// Plaintext kind byte.
         kind: u8,
         /// Bytes present.
         len: usize,
@@ -145,6 +156,79 @@ pub enum Inner<'a> {
     },
     /// The peer closed the VC.
     Close(u8),
+    /// The peer's own direct addresses changed (its NAT mapping or its network did): punch
+    /// these. Repeated until acknowledged.
+    Candidates(Candidates),
+    /// The peer has our [`Inner::Candidates`] of this sequence number.
+    CandidatesAck(u32),
+}
+
+/// Most addresses one [`Inner::Candidates`] carries.
+pub const MAX_ADVERTISED: usize = 4;
+
+/// A node's direct addresses as it advertises them to a peer: a sequence number (a later one
+/// replaces an earlier one) and up to [`MAX_ADVERTISED`] addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Candidates {
+    /// Increases with every new set.
+    pub seq: u32,
+    addrs: [Option<SocketAddr>; MAX_ADVERTISED],
+}
+
+impl Candidates {
+    /// The first [`MAX_ADVERTISED`] of `addrs` under `seq`.
+    pub fn new(seq: u32, addrs: &[SocketAddr]) -> Candidates {
+        let mut c = Candidates { seq, addrs: [None; MAX_ADVERTISED] };
+        for (slot, a) in c.addrs.iter_mut().zip(addrs) {
+            *slot = Some(*a);
+        }
+        c
+    }
+
+    /// The addresses.
+    pub fn addrs(&self) -> impl Iterator<Item = SocketAddr> + '_ {
+        self.addrs.iter().flatten().copied()
+    }
+
+    fn read(p: &[u8]) -> Option<Candidates> {
+        let seq = u32::from_be_bytes(p.get(..4)?.try_into().ok()?);
+        let n = usize::from(*p.get(4)?);
+        if n > MAX_ADVERTISED {
+            return None;
+        }
+        let mut c = Candidates { seq, addrs: [None; MAX_ADVERTISED] };
+        let mut at = 5;
+        for slot in c.addrs.iter_mut().take(n) {
+            let ip = match *p.get(at)? {
+                4 => IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(p.get(at + 1..at + 5)?).ok()?)),
+                6 => IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(p.get(at + 1..at + 17)?).ok()?)),
+                _ => return None,
+            };
+            at += if ip.is_ipv4() { 5 } else { 17 };
+            let port = u16::from_be_bytes(p.get(at..at + 2)?.try_into().ok()?);
+            at += 2;
+            *slot = Some(SocketAddr::new(ip, port));
+        }
+        (at == p.len()).then_some(c)
+    }
+
+    fn write(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.seq.to_be_bytes());
+        out.push(self.addrs().count() as u8);
+        for a in self.addrs() {
+            match a.ip() {
+                IpAddr::V4(ip) => {
+                    out.push(4);
+                    out.extend_from_slice(&ip.octets());
+                }
+                IpAddr::V6(ip) => {
+                    out.push(6);
+                    out.extend_from_slice(&ip.octets());
+                }
+            }
+            out.extend_from_slice(&a.port().to_be_bytes());
+        }
+    }
 }
 
 /// Plaintext kind of [`Inner::Renet`].
@@ -152,6 +236,8 @@ pub const KIND_RENET: u8 = 1;
 const KIND_PING: u8 = 2;
 const KIND_PONG: u8 = 3;
 const KIND_CLOSE: u8 = 4;
+const KIND_CANDIDATES: u8 = 5;
+const KIND_CANDIDATES_ACK: u8 = 6;
 
 impl<'a> Inner<'a> {
     /// Reads an opened plaintext.
@@ -171,6 +257,10 @@ impl<'a> Inner<'a> {
                 Ok(Inner::Pong { ping: id()?, delivered: u64::from_be_bytes(d) })
             }
             KIND_CLOSE => Ok(Inner::Close(*p.get(1).ok_or(FrameError::Truncated { kind, len: p.len() })?)),
+            KIND_CANDIDATES => {
+                Candidates::read(&p[1..]).map(Inner::Candidates).ok_or(FrameError::Malformed { kind, len: p.len() })
+            }
+            KIND_CANDIDATES_ACK => Ok(Inner::CandidatesAck(id()?)),
             other => Err(FrameError::UnknownKind(other)),
         }
     }
@@ -192,6 +282,14 @@ impl<'a> Inner<'a> {
                 out.extend_from_slice(&delivered.to_be_bytes());
             }
             Inner::Close(r) => out.extend_from_slice(&[KIND_CLOSE, *r]),
+            Inner::Candidates(c) => {
+                out.push(KIND_CANDIDATES);
+                c.write(out);
+            }
+            Inner::CandidatesAck(seq) => {
+                out.push(KIND_CANDIDATES_ACK);
+                out.extend_from_slice(&seq.to_be_bytes());
+            }
         }
     }
 }
@@ -226,7 +324,14 @@ mod tests {
         #[test]
         fn inner_round_trips(id in any::<u32>(), d in any::<u64>(), payload in proptest::collection::vec(any::<u8>(), 0..64)) {
             let pong = Inner::Pong { ping: id, delivered: d };
-            for inner in [Inner::Renet(&payload), Inner::Ping(id), pong, Inner::Close(id as u8)] {
+            let v4 = SocketAddr::from(((d as u32).to_be_bytes(), id as u16));
+            let v6 = SocketAddr::from(([d as u16; 8], 9));
+            let candidates = [
+                Inner::Candidates(Candidates::new(id, &[])),
+                Inner::Candidates(Candidates::new(id, &[v4, v6, v4, v6])),
+                Inner::CandidatesAck(id),
+            ];
+            for inner in [Inner::Renet(&payload), Inner::Ping(id), pong, Inner::Close(id as u8)].into_iter().chain(candidates) {
                 let mut out = Vec::new();
                 inner.write(&mut out);
                 prop_assert_eq!(Inner::parse(&out).unwrap(), inner);
@@ -240,6 +345,19 @@ mod tests {
         assert_eq!(Inner::parse(&[KIND_PONG, 0, 0, 0, 1, 0]), Err(FrameError::Truncated { kind: KIND_PONG, len: 6 }));
         assert_eq!(Inner::parse(&[KIND_CLOSE]), Err(FrameError::Truncated { kind: KIND_CLOSE, len: 1 }));
         assert_eq!(Inner::parse(&[9]), Err(FrameError::UnknownKind(9)));
+        // Candidates: a count past the limit, an unknown family, a cut address, trailing bytes.
+        let mut ok = Vec::new();
+        Inner::Candidates(Candidates::new(7, &[SocketAddr::from(([10, 0, 0, 1], 4000))])).write(&mut ok);
+        assert_eq!(ok.len(), 1 + 4 + 1 + 7);
+        for bad in [
+            vec![KIND_CANDIDATES, 0, 0, 0, 7, 5],
+            vec![KIND_CANDIDATES, 0, 0, 0, 7, 1, 5, 10, 0, 0, 1, 0, 1],
+            ok[..ok.len() - 1].to_vec(),
+            [ok.as_slice(), &[0]].concat(),
+        ] {
+            assert_eq!(Inner::parse(&bad), Err(FrameError::Malformed { kind: KIND_CANDIDATES, len: bad.len() }));
+        }
+        assert!(Inner::parse(&ok).is_ok());
         assert_eq!(Frame::parse(&[SEALED, 0, 0]).unwrap_err(), FrameError::Truncated { kind: SEALED, len: 3 });
     }
 }

@@ -108,6 +108,8 @@ pub struct Node {
     transmits: VecDeque<Transmit>,
     events: VecDeque<Event>,
     counters: NodeCounters,
+    /// Where each relay (by address) last saw us.
+    observed: BTreeMap<SocketAddr, SocketAddr>,
 }
 
 impl Node {
@@ -122,6 +124,7 @@ impl Node {
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             counters: NodeCounters::default(),
+            observed: BTreeMap::new(),
         }
     }
 
@@ -144,6 +147,30 @@ impl Node {
     pub fn add_relay(&mut self, now: Instant, addr: SocketAddr) {
         self.endpoint.add_relay(now, addr);
         self.drain_endpoint(now);
+    }
+
+    /// Tells the node its socket's address (the driver does, at start and after a move): the
+    /// relay bindings compare it with where the relays see us, to tell whether a NAT is in
+    /// front and how long its mappings live, and send keepalives no more often than that
+    /// needs (see `shoal_mesh::bind`).
+    pub fn set_local_addr(&mut self, local: SocketAddr) {
+        self.endpoint.set_local_addr(local);
+    }
+
+    /// Our socket moved to another network or port (the driver rebound it): every relay is
+    /// bound again from the new address and every VC re-probes its paths at once. The peers
+    /// learn the new address from our authenticated frames, and from the advertisement each
+    /// VC sends once a relay reports where it sees us now.
+    pub fn network_changed(&mut self, now: Instant) {
+        self.endpoint.network_changed(now);
+        for vc in self.vcs.values_mut() {
+            vc.on_network_change(now);
+        }
+        self.drain_endpoint(now);
+        let keys: Vec<VcKey> = self.vcs.keys().copied().collect();
+        for key in keys {
+            self.drain_vc(now, key);
+        }
     }
 
     /// Records what we know of a peer, and offers its paths to VCs already open with it.
@@ -286,11 +313,28 @@ impl Node {
             match e {
                 EndpointEvent::Received(r) => self.on_received(now, r),
                 EndpointEvent::RelayBound { relay, addr, observed } => {
-                    self.events.push_back(Event::RelayBound { relay, addr, observed })
+                    self.events.push_back(Event::RelayBound { relay, addr, observed });
+                    let before = self.observed.insert(addr, observed);
+                    if before.is_some_and(|b| b != observed) {
+                        self.on_moved(now, observed);
+                    }
                 }
                 EndpointEvent::RelayLost { relay, addr } => self.events.push_back(Event::RelayLost { relay, addr }),
                 EndpointEvent::ProbeDone(_) | EndpointEvent::ProbeLost { .. } | EndpointEvent::Notice { .. } => {}
             }
+        }
+    }
+
+    /// A relay sees us at a new address: our NAT mapping changed (it expired, the NAT
+    /// rebound us, or our network changed). Every VC tells its peer, so peers behind NATs
+    /// that only admit addresses they have sent to punch towards the new one.
+    fn on_moved(&mut self, now: Instant, observed: SocketAddr) {
+        let keys: Vec<VcKey> = self.vcs.keys().copied().collect();
+        for key in keys {
+            if let Some(vc) = self.vcs.get_mut(&key) {
+                vc.advertise(now, &[observed]);
+            }
+            self.drain_vc(now, key);
         }
     }
 

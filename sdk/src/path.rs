@@ -223,6 +223,9 @@ struct Candidate {
     /// Direct paths before they first answer: probes left in this attempt. Once they are
     /// spent, `next_ping` is when the next attempt starts.
     punch_left: u32,
+    /// Pings sent before this went out before the peer held the keys: the peer may have
+    /// dropped them unread, so their going unanswered is not loss.
+    forgive_before: Option<Instant>,
 }
 
 impl Candidate {
@@ -247,6 +250,13 @@ impl Candidate {
             return 0.0;
         }
         (self.outcomes & ((1u64 << n) - 1)).count_ones() as f32 / n as f32
+    }
+
+    /// A ping sent at `sent` went unanswered.
+    fn lose(&mut self, sent: Instant) {
+        if self.forgive_before.is_none_or(|t| sent >= t) {
+            self.record(true);
+        }
     }
 
     fn record(&mut self, lost: bool) {
@@ -339,12 +349,39 @@ impl PathManager {
             better_since: None,
             joined: None,
             punch_left: PUNCH_PROBES,
+            forgive_before: None,
         });
         let c = self.candidates.last_mut()?;
         if matches!(path, Path::Direct(_)) {
             c.stats.punch = Some(Punch::Trying { attempt: 1 });
         }
         Some(PathId((self.candidates.len() - 1) as u8))
+    }
+
+    /// Starts a fresh punching attempt on direct candidate `id` now, whatever its backoff:
+    /// the peer's addresses or our own have just changed, so the last attempt's outcome no
+    /// longer says anything. An open path is punched too, since the NAT that let it through
+    /// may be another one now. Relayed candidates are only pinged at once.
+    pub fn punch_now(&mut self, now: Instant, id: PathId) {
+        let Some(c) = self.candidates.get_mut(usize::from(id.0)) else { return };
+        c.next_ping = now;
+        if c.relays().is_empty() {
+            let attempt = match c.stats.punch {
+                Some(Punch::Trying { attempt } | Punch::Failed { attempts: attempt }) => attempt + 1,
+                Some(Punch::Open) | None => 1,
+            };
+            c.stats.punch = Some(Punch::Trying { attempt });
+            c.punch_left = PUNCH_PROBES;
+        }
+    }
+
+    /// Our network changed (a new socket, a new NAT mapping): every candidate is pinged at
+    /// once and every direct one punched afresh, so paths that still work are confirmed and
+    /// the ones that need the NATs opened again get them opened.
+    pub fn on_network_change(&mut self, now: Instant) {
+        for i in 0..self.candidates.len() {
+            self.punch_now(now, PathId(i as u8));
+        }
     }
 
     /// The candidate that is `path`.
@@ -416,8 +453,9 @@ impl PathManager {
         let at = c.pings.iter().position(|(p, _)| *p == ping)?;
         let (_, sent) = c.pings[at];
         for _ in 0..at {
-            c.pings.pop_front();
-            c.record(true);
+            if let Some((_, early)) = c.pings.pop_front() {
+                c.lose(early);
+            }
         }
         c.pings.pop_front();
         c.record(false);
@@ -507,10 +545,12 @@ impl PathManager {
     }
 
     /// The peer has just shown it holds the keys. Pings sent before then could have reached
-    /// it before it could read them; they say nothing about the paths, so they are forgotten.
-    pub fn on_confirmed(&mut self) {
+    /// it before it could read them: going unanswered says nothing about the paths, so it is
+    /// not counted. They stay in flight, though: a pong for one is as good an RTT sample as
+    /// any, and the first a punched path gets may well answer one of them.
+    pub fn on_confirmed(&mut self, now: Instant) {
         for c in &mut self.candidates {
-            c.pings.clear();
+            c.forgive_before = Some(now);
             c.outcomes = 0;
             c.samples = 0;
             c.stats.loss = 0.0;
@@ -537,9 +577,11 @@ impl PathManager {
                 c.abandoned_until = None;
             }
             let give_up = c.give_up();
-            while c.pings.front().is_some_and(|(_, sent)| now.saturating_duration_since(*sent) > give_up) {
+            while let Some(&(_, sent)) = c.pings.front()
+                && now.saturating_duration_since(sent) > give_up
+            {
                 c.pings.pop_front();
-                c.record(true);
+                c.lose(sent);
             }
             if now >= c.next_ping && !c.is_abandoned(now) {
                 if let Some(Punch::Failed { attempts }) = c.stats.punch {
@@ -549,9 +591,10 @@ impl PathManager {
                 }
                 let ping = self.next_ping_id;
                 self.next_ping_id = self.next_ping_id.wrapping_add(1);
-                if c.pings.len() >= MAX_PINGS_IN_FLIGHT {
-                    c.pings.pop_front();
-                    c.record(true);
+                if c.pings.len() >= MAX_PINGS_IN_FLIGHT
+                    && let Some((_, sent)) = c.pings.pop_front()
+                {
+                    c.lose(sent);
                 }
                 c.pings.push_back((ping, now));
                 c.stats.pings += 1;

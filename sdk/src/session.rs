@@ -173,7 +173,6 @@ pub struct Session {
     cmds: mpsc::UnboundedSender<Cmd>,
     events: mpsc::UnboundedReceiver<SessionEvent>,
     id: NodeId,
-    local: SocketAddr,
     /// The session task; taken by [`Session::sign_out`].
     task: Option<JoinHandle<()>>,
 }
@@ -208,23 +207,18 @@ impl Session {
         let (link, welcome) = connect(&cfg, None).await?;
         let socket = UdpSocket::bind(cfg.mesh_bind).await?;
         let client = Client::start(socket, cfg.identity.clone(), welcome.permit)?;
-        let (id, local, node) = (client.id(), client.local_addr(), client.handle());
+        let (id, node) = (client.id(), client.handle());
         let (cmds, cmd_rx) = mpsc::unbounded_channel();
         let (ev_tx, events) = mpsc::unbounded_channel();
         let mut task = Task::new(cfg, client, cmd_rx, ev_tx);
         task.attach(link, welcome).await;
         let task = Some(tokio::spawn(task.run()));
-        Ok(Session { node, cmds, events, id, local, task })
+        Ok(Session { node, cmds, events, id, task })
     }
 
     /// Our node id.
     pub fn id(&self) -> NodeId {
         self.id
-    }
-
-    /// The mesh socket's address.
-    pub fn local_addr(&self) -> SocketAddr {
-        self.local
     }
 
     /// Sets what the next reports carry.

@@ -8,6 +8,7 @@
 //! [`VirtualConnection::poll_event`].
 
 use std::collections::VecDeque;
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use renet::{Bytes, RenetClient};
@@ -17,7 +18,7 @@ use shoal_mesh::wire::VcId;
 use shoal_protocol::{Identity, NodeId, PublicKey, Signature};
 
 use crate::crypto::{CryptoError, Ephemeral, HelloBody, SessionKeys};
-use crate::frame::{self, Frame, Inner};
+use crate::frame::{self, Candidates, Frame, Inner};
 use crate::pacing::Pacer;
 use crate::path::{PathEvent, PathId, PathInfo, PathManager, SwitchReason};
 use crate::profile::{Policy, Profile, ProfileConfig};
@@ -39,6 +40,13 @@ const RENET_ACK_PACKET: u8 = 4;
 const MAX_PULLS: usize = 64;
 /// Deepest a path's pacing queue is filled, in ticks of its rate.
 const MAX_QUEUE_TICKS: u32 = 2;
+/// How often our candidate advertisement is repeated until the peer acknowledges it, and how
+/// many times at most.
+const ADVERT_RETRY: Duration = Duration::from_millis(200);
+const ADVERT_TRIES: u32 = 10;
+/// Direct candidates a peer's advertisements may add to a VC. Each is probed, so a peer must
+/// not be able to point us at any number of addresses.
+pub const MAX_ADVERTISED_PATHS: usize = 8;
 
 /// Why a VC closed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -129,6 +137,10 @@ pub struct VcCounters {
     pub messages_sent: u64,
     /// Messages delivered to the game.
     pub messages_received: u64,
+    /// Direct candidates the peer advertised after its address changed, taken up.
+    pub candidates_learned: u64,
+    /// Advertised candidates refused: past [`MAX_ADVERTISED_PATHS`], or not a usable address.
+    pub candidates_refused: u64,
 }
 
 /// What a VC measures, as the game sees it.
@@ -207,9 +219,25 @@ pub struct VirtualConnection {
     /// Highest packet number of a renet packet processed: for latest-wins delivery.
     newest_renet: Option<u64>,
     last_heard: Instant,
+    /// Our direct addresses to tell the peer, until it acknowledges them.
+    advert: Option<Advert>,
+    /// Sequence number of our latest advertisement.
+    advert_seq: u32,
+    /// Sequence number of the peer's latest advertisement taken up.
+    peer_advert_seq: Option<u32>,
+    /// Direct candidates added from the peer's advertisements.
+    advertised_paths: usize,
     transmits: VecDeque<VcTransmit>,
     events: VecDeque<VcEvent>,
     counters: VcCounters,
+}
+
+/// An advertisement of our direct addresses waiting for the peer's acknowledgement.
+#[derive(Debug)]
+struct Advert {
+    candidates: Candidates,
+    next: Instant,
+    tries_left: u32,
 }
 
 fn renet_for(profile: &Profile) -> RenetClient {
@@ -272,6 +300,10 @@ impl VirtualConnection {
             acked_at: None,
             newest_renet: None,
             last_heard: now,
+            advert: None,
+            advert_seq: 0,
+            peer_advert_seq: None,
+            advertised_paths: 0,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             counters: VcCounters::default(),
@@ -327,6 +359,71 @@ impl VirtualConnection {
     /// Adds a candidate path (say, a new relay or a direct address learned later).
     pub fn add_path(&mut self, now: Instant, path: Path) {
         let _ = self.paths.add(now, path);
+    }
+
+    /// Our direct addresses changed (a relay sees us at a new NAT mapping): tell the peer,
+    /// which punches them, and re-punch our own direct candidates from the new address. The
+    /// advertisement goes over the relayed paths and the ones in use, and is repeated until
+    /// the peer acknowledges it.
+    pub fn advertise(&mut self, now: Instant, addrs: &[SocketAddr]) {
+        self.advert_seq = self.advert_seq.wrapping_add(1);
+        let candidates = Candidates::new(self.advert_seq, addrs);
+        self.advert = Some(Advert { candidates, next: now, tries_left: ADVERT_TRIES });
+        self.paths.on_network_change(now);
+    }
+
+    /// Our socket moved (a new network): every path is pinged at once and every direct one
+    /// punched afresh.
+    pub fn on_network_change(&mut self, now: Instant) {
+        self.paths.on_network_change(now);
+    }
+
+    fn send_advert(&mut self, now: Instant) {
+        let Some(a) = self.advert.as_mut() else { return };
+        if now < a.next || self.keys.is_none() {
+            return;
+        }
+        let candidates = a.candidates;
+        a.tries_left -= 1;
+        a.next = now + ADVERT_RETRY;
+        if a.tries_left == 0 {
+            self.advert = None;
+        }
+        let paths: Vec<Path> = self
+            .paths
+            .info(now)
+            .into_iter()
+            .filter(|p| !p.abandoned && (p.active || !p.path.route().is_empty()))
+            .map(|p| p.path)
+            .collect();
+        self.seal_to(&paths, false, Inner::Candidates(candidates));
+    }
+
+    /// The peer's addresses changed: punch the new ones, within [`MAX_ADVERTISED_PATHS`].
+    fn on_candidates(&mut self, now: Instant, path: Path, c: &Candidates) {
+        self.seal_to(&[path], false, Inner::CandidatesAck(c.seq));
+        if self.peer_advert_seq.is_some_and(|s| s.wrapping_sub(c.seq) < 1 << 31) {
+            return; // This one or a later one was taken up already.
+        }
+        self.peer_advert_seq = Some(c.seq);
+        for addr in c.addrs() {
+            let direct = Path::Direct(addr);
+            let id = match self.paths.find(&direct) {
+                Some(id) => Some(id),
+                None if addr.ip().is_unspecified() || addr.ip().is_multicast() || addr.port() == 0 => None,
+                None if self.advertised_paths >= MAX_ADVERTISED_PATHS => None,
+                None => {
+                    let id = self.paths.add(now, direct);
+                    self.advertised_paths += usize::from(id.is_some());
+                    self.counters.candidates_learned += u64::from(id.is_some());
+                    id
+                }
+            };
+            match id {
+                Some(id) => self.paths.punch_now(now, id),
+                None => self.counters.candidates_refused += 1,
+            }
+        }
     }
 
     /// Sends the hello on every candidate path, so the fastest one delivers it first.
@@ -428,7 +525,18 @@ impl VirtualConnection {
         // be the peer must not make the VC send to it.
         let mut id = self.paths.find(&path);
         match Frame::parse(bytes) {
-            Ok(Frame::Hello(h, sig)) => self.on_hello(now, h, &sig),
+            Ok(Frame::Hello(h, sig)) => {
+                if self.on_hello(now, h, &sig) && id.is_none() && matches!(path, Path::Direct(_)) {
+                    // A genuine hello from an address we did not know: the peer's NAT mapped
+                    // it to a port no introduction could name (an address-dependent or
+                    // symmetric NAT), and our hellos to the named ones are filtered. Answer
+                    // there, once per hello, so the peer gets its keys directly instead of
+                    // over the relay; the address becomes a path only once a sealed frame
+                    // from it authenticates.
+                    let bytes = frame::write_hello(&self.my_hello.0, &self.my_hello.1);
+                    self.push(VcTransmit { path, trace: false, frame: bytes });
+                }
+            }
             Ok(Frame::Sealed { pn, .. }) => {
                 let Some(keys) = self.keys.as_mut() else {
                     self.counters.early += 1;
@@ -448,7 +556,7 @@ impl VirtualConnection {
                         self.last_heard = now;
                         if !self.confirmed {
                             self.confirmed = true;
-                            self.paths.on_confirmed();
+                            self.paths.on_confirmed(now);
                         }
                         if let Some(id) = id {
                             self.paths.on_heard(now, id);
@@ -492,17 +600,19 @@ impl VirtualConnection {
         }
     }
 
-    fn on_hello(&mut self, now: Instant, h: HelloBody, sig: &Signature) {
+    /// Handles a hello; returns whether the peer is still waiting for ours (a fresh exchange
+    /// or a retransmission before any frame of ours got through).
+    fn on_hello(&mut self, now: Instant, h: HelloBody, sig: &Signature) -> bool {
         let me = self.identity.node_id();
         let skew = now_skew(&self.clock, now, h.unix_ms);
         if h.static_key != self.peer_key || h.verify(sig, self.peer, me, self.vc).is_err() || skew > HELLO_MAX_SKEW {
             self.counters.bad_hellos += 1;
-            return;
+            return false;
         }
         let same_profile = ProfileConfig::from_wire(&h.profile).ok().and_then(|c| Profile::from_config(&c).ok());
         if same_profile.is_none_or(|p| p.delivery != self.profile.delivery) {
             self.counters.bad_hellos += 1;
-            return;
+            return false;
         }
         match self.peer_hello {
             Some(old) if old.ephemeral == h.ephemeral => {
@@ -510,18 +620,18 @@ impl VirtualConnection {
                 if !self.confirmed {
                     self.send_hellos(now);
                 }
-                return;
+                return !self.confirmed;
             }
             Some(old) if h.unix_ms <= old.unix_ms => {
                 // An older exchange, replayed.
                 self.counters.bad_hellos += 1;
-                return;
+                return false;
             }
             Some(_) => {
                 // The peer restarted the VC: new keys, new renet state.
                 match Ephemeral::generate() {
                     Ok(e) => self.ephemeral = e,
-                    Err(_) => return,
+                    Err(_) => return false,
                 }
                 self.my_hello = Self::make_hello(
                     &self.identity,
@@ -559,8 +669,12 @@ impl VirtualConnection {
                 }
                 self.last_heard = now;
                 self.flush_now = true;
+                true
             }
-            Err(_) => self.counters.bad_hellos += 1,
+            Err(_) => {
+                self.counters.bad_hellos += 1;
+                false
+            }
         }
     }
 
@@ -614,6 +728,12 @@ impl VirtualConnection {
                 }
             }
             Ok(Inner::Close(_)) => self.finish(CloseReason::Peer),
+            Ok(Inner::Candidates(c)) => self.on_candidates(now, path, &c),
+            Ok(Inner::CandidatesAck(seq)) => {
+                if self.advert.as_ref().is_some_and(|a| a.candidates.seq == seq) {
+                    self.advert = None;
+                }
+            }
             Err(_) => self.counters.malformed += 1,
         }
     }
@@ -663,6 +783,7 @@ impl VirtualConnection {
                 self.seal_to(&[p], true, Inner::Ping(ping));
             }
         }
+        self.send_advert(now);
         if self.flush_now || now >= self.next_tick {
             self.flush(now);
         }
@@ -852,6 +973,9 @@ impl VirtualConnection {
         }
         if self.keys.is_some() {
             t = t.min(self.paths.poll_timeout(now));
+            if let Some(a) = &self.advert {
+                t = t.min(a.next);
+            }
             if self.flush_now {
                 t = now;
             } else if self.needs_tick() {

@@ -237,6 +237,11 @@ impl Sim {
         relay_cfg: Option<RouterConfig>,
     ) -> HostId {
         let i = self.hosts.len();
+        let mut core = core;
+        if let Core::Node(n) = &mut core {
+            // As the driver does: the node knows its socket's own address.
+            n.set_local_addr(addr);
+        }
         self.hosts.push(Host { addr, nat, core, up: true, relay_cfg, relay_peers: Vec::new(), tamper: 0.0 });
         let table = if nat.is_some() { &mut self.private } else { &mut self.by_addr };
         table.insert(addr, i);
@@ -323,6 +328,18 @@ impl Sim {
         table.insert(new, h.0);
         self.hosts[h.0].addr = new;
         new
+    }
+
+    /// The address relay `r` forwards to for `node`: where it last bound it.
+    ///
+    /// # Panics
+    /// If `r` is not a relay: a scenario bug.
+    #[allow(clippy::panic)]
+    pub fn relay_binding(&self, r: HostId, node: shoal_protocol::NodeId) -> Option<SocketAddr> {
+        match &self.hosts[r.0].core {
+            Core::Relay(router) => router.lookup(node),
+            Core::Node(_) => panic!("host {r:?} is not a relay"),
+        }
     }
 
     /// A relay's node id.

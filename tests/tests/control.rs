@@ -146,13 +146,13 @@ async fn two_sessions_are_introduced_talk_through_a_relay_then_directly_and_part
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let stats = a.stats(ab).await.unwrap().unwrap();
-        if stats.path.as_ref().is_some_and(|p| p.kind == PathKind::Direct) {
-            // The relayed path stays a candidate, pinged, ready to take over again.
-            let relayed = stats.paths.iter().find(|p| p.kind == PathKind::OneRelay).expect("relayed path dropped");
-            assert!(relayed.stats.pongs > 0, "{relayed:?}");
+        // Direct, with the relayed path still a candidate, pinged and answering, ready to take
+        // over again.
+        let relayed = stats.paths.iter().find(|p| p.kind == PathKind::OneRelay).expect("relayed path dropped");
+        if stats.path.as_ref().is_some_and(|p| p.kind == PathKind::Direct) && relayed.stats.pongs > 0 {
             break;
         }
-        assert!(Instant::now() < deadline, "never went direct: {:?}", stats.paths);
+        assert!(Instant::now() < deadline, "never went direct with the relay kept warm: {:?}", stats.paths);
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
@@ -320,9 +320,12 @@ async fn relays_register_measure_each_other_and_are_handed_to_players() {
         assert!(Instant::now() < deadline, "relays never registered and measured each other: {:?}", snap.relays);
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let k = server.counters();
-    assert!(k.relays_registered >= 2);
-    assert!(k.relays_refused >= 1, "a relay the operator did not list is refused");
+    // Counters are published after the server's turn: poll.
+    while server.counters().relays_refused == 0 {
+        assert!(Instant::now() < deadline, "a relay the operator did not list is refused");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(server.counters().relays_registered >= 2);
 
     // A player is sent to the relays where they registered, and both accept its permit.
     let mut a = Session::start(session_config(server.addr, &dir, "ana", 1)).await.unwrap();

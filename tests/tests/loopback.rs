@@ -106,3 +106,82 @@ async fn two_clients_exchange_on_realtime_reliable_and_bulk_vcs_through_a_relay_
     assert_eq!(stats.counters.auth_failures, 0);
     assert_eq!(stats.path.map(|p| p.path), Some(via));
 }
+
+/// Reads `c`'s events until it has `n` messages on VC `vc`, and returns them as numbers.
+async fn numbers(c: &mut Client, vc: VcId, n: usize, deadline: tokio::time::Instant) -> Vec<u32> {
+    let mut got = Vec::new();
+    while got.len() < n {
+        let ev = tokio::time::timeout_at(deadline, c.next()).await.expect("timed out").expect("client stopped");
+        if let ClientEvent::Message(k, m) = ev
+            && k.vc == vc
+        {
+            got.push(u32::from_be_bytes(m[..4].try_into().unwrap()));
+        }
+    }
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_moves_to_a_new_socket_mid_stream_loses_nothing_direct_or_relayed() {
+    let control = Identity::from_seed([101; 32]);
+    let dir = std::env::temp_dir().join(format!("shoal-loopback-move-{}", std::process::id()));
+    let relay = start_relay(&dir, &control, 43, "");
+    let via = Path::Relayed(Route::new(&[relay.id]).unwrap());
+    let (mut a, ida) = client(&control, 11, relay.addr).await;
+    let (mut b, idb) = client(&control, 12, relay.addr).await;
+    let (mut c, idc) = client(&control, 13, relay.addr).await;
+    // A and B may go direct; A and C only ever talk through the relay.
+    a.add_peer(PeerInfo { key: idb.public_key(), paths: vec![via, Path::Direct(b.local_addr())] }).unwrap();
+    b.add_peer(PeerInfo { key: ida.public_key(), paths: vec![via, Path::Direct(a.local_addr())] }).unwrap();
+    a.add_peer(PeerInfo { key: idc.public_key(), paths: vec![via] }).unwrap();
+    c.add_peer(PeerInfo { key: ida.public_key(), paths: vec![via] }).unwrap();
+    let ab = a.open(b.id(), VcId(2), Profile::reliable()).await.unwrap();
+    let ac = a.open(c.id(), VcId(2), Profile::reliable()).await.unwrap();
+    let ca = c.open(a.id(), VcId(2), Profile::reliable()).await.unwrap();
+
+    // Wait for A to B to go direct.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while a.stats(ab).await.unwrap().and_then(|s| s.path).map(|p| p.path) != Some(Path::Direct(b.local_addr())) {
+        assert!(tokio::time::Instant::now() < deadline, "A to B never went direct");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    const N: u32 = 300;
+    let old = a.local_addr();
+    let mut new = None;
+    for i in 0..N {
+        a.send(ab, i.to_be_bytes().to_vec()).await.unwrap();
+        a.send(ac, i.to_be_bytes().to_vec()).await.unwrap();
+        c.send(ca, i.to_be_bytes().to_vec()).await.unwrap();
+        if i == N / 3 {
+            new = Some(a.rebind("127.0.0.1:0".parse().unwrap()).await.unwrap());
+        }
+        tokio::time::sleep(Duration::from_millis(3)).await;
+    }
+    let new = new.unwrap();
+    assert_ne!(new, old);
+    assert_eq!(a.local_addr(), new);
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let want: Vec<u32> = (0..N).collect();
+    assert_eq!(numbers(&mut b, VcId(2), N as usize, deadline).await, want, "direct stream A to B");
+    assert_eq!(numbers(&mut c, VcId(2), N as usize, deadline).await, want, "relayed stream A to C");
+    assert_eq!(numbers(&mut a, VcId(2), N as usize, deadline).await, want, "relayed stream C to A");
+
+    // The relay saw A at its new socket, and B talks to it there, directly.
+    let status = a.status().await.unwrap();
+    assert_eq!(status.observed, Some(new));
+    let ba = shoal_sdk::VcKey { peer: ida.node_id(), vc: VcId(2) };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let path = b.stats(ba).await.unwrap().and_then(|s| s.path).map(|p| p.path);
+        if path == Some(Path::Direct(new)) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "B's VC is on {path:?}, not A's new address {new}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for (who, s) in [("A", a.stats(ab).await), ("B", b.stats(ba).await)] {
+        assert_eq!(s.unwrap().unwrap().counters.auth_failures, 0, "{who}");
+    }
+}
