@@ -1,10 +1,11 @@
 //! Shoal's test bed: the deterministic network simulator ([`sim`], [`link`], [`nat`]) and the
-//! scenarios that the tests and `shoal-sim-bench` share ([`scenario`]), and the loopback
+//! scenarios that the tests and `shoal-sim-bench` share ([`scenario`], [`punch`]), and the loopback
 //! throughput harness ([`throughput`]), and the daemons tests start as processes ([`procs`]).
 
 pub mod link;
 pub mod nat;
 pub mod procs;
+pub mod punch;
 pub mod scenario;
 pub mod sim;
 pub mod throughput;

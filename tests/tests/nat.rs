@@ -9,9 +9,10 @@ use std::time::Duration;
 
 use shoal_mesh::endpoint::Path;
 use shoal_mesh::wire::{Route, VcId};
-use shoal_sdk::{Event, PathKind, PeerInfo, Profile, VcEvent, VcKey};
+use shoal_sdk::{Event, PathKind, PeerInfo, Profile, VcKey};
 use shoal_tests::link::LinkConfig;
-use shoal_tests::nat::{Filtering, Mapping, NatConfig, NatStats};
+use shoal_tests::nat::{NatConfig, NatStats};
+use shoal_tests::punch::{Front, PairLinks, direct_possible, nat_pair};
 use shoal_tests::sim::{HostId, NatId, Sim};
 
 const MS: Duration = Duration::from_millis(1);
@@ -305,120 +306,8 @@ fn a_rebound_host_leaves_through_a_new_mapping_and_its_old_address_goes_dead() {
     assert_eq!(sim.mapping(r, relay), Some(new));
 }
 
-/// The NAT in front of a player in the matrix: none (a public address) or one of the models.
-#[derive(Debug, Clone, Copy)]
-enum Front {
-    Public,
-    Behind(&'static str, fn() -> NatConfig),
-}
-
-impl Front {
-    fn all() -> [Front; 6] {
-        [
-            Front::Public,
-            Front::Behind("full cone", NatConfig::full_cone),
-            Front::Behind("address-restricted", NatConfig::address_restricted),
-            Front::Behind("home (port-restricted)", NatConfig::home),
-            Front::Behind("address-dependent mapping", NatConfig::address_dependent),
-            Front::Behind("symmetric", NatConfig::symmetric),
-        ]
-    }
-
-    fn name(self) -> &'static str {
-        match self {
-            Front::Public => "public",
-            Front::Behind(name, _) => name,
-        }
-    }
-
-    /// Whether the mapping towards the peer is the one the relay saw (endpoint-independent).
-    fn predictable(self) -> bool {
-        match self {
-            Front::Public => true,
-            Front::Behind(_, cfg) => cfg().mapping == Mapping::EndpointIndependent,
-        }
-    }
-
-    /// Whether a peer that has been sent to may come in from another port of its address.
-    fn admits_other_ports(self) -> bool {
-        match self {
-            Front::Public => true,
-            Front::Behind(_, cfg) => cfg().filtering != Filtering::AddressAndPortDependent,
-        }
-    }
-}
-
-/// Whether two players can reach each other directly, from the NAT models alone. Both send to
-/// the address the relay saw for the other. Between two predictable mappings, each side's
-/// probes open its own filter for the other's, and a later probe gets through. If one
-/// mapping is not predictable, its probes come from a port the other side never sent to:
-/// they get in only if that side's filter admits other ports of an address it sent to; the
-/// receiver then learns the new port from the authenticated probe and answers there.
-fn direct_possible(x: Front, y: Front) -> bool {
-    match (x.predictable(), y.predictable()) {
-        (true, true) => true,
-        (false, true) => y.admits_other_ports(),
-        (true, false) => x.admits_other_ports(),
-        (false, false) => false,
-    }
-}
-
-/// Two players, each in front of its NAT, bound to one relay, introduced with the relay and
-/// the address the relay saw for the other, open a reliable VC at the same moment. The first
+/// Every pair of fronts, over 10 ms links: both players open a reliable VC at once; the first
 /// message goes over the relay; the VC goes direct where the NATs allow; both ways work.
-fn nat_pair(seed: u64, x: Front, y: Front) -> PathKind {
-    let mut sim = Sim::new(seed);
-    sim.set_default_link(LinkConfig::latency(10 * MS));
-    let r = sim.add_relay();
-    let place = |sim: &mut Sim, f: Front| match f {
-        Front::Public => sim.add_node(),
-        Front::Behind(_, cfg) => {
-            let nat = sim.add_nat(cfg());
-            sim.add_node_behind(nat)
-        }
-    };
-    let (a, b) = (place(&mut sim, x), place(&mut sim, y));
-    sim.bind(a, r);
-    sim.bind(b, r);
-    sim.run_for(Duration::from_millis(500));
-    let relay = sim.addr(r);
-    let via = Path::Relayed(Route::new(&[sim.relay_id(r)]).unwrap());
-    let what = format!("{} / {} (seed {seed})", x.name(), y.name());
-    let (oa, ob) = (observed(&sim, a, relay), observed(&sim, b, relay));
-    let (oa, ob) = (oa.unwrap_or_else(|| panic!("a not bound: {what}")), ob.unwrap_or_else(|| panic!("b: {what}")));
-    introduce(&mut sim, a, b, vec![via, Path::Direct(ob)]);
-    introduce(&mut sim, b, a, vec![via, Path::Direct(oa)]);
-    sim.take_events();
-    let now = sim.now();
-    let (ida, idb) = (sim.node(a).id(), sim.node(b).id());
-    sim.node(b).open(now, ida, VcId(1), Profile::reliable()).unwrap();
-    sim.flush(b);
-    send(&mut sim, a, b, 1, b"first");
-    sim.run_for(Duration::from_secs(3));
-    assert_eq!(recv_all(&mut sim, b, a, 1), [b"first".to_vec()], "{what}");
-    // Each side's first path was the relay.
-    for (h, peer) in [(a, idb), (b, ida)] {
-        let first = sim.events().iter().find_map(|(_, at, e)| match e {
-            Event::Vc(k, VcEvent::PathChanged { new, .. }) if *at == h && k.peer == peer => Some(new.kind),
-            _ => None,
-        });
-        assert_eq!(first, Some(PathKind::OneRelay), "{what}");
-    }
-    // Both ways, on whatever path the VC settled on.
-    send(&mut sim, a, b, 1, b"a to b");
-    send(&mut sim, b, a, 1, b"b to a");
-    sim.run_for(Duration::from_secs(1));
-    assert_eq!(recv_all(&mut sim, b, a, 1), [b"a to b".to_vec()], "{what}");
-    assert_eq!(recv_all(&mut sim, a, b, 1), [b"b to a".to_vec()], "{what}");
-    let now = sim.now();
-    let kind = |sim: &mut Sim, h: HostId, peer| {
-        sim.node(h).stats(now, VcKey { peer, vc: VcId(1) }).and_then(|s| s.path).map(|p| p.kind)
-    };
-    let (ka, kb) = (kind(&mut sim, a, idb), kind(&mut sim, b, ida));
-    assert_eq!(ka, kb, "the two sides disagree: {what}");
-    ka.unwrap_or_else(|| panic!("no path: {what}"))
-}
-
 #[test]
 fn every_nat_pair_talks_at_once_over_the_relay_and_goes_direct_where_the_nats_allow() {
     let fronts = Front::all();
@@ -426,9 +315,19 @@ fn every_nat_pair_talks_at_once_over_the_relay_and_goes_direct_where_the_nats_al
     for (i, &x) in fronts.iter().enumerate() {
         for &y in &fronts[i..] {
             let seed = 100 + i as u64;
-            let kind = nat_pair(seed, x, y);
+            let what = format!("{} / {} (seed {seed})", x.name(), y.name());
+            let run = nat_pair(seed, x, y, PairLinks::fixed(10 * MS));
+            assert!(run.observed.iter().all(Option::is_some), "not bound: {what}");
+            assert!(run.first_message.is_some(), "the first message never arrived: {what}");
+            // Each side's first path was the relay.
+            assert_eq!(run.first_path, [Some(PathKind::OneRelay); 2], "{what}");
+            // Both ways, on whatever path the VC settled on.
+            assert!(run.both_ways, "{what}");
+            let [ka, kb] = run.final_path;
+            assert_eq!(ka, kb, "the two sides disagree: {what}");
+            let kind = ka.unwrap_or_else(|| panic!("no path: {what}"));
             let expected = if direct_possible(x, y) { PathKind::Direct } else { PathKind::OneRelay };
-            assert_eq!(kind, expected, "{} / {} (seed {seed})", x.name(), y.name());
+            assert_eq!(kind, expected, "{what}");
             direct += usize::from(kind == PathKind::Direct);
         }
     }

@@ -13,6 +13,17 @@
 //! share of the paths' capacity, the bytes sent per path and the retransmission overhead, and
 //! checks every transfer's SHA-256. Ends with one JSON line.
 //!
+//! `nat`: hole punching across the 21 pairs of {public, full cone, address-restricted, home,
+//! address-dependent mapping, symmetric}, over many seeds each. Each seed draws the links (the
+//! relay's legs 5–40 ms one way, the direct path anywhere the triangle inequality allows beside
+//! them). Both players, bound to one relay and introduced with its route and the address it saw
+//! for the other, open a Reliable VC at the same moment, and A sends a message. Per pair it
+//! reports, p50 and p99 over the seeds, the time from the open until the message is delivered to
+//! B (in ms and in RTTs of the relayed path) and until both sides' VCs are on the direct path
+//! (in ms and in RTTs of the direct path); then the matrix of pairs that went direct beside the
+//! pairs the NAT models allow, and the runs over each target, left relayed where a direct path
+//! was possible, or with no traffic at all. Ends with one JSON line.
+//!
 //! `loopback` (real sockets and real time, not the simulator): one Reliable VC between two
 //! nodes on loopback over the direct path, its sender keeping the VC's buffer full, beside
 //! renet's own connection over plain UDP with the same channel settings in the same harness.
@@ -21,10 +32,13 @@
 //! median of the rounds. Ends with one JSON line.
 
 use std::process::ExitCode;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use shoal_sdk::Profile;
+use shoal_sdk::{PathKind, Profile};
+use shoal_tests::punch::{Front, PairLinks, PairRun, direct_possible, nat_pair};
 use shoal_tests::scenario::{BULK_PATHS, BulkRun, Failover, bulk_transfer, relay_crash_failover};
 use shoal_tests::throughput::{self, Contender, Offer};
 
@@ -51,6 +65,12 @@ enum Cmd {
         /// Megabytes to transfer.
         #[arg(long, default_value_t = 20)]
         mb: usize,
+    },
+    /// Time to the first message and to the direct upgrade across every pair of NAT models.
+    Nat {
+        /// Seeds to run (0..seeds) per pair of NATs.
+        #[arg(long, default_value_t = 100)]
+        seeds: u64,
     },
     /// VC throughput on loopback against renet over plain UDP.
     Loopback {
@@ -104,6 +124,7 @@ fn main() -> ExitCode {
     match args.cmd {
         Cmd::Failover { seeds } => failover(seeds),
         Cmd::Bulk { seeds, mb } => bulk(seeds, mb),
+        Cmd::Nat { seeds } => nat(seeds),
         Cmd::Loopback { rounds, secs } => loopback(rounds, secs),
     }
 }
@@ -222,6 +243,232 @@ fn bulk(seeds: u64, mb: usize) -> ExitCode {
         pct(&overhead, 0.5),
     );
     if intact == runs { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+}
+
+/// The first message may take one round trip of the relayed path plus this.
+const FIRST_SLACK: Duration = Duration::from_millis(5);
+/// The direct upgrade may take this many round trips of the direct path.
+const UPGRADE_RTTS: f64 = 3.0;
+/// Hole-punching success libp2p measured in the wild (70% ± 7%).
+const LIBP2P_SUCCESS: (f64, f64) = (0.70, 0.07);
+/// Share of NATs that allowed UDP hole punching in Ford, Srisuresh and Kegel's survey.
+const FORD_UDP_PUNCH: f64 = 0.82;
+/// Short names of [`Front::all`], in its order, for the tables.
+const SHORT: [&str; 6] = ["public", "full cone", "addr-restricted", "home", "addr-dep mapping", "symmetric"];
+
+/// What one pair of NATs measured over the seeds.
+#[derive(Debug, Default)]
+struct PairSummary {
+    first_ms: Vec<f64>,
+    first_rtts: Vec<f64>,
+    upgrade_ms: Vec<f64>,
+    upgrade_rtts: Vec<f64>,
+    runs: u64,
+    /// Runs that ended with both sides on a direct path.
+    direct: u64,
+    /// First message later than one relay round trip plus [`FIRST_SLACK`], or never.
+    first_over: u64,
+    /// Both sides direct later than [`UPGRADE_RTTS`] direct round trips after the open.
+    upgrade_over: u64,
+    /// The NATs allow a direct path, and the run ended relayed.
+    missed: u64,
+    /// Nothing got through at all.
+    failed: u64,
+    /// Talked, but not relay first, or not both ways at the end.
+    odd: u64,
+}
+
+impl PairSummary {
+    fn add(&mut self, run: &PairRun, possible: bool) {
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        let (relay, direct) = (run.links.relay_rtt(), run.links.direct_rtt());
+        self.runs += 1;
+        match run.first_message {
+            Some(d) => {
+                self.first_ms.push(ms(d));
+                self.first_rtts.push(d.as_secs_f64() / relay.as_secs_f64());
+                self.first_over += u64::from(d > relay + FIRST_SLACK);
+            }
+            None => self.first_over += 1,
+        }
+        if let Some(d) = run.direct_upgrade() {
+            let rtts = d.as_secs_f64() / direct.as_secs_f64();
+            self.upgrade_ms.push(ms(d));
+            self.upgrade_rtts.push(rtts);
+            self.upgrade_over += u64::from(rtts > UPGRADE_RTTS);
+        }
+        self.direct += u64::from(run.ended_direct());
+        self.missed += u64::from(possible && !run.ended_direct());
+        self.failed += u64::from(!run.talked());
+        let relay_first = run.first_path == [Some(PathKind::OneRelay); 2];
+        self.odd += u64::from(run.talked() && !(relay_first && run.both_ways));
+    }
+}
+
+/// Runs every (A's front, B's front, seed) on all cores; results in the order given.
+fn run_pairs(jobs: &[(Front, Front, u64)]) -> Vec<PairRun> {
+    let next = AtomicUsize::new(0);
+    let out = Mutex::new(vec![None; jobs.len()]);
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+    std::thread::scope(|s| {
+        for _ in 0..workers {
+            s.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(&(x, y, seed)) = jobs.get(i) else { break };
+                    let run = nat_pair(seed, x, y, PairLinks::random(seed));
+                    if let Ok(mut o) = out.lock() {
+                        o[i] = Some(run);
+                    }
+                }
+            });
+        }
+    });
+    out.into_inner().unwrap_or_default().into_iter().flatten().collect()
+}
+
+fn nat(seeds: u64) -> ExitCode {
+    let fronts = Front::all();
+    let pairs: Vec<(usize, usize)> = (0..fronts.len()).flat_map(|i| (i..fronts.len()).map(move |j| (i, j))).collect();
+    let jobs: Vec<(Front, Front, u64)> =
+        pairs.iter().flat_map(|&(i, j)| (0..seeds).map(move |s| (fronts[i], fronts[j], s))).collect();
+    let runs = run_pairs(&jobs);
+    if runs.len() != jobs.len() {
+        eprintln!("{} of {} runs finished", runs.len(), jobs.len());
+        return ExitCode::FAILURE;
+    }
+    let fmt =
+        |v: &[f64], p: f64, prec: usize| if v.is_empty() { "-".to_string() } else { format!("{:.prec$}", pct(v, p)) };
+    println!(
+        "{:<36} {:>6} {:>7} | {:>17} {:>11} | {:>17} {:>11} | {:>6} {:>6} {:>6} {:>5}",
+        "A / B",
+        "allows",
+        "direct",
+        "first msg p50/p99",
+        "relay RTTs",
+        "upgrade p50/p99",
+        "direct RTTs",
+        "first>",
+        "upgr>",
+        "missed",
+        "fail"
+    );
+    let mut all = PairSummary::default();
+    let mut per_pair = Vec::new();
+    for (k, &(i, j)) in pairs.iter().enumerate() {
+        let possible = direct_possible(fronts[i], fronts[j]);
+        let mut s = PairSummary::default();
+        for run in &runs[k * seeds as usize..(k + 1) * seeds as usize] {
+            s.add(run, possible);
+            all.add(run, possible);
+        }
+        println!(
+            "{:<36} {:>6} {:>6.0}% | {:>6} / {:>6} ms {:>4} / {:>4} | {:>6} / {:>6} ms {:>4} / {:>4} | {:>6} {:>6} {:>6} {:>5}",
+            format!("{} / {}", SHORT[i], SHORT[j]),
+            if possible { "yes" } else { "no" },
+            100.0 * s.direct as f64 / s.runs.max(1) as f64,
+            fmt(&s.first_ms, 0.5, 1),
+            fmt(&s.first_ms, 0.99, 1),
+            fmt(&s.first_rtts, 0.5, 2),
+            fmt(&s.first_rtts, 0.99, 2),
+            fmt(&s.upgrade_ms, 0.5, 1),
+            fmt(&s.upgrade_ms, 0.99, 1),
+            fmt(&s.upgrade_rtts, 0.5, 2),
+            fmt(&s.upgrade_rtts, 0.99, 2),
+            s.first_over,
+            s.upgrade_over,
+            s.missed,
+            s.failed,
+        );
+        per_pair.push(((i, j), possible, s));
+    }
+    println!(
+        "(first>: first message later than 1 relay RTT + {} ms; upgr>: both sides direct later than {UPGRADE_RTTS} \
+         direct RTTs; missed: the NATs allow a direct path and the run ended relayed; fail: nothing got through)",
+        FIRST_SLACK.as_millis()
+    );
+
+    // The success matrix, symmetric: a pair runs once, A in front of the row's NAT.
+    println!("\nshare of seeds that ended on a direct path (and whether the NAT models allow one):");
+    print!("{:<17}", "");
+    for name in SHORT {
+        print!(" {name:>16}");
+    }
+    println!();
+    for (i, row) in SHORT.iter().enumerate() {
+        print!("{row:<17}");
+        for j in 0..fronts.len() {
+            let key = (i.min(j), i.max(j));
+            if let Some((_, possible, s)) = per_pair.iter().find(|(k, _, _)| *k == key) {
+                let share = 100.0 * s.direct as f64 / s.runs.max(1) as f64;
+                print!(" {:>16}", format!("{share:.0}% ({})", if *possible { "yes" } else { "no" }));
+            }
+        }
+        println!();
+    }
+    let direct_pairs = per_pair.iter().filter(|(_, _, s)| s.runs > 0 && s.direct == s.runs).count();
+    let possible_pairs = per_pair.iter().filter(|(_, p, _)| *p).count();
+    let failed_pairs = per_pair.iter().filter(|(_, _, s)| s.failed > 0).count();
+    let n = pairs.len();
+    let share = direct_pairs as f64 / n.max(1) as f64;
+    println!(
+        "\nNAT pairs direct in every seed: {direct_pairs} of {n} ({:.0}%); the models allow {possible_pairs} of {n} \
+         ({:.0}%). For reference (populations of real NATs, not pairs of models): libp2p's hole punching in the \
+         wild {:.0}% ± {:.0}%; Ford et al., {:.0}% of NATs allow UDP hole punching.",
+        100.0 * share,
+        100.0 * possible_pairs as f64 / n.max(1) as f64,
+        100.0 * LIBP2P_SUCCESS.0,
+        100.0 * LIBP2P_SUCCESS.1,
+        100.0 * FORD_UDP_PUNCH
+    );
+    let upgrades = all.upgrade_ms.len();
+    println!(
+        "all {} runs: first message p50 {} / p99 {} ms, {} / {} relay RTTs ({} over target); direct upgrade in {upgrades} \
+         runs: p50 {} / p99 {} ms, {} / {} direct RTTs ({} over target); {} runs relayed where the NATs allow direct; \
+         {} runs with no traffic; {} runs not relay-first or not both ways",
+        all.runs,
+        fmt(&all.first_ms, 0.5, 1),
+        fmt(&all.first_ms, 0.99, 1),
+        fmt(&all.first_rtts, 0.5, 2),
+        fmt(&all.first_rtts, 0.99, 2),
+        all.first_over,
+        fmt(&all.upgrade_ms, 0.5, 1),
+        fmt(&all.upgrade_ms, 0.99, 1),
+        fmt(&all.upgrade_rtts, 0.5, 2),
+        fmt(&all.upgrade_rtts, 0.99, 2),
+        all.upgrade_over,
+        all.missed,
+        all.failed,
+        all.odd,
+    );
+    let num = |v: &[f64], p: f64| if v.is_empty() { "null".to_string() } else { format!("{:.3}", pct(v, p)) };
+    println!(
+        "{{\"seeds\":{seeds},\"pairs\":{n},\"runs\":{},\"first_message_rtts_p50\":{},\"first_message_rtts_p99\":{},\
+         \"first_message_ms_p50\":{},\"first_message_ms_p99\":{},\"direct_upgrade_rtts_p50\":{},\
+         \"direct_upgrade_rtts_p99\":{},\"direct_upgrade_ms_p50\":{},\"direct_upgrade_ms_p99\":{},\
+         \"direct_upgrade_runs\":{upgrades},\"direct_pairs\":{direct_pairs},\"possible_direct_pairs\":{possible_pairs},\
+         \"direct_pair_share\":{share:.3},\"failed_pairs\":{failed_pairs},\"failed_runs\":{},\
+         \"first_message_over_target_runs\":{},\"direct_upgrade_over_target_runs\":{},\
+         \"possible_not_direct_runs\":{},\"libp2p_wild_success\":{:.2},\"libp2p_wild_success_pm\":{:.2},\
+         \"ford_nats_allowing_udp_punch\":{:.2}}}",
+        all.runs,
+        num(&all.first_rtts, 0.5),
+        num(&all.first_rtts, 0.99),
+        num(&all.first_ms, 0.5),
+        num(&all.first_ms, 0.99),
+        num(&all.upgrade_rtts, 0.5),
+        num(&all.upgrade_rtts, 0.99),
+        num(&all.upgrade_ms, 0.5),
+        num(&all.upgrade_ms, 0.99),
+        all.failed,
+        all.first_over,
+        all.upgrade_over,
+        all.missed,
+        LIBP2P_SUCCESS.0,
+        LIBP2P_SUCCESS.1,
+        FORD_UDP_PUNCH,
+    );
+    if all.failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE }
 }
 
 fn loopback(rounds: usize, secs: f64) -> ExitCode {
