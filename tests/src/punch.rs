@@ -244,14 +244,15 @@ fn place(sim: &mut Sim, f: Front) -> HostId {
 }
 
 /// Where a relay saw a node, from the node's `RelayBound` events.
-fn observed(sim: &Sim, node: HostId, relay: SocketAddr) -> Option<SocketAddr> {
+pub fn observed(sim: &Sim, node: HostId, relay: SocketAddr) -> Option<SocketAddr> {
     sim.events().iter().rev().find_map(|(_, h, e)| match e {
         Event::RelayBound { addr, observed, .. } if *h == node && *addr == relay => Some(*observed),
         _ => None,
     })
 }
 
-fn introduce(sim: &mut Sim, x: HostId, y: HostId, to_y: Vec<Path>) {
+/// Introduces `y` to `x` with the paths `to_y`, as the control server would.
+pub fn introduce(sim: &mut Sim, x: HostId, y: HostId, to_y: Vec<Path>) {
     let (now, key) = (sim.now(), sim.node(y).public_key());
     sim.node(x).add_peer(now, PeerInfo { key, paths: to_y });
 }

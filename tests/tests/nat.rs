@@ -9,26 +9,13 @@ use std::time::Duration;
 
 use shoal_mesh::endpoint::Path;
 use shoal_mesh::wire::{Route, VcId};
-use shoal_sdk::{Event, PathKind, PeerInfo, Profile, VcKey};
+use shoal_sdk::{Event, PathKind, Profile, VcKey};
 use shoal_tests::link::LinkConfig;
 use shoal_tests::nat::{NatConfig, NatStats};
-use shoal_tests::punch::{Front, PairLinks, direct_possible, nat_pair};
+use shoal_tests::punch::{Front, PairLinks, direct_possible, introduce, nat_pair, observed};
 use shoal_tests::sim::{HostId, NatId, Sim};
 
 const MS: Duration = Duration::from_millis(1);
-
-/// Where a relay saw each node, from the nodes' `RelayBound` events.
-fn observed(sim: &Sim, node: HostId, relay: SocketAddr) -> Option<SocketAddr> {
-    sim.events().iter().rev().find_map(|(_, h, e)| match e {
-        Event::RelayBound { addr, observed, .. } if *h == node && *addr == relay => Some(*observed),
-        _ => None,
-    })
-}
-
-fn introduce(sim: &mut Sim, x: HostId, y: HostId, to_y: Vec<Path>) {
-    let (now, key) = (sim.now(), sim.node(y).public_key());
-    sim.node(x).add_peer(now, PeerInfo { key, paths: to_y });
-}
 
 /// Sends `message` on VC `vc` from `from` to `to`, opening it at `from` first if need be.
 fn send(sim: &mut Sim, from: HostId, to: HostId, vc: u32, message: &[u8]) {

@@ -11,9 +11,10 @@ use std::time::Duration;
 
 use shoal_mesh::endpoint::Path;
 use shoal_mesh::wire::{Route, VcId};
-use shoal_sdk::{Event, PathKind, PeerInfo, Profile, VcKey};
+use shoal_sdk::{PathKind, PeerInfo, Profile, VcKey};
 use shoal_tests::link::LinkConfig;
 use shoal_tests::nat::NatConfig;
+use shoal_tests::punch::observed;
 use shoal_tests::sim::{HostId, Sim};
 
 const MS: Duration = Duration::from_millis(1);
@@ -59,17 +60,6 @@ fn place(sim: &mut Sim, f: Front) -> HostId {
     }
 }
 
-fn observed(sim: &Sim, node: HostId, relay: SocketAddr) -> SocketAddr {
-    sim.events()
-        .iter()
-        .rev()
-        .find_map(|(_, h, e)| match e {
-            Event::RelayBound { addr, observed, .. } if *h == node && *addr == relay => Some(*observed),
-            _ => None,
-        })
-        .unwrap()
-}
-
 fn kind(sim: &mut Sim, at: HostId, key: VcKey) -> PathKind {
     let now = sim.now();
     sim.node(at).stats(now, key).and_then(|s| s.path).map(|p| p.kind).unwrap()
@@ -87,7 +77,7 @@ fn roam(seed: u64, x: Front, y: Front, how: Move) -> Roamed {
     sim.run_for(Duration::from_millis(500));
     let relay = sim.addr(r);
     let via = Path::Relayed(Route::new(&[sim.relay_id(r)]).unwrap());
-    let (oa, ob) = (observed(&sim, a, relay), observed(&sim, b, relay));
+    let (oa, ob) = (observed(&sim, a, relay).unwrap(), observed(&sim, b, relay).unwrap());
     let (ka, kb) = (sim.node(a).public_key(), sim.node(b).public_key());
     let now = sim.now();
     sim.node(a).add_peer(now, PeerInfo { key: kb, paths: vec![via, Path::Direct(ob)] });
