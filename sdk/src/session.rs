@@ -336,6 +336,8 @@ struct Task {
     auth_failures: BTreeMap<VcKey, u64>,
     sent_rtts: Vec<(NodeId, u32)>,
     observed: Option<SocketAddr>,
+    /// The relay whose view of us `observed` is.
+    observed_by: Option<SocketAddr>,
 }
 
 impl Task {
@@ -365,7 +367,19 @@ impl Task {
             auth_failures: BTreeMap::new(),
             sent_rtts: Vec::new(),
             observed: None,
+            observed_by: None,
         }
+    }
+
+    /// A relay bound us and saw us at `observed`: returns whether that is news for the
+    /// control server (the first relay's view, or a change in it).
+    fn note_observed(&mut self, relay: SocketAddr, observed: SocketAddr) -> bool {
+        if self.observed_by.is_some_and(|r| r != relay) || self.observed == Some(observed) {
+            return false;
+        }
+        self.observed_by = Some(relay);
+        self.observed = Some(observed);
+        true
     }
 
     fn emit(&self, e: SessionEvent) {
@@ -461,7 +475,25 @@ impl Task {
             tokio::select! {
                 ev = self.client.next() => {
                     let Some(ev) = ev else { return };
+                    let moved = match &ev {
+                        ClientEvent::Node(Event::RelayBound { addr, observed, .. }) => {
+                            self.note_observed(*addr, *observed)
+                        }
+                        ClientEvent::Node(Event::RelayLost { addr, .. }) => {
+                            // Another relay's view will do from now on.
+                            if self.observed_by == Some(*addr) {
+                                self.observed_by = None;
+                            }
+                            false
+                        }
+                        _ => false,
+                    };
                     self.on_node(ev);
+                    if moved {
+                        // At once, not at the next report: introductions made meanwhile
+                        // would hand peers a guessed address for our mesh socket.
+                        self.check_in().await;
+                    }
                 }
                 m = self.incoming.recv() => match m {
                     Some(Incoming::Message(g, m)) if g == self.generation => self.on_control(m).await,
@@ -589,11 +621,6 @@ impl Task {
             return;
         }
         let Ok(status) = self.client.status().await else { return };
-        if status.observed.is_some() && status.observed != self.observed {
-            // A relay sees us somewhere new (first bind, or the address changed).
-            self.observed = status.observed;
-            self.check_in().await;
-        }
         let rtts: Vec<(NodeId, u32)> =
             status.relays.iter().map(|(id, _, rtt)| (*id, rtt.as_micros().min(u32::MAX.into()) as u32)).collect();
         if !rtts.is_empty() && rtts != self.sent_rtts {
