@@ -1,9 +1,11 @@
 //! Shoal's test bed: the deterministic network simulator ([`sim`], [`link`], [`nat`]) and the
 //! scenarios that the tests and `shoal-sim-bench` share ([`scenario`], [`punch`]), and the loopback
-//! throughput harness ([`throughput`]), and the daemons tests start as processes ([`procs`]).
+//! throughput harness ([`throughput`]), and the daemons tests start as processes ([`procs`]), and
+//! real NAT in Linux network namespaces ([`netns`]).
 
 pub mod link;
 pub mod nat;
+pub mod netns;
 pub mod procs;
 pub mod punch;
 pub mod scenario;

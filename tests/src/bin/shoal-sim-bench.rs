@@ -24,6 +24,13 @@
 //! pairs the NAT models allow, and the runs over each target, left relayed where a direct path
 //! was possible, or with no traffic at all. Ends with one JSON line.
 //!
+//! `nat-real` (real NAT and real time, as root): the same two players in Linux network
+//! namespaces behind iptables MASQUERADE routers (`shoal_tests::netns`), with the relay and the
+//! control server as processes on the public side, once behind two cone NATs and once behind a
+//! cone and a symmetric (`--random-fully`) one, `--runs` times each. Reports per run the time
+//! from the introduction to the first message and to the direct upgrade, in ms and in relay
+//! RTTs, and the medians. Ends with one JSON line.
+//!
 //! `loopback` (real sockets and real time, not the simulator): one Reliable VC between two
 //! nodes on loopback over the direct path, its sender keeping the VC's buffer full, beside
 //! renet's own connection over plain UDP with the same channel settings in the same harness.
@@ -38,6 +45,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use shoal_sdk::{PathKind, Profile};
+use shoal_tests::netns::{self, NatMode};
 use shoal_tests::punch::{Front, PairLinks, PairRun, direct_possible, nat_pair};
 use shoal_tests::scenario::{BULK_PATHS, BulkRun, Failover, bulk_transfer, relay_crash_failover};
 use shoal_tests::throughput::{self, Contender, Offer};
@@ -71,6 +79,12 @@ enum Cmd {
         /// Seeds to run (0..seeds) per pair of NATs.
         #[arg(long, default_value_t = 100)]
         seeds: u64,
+    },
+    /// Hole punching through real NAT in network namespaces (needs root and iptables).
+    NatReal {
+        /// Runs of each NAT pair.
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
     },
     /// VC throughput on loopback against renet over plain UDP.
     Loopback {
@@ -125,6 +139,7 @@ fn main() -> ExitCode {
         Cmd::Failover { seeds } => failover(seeds),
         Cmd::Bulk { seeds, mb } => bulk(seeds, mb),
         Cmd::Nat { seeds } => nat(seeds),
+        Cmd::NatReal { runs } => nat_real(runs),
         Cmd::Loopback { rounds, secs } => loopback(rounds, secs),
     }
 }
@@ -552,5 +567,71 @@ fn loopback(rounds: usize, secs: f64) -> ExitCode {
         }
     }
     println!("{{\"rounds\":{rounds},\"secs\":{secs},{}}}", json.join(","));
+    ExitCode::SUCCESS
+}
+
+fn nat_real(runs: usize) -> ExitCode {
+    if let Some(why) = netns::unavailable() {
+        eprintln!("nat-real cannot run here: {why}");
+        return ExitCode::FAILURE;
+    }
+    let bins = match netns::Binaries::build() {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("building the binaries: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let ms = |d: Option<Duration>| d.map(|d| d.as_secs_f64() * 1e3);
+    let mut json = Vec::new();
+    for (a, b) in [(NatMode::Cone, NatMode::Cone), (NatMode::Cone, NatMode::Symmetric)] {
+        let (mut first, mut first_rtts, mut upgrade, mut upgrade_rtts, mut relay, mut direct) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut direct_runs, mut relayed_first) = (0, 0);
+        for _ in 0..runs {
+            let run = match netns::measure_with(&bins, a, b) {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("{a}/{b}: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            println!("{}", run.summary());
+            first.extend(ms(run.first_message()));
+            first_rtts.extend(run.first_message().and_then(|d| run.in_relay_rtts(d)));
+            upgrade.extend(ms(run.direct_upgrade()));
+            upgrade_rtts.extend(run.direct_upgrade().and_then(|d| run.in_relay_rtts(d)));
+            relay.extend(ms(run.relay_rtt()));
+            direct.extend(ms(run.direct_rtt()));
+            direct_runs += usize::from(run.peers.iter().all(|p| p.final_kind == Some(PathKind::Direct)));
+            relayed_first += usize::from(run.first_message_relayed());
+        }
+        let med = |v: &[f64]| pct(v, 0.5);
+        println!(
+            "{a}/{b}: {direct_runs} of {runs} runs direct, first message over the relay in {relayed_first}; \
+             medians: first message {:.2} ms ({:.2} relay RTTs), direct upgrade {:.2} ms ({:.2} relay RTTs), \
+             relay RTT {:.3} ms, direct RTT {:.3} ms",
+            med(&first),
+            med(&first_rtts),
+            med(&upgrade),
+            med(&upgrade_rtts),
+            med(&relay),
+            med(&direct)
+        );
+        let key = format!("{a}_{b}").replace('-', "_");
+        let num = |x: f64| if x.is_finite() { format!("{x:.3}") } else { "null".into() };
+        json.push(format!(
+            "\"{key}_runs\":{runs},\"{key}_direct_runs\":{direct_runs},\"{key}_first_message_ms_p50\":{},\
+             \"{key}_first_message_rtts_p50\":{},\"{key}_direct_upgrade_ms_p50\":{},\
+             \"{key}_direct_upgrade_rtts_p50\":{},\"{key}_relay_rtt_ms\":{},\"{key}_direct_rtt_ms\":{}",
+            num(med(&first)),
+            num(med(&first_rtts)),
+            num(med(&upgrade)),
+            num(med(&upgrade_rtts)),
+            num(med(&relay)),
+            num(med(&direct)),
+        ));
+    }
+    println!("{{{}}}", json.join(","));
     ExitCode::SUCCESS
 }
