@@ -181,6 +181,11 @@ impl BindClient {
         self.keepalive
     }
 
+    /// The address the relay saw us at in its last ack, kept when the binding is lost.
+    pub fn last_observed(&self) -> Option<SocketAddr> {
+        self.last_observed
+    }
+
     /// What the keepalives have shown of the NAT's mapping lifetime.
     pub fn mapping_life(&self) -> MappingLife {
         self.life

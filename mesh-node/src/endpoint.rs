@@ -155,6 +155,9 @@ pub enum EndpointEvent {
         addr: SocketAddr,
         /// Our address as the relay saw it.
         observed: SocketAddr,
+        /// Whether the relay saw us elsewhere before: our address changed (a new NAT mapping,
+        /// a new socket).
+        moved: bool,
     },
     /// A payload arrived.
     Received(Received),
@@ -283,7 +286,7 @@ impl Endpoint {
         self.relays.iter().find_map(|r| r.bound().map(|b| b.observed))
     }
 
-    /// A datagram goes to `to`: if that is a relay, our NAT's mapping towards it is fresh.
+    /// A relayed datagram goes to relay `to`: our NAT's mapping towards it is fresh.
     fn note_sent(&mut self, now: Instant, to: SocketAddr) {
         if let Some(r) = self.relays.iter_mut().find(|r| r.relay() == to) {
             r.on_sent(now);
@@ -338,8 +341,11 @@ impl Endpoint {
             vc: env.vc,
             trace: env.trace,
         };
-        let len = wire::emit(buf, &h, &env.path.route(), self.clock.stamp_us(now), payload)?;
-        self.note_sent(now, to);
+        let route = env.path.route();
+        let len = wire::emit(buf, &h, &route, self.clock.stamp_us(now), payload)?;
+        if !route.is_empty() {
+            self.note_sent(now, to);
+        }
         Ok((to, len))
     }
 
@@ -366,7 +372,9 @@ impl Endpoint {
         let len = wire::emit(&mut buf, &h, &route, self.clock.stamp_us(now), &body)?;
         buf.truncate(len);
         self.transmits.push_back(Transmit { to, bytes: buf });
-        self.note_sent(now, to);
+        if !route.is_empty() {
+            self.note_sent(now, to);
+        }
         self.probes.insert(id, PendingProbe { destination, route, sent: now });
         Ok(id)
     }
@@ -401,6 +409,7 @@ impl Endpoint {
                     return;
                 };
                 let before = relay.bound();
+                let seen_before = relay.last_observed();
                 if let Some(t) = relay.handle_datagram(now, clock, &d, id, perm) {
                     self.transmits.push_back(t);
                 }
@@ -411,6 +420,7 @@ impl Endpoint {
                         relay: rid,
                         addr: from,
                         observed: now_bound.observed,
+                        moved: seen_before.is_some_and(|s| s != now_bound.observed),
                     });
                 }
             }

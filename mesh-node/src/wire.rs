@@ -34,7 +34,10 @@ pub const BIND_REQUEST_BODY_LEN: usize = CHALLENGE_BODY_LEN;
 /// Bytes of a bind proof body: challenge time, cookie, relay permit, node signature.
 pub const BIND_PROOF_BODY_LEN: usize = 8 + COOKIE_LEN + TICKET_LEN + SIGNATURE_LEN;
 /// Bytes of a bind acknowledgement body: binding expiry (8), observed address (19).
-pub const BIND_ACK_BODY_LEN: usize = 8 + 19;
+pub const BIND_ACK_BODY_LEN: usize = 8 + ADDR_LEN;
+/// Bytes of a socket address on the wire: family (4 or 6), port (u16), IPv6 address (an IPv4
+/// one mapped). Bind acks carry one; the SDK's candidate frames carry several.
+pub const ADDR_LEN: usize = 19;
 /// Bytes of a notice body: code (1), detail (1), reserved (2).
 pub const NOTICE_BODY_LEN: usize = 4;
 /// Bytes of a probe id.
@@ -566,6 +569,37 @@ pub fn bind_proof_message(relay: NodeId, challenge: &Challenge) -> [u8; NODE_ID_
     m
 }
 
+/// Writes `addr` into the first [`ADDR_LEN`] bytes of `out`.
+///
+/// # Panics
+/// If `out` is shorter than [`ADDR_LEN`]: a caller bug, as with a slice index.
+pub fn write_addr(addr: SocketAddr, out: &mut [u8]) {
+    let (family, ip) = match addr.ip() {
+        IpAddr::V4(v4) => (4, v4.to_ipv6_mapped()),
+        IpAddr::V6(v6) => (6, v6),
+    };
+    out[0] = family;
+    out[1..3].copy_from_slice(&addr.port().to_be_bytes());
+    out[3..ADDR_LEN].copy_from_slice(&ip.octets());
+}
+
+/// Reads an address written by [`write_addr`] from the first [`ADDR_LEN`] bytes of `b`.
+pub fn read_addr(b: &[u8]) -> Result<SocketAddr, ParseError> {
+    let b: &[u8; ADDR_LEN] = b
+        .get(..ADDR_LEN)
+        .and_then(|b| b.try_into().ok())
+        .ok_or(ParseError::Truncated { needed: ADDR_LEN, got: b.len() })?;
+    let mut ip = [0; 16];
+    ip.copy_from_slice(&b[3..]);
+    let ip = Ipv6Addr::from(ip);
+    let ip = match b[0] {
+        4 => IpAddr::V4(ip.to_ipv4_mapped().ok_or(ParseError::InvalidField("address: v4 address not mapped"))?),
+        6 => IpAddr::V6(ip),
+        _ => return Err(ParseError::InvalidField("address: family")),
+    };
+    Ok(SocketAddr::new(ip, u16::from_be_bytes([b[1], b[2]])))
+}
+
 /// Body of a [`Kind::BindAck`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BindAck {
@@ -579,27 +613,12 @@ impl BindAck {
     /// Writes the 27-byte body.
     pub fn write(&self, out: &mut [u8]) {
         out[..8].copy_from_slice(&self.expires_at.to_be_bytes());
-        let (family, ip) = match self.observed.ip() {
-            IpAddr::V4(v4) => (4, v4.to_ipv6_mapped()),
-            IpAddr::V6(v6) => (6, v6),
-        };
-        out[8] = family;
-        out[9..11].copy_from_slice(&self.observed.port().to_be_bytes());
-        out[11..27].copy_from_slice(&ip.octets());
+        write_addr(self.observed, &mut out[8..]);
     }
 
     /// Reads it from a body of at least [`BIND_ACK_BODY_LEN`] bytes (checked by parse).
     pub fn read(body: &[u8]) -> Result<BindAck, ParseError> {
-        let mut ip = [0; 16];
-        ip.copy_from_slice(&body[11..27]);
-        let ip = Ipv6Addr::from(ip);
-        let ip = match body[8] {
-            4 => IpAddr::V4(ip.to_ipv4_mapped().ok_or(ParseError::InvalidField("bind ack: v4 address not mapped"))?),
-            6 => IpAddr::V6(ip),
-            _ => return Err(ParseError::InvalidField("bind ack: address family")),
-        };
-        let port = u16::from_be_bytes([body[9], body[10]]);
-        Ok(BindAck { expires_at: u64_at(body, 0), observed: SocketAddr::new(ip, port) })
+        Ok(BindAck { expires_at: u64_at(body, 0), observed: read_addr(&body[8..])? })
     }
 }
 

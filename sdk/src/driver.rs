@@ -270,16 +270,14 @@ async fn handle_cmd(node: &mut Node, sock: &mut UdpSocket, local: &watch::Sender
     let now = Instant::now();
     match c {
         Cmd::Rebind(addr, tx) => {
-            let moved = match UdpSocket::bind(addr).await.and_then(|s| Ok((s.local_addr()?, s))) {
-                Ok((addr, new)) => {
-                    *sock = new;
-                    local.send_replace(addr);
-                    node.set_local_addr(addr);
-                    node.network_changed(Instant::now());
-                    Ok(addr)
-                }
-                Err(e) => Err(e),
-            };
+            let moved = UdpSocket::bind(addr).await.and_then(|new| {
+                let addr = new.local_addr()?;
+                *sock = new;
+                local.send_replace(addr);
+                node.set_local_addr(addr);
+                node.network_changed(Instant::now());
+                Ok(addr)
+            });
             let _ = tx.send(moved);
         }
         Cmd::AddRelay(a) => node.add_relay(now, a),

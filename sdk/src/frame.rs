@@ -10,9 +10,9 @@
 //! The tag of a sealed frame covers its first 9 bytes and the mesh header's source,
 //! destination and VC id, so a relay can neither read a frame nor move it to another VC.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::SocketAddr;
 
-use shoal_mesh::wire::VcId;
+use shoal_mesh::wire::{self, VcId};
 use shoal_protocol::identity::SIGNATURE_LEN;
 use shoal_protocol::{NodeId, PublicKey, Signature};
 
@@ -190,43 +190,30 @@ impl Candidates {
         self.addrs.iter().flatten().copied()
     }
 
+    /// Reads `[seq u32][count u8][count addresses]`, addresses as the mesh writes them
+    /// ([`wire::write_addr`]); anything else (a count past the limit, a bad family, a short or
+    /// long body) is `None`.
     fn read(p: &[u8]) -> Option<Candidates> {
         let seq = u32::from_be_bytes(p.get(..4)?.try_into().ok()?);
         let n = usize::from(*p.get(4)?);
-        if n > MAX_ADVERTISED {
+        let addrs = p.get(5..)?;
+        if n > MAX_ADVERTISED || addrs.len() != n * wire::ADDR_LEN {
             return None;
         }
         let mut c = Candidates { seq, addrs: [None; MAX_ADVERTISED] };
-        let mut at = 5;
-        for slot in c.addrs.iter_mut().take(n) {
-            let ip = match *p.get(at)? {
-                4 => IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(p.get(at + 1..at + 5)?).ok()?)),
-                6 => IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(p.get(at + 1..at + 17)?).ok()?)),
-                _ => return None,
-            };
-            at += if ip.is_ipv4() { 5 } else { 17 };
-            let port = u16::from_be_bytes(p.get(at..at + 2)?.try_into().ok()?);
-            at += 2;
-            *slot = Some(SocketAddr::new(ip, port));
+        for (slot, b) in c.addrs.iter_mut().zip(addrs.chunks_exact(wire::ADDR_LEN)) {
+            *slot = Some(wire::read_addr(b).ok()?);
         }
-        (at == p.len()).then_some(c)
+        Some(c)
     }
 
     fn write(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(&self.seq.to_be_bytes());
         out.push(self.addrs().count() as u8);
         for a in self.addrs() {
-            match a.ip() {
-                IpAddr::V4(ip) => {
-                    out.push(4);
-                    out.extend_from_slice(&ip.octets());
-                }
-                IpAddr::V6(ip) => {
-                    out.push(6);
-                    out.extend_from_slice(&ip.octets());
-                }
-            }
-            out.extend_from_slice(&a.port().to_be_bytes());
+            let at = out.len();
+            out.resize(at + wire::ADDR_LEN, 0);
+            wire::write_addr(a, &mut out[at..]);
         }
     }
 }
@@ -348,10 +335,12 @@ mod tests {
         // Candidates: a count past the limit, an unknown family, a cut address, trailing bytes.
         let mut ok = Vec::new();
         Inner::Candidates(Candidates::new(7, &[SocketAddr::from(([10, 0, 0, 1], 4000))])).write(&mut ok);
-        assert_eq!(ok.len(), 1 + 4 + 1 + 7);
+        assert_eq!(ok.len(), 1 + 4 + 1 + wire::ADDR_LEN);
+        let mut bad_family = ok.clone();
+        bad_family[6] = 5;
         for bad in [
             vec![KIND_CANDIDATES, 0, 0, 0, 7, 5],
-            vec![KIND_CANDIDATES, 0, 0, 0, 7, 1, 5, 10, 0, 0, 1, 0, 1],
+            bad_family,
             ok[..ok.len() - 1].to_vec(),
             [ok.as_slice(), &[0]].concat(),
         ] {

@@ -108,8 +108,6 @@ pub struct Node {
     transmits: VecDeque<Transmit>,
     events: VecDeque<Event>,
     counters: NodeCounters,
-    /// Where each relay (by address) last saw us.
-    observed: BTreeMap<SocketAddr, SocketAddr>,
 }
 
 impl Node {
@@ -124,7 +122,6 @@ impl Node {
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             counters: NodeCounters::default(),
-            observed: BTreeMap::new(),
         }
     }
 
@@ -312,10 +309,9 @@ impl Node {
         while let Some(e) = self.endpoint.poll_event() {
             match e {
                 EndpointEvent::Received(r) => self.on_received(now, r),
-                EndpointEvent::RelayBound { relay, addr, observed } => {
+                EndpointEvent::RelayBound { relay, addr, observed, moved } => {
                     self.events.push_back(Event::RelayBound { relay, addr, observed });
-                    let before = self.observed.insert(addr, observed);
-                    if before.is_some_and(|b| b != observed) {
+                    if moved {
                         self.on_moved(now, observed);
                     }
                 }

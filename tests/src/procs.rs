@@ -18,19 +18,46 @@ pub fn permit(control: &Identity, node: &Identity, roles: Roles) -> SignedTicket
     TicketBody::new(TicketKind::RelayPermit, node.public_key(), roles, UnixTime(unix_now()), 600).sign(control)
 }
 
-/// The relay binary beside the running test's profile directory, built first (with the same
-/// profile) so a test never runs a stale one.
-pub fn relay_binary() -> PathBuf {
+/// Builds `bins` (package, binary) with the running program's profile, so a test or a
+/// benchmark never runs a stale one, and returns the profile directory they are in.
+pub fn build_binaries(bins: &[(&str, &str)]) -> Result<PathBuf, String> {
     let exe = std::env::current_exe().unwrap_or_default();
-    let profile_dir = exe.parent().and_then(|d| d.parent()).map(Path::to_path_buf).unwrap_or_default();
-    let mut build = Command::new(env!("CARGO"));
-    build.args(["build", "-q", "-p", "shoal-mesh", "--bin", "shoal-mesh-node"]);
-    if profile_dir.ends_with("release") {
-        build.arg("--release");
+    let mut dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    // Test binaries live in the profile's `deps`, binaries in the profile directory itself.
+    if dir.ends_with("deps") {
+        dir.pop();
     }
-    let built = build.status().is_ok_and(|s| s.success());
-    assert!(built, "building shoal-mesh-node failed");
-    profile_dir.join("shoal-mesh-node")
+    let mut build = Command::new(env!("CARGO"));
+    build.args(["build", "-q"]);
+    for (package, bin) in bins {
+        build.args(["-p", package, "--bin", bin]);
+    }
+    match dir.file_name().and_then(|n| n.to_str()) {
+        Some("debug") | None => {}
+        Some("release") => {
+            build.arg("--release");
+        }
+        Some(profile) => {
+            build.args(["--profile", profile]);
+        }
+    }
+    match build.stdin(Stdio::null()).status() {
+        Ok(s) if s.success() => Ok(dir),
+        Ok(s) => Err(format!("{build:?}: {s}")),
+        Err(e) => Err(format!("{build:?}: {e}")),
+    }
+}
+
+/// The relay binary, built first (see [`build_binaries`]).
+///
+/// # Panics
+/// If the build fails.
+#[allow(clippy::panic)]
+pub fn relay_binary() -> PathBuf {
+    match build_binaries(&[("shoal-mesh", "shoal-mesh-node")]) {
+        Ok(dir) => dir.join("shoal-mesh-node"),
+        Err(e) => panic!("building shoal-mesh-node failed: {e}"),
+    }
 }
 
 /// A running relay process; killed when dropped.

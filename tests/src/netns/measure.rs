@@ -42,25 +42,12 @@ impl Binaries {
     /// Builds the three with the running program's profile (so a run never uses stale ones)
     /// and finds them beside it.
     pub fn build() -> Result<Binaries, NetnsError> {
-        let exe = std::env::current_exe().unwrap_or_default();
-        let mut dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
-        // Test binaries live in the profile's `deps`, binaries in the profile directory itself.
-        if dir.ends_with("deps") {
-            dir.pop();
-        }
-        let mut build = Command::new(env!("CARGO"));
-        build.args(["build", "-q", "-p", "shoal-mesh", "-p", "shoal-control", "-p", "shoal-tests"]);
-        build.args(["--bin", "shoal-mesh-node", "--bin", "shoal-control-server", "--bin", "shoal-nat-peer"]);
-        match dir.file_name().and_then(|n| n.to_str()) {
-            Some("debug") | None => {}
-            Some("release") => {
-                build.arg("--release");
-            }
-            Some(profile) => {
-                build.args(["--profile", profile]);
-            }
-        }
-        run(&mut build).map_err(|e| NetnsError::Build(e.to_string()))?;
+        let dir = crate::procs::build_binaries(&[
+            ("shoal-mesh", "shoal-mesh-node"),
+            ("shoal-control", "shoal-control-server"),
+            ("shoal-tests", "shoal-nat-peer"),
+        ])
+        .map_err(NetnsError::Build)?;
         Ok(Binaries {
             relay: dir.join("shoal-mesh-node"),
             control: dir.join("shoal-control-server"),
