@@ -110,9 +110,17 @@ impl Trace {
 }
 
 /// A payload delivered to this endpoint.
+///
+/// What the mesh vouches for: a relayed payload came from the relay bound to this endpoint
+/// that its route names as the last hop, and that relay forwarded it only from the address the
+/// `source` node bound with its permit and a proof of its key. So `source` is as good as the
+/// relays' word. A direct payload's `source` is only what its header claims: anyone who can
+/// reach our socket can write any source there. Neither is protected against replay by a relay
+/// or on-path observer. Virtual connections (the SDK) authenticate every frame end to end on
+/// top of this, and drop replays.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Received {
-    /// Sending node, as claimed in the header (authenticated by the VC layer, not here).
+    /// Sending node: vouched for by the relays when `route` is not empty, claimed otherwise.
     pub source: NodeId,
     /// Virtual connection.
     pub vc: VcId,
@@ -124,6 +132,23 @@ pub struct Received {
     pub trace: Option<Trace>,
     /// The payload.
     pub payload: Vec<u8>,
+    /// Bytes of the whole datagram it came in.
+    pub datagram_len: usize,
+}
+
+/// Datagrams the endpoint refused, by reason.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EndpointCounters {
+    /// Not a mesh datagram, or not a valid one.
+    pub malformed: u64,
+    /// Addressed to another node, or not at the end of its route.
+    pub not_for_us: u64,
+    /// Relayed datagrams that did not come from the bound relay their route names as the last
+    /// hop: replayed or forged from another address.
+    pub misrouted: u64,
+    /// Bind answers from an address we are not binding to, probe answers that match no probe
+    /// of ours, and kinds an endpoint never receives.
+    pub unexpected: u64,
 }
 
 /// The result of one probe.
@@ -217,8 +242,7 @@ pub struct Endpoint {
     events: VecDeque<EndpointEvent>,
     /// Our socket's address, once the driver said.
     local: Option<SocketAddr>,
-    /// Datagrams that were not for us or not valid, by kind of fault.
-    pub rejected: u64,
+    counters: EndpointCounters,
 }
 
 impl Endpoint {
@@ -234,13 +258,18 @@ impl Endpoint {
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             local: None,
-            rejected: 0,
+            counters: EndpointCounters::default(),
         }
     }
 
     /// Our node id.
     pub fn node_id(&self) -> NodeId {
         self.identity.node_id()
+    }
+
+    /// Datagrams refused so far, by reason.
+    pub fn counters(&self) -> EndpointCounters {
+        self.counters
     }
 
     /// Replaces the permit (renewed by the control server) and binds again everywhere.
@@ -382,12 +411,16 @@ impl Endpoint {
     /// Handles one received datagram.
     pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
         let Ok(d) = Datagram::parse(bytes) else {
-            self.rejected += 1;
+            self.counters.malformed += 1;
             return;
         };
         let me = self.node_id();
         if d.destination() != me || d.hop() != d.route_len() {
-            self.rejected += 1;
+            self.counters.not_for_us += 1;
+            return;
+        }
+        if matches!(d.kind(), Kind::Data | Kind::Probe | Kind::ProbeAck) && !self.from_last_hop(&d, from) {
+            self.counters.misrouted += 1;
             return;
         }
         let arrival = self.clock.stamp_us(now);
@@ -399,13 +432,14 @@ impl Endpoint {
                 from,
                 trace: Trace::read(&d, arrival),
                 payload: d.body().to_vec(),
+                datagram_len: bytes.len(),
             })),
             Kind::Probe => self.answer_probe(now, from, &d),
             Kind::ProbeAck => self.finish_probe(now, &d, arrival),
             Kind::BindChallenge | Kind::BindAck => {
                 let (id, perm, clock) = (&self.identity, &self.permit, &self.clock);
                 let Some(relay) = self.relays.iter_mut().find(|r| r.relay() == from) else {
-                    self.rejected += 1;
+                    self.counters.unexpected += 1;
                     return;
                 };
                 let before = relay.bound();
@@ -439,10 +473,19 @@ impl Endpoint {
                     }
                     self.events.push_back(EndpointEvent::Notice { relay, notice, vc: d.vc() });
                 }
-                Err(_) => self.rejected += 1,
+                Err(_) => self.counters.malformed += 1,
             },
-            Kind::BindRequest | Kind::BindProof => self.rejected += 1,
+            Kind::BindRequest | Kind::BindProof => self.counters.unexpected += 1,
         }
+    }
+
+    /// Whether a datagram that crossed relays came from the relay its route ends with, at the
+    /// address we bound it at. Only that relay checked the sender's binding; a copy sent from
+    /// anywhere else is a replay or a forgery. Direct datagrams pass: their source is a claim.
+    fn from_last_hop(&self, d: &Datagram<'_>, from: SocketAddr) -> bool {
+        let route = d.route();
+        let Some(&last) = route.relays().last() else { return true };
+        self.relays.iter().any(|r| r.is_bound() && r.relay_id() == Some(last) && r.relay() == from)
     }
 
     /// Answers a probe over the reversed route with an ack that echoes its forward trace. The
@@ -471,11 +514,11 @@ impl Endpoint {
     fn finish_probe(&mut self, now: Instant, d: &Datagram<'_>, arrival: u32) {
         let id = wire::probe_id(d.body());
         let Some(p) = self.probes.get(&id).copied() else {
-            self.rejected += 1;
+            self.counters.unexpected += 1;
             return;
         };
         if d.source() != p.destination || d.route().reversed() != p.route {
-            self.rejected += 1;
+            self.counters.unexpected += 1;
             return;
         }
         self.probes.remove(&id);

@@ -255,6 +255,47 @@ fn unbound_sender_is_dropped_and_counted_at_first_relay() {
 }
 
 #[test]
+fn a_relayed_datagram_counts_only_when_it_comes_from_the_last_relay_of_its_route() {
+    let (mut net, _control, a, b) = topology();
+    let (r1, r2) = (net.relay(2).id(), net.relay(3).id());
+    let route = Route::new(&[r1, r2]).unwrap();
+    // A datagram as R2 hands it to B at the end of the route A → R1 → R2 → B: captured on the
+    // wire, it can be sent to B again by anyone, from anywhere.
+    let h = Header { kind: Kind::Data, source: a.node_id(), destination: b.node_id(), vc: VcId(3), trace: false };
+    let mut buf = vec![0u8; 200];
+    let at = wire::emit_header(&mut buf, &h, &route, route.len(), 0, 5).unwrap();
+    buf[at..at + 5].copy_from_slice(b"state");
+    buf.truncate(at + 5);
+    let now = net.now;
+    let eb = net.endpoint(1);
+    // From R1 (bound, but not the route's last hop), from an unknown port, from A itself: all
+    // replays or forgeries, none delivered.
+    for from in [addr(11), addr(40_000), addr(1)] {
+        eb.handle_datagram(now, from, &buf);
+    }
+    // A probe and a probe ack the same way.
+    let probe = Header { kind: Kind::Probe, trace: true, ..h };
+    let mut p = vec![0u8; 200];
+    let body = wire::probe_body_len(route.len());
+    let n = wire::emit_header(&mut p, &probe, &route, route.len(), 0, body).unwrap() + body;
+    eb.handle_datagram(now, addr(40_001), &p[..n]);
+    assert_eq!(eb.counters().misrouted, 4);
+    assert!(eb.poll_transmit().is_none(), "a forged probe was answered");
+    // From R2, where B bound it: delivered.
+    eb.handle_datagram(now, addr(12), &buf);
+    net.drain(1);
+    let got = net.received(addr(2));
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!((got[0].source, got[0].payload.as_slice()), (a.node_id(), &b"state"[..]));
+    // A direct datagram's source is only a claim: the mesh passes it on, and says so.
+    let direct = Header { source: Identity::from_seed([9; 32]).node_id(), ..h };
+    let n = wire::emit(&mut p, &direct, &Route::DIRECT, 0, b"hi").unwrap();
+    net.endpoint(1).handle_datagram(now, addr(40_002), &p[..n]);
+    net.drain(1);
+    assert!(net.received(addr(2))[0].route.is_empty());
+}
+
+#[test]
 fn bound_node_cannot_spoof_another_source_or_skip_the_route() {
     let (mut net, _control, a, b) = topology();
     let (r1, r2) = (net.relay(2).id(), net.relay(3).id());
