@@ -300,7 +300,7 @@ async fn handle_cmd(node: &mut Node, sock: &mut UdpSocket, local: &watch::Sender
             let links = node.vcs().filter_map(|k| Some((k, node.stats(now, k)?))).collect();
             let relays = node.endpoint().relay_rtts().collect();
             let observed = node.endpoint().observed_address();
-            let _ = tx.send(NodeStatus { links, relays, observed, counters: *node.counters() });
+            let _ = tx.send(NodeStatus { links, relays, observed, counters: node.counters() });
         }
     }
 }

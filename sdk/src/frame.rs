@@ -3,12 +3,20 @@
 //! ```text
 //! hello   [1][ephemeral 32][static key 32][unix ms 8][profile 16][signature 64]     153 bytes
 //! sealed  [2][packet number 8][ciphertext][tag 16]
-//!         plaintext: [kind 1][body]   kind 1 renet packet, 2 ping(id u32), 3 pong(id u32),
-//!                                     4 close(reason u8), 5 candidates(seq u32, addrs),
-//!                                     6 candidates ack(seq u32)
+//!         plaintext: one or more items, each [kind 1][body]:
+//!           1 renet packet, to the end of the plaintext (the last item)
+//!           7 renet packet with a length [len u16][packet] (any item but the last)
+//!           2 ping (id u32), answered at once        8 ping (id u32), answer may wait
+//!           3 pong (id u32, held µs u16, delivered u64)
+//!           4 close (reason u8)
+//!           5 candidates (seq u32, count u8, addresses)   6 candidates ack (seq u32)
 //! ```
 //! The tag of a sealed frame covers its first 9 bytes and the mesh header's source,
 //! destination and VC id, so a relay can neither read a frame nor move it to another VC.
+//!
+//! Several items share one frame so that path measurement rides on data: a ping or a pong
+//! costs 5 or 15 bytes inside a frame that goes anyway instead of a datagram of its own, and
+//! renet's acks travel with the data they answer.
 
 use std::net::SocketAddr;
 
@@ -138,19 +146,27 @@ pub fn aad(pn: u64, source: NodeId, destination: NodeId, vc: VcId) -> [u8; AAD_L
     a
 }
 
-/// What a sealed frame carries once opened.
+/// One item of a sealed frame, once opened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Inner<'a> {
     /// One renet packet.
     Renet(&'a [u8]),
-    /// A path probe, answered with a pong on the path it came by.
-    Ping(u32),
+    /// A path probe, answered with a pong on the path it came by. An urgent ping is answered
+    /// at once; another may wait up to [`PONG_HOLD`] for a frame going that way anyway.
+    Ping {
+        /// Its id.
+        id: u32,
+        /// Whether the answer must leave at once.
+        urgent: bool,
+    },
     /// The answer to a ping, with the data bytes (sealed renet frames other than acks) the
     /// answering side has received over the path the ping came by: the sender's measure of
     /// what the path delivers.
     Pong {
         /// The ping answered.
         ping: u32,
+        /// Microseconds the answer waited for a frame to ride on; not part of the path's RTT.
+        held_us: u16,
         /// Data bytes received over the path so far.
         delivered: u64,
     },
@@ -162,6 +178,9 @@ pub enum Inner<'a> {
     /// The peer has our [`Inner::Candidates`] of this sequence number.
     CandidatesAck(u32),
 }
+
+/// Longest a lazy ping's answer waits for a frame to ride on.
+pub const PONG_HOLD: std::time::Duration = std::time::Duration::from_millis(40);
 
 /// Most addresses one [`Inner::Candidates`] carries.
 pub const MAX_ADVERTISED: usize = 4;
@@ -190,21 +209,22 @@ impl Candidates {
         self.addrs.iter().flatten().copied()
     }
 
-    /// Reads `[seq u32][count u8][count addresses]`, addresses as the mesh writes them
-    /// ([`wire::write_addr`]); anything else (a count past the limit, a bad family, a short or
-    /// long body) is `None`.
-    fn read(p: &[u8]) -> Option<Candidates> {
+    /// Reads `[seq u32][count u8][count addresses]` at the start of `p`, addresses as the mesh
+    /// writes them ([`wire::write_addr`]); returns it and the bytes it took. A count past the
+    /// limit, a bad family or a short body is `None`.
+    fn read(p: &[u8]) -> Option<(Candidates, usize)> {
         let seq = u32::from_be_bytes(p.get(..4)?.try_into().ok()?);
         let n = usize::from(*p.get(4)?);
-        let addrs = p.get(5..)?;
-        if n > MAX_ADVERTISED || addrs.len() != n * wire::ADDR_LEN {
+        if n > MAX_ADVERTISED {
             return None;
         }
+        let len = 5 + n * wire::ADDR_LEN;
+        let addrs = p.get(5..len)?;
         let mut c = Candidates { seq, addrs: [None; MAX_ADVERTISED] };
         for (slot, b) in c.addrs.iter_mut().zip(addrs.chunks_exact(wire::ADDR_LEN)) {
             *slot = Some(wire::read_addr(b).ok()?);
         }
-        Some(c)
+        Some((c, len))
     }
 
     fn write(&self, out: &mut Vec<u8>) {
@@ -218,54 +238,78 @@ impl Candidates {
     }
 }
 
-/// Plaintext kind of [`Inner::Renet`].
+/// Item kind of a renet packet that runs to the end of the plaintext.
 pub const KIND_RENET: u8 = 1;
 const KIND_PING: u8 = 2;
 const KIND_PONG: u8 = 3;
 const KIND_CLOSE: u8 = 4;
 const KIND_CANDIDATES: u8 = 5;
 const KIND_CANDIDATES_ACK: u8 = 6;
+const KIND_RENET_PART: u8 = 7;
+const KIND_PING_LAZY: u8 = 8;
+
+/// Bytes a ping item takes.
+pub const PING_ITEM_LEN: usize = 5;
+/// Bytes a pong item takes.
+pub const PONG_ITEM_LEN: usize = 15;
 
 impl<'a> Inner<'a> {
-    /// Reads an opened plaintext.
-    pub fn parse(p: &'a [u8]) -> Result<Inner<'a>, FrameError> {
+    /// Reads the item at the start of `p`; returns it and the bytes it took.
+    fn read(p: &'a [u8]) -> Result<(Inner<'a>, usize), FrameError> {
         let kind = *p.first().ok_or(FrameError::Empty)?;
-        let id = || -> Result<u32, FrameError> {
-            let b: [u8; 4] =
-                p.get(1..5).and_then(|s| s.try_into().ok()).ok_or(FrameError::Truncated { kind, len: p.len() })?;
+        let truncated = FrameError::Truncated { kind, len: p.len() };
+        let u32_at = |at: usize| -> Result<u32, FrameError> {
+            let b: [u8; 4] = p.get(at..at + 4).and_then(|s| s.try_into().ok()).ok_or(truncated)?;
             Ok(u32::from_be_bytes(b))
         };
         match kind {
-            KIND_RENET => Ok(Inner::Renet(&p[1..])),
-            KIND_PING => Ok(Inner::Ping(id()?)),
+            KIND_RENET => Ok((Inner::Renet(&p[1..]), p.len())),
+            KIND_RENET_PART => {
+                let b: [u8; 2] = p.get(1..3).and_then(|s| s.try_into().ok()).ok_or(truncated)?;
+                let len = 3 + usize::from(u16::from_be_bytes(b));
+                Ok((Inner::Renet(p.get(3..len).ok_or(truncated)?), len))
+            }
+            KIND_PING | KIND_PING_LAZY => {
+                Ok((Inner::Ping { id: u32_at(1)?, urgent: kind == KIND_PING }, PING_ITEM_LEN))
+            }
             KIND_PONG => {
-                let d: [u8; 8] =
-                    p.get(5..13).and_then(|s| s.try_into().ok()).ok_or(FrameError::Truncated { kind, len: p.len() })?;
-                Ok(Inner::Pong { ping: id()?, delivered: u64::from_be_bytes(d) })
+                let h: [u8; 2] = p.get(5..7).and_then(|s| s.try_into().ok()).ok_or(truncated)?;
+                let d: [u8; 8] = p.get(7..15).and_then(|s| s.try_into().ok()).ok_or(truncated)?;
+                let pong =
+                    Inner::Pong { ping: u32_at(1)?, held_us: u16::from_be_bytes(h), delivered: u64::from_be_bytes(d) };
+                Ok((pong, PONG_ITEM_LEN))
             }
-            KIND_CLOSE => Ok(Inner::Close(*p.get(1).ok_or(FrameError::Truncated { kind, len: p.len() })?)),
+            KIND_CLOSE => Ok((Inner::Close(*p.get(1).ok_or(truncated)?), 2)),
             KIND_CANDIDATES => {
-                Candidates::read(&p[1..]).map(Inner::Candidates).ok_or(FrameError::Malformed { kind, len: p.len() })
+                let (c, len) = Candidates::read(&p[1..]).ok_or(FrameError::Malformed { kind, len: p.len() })?;
+                Ok((Inner::Candidates(c), 1 + len))
             }
-            KIND_CANDIDATES_ACK => Ok(Inner::CandidatesAck(id()?)),
+            KIND_CANDIDATES_ACK => Ok((Inner::CandidatesAck(u32_at(1)?), 5)),
             other => Err(FrameError::UnknownKind(other)),
         }
     }
 
-    /// Appends the plaintext to `out`.
-    pub fn write(&self, out: &mut Vec<u8>) {
+    /// Appends the item to `out`; `last` says whether another item follows.
+    fn write_item(&self, out: &mut Vec<u8>, last: bool) {
         match self {
-            Inner::Renet(p) => {
+            Inner::Renet(p) if last => {
                 out.push(KIND_RENET);
                 out.extend_from_slice(p);
             }
-            Inner::Ping(id) => {
-                out.push(KIND_PING);
+            Inner::Renet(p) => {
+                out.push(KIND_RENET_PART);
+                // Renet packets are at most a datagram long, far below u16::MAX.
+                out.extend_from_slice(&(p.len().min(usize::from(u16::MAX)) as u16).to_be_bytes());
+                out.extend_from_slice(&p[..p.len().min(usize::from(u16::MAX))]);
+            }
+            Inner::Ping { id, urgent } => {
+                out.push(if *urgent { KIND_PING } else { KIND_PING_LAZY });
                 out.extend_from_slice(&id.to_be_bytes());
             }
-            Inner::Pong { ping, delivered } => {
+            Inner::Pong { ping, held_us, delivered } => {
                 out.push(KIND_PONG);
                 out.extend_from_slice(&ping.to_be_bytes());
+                out.extend_from_slice(&held_us.to_be_bytes());
                 out.extend_from_slice(&delivered.to_be_bytes());
             }
             Inner::Close(r) => out.extend_from_slice(&[KIND_CLOSE, *r]),
@@ -279,6 +323,56 @@ impl<'a> Inner<'a> {
             }
         }
     }
+
+    /// Bytes the item takes on the wire when `last` says whether another follows.
+    pub fn wire_len(&self, last: bool) -> usize {
+        match self {
+            Inner::Renet(p) => p.len() + if last { 1 } else { 3 },
+            Inner::Ping { .. } => PING_ITEM_LEN,
+            Inner::Pong { .. } => PONG_ITEM_LEN,
+            Inner::Close(_) => 2,
+            Inner::Candidates(c) => 6 + c.addrs().count() * wire::ADDR_LEN,
+            Inner::CandidatesAck(_) => 5,
+        }
+    }
+}
+
+/// Appends the plaintext of a frame holding `items`, in order, to `out`.
+pub fn write_items(items: &[Inner<'_>], out: &mut Vec<u8>) {
+    for (i, item) in items.iter().enumerate() {
+        item.write_item(out, i + 1 == items.len());
+    }
+}
+
+/// The items of an opened plaintext, checked whole: an error anywhere refuses the frame, so
+/// nothing of a malformed frame takes effect.
+pub fn parse_items(p: &[u8]) -> Result<Items<'_>, FrameError> {
+    if p.is_empty() {
+        return Err(FrameError::Empty);
+    }
+    let mut at = 0;
+    while at < p.len() {
+        let (_, len) = Inner::read(&p[at..])?;
+        at += len;
+    }
+    Ok(Items { p, at: 0 })
+}
+
+/// The items of a plaintext that [`parse_items`] checked.
+#[derive(Debug, Clone)]
+pub struct Items<'a> {
+    p: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Iterator for Items<'a> {
+    type Item = Inner<'a>;
+
+    fn next(&mut self) -> Option<Inner<'a>> {
+        let (item, len) = Inner::read(self.p.get(self.at..)?).ok()?;
+        self.at += len;
+        Some(item)
+    }
 }
 
 #[cfg(test)]
@@ -287,11 +381,38 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    fn write(items: &[Inner<'_>]) -> Vec<u8> {
+        let mut out = Vec::new();
+        write_items(items, &mut out);
+        out
+    }
+
+    fn inner_strategy() -> impl Strategy<Value = (u8, u32, u64, u16, Vec<u8>)> {
+        (0u8..8, any::<u32>(), any::<u64>(), any::<u16>(), proptest::collection::vec(any::<u8>(), 0..64))
+    }
+
+    fn make<'a>((k, id, d, h, payload): &'a (u8, u32, u64, u16, Vec<u8>)) -> Inner<'a> {
+        let v4 = SocketAddr::from(((*d as u32).to_be_bytes(), *id as u16));
+        let v6 = SocketAddr::from(([*d as u16; 8], 9));
+        match k {
+            0 => Inner::Renet(payload),
+            1 => Inner::Ping { id: *id, urgent: d % 2 == 0 },
+            2 => Inner::Pong { ping: *id, held_us: *h, delivered: *d },
+            3 => Inner::Close(*id as u8),
+            4 => Inner::Candidates(Candidates::new(*id, &[])),
+            5 => Inner::Candidates(Candidates::new(*id, &[v4, v6, v4, v6])),
+            6 => Inner::CandidatesAck(*id),
+            _ => Inner::Candidates(Candidates::new(*id, &[v6])),
+        }
+    }
+
     proptest! {
         #[test]
         fn any_bytes_parse_to_a_frame_or_an_error(b in proptest::collection::vec(any::<u8>(), 0..300)) {
             let _ = Frame::parse(&b);
-            let _ = Inner::parse(&b);
+            if let Ok(items) = parse_items(&b) {
+                prop_assert!(items.count() > 0);
+            }
         }
 
         #[test]
@@ -309,44 +430,67 @@ mod tests {
         }
 
         #[test]
-        fn inner_round_trips(id in any::<u32>(), d in any::<u64>(), payload in proptest::collection::vec(any::<u8>(), 0..64)) {
-            let pong = Inner::Pong { ping: id, delivered: d };
-            let v4 = SocketAddr::from(((d as u32).to_be_bytes(), id as u16));
-            let v6 = SocketAddr::from(([d as u16; 8], 9));
-            let candidates = [
-                Inner::Candidates(Candidates::new(id, &[])),
-                Inner::Candidates(Candidates::new(id, &[v4, v6, v4, v6])),
-                Inner::CandidatesAck(id),
-            ];
-            for inner in [Inner::Renet(&payload), Inner::Ping(id), pong, Inner::Close(id as u8)].into_iter().chain(candidates) {
-                let mut out = Vec::new();
-                inner.write(&mut out);
-                prop_assert_eq!(Inner::parse(&out).unwrap(), inner);
+        fn items_round_trip_in_any_combination(raw in proptest::collection::vec(inner_strategy(), 1..6)) {
+            let items: Vec<Inner<'_>> = raw.iter().map(make).collect();
+            let bytes = write(&items);
+            let lens: usize = items.iter().enumerate().map(|(i, it)| it.wire_len(i + 1 == items.len())).sum();
+            prop_assert_eq!(bytes.len(), lens);
+            let back: Vec<Inner<'_>> = parse_items(&bytes).unwrap().collect();
+            prop_assert_eq!(back, items);
+        }
+
+        #[test]
+        fn a_cut_frame_never_reads_as_its_whole(raw in proptest::collection::vec(inner_strategy(), 1..4)) {
+            let items: Vec<Inner<'_>> = raw.iter().map(make).collect();
+            let bytes = write(&items);
+            for cut in 0..bytes.len() {
+                // A cut either fails, or reads as different items (a renet packet that runs to
+                // the end is shorter): never as the frame that was written.
+                if let Ok(back) = parse_items(&bytes[..cut]) {
+                    prop_assert_ne!(back.collect::<Vec<_>>(), items.clone());
+                }
             }
         }
     }
 
     #[test]
-    fn truncated_inner_frames_are_errors() {
-        assert_eq!(Inner::parse(&[KIND_PING, 1, 2]), Err(FrameError::Truncated { kind: KIND_PING, len: 3 }));
-        assert_eq!(Inner::parse(&[KIND_PONG, 0, 0, 0, 1, 0]), Err(FrameError::Truncated { kind: KIND_PONG, len: 6 }));
-        assert_eq!(Inner::parse(&[KIND_CLOSE]), Err(FrameError::Truncated { kind: KIND_CLOSE, len: 1 }));
-        assert_eq!(Inner::parse(&[9]), Err(FrameError::UnknownKind(9)));
-        // Candidates: a count past the limit, an unknown family, a cut address, trailing bytes.
-        let mut ok = Vec::new();
-        Inner::Candidates(Candidates::new(7, &[SocketAddr::from(([10, 0, 0, 1], 4000))])).write(&mut ok);
+    fn truncated_and_malformed_items_refuse_the_whole_frame() {
+        let one = |b: &[u8]| parse_items(b).map(|i| i.count());
+        assert_eq!(one(&[KIND_PING, 1, 2]), Err(FrameError::Truncated { kind: KIND_PING, len: 3 }));
+        assert_eq!(one(&[KIND_PONG, 0, 0, 0, 1, 0]), Err(FrameError::Truncated { kind: KIND_PONG, len: 6 }));
+        assert_eq!(one(&[KIND_CLOSE]), Err(FrameError::Truncated { kind: KIND_CLOSE, len: 1 }));
+        assert_eq!(one(&[KIND_RENET_PART, 0, 5, 1, 2]), Err(FrameError::Truncated { kind: KIND_RENET_PART, len: 5 }));
+        assert_eq!(one(&[9]), Err(FrameError::UnknownKind(9)));
+        assert_eq!(one(&[]), Err(FrameError::Empty));
+        // A good ping followed by garbage: nothing of the frame is taken.
+        assert_eq!(one(&[KIND_PING, 0, 0, 0, 1, 42]), Err(FrameError::UnknownKind(42)));
+        // Candidates: a count past the limit, an unknown family, a cut address.
+        let ok = write(&[Inner::Candidates(Candidates::new(7, &[SocketAddr::from(([10, 0, 0, 1], 4000))]))]);
         assert_eq!(ok.len(), 1 + 4 + 1 + wire::ADDR_LEN);
         let mut bad_family = ok.clone();
         bad_family[6] = 5;
-        for bad in [
-            vec![KIND_CANDIDATES, 0, 0, 0, 7, 5],
-            bad_family,
-            ok[..ok.len() - 1].to_vec(),
-            [ok.as_slice(), &[0]].concat(),
-        ] {
-            assert_eq!(Inner::parse(&bad), Err(FrameError::Malformed { kind: KIND_CANDIDATES, len: bad.len() }));
+        for bad in [vec![KIND_CANDIDATES, 0, 0, 0, 7, 5], bad_family, ok[..ok.len() - 1].to_vec()] {
+            assert_eq!(one(&bad), Err(FrameError::Malformed { kind: KIND_CANDIDATES, len: bad.len() }));
         }
-        assert!(Inner::parse(&ok).is_ok());
+        // Trailing bytes after candidates are another item, and here not a valid one.
+        assert!(one(&[ok.as_slice(), &[0]].concat()).is_err());
+        assert_eq!(one(&ok), Ok(1));
         assert_eq!(Frame::parse(&[SEALED, 0, 0]).unwrap_err(), FrameError::Truncated { kind: SEALED, len: 3 });
+    }
+
+    #[test]
+    fn measurement_rides_on_renet_packets() {
+        let data = [7u8; 40];
+        let ack = [4u8, 1, 2];
+        let items = [
+            Inner::Ping { id: 9, urgent: false },
+            Inner::Pong { ping: 3, held_us: 1200, delivered: 10 },
+            Inner::Renet(&ack),
+            Inner::Renet(&data),
+        ];
+        let bytes = write(&items);
+        // Only the non-final renet packet pays for a length.
+        assert_eq!(bytes.len(), PING_ITEM_LEN + PONG_ITEM_LEN + 3 + ack.len() + 1 + data.len());
+        assert_eq!(parse_items(&bytes).unwrap().collect::<Vec<_>>(), items);
     }
 }

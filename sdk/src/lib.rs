@@ -2,8 +2,9 @@
 //!
 //! A [`Node`] holds one mesh endpoint and many virtual connections ([`vc`]), each an
 //! end-to-end encrypted session with one peer, tuned by a [`profile`]: its own keys
-//! ([`crypto`]), its own renet connection for reliability and channels, and its own
-//! [`path`] manager that measures the candidate paths and moves traffic between them.
+//! ([`crypto`]), its own renet connection for reliability and channels, and its own choice of
+//! [`path`]s by its profile's policy. What the paths to a peer measure is shared by every VC
+//! with that peer, and the pings that keep it current ride on data where data flows.
 //!
 //! Everything here is sans-IO: fed `now` and datagrams, polled for datagrams, events and
 //! the next timeout. The tokio driver and the deterministic simulator run the same code.
@@ -14,14 +15,15 @@ pub mod frame;
 pub mod node;
 pub mod pacing;
 pub mod path;
+mod peer;
 pub mod profile;
 pub mod session;
 pub mod vc;
 
 pub use driver::{Client, ClientError, ClientEvent, NodeHandle, NodeStatus};
-pub use node::{Event, Node, NodeCounters, NodeError, PeerInfo, VcKey};
+pub use node::{Event, MAX_VCS_PER_PEER, Node, NodeCounters, NodeError, PeerInfo, Traffic, VcKey};
 pub use path::{PathId, PathInfo, PathKind, PathStats, SwitchReason};
 pub use profile::{Delivery, Policy, Profile, ProfileConfig};
 pub use session::{PlayerState, Session, SessionConfig, SessionError, SessionEvent};
 pub use shoal_mesh::control::Trust;
-pub use vc::{CloseReason, VcCounters, VcEvent, VcSendError, VcStats};
+pub use vc::{CloseReason, HelloError, VcCounters, VcEvent, VcSendError, VcStats};

@@ -1,5 +1,9 @@
-//! A node: one mesh endpoint and every virtual connection it holds. This is the SDK's core;
-//! the tokio driver and the simulator both run it.
+//! A node: one mesh endpoint, the peers it was introduced to, and every virtual connection it
+//! holds with them. This is the SDK's core; the tokio driver and the simulator both run it.
+//!
+//! Each peer has one [`PathSet`] that all VCs with it share: one set of path measurements,
+//! one hole-punching schedule and one set of pings per peer, however many VCs run over them.
+//! The node sends the pings that cannot ride on data through one of the peer's VCs.
 //!
 //! Sans-IO, with the house call order: after [`Node::handle_datagram`],
 //! [`Node::handle_timeout`], [`Node::open`], [`Node::send`] or [`Node::close`], drain
@@ -18,8 +22,13 @@ use shoal_mesh::wire::{MAX_DATAGRAM, VcId};
 use shoal_protocol::{Identity, NodeId, PublicKey, SignedTicket};
 
 use crate::frame::Frame;
-use crate::profile::{Profile, ProfileConfig};
-use crate::vc::{OpenError, VcEvent, VcSendError, VcStats, VirtualConnection};
+use crate::path::{PathId, PathSet};
+use crate::peer::Peer;
+use crate::profile::Profile;
+use crate::vc::{OpenError, VcEvent, VcSendError, VcStats, VirtualConnection, check_hello};
+
+/// Most VCs a node holds with one peer; a peer's hellos past this are refused.
+pub const MAX_VCS_PER_PEER: usize = 16;
 
 /// Names one VC at a node: the peer and the VC id they share.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -28,6 +37,16 @@ pub struct VcKey {
     pub peer: NodeId,
     /// The VC id, the same on both sides.
     pub vc: VcId,
+}
+
+impl VcKey {
+    fn first(peer: NodeId) -> VcKey {
+        VcKey { peer, vc: VcId(0) }
+    }
+
+    fn last(peer: NodeId) -> VcKey {
+        VcKey { peer, vc: VcId(u32::MAX) }
+    }
 }
 
 /// What a node knows about a peer it may talk to (from an introduction).
@@ -62,7 +81,7 @@ pub enum Event {
     },
 }
 
-/// Datagrams the node refused before any VC saw them.
+/// Datagrams the node refused before any VC saw them, and candidates it would not take.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct NodeCounters {
     /// Hellos from nodes we were not introduced to.
@@ -71,10 +90,56 @@ pub struct NodeCounters {
     pub unknown_vc: u64,
     /// Relayed frames that came from an address other than the route's relay.
     pub misrouted: u64,
-    /// Hellos that could not open a VC (bad profile, key failure).
-    pub refused_hellos: u64,
+    /// Hellos for a new VC that failed their check (key, signature, time, profile): forged,
+    /// or broken. None of them created anything.
+    pub bad_hellos: u64,
+    /// Hellos for a new VC no newer than one already taken for that VC id: replays.
+    pub replayed_hellos: u64,
+    /// Hellos for a new VC dropped unchecked: the peer's id was past its budget of checks.
+    pub hello_flood: u64,
+    /// Hellos for a new VC past [`MAX_VCS_PER_PEER`].
+    pub too_many_vcs: u64,
     /// Frames the node could not send (first relay not bound, too large).
     pub send_failures: u64,
+    /// Candidate paths refused: past the bound on introduced or learned paths.
+    pub paths_refused: u64,
+    /// Learned paths that gave way to a newer one.
+    pub paths_evicted: u64,
+}
+
+/// Datagrams and bytes (UDP payload) the node sent and received, split into what carried the
+/// game's messages and what is the mesh's own overhead.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Traffic {
+    /// Datagrams that carried messages.
+    pub data_datagrams: u64,
+    /// Their bytes, headers included.
+    pub data_bytes: u64,
+    /// Bytes inside those that are measurement and acks riding along.
+    pub riding_bytes: u64,
+    /// Datagrams that carried no message: hellos, pings and pongs on their own, acks, closes,
+    /// advertisements, and the relay binds and keepalives.
+    pub overhead_datagrams: u64,
+    /// Their bytes.
+    pub overhead_bytes: u64,
+}
+
+impl Traffic {
+    /// Bytes that are not payload: whole overhead datagrams and what rides on data.
+    pub fn overhead(&self) -> u64 {
+        self.overhead_bytes + self.riding_bytes
+    }
+
+    fn count(&mut self, len: usize, carries_data: bool, riding: usize) {
+        if carries_data {
+            self.data_datagrams += 1;
+            self.data_bytes += len as u64;
+            self.riding_bytes += riding as u64;
+        } else {
+            self.overhead_datagrams += 1;
+            self.overhead_bytes += len as u64;
+        }
+    }
 }
 
 /// Why a VC could not be opened or used.
@@ -89,6 +154,9 @@ pub enum NodeError {
     /// A VC with this key is already open.
     #[error("virtual connection {0:?} already exists")]
     Exists(VcKey),
+    /// The peer already has [`MAX_VCS_PER_PEER`] VCs.
+    #[error("peer {0} already has {MAX_VCS_PER_PEER} virtual connections")]
+    TooMany(NodeId),
     /// Opening failed.
     #[error(transparent)]
     Open(#[from] OpenError),
@@ -103,11 +171,13 @@ pub struct Node {
     identity: Identity,
     clock: WallClock,
     endpoint: Endpoint,
-    peers: BTreeMap<NodeId, PeerInfo>,
+    peers: BTreeMap<NodeId, Peer>,
     vcs: BTreeMap<VcKey, VirtualConnection>,
     transmits: VecDeque<Transmit>,
     events: VecDeque<Event>,
     counters: NodeCounters,
+    sent: Traffic,
+    received: Traffic,
 }
 
 impl Node {
@@ -122,6 +192,8 @@ impl Node {
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             counters: NodeCounters::default(),
+            sent: Traffic::default(),
+            received: Traffic::default(),
         }
     }
 
@@ -155,42 +227,40 @@ impl Node {
     }
 
     /// Our socket moved to another network or port (the driver rebound it): every relay is
-    /// bound again from the new address and every VC re-probes its paths at once. The peers
-    /// learn the new address from our authenticated frames, and from the advertisement each
-    /// VC sends once a relay reports where it sees us now.
+    /// bound again from the new address and every path to every peer re-probed at once. The
+    /// peers learn the new address from our authenticated frames, and from the advertisement
+    /// sent once a relay reports where it sees us now.
     pub fn network_changed(&mut self, now: Instant) {
         self.endpoint.network_changed(now);
-        for vc in self.vcs.values_mut() {
-            vc.on_network_change(now);
+        for peer in self.peers.values_mut() {
+            peer.paths.on_network_change(now);
         }
         self.drain_endpoint(now);
-        let keys: Vec<VcKey> = self.vcs.keys().copied().collect();
-        for key in keys {
-            self.drain_vc(now, key);
+        let peers: Vec<NodeId> = self.peers.keys().copied().collect();
+        for peer in peers {
+            self.run_peer(now, peer, true);
         }
     }
 
-    /// Records what we know of a peer, and offers its paths to VCs already open with it.
+    /// Records what we know of a peer; its paths join those VCs with it already use.
     pub fn add_peer(&mut self, now: Instant, info: PeerInfo) {
         let peer = info.key.node_id();
-        for (k, vc) in self.vcs.range_mut(VcKey { peer, vc: VcId(0) }..=VcKey { peer, vc: VcId(u32::MAX) }) {
-            debug_assert_eq!(k.peer, peer);
-            for p in &info.paths {
-                vc.add_path(now, *p);
-            }
+        let keeper = self.id() < peer;
+        let p = self.peers.entry(peer).or_insert_with(|| Peer::new(info.key, PathSet::new(keeper)));
+        p.key = info.key;
+        for path in &info.paths {
+            p.paths.introduce(now, *path);
         }
-        self.peers.insert(peer, info);
     }
 
     /// Forgets a peer (the control server's farewell): closes every VC with it, telling the
     /// peer, and refuses its hellos from now on. Returns the VCs that were closed.
     pub fn remove_peer(&mut self, now: Instant, peer: NodeId) -> Vec<VcKey> {
-        self.peers.remove(&peer);
-        let keys: Vec<VcKey> =
-            self.vcs.range(VcKey { peer, vc: VcId(0) }..=VcKey { peer, vc: VcId(u32::MAX) }).map(|(k, _)| *k).collect();
+        let keys: Vec<VcKey> = self.vcs.range(VcKey::first(peer)..=VcKey::last(peer)).map(|(k, _)| *k).collect();
         for &key in &keys {
             self.close(now, key);
         }
+        self.peers.remove(&peer);
         keys
     }
 
@@ -213,9 +283,17 @@ impl Node {
         if self.vcs.get(&key).is_some_and(|v| !v.is_closed()) {
             return Err(NodeError::Exists(key));
         }
-        let v = self.new_vc(now, key, profile)?;
+        let p = self.peers.get(&peer).ok_or(NodeError::UnknownPeer(peer))?;
+        if self.vc_count(peer) >= MAX_VCS_PER_PEER {
+            return Err(NodeError::TooMany(peer));
+        }
+        let v = VirtualConnection::new(now, self.identity.clone(), self.clock, p.key, vc, profile)?;
         self.vcs.insert(key, v);
         Ok(key)
+    }
+
+    fn vc_count(&self, peer: NodeId) -> usize {
+        self.vcs.range(VcKey::first(peer)..=VcKey::last(peer)).filter(|(_, v)| !v.is_closed()).count()
     }
 
     /// Queues a message on a VC.
@@ -231,15 +309,19 @@ impl Node {
 
     /// Closes a VC and tells the peer.
     pub fn close(&mut self, now: Instant, key: VcKey) {
-        if let Some(vc) = self.vcs.get_mut(&key) {
-            vc.close();
+        if let (Some(vc), Some(peer)) = (self.vcs.get_mut(&key), self.peers.get_mut(&key.peer)) {
+            vc.close(&peer.paths);
+            if let Some(ms) = vc.peer_hello_ms() {
+                peer.took_hello(key.vc, ms);
+            }
         }
         self.drain_vc(now, key);
     }
 
     /// What a VC measures.
     pub fn stats(&self, now: Instant, key: VcKey) -> Option<VcStats> {
-        Some(self.vcs.get(&key)?.stats(now))
+        let peer = self.peers.get(&key.peer)?;
+        Some(self.vcs.get(&key)?.stats(now, &peer.paths))
     }
 
     /// The VCs this node holds, open or closing.
@@ -247,40 +329,144 @@ impl Node {
         self.vcs.keys().copied()
     }
 
-    /// Datagrams refused before reaching a VC.
-    pub fn counters(&self) -> &NodeCounters {
-        &self.counters
+    /// Datagrams refused before reaching a VC, and candidates refused or replaced.
+    pub fn counters(&self) -> NodeCounters {
+        let mut c = self.counters;
+        c.misrouted = self.endpoint.counters().misrouted;
+        for p in self.peers.values() {
+            let pc = p.paths.counters();
+            c.paths_refused += pc.refused;
+            c.paths_evicted += pc.evicted;
+        }
+        c
+    }
+
+    /// What the node sent and received so far, payload and overhead apart.
+    pub fn traffic(&self) -> (Traffic, Traffic) {
+        (self.sent, self.received)
     }
 
     /// Handles one received datagram.
     pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
         self.endpoint.handle_datagram(now, from, bytes);
+        let before = self.received;
         self.drain_endpoint(now);
+        if self.received == before {
+            // Not a VC frame: a bind or probe answer, a relay's notice, or something refused.
+            self.received.count(bytes.len(), false, 0);
+        }
     }
 
-    /// Drives binds, probes, hellos, pings and renet ticks that are due.
+    /// Drives binds, the peers' pings, hellos, renet ticks and everything else that is due.
     pub fn handle_timeout(&mut self, now: Instant) {
         if self.endpoint.poll_timeout().is_some_and(|t| t <= now) {
             self.endpoint.handle_timeout(now);
         }
         self.drain_endpoint(now);
-        let due: Vec<VcKey> =
-            self.vcs.iter().filter(|(_, v)| v.poll_timeout(now).is_some_and(|t| t <= now)).map(|(k, _)| *k).collect();
-        for key in due {
-            if let Some(vc) = self.vcs.get_mut(&key) {
-                vc.handle_timeout(now);
+        let peers: Vec<NodeId> = self.peers.keys().copied().collect();
+        for peer in peers {
+            self.run_peer(now, peer, false);
+        }
+        // Closed VCs have reported their closing; forget them.
+        let peers = &mut self.peers;
+        self.vcs.retain(|k, v| {
+            if v.is_closed()
+                && let (Some(p), Some(ms)) = (peers.get_mut(&k.peer), v.peer_hello_ms())
+            {
+                p.took_hello(k.vc, ms);
+            }
+            !v.is_closed()
+        });
+    }
+
+    /// Runs what is due for one peer: its paths' timers and pings, then its VCs (all of them
+    /// when the paths were due or `all`, since the paths' state feeds their choices).
+    fn run_peer(&mut self, now: Instant, peer: NodeId, all: bool) {
+        let Some(p) = self.peers.get_mut(&peer) else { return };
+        let paths_due = p.paths.poll_timeout(now).is_some_and(|t| t <= now);
+        if paths_due {
+            p.paths.handle_timeout(now);
+            self.send_pings(now, peer);
+        }
+        let keys: Vec<VcKey> = self.vcs.range(VcKey::first(peer)..=VcKey::last(peer)).map(|(k, _)| *k).collect();
+        for key in keys {
+            let (Some(vc), Some(p)) = (self.vcs.get_mut(&key), self.peers.get_mut(&peer)) else { continue };
+            if all || paths_due || vc.poll_timeout(now, &p.paths, p.heard).is_some_and(|t| t <= now) {
+                vc.handle_timeout(now, &mut p.paths, p.heard);
             }
             self.drain_vc(now, key);
         }
-        // Closed VCs have reported their closing; forget them.
-        self.vcs.retain(|_, v| !v.is_closed());
+        self.sync_peer(now, peer);
+    }
+
+    /// Sends the peer's pings that could not ride on data, each through one of its VCs: one
+    /// that paces its sending on that path (its pacer counts the bytes before the ping), else
+    /// one that sends on it, else the first that holds keys.
+    fn send_pings(&mut self, now: Instant, peer: NodeId) {
+        loop {
+            let Some(p) = self.peers.get_mut(&peer) else { return };
+            let Some(ping) = p.paths.poll_ping() else { return };
+            let range = VcKey::first(peer)..=VcKey::last(peer);
+            let carrier = {
+                let with_keys = || self.vcs.range(range.clone()).filter(|(_, v)| v.has_keys());
+                let on = |v: &VirtualConnection| v.sending().contains(&ping.path);
+                with_keys()
+                    .find(|(_, v)| v.paced() && on(v))
+                    .or_else(|| with_keys().find(|(_, v)| on(v)))
+                    .or_else(|| with_keys().next())
+                    .map(|(k, _)| *k)
+            };
+            let Some(key) = carrier else { continue };
+            if let (Some(vc), Some(p)) = (self.vcs.get_mut(&key), self.peers.get(&peer)) {
+                vc.send_ping(now, &p.paths, ping.path, ping.id, ping.urgent);
+            }
+            self.drain_vc(now, key);
+        }
+    }
+
+    /// Tells the peer's paths which of them its VCs use and whether pings can go, and has the
+    /// VCs forget candidates that were replaced.
+    fn sync_peer(&mut self, now: Instant, peer: NodeId) {
+        let Some(p) = self.peers.get_mut(&peer) else { return };
+        let range = VcKey::first(peer)..=VcKey::last(peer);
+        let mut used = 0u64;
+        let mut armed = false;
+        for (_, v) in self.vcs.range(range.clone()) {
+            armed |= v.has_keys();
+            for id in v.sending() {
+                used |= 1 << (id.0 % 64);
+            }
+        }
+        p.paths.set_armed(armed);
+        p.paths.set_in_use(now, |id: PathId| used & (1 << (id.0 % 64)) != 0);
+        let evicted = p.paths.take_evicted();
+        if evicted.is_empty() {
+            return;
+        }
+        let keys: Vec<VcKey> = self.vcs.range(range).map(|(k, _)| *k).collect();
+        for key in keys {
+            if let (Some(vc), Some(p)) = (self.vcs.get_mut(&key), self.peers.get(&peer)) {
+                for &id in &evicted {
+                    vc.forget_path(now, &p.paths, id);
+                }
+            }
+            self.drain_vc(now, key);
+        }
     }
 
     /// When [`Node::handle_timeout`] is next due.
     #[must_use]
     pub fn poll_timeout(&self, now: Instant) -> Option<Instant> {
-        let vcs = self.vcs.values().filter_map(|v| v.poll_timeout(now));
-        self.endpoint.poll_timeout().into_iter().chain(vcs).min()
+        if self.vcs.values().any(VirtualConnection::is_closed) {
+            // Closed VCs are forgotten on the next timeout.
+            return Some(now);
+        }
+        let peers = self.peers.values().filter_map(|p| p.paths.poll_timeout(now));
+        let vcs = self.vcs.iter().filter_map(|(k, v)| {
+            let p = self.peers.get(&k.peer)?;
+            v.poll_timeout(now, &p.paths, p.heard)
+        });
+        self.endpoint.poll_timeout().into_iter().chain(peers).chain(vcs).min()
     }
 
     /// The next datagram to send.
@@ -295,15 +481,9 @@ impl Node {
         self.events.pop_front()
     }
 
-    /// A VC to an introduced peer, over the paths we were told of.
-    fn new_vc(&self, now: Instant, key: VcKey, profile: Profile) -> Result<VirtualConnection, NodeError> {
-        let info = self.peers.get(&key.peer).ok_or(NodeError::UnknownPeer(key.peer))?;
-        let (id, clock) = (self.identity.clone(), self.clock);
-        Ok(VirtualConnection::new(now, id, clock, info.key, key.vc, profile, &info.paths)?)
-    }
-
     fn drain_endpoint(&mut self, now: Instant) {
         while let Some(t) = self.endpoint.poll_transmit() {
+            self.sent.count(t.bytes.len(), false, 0);
             self.transmits.push_back(t);
         }
         while let Some(e) = self.endpoint.poll_event() {
@@ -322,77 +502,109 @@ impl Node {
     }
 
     /// A relay sees us at a new address: our NAT mapping changed (it expired, the NAT
-    /// rebound us, or our network changed). Every VC tells its peer, so peers behind NATs
-    /// that only admit addresses they have sent to punch towards the new one.
+    /// rebound us, or our network changed). One VC per peer tells it, so peers behind NATs
+    /// that only admit addresses they have sent to punch towards the new one, and every path
+    /// is punched afresh from our side.
     fn on_moved(&mut self, now: Instant, observed: SocketAddr) {
-        let keys: Vec<VcKey> = self.vcs.keys().copied().collect();
-        for key in keys {
-            if let Some(vc) = self.vcs.get_mut(&key) {
-                vc.advertise(now, &[observed]);
+        let peers: Vec<NodeId> = self.peers.keys().copied().collect();
+        for peer in peers {
+            if let Some(p) = self.peers.get_mut(&peer) {
+                p.paths.on_network_change(now);
             }
-            self.drain_vc(now, key);
+            let carrier =
+                self.vcs.range(VcKey::first(peer)..=VcKey::last(peer)).find(|(_, v)| !v.is_closed()).map(|(k, _)| *k);
+            if let Some(key) = carrier {
+                if let Some(vc) = self.vcs.get_mut(&key) {
+                    vc.advertise(now, &[observed]);
+                }
+                self.drain_vc(now, key);
+            }
         }
     }
 
     fn on_received(&mut self, now: Instant, mut r: Received) {
-        let path = if r.route.is_empty() {
-            Path::Direct(r.from)
-        } else {
-            let back = r.route.reversed();
-            // A relayed frame must come from the relay our own route starts with; anything
-            // else is forged and must not count against that path.
-            let first = back.relays()[0];
-            if !self.endpoint.bound_relays().any(|(id, addr)| id == first && addr == r.from) {
-                self.counters.misrouted += 1;
-                return;
-            }
-            Path::Relayed(back)
-        };
+        let datagram_len = r.datagram_len;
+        let path = if r.route.is_empty() { Path::Direct(r.from) } else { Path::Relayed(r.route.reversed()) };
         let key = VcKey { peer: r.source, vc: r.vc };
         if !self.vcs.contains_key(&key) {
-            let Ok(Frame::Hello(h, _)) = Frame::parse(&r.payload) else {
-                self.counters.unknown_vc += 1;
-                return;
-            };
-            if !self.peers.contains_key(&r.source) {
-                self.counters.unknown_peer += 1;
-                return;
-            }
-            let profile = match ProfileConfig::from_wire(&h.profile).and_then(|c| Profile::from_config(&c)) {
-                Ok(p) => p,
-                Err(_) => {
-                    self.counters.refused_hellos += 1;
-                    return;
-                }
-            };
-            let vc = self.new_vc(now, key, profile);
-            match vc {
-                Ok(v) => {
-                    self.vcs.insert(key, v);
-                }
-                Err(_) => {
-                    self.counters.refused_hellos += 1;
-                    return;
-                }
-            }
+            self.accept_hello(now, key, path, &r.payload);
+            self.received.count(datagram_len, false, 0);
+            return;
         }
         let hops = r.trace.map(|t| t.hop_latencies());
-        if let Some(vc) = self.vcs.get_mut(&key) {
-            vc.handle_frame(now, path, hops, &mut r.payload);
+        let (Some(vc), Some(p)) = (self.vcs.get_mut(&key), self.peers.get_mut(&key.peer)) else { return };
+        let seen = vc.handle_frame(now, &mut p.paths, path, hops, &mut r.payload);
+        if seen.genuine {
+            p.heard = Some(now);
         }
+        self.received.count(datagram_len, seen.carries_data, seen.riding);
         self.drain_vc(now, key);
+        self.sync_peer(now, key.peer);
+    }
+
+    /// A frame for a VC we do not hold: if it is a hello from an introduced peer that passes
+    /// every check, the VC is created and the hello taken. Anything else costs a counter and
+    /// creates nothing.
+    fn accept_hello(&mut self, now: Instant, key: VcKey, path: Path, payload: &[u8]) {
+        let Ok(Frame::Hello(h, sig)) = Frame::parse(payload) else {
+            self.counters.unknown_vc += 1;
+            return;
+        };
+        let count = self.vc_count(key.peer);
+        let me = self.id();
+        let Some(p) = self.peers.get_mut(&key.peer) else {
+            self.counters.unknown_peer += 1;
+            return;
+        };
+        if !p.allow_hello_check(now) {
+            self.counters.hello_flood += 1;
+            return;
+        }
+        let profile = match check_hello(me, &self.clock, now, p.key, key.vc, &h, &sig) {
+            Ok(profile) => profile,
+            Err(e) => {
+                tracing::debug!(peer = %key.peer, vc = key.vc.0, "hello refused: {e}");
+                self.counters.bad_hellos += 1;
+                return;
+            }
+        };
+        if !p.is_fresh(key.vc, h.unix_ms) {
+            self.counters.replayed_hellos += 1;
+            return;
+        }
+        if count >= MAX_VCS_PER_PEER {
+            self.counters.too_many_vcs += 1;
+            return;
+        }
+        let vc = match VirtualConnection::new(now, self.identity.clone(), self.clock, p.key, key.vc, profile) {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(peer = %key.peer, vc = key.vc.0, "opening a VC for a hello: {e}");
+                self.counters.bad_hellos += 1;
+                return;
+            }
+        };
+        p.took_hello(key.vc, h.unix_ms);
+        p.heard = Some(now);
+        let vc = self.vcs.entry(key).or_insert(vc);
+        vc.handle_checked_hello(now, &p.paths, path, h);
+        self.drain_vc(now, key);
+        self.sync_peer(now, key.peer);
     }
 
     fn drain_vc(&mut self, now: Instant, key: VcKey) {
-        let Some(vc) = self.vcs.get_mut(&key) else { return };
+        let (Some(vc), Some(p)) = (self.vcs.get_mut(&key), self.peers.get_mut(&key.peer)) else { return };
         let mut buf = [0u8; MAX_DATAGRAM];
         while let Some(t) = vc.poll_transmit() {
             let env = Envelope { destination: key.peer, path: t.path, vc: key.vc, trace: t.trace };
             match self.endpoint.encode_data(now, &env, &t.frame, &mut buf) {
-                Ok((to, len)) => self.transmits.push_back(Transmit { to, bytes: buf[..len].to_vec() }),
+                Ok((to, len)) => {
+                    self.sent.count(len, t.carries_data, t.riding);
+                    self.transmits.push_back(Transmit { to, bytes: buf[..len].to_vec() });
+                }
                 Err(_) => {
                     self.counters.send_failures += 1;
-                    vc.on_unusable(&t.path);
+                    vc.on_unusable(&mut p.paths, &t.path);
                 }
             }
         }

@@ -1,0 +1,179 @@
+//! The key exchange of a VC: making, checking and answering hellos (see [`crate::crypto`] for
+//! the keys they agree).
+//!
+//! A hello is checked whole (its key, its signature over both node ids and the VC id, its
+//! time, its profile) by [`check_hello`] before anything acts on it: the node calls it before
+//! it creates a VC for a hello, so a forged or replayed hello costs a signature check and a
+//! counter, and never a VC or a datagram.
+
+use std::time::{Duration, Instant};
+
+use shoal_mesh::clock::WallClock;
+use shoal_mesh::wire::VcId;
+use shoal_protocol::{Identity, NodeId, PublicKey, Signature};
+
+use super::{State, VcEvent, VcTransmit, VirtualConnection, renet_for};
+use crate::crypto::{CryptoError, Ephemeral, HelloBody, SessionKeys};
+use crate::frame;
+use crate::path::PathSet;
+use crate::profile::{Profile, ProfileConfig, ProfileError};
+
+/// First hello retransmission; it doubles up to [`HELLO_RETRY_MAX`].
+pub(super) const HELLO_RETRY: Duration = Duration::from_millis(200);
+pub(super) const HELLO_RETRY_MAX: Duration = Duration::from_secs(2);
+/// How far a hello's timestamp may lie from our clock.
+pub const HELLO_MAX_SKEW: Duration = Duration::from_secs(120);
+
+/// Why a hello was refused.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum HelloError {
+    /// The key it carries is not the one the peer was introduced with.
+    #[error("hello carries a key other than the peer's")]
+    WrongKey,
+    /// Its signature does not verify under the peer's key for this pair of nodes and VC.
+    #[error(transparent)]
+    Signature(#[from] CryptoError),
+    /// Its time is further from ours than [`HELLO_MAX_SKEW`].
+    #[error("hello time is {skew:?} from ours")]
+    Skew {
+        /// How far.
+        skew: Duration,
+    },
+    /// Its profile is not one this version can run.
+    #[error("hello profile: {0}")]
+    Profile(#[from] ProfileError),
+}
+
+/// Checks a hello from `peer_key`'s node to `me` on `vc` whole, and returns the profile it
+/// asks for.
+pub fn check_hello(
+    me: NodeId,
+    clock: &WallClock,
+    now: Instant,
+    peer_key: PublicKey,
+    vc: VcId,
+    h: &HelloBody,
+    sig: &Signature,
+) -> Result<Profile, HelloError> {
+    if h.static_key != peer_key {
+        return Err(HelloError::WrongKey);
+    }
+    h.verify(sig, peer_key.node_id(), me, vc)?;
+    let ours = clock.unix_us(now) / 1000;
+    let skew = Duration::from_millis(ours.abs_diff(h.unix_ms));
+    if skew > HELLO_MAX_SKEW {
+        return Err(HelloError::Skew { skew });
+    }
+    Ok(Profile::from_config(&ProfileConfig::from_wire(&h.profile)?)?)
+}
+
+pub(super) fn make_hello(
+    identity: &Identity,
+    e: &Ephemeral,
+    clock: &WallClock,
+    now: Instant,
+    profile: &Profile,
+    peer: NodeId,
+    vc: VcId,
+) -> (HelloBody, Signature) {
+    let body = HelloBody {
+        ephemeral: e.public(),
+        static_key: identity.public_key(),
+        unix_ms: clock.unix_us(now) / 1000,
+        profile: profile.config.to_wire(),
+    };
+    let sig = body.sign(identity, peer, vc);
+    (body, sig)
+}
+
+impl VirtualConnection {
+    /// Sends the hello on every candidate path, so the fastest one delivers it first.
+    pub(super) fn send_hellos(&mut self, now: Instant, paths: &PathSet) {
+        let bytes = frame::write_hello(&self.my_hello.0, &self.my_hello.1);
+        for id in paths.ids() {
+            if self.sel.is_abandoned(now, id) {
+                continue;
+            }
+            if let Some(path) = paths.path(id) {
+                self.push(VcTransmit { path, trace: false, frame: bytes.clone(), carries_data: false, riding: 0 });
+            }
+        }
+    }
+
+    /// Handles a hello; returns whether it was genuine and the peer is still waiting for ours
+    /// (a fresh exchange, or a retransmission before any frame of ours got through).
+    pub(super) fn on_hello(&mut self, now: Instant, paths: &PathSet, h: HelloBody, sig: &Signature) -> bool {
+        let me = self.identity.node_id();
+        match check_hello(me, &self.clock, now, self.peer_key, self.vc, &h, sig) {
+            Ok(p) if p.delivery == self.profile.delivery => self.take_hello(now, paths, h),
+            _ => {
+                self.counters.bad_hellos += 1;
+                false
+            }
+        }
+    }
+
+    /// Acts on a hello that [`check_hello`] passed (the node checked it before creating this
+    /// VC for it); returns whether the peer is still waiting for ours.
+    pub(crate) fn take_hello(&mut self, now: Instant, paths: &PathSet, h: HelloBody) -> bool {
+        let me = self.identity.node_id();
+        match self.peer_hello {
+            Some(old) if old.ephemeral == h.ephemeral => {
+                // A retransmission: the peer has not got ours yet.
+                if !self.confirmed {
+                    self.send_hellos(now, paths);
+                }
+                return !self.confirmed;
+            }
+            Some(old) if h.unix_ms <= old.unix_ms => {
+                // An older exchange, replayed.
+                self.counters.bad_hellos += 1;
+                return false;
+            }
+            Some(_) => {
+                // The peer restarted the VC: new keys, new renet state.
+                match Ephemeral::generate() {
+                    Ok(e) => self.ephemeral = e,
+                    Err(_) => {
+                        self.counters.bad_hellos += 1;
+                        return false;
+                    }
+                }
+                self.my_hello =
+                    make_hello(&self.identity, &self.ephemeral, &self.clock, now, &self.profile, self.peer, self.vc);
+                self.renet = renet_for(&self.profile);
+                // Frames still queued were sealed under the old keys; the peer would take
+                // them for forgeries.
+                self.pacers.clear();
+                self.held_pongs.clear();
+                self.pull_ok = false;
+                self.ack_due = false;
+                self.acked_at = None;
+                self.renet_at = now;
+                self.newest_renet = None;
+                self.confirmed = false;
+                self.events.push_back(VcEvent::Reset);
+            }
+            None => {}
+        }
+        match SessionKeys::derive(me, self.peer, &mut self.ephemeral, &self.my_hello.0, &h) {
+            Ok(k) => {
+                self.keys = Some(k);
+                self.peer_hello = Some(h);
+                self.send_hellos(now, paths);
+                self.hello_next = now + self.hello_backoff;
+                if let State::Handshaking { .. } = self.state {
+                    self.state = State::Open;
+                    self.events.push_back(VcEvent::Opened);
+                }
+                self.last_heard = now;
+                self.flush_now = true;
+                true
+            }
+            Err(_) => {
+                self.counters.bad_hellos += 1;
+                false
+            }
+        }
+    }
+}
