@@ -820,7 +820,7 @@ fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
 async fn sign_in(target: Target, account: &str, password: &str) -> anyhow::Result<ControlLink> {
     let fp = target.fp;
     let mut link = ControlLink::connect(target.addr, &Trust::Pinned(fp)).await?;
-    let id = Identity::generate().map_err(|_| anyhow!("no system randomness for a key"))?;
+    let id = Identity::generate()?;
     let proof = KeyProof::new(&id, account, unix_ms(), &fp);
     link.send(&ClientToControl::SignIn { account: account.into(), password: password.into(), proof }).await?;
     loop {
