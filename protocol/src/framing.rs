@@ -137,7 +137,11 @@ mod tests {
         vec![
             ClientToControl::Keepalive,
             ClientToControl::RelayRtts(vec![(crate::NodeId([1; 8]), 12_000)]),
-            ClientToControl::CheckIn { local: vec!["10.0.0.2:4000".parse().unwrap()], mesh_port: 4000, reflexive: None },
+            ClientToControl::CheckIn {
+                local: vec!["10.0.0.2:4000".parse().unwrap()],
+                mesh_port: 4000,
+                reflexive: None,
+            },
             ClientToControl::SignOut,
         ]
     }
@@ -196,10 +200,7 @@ mod tests {
         let mut d = FrameDecoder::new(MAX_CONTROL_FRAME);
         d.feed(&[0, 0, 0, 2, 9, 9]);
         d.feed(&encode_frame(&ClientToControl::SignOut, MAX_CONTROL_FRAME).unwrap());
-        assert_eq!(
-            d.poll_message::<ClientToControl>(),
-            Err(FrameError::Codec(CodecError::UnsupportedVersion(9)))
-        );
+        assert_eq!(d.poll_message::<ClientToControl>(), Err(FrameError::Codec(CodecError::UnsupportedVersion(9))));
         assert_eq!(d.poll_message::<ClientToControl>(), Ok(Some(ClientToControl::SignOut)));
     }
 

@@ -23,5 +23,5 @@ pub use node::{Event, Node, NodeCounters, NodeError, PeerInfo, VcKey};
 pub use path::{PathId, PathInfo, PathKind, PathStats, SwitchReason};
 pub use profile::{Delivery, Policy, Profile, ProfileConfig};
 pub use session::{PlayerState, Session, SessionConfig, SessionError, SessionEvent};
-pub use shoal_mesh::control::Trust;
+pub use shoal_link::{LinkError, Trust};
 pub use vc::{CloseReason, VcCounters, VcEvent, VcSendError, VcStats};

@@ -22,7 +22,7 @@ use std::ops::Deref;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use renet::Bytes;
-use shoal_mesh::control::{ControlLink, LinkError, Trust, read_message, write_message};
+use shoal_link::{ControlLink, LinkError, Trust, write_message};
 use shoal_mesh::endpoint::Path;
 use shoal_mesh::wire::{Route, VcId};
 use shoal_protocol::control::{
@@ -393,7 +393,7 @@ impl Task {
         let (generation, tx) = (self.generation, self.incoming_tx.clone());
         tokio::spawn(async move {
             loop {
-                match read_message::<ControlToClient>(&mut recv).await {
+                match recv.read_message::<ControlToClient>().await {
                     Ok(m) => {
                         if tx.send(Incoming::Message(generation, m)).is_err() {
                             return;

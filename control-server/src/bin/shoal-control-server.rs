@@ -17,7 +17,7 @@ use shoal_control::limit::RateLimit;
 use shoal_control::server::{self, ServerConfig};
 use shoal_control::store::Store;
 use shoal_control::tls::ServerIdentity;
-use shoal_mesh::config::load_or_create_key;
+use shoal_link::daemon::{load_or_create_key, shutdown_signal};
 use shoal_protocol::NodeId;
 use shoal_protocol::control::RelayInfo;
 use shoal_protocol::identity::{parse_hex, to_hex};
@@ -272,6 +272,7 @@ fn run(config: &Path) -> anyhow::Result<()> {
         let http_addr = http.local_addr()?;
         let (stop_http, stop_rx) = tokio::sync::watch::channel(false);
         let http_task = tokio::spawn(shoal_control::http::serve(http, server.client(), stop_rx));
+        let stop = shutdown_signal();
         println!(
             "shoal-control-server ready quic={} http={} fingerprint={} control_public_key={}",
             server.addr,
@@ -279,7 +280,7 @@ fn run(config: &Path) -> anyhow::Result<()> {
             to_hex(&fingerprint),
             identity.public_key()
         );
-        shoal_mesh::driver::shutdown_signal().await;
+        stop.await;
         tracing::info!("shutting down");
         let _ = stop_http.send(true);
         server.shutdown().await;
