@@ -261,6 +261,42 @@ async fn a_session_reconnects_and_resumes_after_the_control_server_restarts() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_observed_address_is_told_once_per_address() {
+    let (dir, _relay, store, server) = relay_and_control_server("observed", 43).await;
+    let mut a = Session::start(session_config(server.addr, &dir, "ana", 1)).await.unwrap();
+    let first = a.local_addr();
+    // The session checks in when it starts, and again once the relay has seen its mesh socket
+    // (here at the same address): the server answers both, and the game hears it once.
+    let mut told = Vec::new();
+    until(&mut a, "the relay's binding", |e| match e {
+        SessionEvent::Observed(addr) => {
+            told.push(addr);
+            None
+        }
+        SessionEvent::Node(Event::RelayBound { .. }) => Some(()),
+        _ => None,
+    })
+    .await;
+    // A new socket: the relay sees a new address, and so does the control server. Its answer
+    // comes after any answer to the earlier check-ins.
+    let moved = a.rebind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    until(&mut a, "the new address", |e| match e {
+        SessionEvent::Observed(addr) => {
+            told.push(addr);
+            (addr == moved).then_some(())
+        }
+        _ => None,
+    })
+    .await;
+    assert_eq!(told, vec![first, moved]);
+
+    a.sign_out().await;
+    server.shutdown().await;
+    store.close().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_that_cannot_sign_in_says_why() {
     let dir = temp_dir("refused");
     let store = Store::open(&format!("sqlite:{}", dir.join("control.db").display())).await.unwrap();
@@ -269,6 +305,7 @@ async fn a_session_that_cannot_sign_in_says_why() {
     wrong_password.password = "not-ana-pw".into();
     let err = Session::start(wrong_password).await.unwrap_err();
     assert!(matches!(err, SessionError::Refused(Refusal::BadCredentials)), "{err}");
+    assert_eq!(err.to_string(), "the control server refused: wrong account or password");
 
     let mut wrong_pin = session_config(server.addr, &dir, "ana", 1);
     wrong_pin.trust = Trust::Pinned([7; 32]);
