@@ -27,5 +27,10 @@ pub use shoal_link::{LinkError, Trust, TrustError};
 pub use shoal_mesh::endpoint::Path;
 pub use shoal_mesh::wire::{Route, VcId};
 pub use shoal_protocol::control::Refusal;
-pub use shoal_protocol::{Identity, NodeId, PublicKey, RandomnessError};
+pub use shoal_protocol::{Identity, NodeId, PublicKey, RandomnessError, SignedTicket};
 pub use vc::{CloseReason, VcCounters, VcEvent, VcSendError, VcStats};
+
+/// The README's Rust blocks, compiled as doctests so that they follow the API.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeDoctests;

@@ -320,6 +320,19 @@ mod tests {
     }
 
     #[test]
+    fn the_readme_control_toml_is_a_config_that_runs() {
+        let readme = include_str!("../../../README.md");
+        let (_, after) = readme.split_once("`control-data/control.toml`").unwrap();
+        let block = after.split("```toml\n").nth(1).and_then(|b| b.split("```").next()).unwrap();
+        // The relay's node id is a placeholder there.
+        let block = block.replace("<16 hex digits>", "0102030405060708");
+        let file: ControlFile = toml::from_str(&block).unwrap_or_else(|e| panic!("{e}\n{block}"));
+        let (core, limit) = file.core().unwrap();
+        assert_eq!((core.relays.len(), core.profiles.len()), (1, 2));
+        assert_eq!(limit, RateLimit { per_s: 20.0, burst: 40.0 });
+    }
+
+    #[test]
     fn bad_profiles_and_limits_are_refused_with_their_place() {
         let e = parse("[[profiles]]\nvc = 2\nkind = \"bulk\"\nmax_paths = 9\n").unwrap_err();
         assert!(format!("{e:#}").contains("vc = 2"), "{e:#}");
