@@ -189,6 +189,18 @@ mod tests {
     }
 
     #[test]
+    fn bytes_fed_after_a_refusal_change_nothing() {
+        // A fuzzer's find: four bytes announcing 2,374,864,138, then more bytes in later chunks.
+        let mut d = FrameDecoder::new(1);
+        d.feed(&[0x8d, 0x8d, 0x8d, 0x0a]);
+        let e = FrameError::TooLarge { len: 0x8d8d_8d0a, max: 1 };
+        assert_eq!(d.poll_message::<ClientToControl>(), Err(e.clone()));
+        d.feed(&[0x0a]);
+        assert_eq!(d.poll_message::<ClientToControl>(), Err(e));
+        assert_eq!((d.buffered(), d.needed()), (0, 0));
+    }
+
+    #[test]
     fn the_encoder_refuses_what_the_receiver_would() {
         let big = ClientToControl::RelayRtts(vec![(crate::NodeId([1; 8]), 1); 100]);
         let len = codec::encode(&big).unwrap().len();
