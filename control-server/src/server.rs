@@ -2,7 +2,7 @@
 //!
 //! Players' clients (ALPN `shoal-control/1`) and relays (ALPN `shoal-relay/1`) connect to the
 //! same port. Each opens one bidirectional stream and sends length-prefixed frames
-//! ([`shoal_mesh::control`]); the server answers on the same stream. One task owns the core
+//! ([`shoal_link`]); the server answers on the same stream. One task owns the core
 //! and is fed by the connections' reader tasks; sign-in checks and account look-ups run on
 //! their own tasks and come back as events, so a slow hash never holds up other clients.
 //! Report rows and character saves are written to the [`Store`] in batches on each tick, by
@@ -21,10 +21,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rustc_hash::FxHashMap;
-use shoal_mesh::control::{LinkError, RELAY_ALPN, read_frame, write_message};
-use shoal_mesh::driver::batch::bind_reuseport;
-use shoal_protocol::codec::decode;
-use shoal_protocol::control::{ClientToControl, ControlToClient, ControlToRelay, MAX_CONTROL_FRAME, RelayToControl};
+use shoal_link::daemon::bind_udp;
+use shoal_link::{FrameReader, LinkError, RELAY_ALPN, write_message};
+use shoal_protocol::control::{ClientToControl, ControlToClient, ControlToRelay, RelayToControl};
+use shoal_protocol::framing::FrameError;
 use shoal_protocol::{Identity, UnixTime};
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -182,10 +182,7 @@ pub fn start(cfg: ServerConfig, store: Store, auth: Arc<dyn Authenticator>) -> R
     // A socket buffer well above the kernel's default, so that a burst from many clients at
     // once is queued rather than dropped (a dropped handshake packet costs a client the
     // handshake's retransmission timeout, about a second).
-    let socket = bind_reuseport(cfg.listen, 1, SOCKET_BUFFER)
-        .map_err(bind)?
-        .pop()
-        .ok_or_else(|| bind(std::io::Error::other("no socket")))?;
+    let socket = bind_udp(cfg.listen, SOCKET_BUFFER, false).map_err(bind)?;
     let endpoint = quinn::Endpoint::new(
         quinn::EndpointConfig::default(),
         Some(cfg.tls.server_config()?),
@@ -411,7 +408,8 @@ async fn serve(conn: ConnId, connection: quinn::Connection, events: mpsc::Sender
         .and_then(|h| h.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
         .and_then(|h| h.protocol)
         .is_some_and(|p| p == RELAY_ALPN);
-    let Ok((mut send, mut recv)) = connection.accept_bi().await else { return };
+    let Ok((mut send, recv)) = connection.accept_bi().await else { return };
+    let mut recv = FrameReader::new(recv);
     let (tx, mut out) = mpsc::channel::<Outgoing>(OUTGOING_QUEUE);
     if events.send(Event::Connected(conn, remote, Writer { queue: tx, connection: connection.clone() })).await.is_err()
     {
@@ -448,22 +446,22 @@ async fn serve(conn: ConnId, connection: quinn::Connection, events: mpsc::Sender
             // The token is there now; taking it cannot fail.
             let _ = bucket.take(Instant::now());
         }
-        let frame = match read_frame(&mut recv).await {
-            Ok(frame) => frame,
-            Err(LinkError::Oversized(_)) => {
+        // Decoded here, on the connection's own task, so the core's task only acts.
+        let event = if relay {
+            recv.read_message::<RelayToControl>().await.map(|m| Event::RelayMessage(conn, m))
+        } else {
+            recv.read_message::<ClientToControl>().await.map(|m| Event::Message(conn, m))
+        };
+        let event = match event {
+            Ok(event) => event,
+            Err(LinkError::Frame(FrameError::Codec(_))) => Event::Malformed(conn),
+            Err(LinkError::Frame(FrameError::TooLarge { .. })) => {
                 // Refused before reading it; the stream cannot be resynchronised, so it ends.
                 let _ = events.send(Event::Malformed(conn)).await;
                 break;
             }
             Err(_) => break,
         };
-        // Decoded here, on the connection's own task, so the core's task only acts.
-        let event = if relay {
-            decode::<RelayToControl>(&frame, MAX_CONTROL_FRAME).map(|m| Event::RelayMessage(conn, m))
-        } else {
-            decode::<ClientToControl>(&frame, MAX_CONTROL_FRAME).map(|m| Event::Message(conn, m))
-        };
-        let event = event.unwrap_or(Event::Malformed(conn));
         if events.send(event).await.is_err() {
             break;
         }

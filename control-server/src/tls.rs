@@ -1,13 +1,13 @@
 //! TLS for the control plane's QUIC, server side: the server's certificate, made self-signed
 //! on first start and kept beside its database. Clients trust it by its fingerprint or a CA
-//! file ([`shoal_mesh::control::Trust`]). TLS 1.3 only, ring as the crypto provider.
+//! file ([`shoal_link::Trust`]). TLS 1.3 only, ring as the crypto provider.
 
 use std::path::Path;
 use std::sync::Arc;
 
 use quinn::crypto::rustls::QuicServerConfig;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-pub use shoal_mesh::control::{ALPN, RELAY_ALPN, SERVER_NAME, fingerprint};
+pub use shoal_link::{ALPN, RELAY_ALPN, SERVER_NAME, fingerprint};
 use shoal_protocol::control::MAX_CONTROL_FRAME;
 
 /// Why TLS could not be set up.
@@ -107,7 +107,7 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use shoal_mesh::control::{Trust, client_config};
+    use shoal_link::{Trust, client_config};
     use std::net::SocketAddr;
 
     fn dir(name: &str) -> std::path::PathBuf {

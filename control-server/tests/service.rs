@@ -2,7 +2,7 @@
 //! reports put them near each other and dismissed when they part; every rejection path
 //! answers with its refusal; garbage and oversized frames are refused; and after a restart on
 //! the same database and certificate, clients resume with their session tickets and their
-//! characters are intact. A client writing as fast as it can is slowed to its rate limit
+//! characters are intact. A client pinning another certificate is told both fingerprints. A client writing as fast as it can is slowed to its rate limit
 //! while others sign in, and loses nothing; a client that stops reading is closed.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -17,11 +17,12 @@ use shoal_control::limit::RateLimit;
 use shoal_control::server::{self, ServerConfig, ServerHandle};
 use shoal_control::store::Store;
 use shoal_control::tls::ServerIdentity;
-use shoal_mesh::control::{ControlLink, Trust};
+use shoal_link::{ControlLink, LinkError, Trust};
 use shoal_protocol::codec::encode;
 use shoal_protocol::control::{
     ClientToControl, ControlToClient, KeyProof, MAX_CONTROL_FRAME, Refusal, RelayInfo, Report,
 };
+use shoal_protocol::identity::to_hex;
 use shoal_protocol::profile::ProfileConfig;
 use shoal_protocol::{Identity, NodeId};
 use tokio::time::timeout;
@@ -246,6 +247,34 @@ async fn every_rejection_gets_its_refusal() {
 }
 
 #[tokio::test]
+async fn a_wrong_pin_says_which_fingerprints_differ() {
+    let setup = Setup::new("pin").await;
+    let (server, fp) = setup.start().await;
+    let pinned = [0x9f; 32];
+    let err = ControlLink::connect(server.addr, &Trust::Pinned(pinned)).await.unwrap_err();
+    assert!(
+        matches!(err, LinkError::FingerprintMismatch { presented, pinned: p } if presented == fp && p == pinned),
+        "{err:?}"
+    );
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "the server's certificate fingerprint sha256:{} does not match the pinned sha256:{}",
+            to_hex(&fp),
+            "9f".repeat(32)
+        )
+    );
+    // The fingerprint as `shoal-control-server fingerprint` prints it pins the same server.
+    let printed: Trust = to_hex(&fp).parse().unwrap();
+    let mut link = ControlLink::connect(server.addr, &printed).await.unwrap();
+    link.send(&ClientToControl::Keepalive).await.unwrap();
+    let answer = timeout(WAIT, link.recv::<ControlToClient>()).await.unwrap().unwrap();
+    assert_eq!(answer, ControlToClient::Refused(Refusal::NotSignedIn));
+    server.shutdown().await;
+    setup.store.close().await;
+}
+
+#[tokio::test]
 async fn after_a_restart_clients_resume_and_characters_are_intact() {
     let setup = Setup::new("restart").await;
     let (server, fp) = setup.start().await;
@@ -313,27 +342,27 @@ async fn a_client_that_stops_reading_is_closed_and_counted() {
     let (server, fp) = setup.start_limited(RateLimit { per_s: 100_000.0, burst: 100_000.0 }).await;
     // A client whose stream window holds only a few replies, so that the server's writes to
     // it block once it stops reading.
-    let mut config = shoal_mesh::control::client_config(&Trust::Pinned(fp)).unwrap();
+    let mut config = shoal_link::client_config(&Trust::Pinned(fp)).unwrap();
     let mut transport = quinn::TransportConfig::default();
     transport.stream_receive_window(1024u32.into());
     transport.receive_window(4096u32.into());
     config.transport_config(Arc::new(transport));
     let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
     endpoint.set_default_client_config(config);
-    let connection =
-        endpoint.connect(server.addr, shoal_mesh::control::SERVER_NAME).unwrap().await.expect("connecting");
-    let (mut send, mut recv) = connection.open_bi().await.unwrap();
+    let connection = endpoint.connect(server.addr, shoal_link::SERVER_NAME).unwrap().await.expect("connecting");
+    let (mut send, recv) = connection.open_bi().await.unwrap();
+    let mut recv = shoal_link::FrameReader::new(recv);
     let id = Identity::from_seed([3; 32]);
     let proof = KeyProof::new(&id, "ana", unix_ms(), &fp);
     let sign_in = ClientToControl::SignIn { account: "ana".into(), password: "ana-pw".into(), proof };
-    shoal_mesh::control::write_message(&mut send, &sign_in).await.unwrap();
-    let welcome: ControlToClient = timeout(WAIT, shoal_mesh::control::read_message(&mut recv)).await.unwrap().unwrap();
+    shoal_link::write_message(&mut send, &sign_in).await.unwrap();
+    let welcome: ControlToClient = timeout(WAIT, recv.read_message()).await.unwrap().unwrap();
     assert!(matches!(welcome, ControlToClient::Welcome { .. }));
     // Every check-in is answered with the observed address; none of the answers is read.
     let check_in = ClientToControl::CheckIn { local: vec![], mesh_port: 4000, reflexive: None };
     let flood = async {
         for _ in 0..5_000 {
-            if shoal_mesh::control::write_message(&mut send, &check_in).await.is_err() {
+            if shoal_link::write_message(&mut send, &check_in).await.is_err() {
                 break;
             }
         }

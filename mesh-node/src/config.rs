@@ -28,11 +28,12 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use shoal_protocol::identity::{parse_hex, to_hex};
+use shoal_link::Trust;
+use shoal_link::daemon::load_or_create_key;
+use shoal_protocol::identity::parse_hex;
 use shoal_protocol::ticket::TICKET_LEN;
 use shoal_protocol::{Identity, PublicKey, Roles, SignedTicket, TicketKind, UnixTime};
 
-use crate::control::Trust;
 use crate::driver::relay::RelayOptions;
 use crate::router::{Rate, RouterConfig};
 
@@ -196,7 +197,8 @@ impl RelayFile {
         }
         let control_key =
             PublicKey(parse_hex(&self.control_public_key).map_err(|e| invalid("control_public_key", e.to_string()))?);
-        let identity = load_or_create_key(&base.join(&self.key_file))?;
+        let identity = load_or_create_key(&base.join(&self.key_file))
+            .map_err(|e| ConfigError::Key { path: e.path, reason: e.reason })?;
         let permit = match &self.permit {
             Some(hex) => Some(self.check_permit(hex, &identity, &control_key, now)?),
             None if self.control.is_some() => None,
@@ -210,7 +212,7 @@ impl RelayFile {
                         "required when listen is an unspecified address: clients must be told where to reach us",
                     ));
                 }
-                let trust = c.trust.parse().map_err(|e: String| invalid("control.trust", e))?;
+                let trust = c.trust.parse::<Trust>().map_err(|e| invalid("control.trust", e.to_string()))?;
                 Some(ControlSettings { addr: c.addr, trust, public_addr: c.public_addr })
             }
             None => None,
@@ -269,26 +271,4 @@ impl RelayFile {
             .map_err(|e| invalid("permit", e.to_string()))?;
         Ok(permit)
     }
-}
-
-/// Reads an identity seed (64 hex digits) from `path`, or creates the file with a new one.
-pub fn load_or_create_key(path: &Path) -> Result<Identity, ConfigError> {
-    let err = |reason: String| ConfigError::Key { path: path.into(), reason };
-    match std::fs::read_to_string(path) {
-        Ok(text) => Ok(Identity::from_seed(parse_hex(&text).map_err(|e| err(e.to_string()))?)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let id = Identity::generate().map_err(|_| err("no system randomness".into()))?;
-            write_secret(path, &format!("{}\n", to_hex(id.seed()))).map_err(|e| err(e.to_string()))?;
-            Ok(id)
-        }
-        Err(e) => Err(err(e.to_string())),
-    }
-}
-
-/// Writes a file readable only by its owner.
-fn write_secret(path: &Path, text: &str) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
-    f.write_all(text.as_bytes())
 }

@@ -7,7 +7,6 @@
 pub mod bind;
 pub mod clock;
 pub mod config;
-pub mod control;
 pub mod driver;
 pub mod endpoint;
 pub mod metrics;

@@ -1,7 +1,7 @@
 //! Control-plane messages, named by direction. They travel over the control server's QUIC
-//! connections, one message per length-delimited frame, framed by [`crate::codec`] (version
-//! byte, then postcard). A frame larger than [`MAX_CONTROL_FRAME`] is refused before it is
-//! decoded.
+//! connections, one message per length-prefixed frame ([`crate::framing`]) holding a
+//! [`crate::codec`] frame (version byte, then postcard). A frame larger than
+//! [`MAX_CONTROL_FRAME`] is refused before it is read.
 //!
 //! The control plane never carries game payloads: it signs players in, records where they are
 //! reachable, introduces neighbours to each other, maps the relays, and takes reports.
@@ -117,6 +117,21 @@ pub enum Refusal {
     Implausible,
     /// The build hash is not on the allow-list.
     UnknownBuild,
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Refusal::BadCredentials => "wrong account or password",
+            Refusal::BadProof => "the proof of the client's key is invalid or its clock is too far off",
+            Refusal::BadTicket => "the session ticket is forged, expired or for another key",
+            Refusal::NotSignedIn => "not signed in",
+            Refusal::Malformed => "a message could not be decoded or was too large",
+            Refusal::RateLimited => "too many attempts; try again later",
+            Refusal::Implausible => "too many implausible reports",
+            Refusal::UnknownBuild => "this build of the game is not allowed",
+        })
+    }
 }
 
 /// A relay a client may use, with the control server's latency estimate.
@@ -364,6 +379,12 @@ mod tests {
             let f = encode(&m).unwrap();
             assert_eq!(decode::<ControlToRelay>(&f, MAX_CONTROL_FRAME).unwrap(), m);
         }
+    }
+
+    #[test]
+    fn refusals_read_as_words() {
+        assert_eq!(Refusal::BadCredentials.to_string(), "wrong account or password");
+        assert_eq!(Refusal::RateLimited.to_string(), "too many attempts; try again later");
     }
 
     #[test]

@@ -138,6 +138,11 @@ impl<'de> serde::Deserialize<'de> for Signature {
 #[error("signature does not match the key and message")]
 pub struct SignatureError;
 
+/// The operating system's random source gave no bytes for a new key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the operating system's random source failed; no key could be made")]
+pub struct RandomnessError;
+
 /// A hex string was not the expected number of hex digits.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("expected {expected} hex digits")]
@@ -195,10 +200,10 @@ impl Identity {
     }
 
     /// A new identity with a seed from the operating system's random source.
-    pub fn generate() -> Result<Identity, ring::error::Unspecified> {
+    pub fn generate() -> Result<Identity, RandomnessError> {
         use ring::rand::{SecureRandom, SystemRandom};
         let mut seed = [0; 32];
-        SystemRandom::new().fill(&mut seed)?;
+        SystemRandom::new().fill(&mut seed).map_err(|_| RandomnessError)?;
         Ok(Identity::from_seed(seed))
     }
 
@@ -251,6 +256,15 @@ mod tests {
         assert!(id.public_key().verify(b"ctx-a", b"hello", &sig).is_ok());
         assert_eq!(id.public_key().verify(b"ctx-b", b"hello", &sig), Err(SignatureError));
         assert_eq!(id.public_key().verify(b"ctx-a", b"hellO", &sig), Err(SignatureError));
+    }
+
+    #[test]
+    fn a_generated_identity_fails_with_an_error_that_boxes() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        // `?` into a boxed error (as into anyhow's) needs a std error type.
+        let (a, b) = (Identity::generate()?, Identity::generate()?);
+        assert_ne!(a.node_id(), b.node_id());
+        assert!(!RandomnessError.to_string().is_empty());
+        Ok(())
     }
 
     #[test]

@@ -73,13 +73,33 @@ impl std::ops::BitOr for Roles {
 
 impl fmt::Debug for Roles {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut names = Vec::new();
-        for (bit, name) in [(Roles::CLIENT, "client"), (Roles::RELAY, "relay"), (Roles::HOSTING, "hosting")] {
-            if self.contains(bit) {
-                names.push(name);
-            }
-        }
-        write!(f, "Roles({})", names.join("|"))
+        write!(f, "Roles({self})")
+    }
+}
+
+impl fmt::Display for Roles {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let names: Vec<&str> = [(Roles::CLIENT, "client"), (Roles::RELAY, "relay"), (Roles::HOSTING, "hosting")]
+            .into_iter()
+            .filter_map(|(bit, name)| self.contains(bit).then_some(name))
+            .collect();
+        f.write_str(if names.is_empty() { "none".into() } else { names.join("|") }.as_str())
+    }
+}
+
+impl fmt::Display for TicketKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            TicketKind::Session => "session ticket",
+            TicketKind::RelayPermit => "relay permit",
+        })
+    }
+}
+
+impl fmt::Display for UnixTime {
+    /// Seconds since the Unix epoch, marked as such.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} s since the Unix epoch", self.0)
     }
 }
 
@@ -164,7 +184,7 @@ pub enum TicketError {
     #[error("ticket signature is not the control server's")]
     BadSignature,
     /// A ticket of another kind was presented.
-    #[error("expected a {expected:?} ticket, got {found:?}")]
+    #[error("expected a {expected}, got a {found}")]
     WrongKind {
         /// Kind the verifier asked for.
         expected: TicketKind,
@@ -172,7 +192,7 @@ pub enum TicketError {
         found: TicketKind,
     },
     /// The ticket lacks a role the verifier requires.
-    #[error("ticket lacks role {required:?} (grants {granted:?})")]
+    #[error("ticket lacks the role {required} (it grants {granted})")]
     WrongRole {
         /// Roles the verifier requires.
         required: Roles,
@@ -180,7 +200,7 @@ pub enum TicketError {
         granted: Roles,
     },
     /// The ticket's validity ended.
-    #[error("ticket expired at {expires_at:?} (now {now:?})")]
+    #[error("ticket expired at {expires_at} (now {now})")]
     Expired {
         /// End of validity.
         expires_at: UnixTime,
@@ -188,7 +208,7 @@ pub enum TicketError {
         now: UnixTime,
     },
     /// The ticket was issued further in the future than clock skew explains.
-    #[error("ticket issued at {issued_at:?}, in the future (now {now:?})")]
+    #[error("ticket issued at {issued_at}, in the future (now {now})")]
     NotYetValid {
         /// Claimed issue time.
         issued_at: UnixTime,
@@ -328,14 +348,17 @@ mod tests {
             t.verify(&ctl, TicketKind::RelayPermit, Roles::CLIENT, UnixTime(900)),
             Err(TicketError::NotYetValid { .. })
         ));
-        assert!(matches!(
-            t.verify(&ctl, TicketKind::Session, Roles::CLIENT, UnixTime(1010)),
-            Err(TicketError::WrongKind { .. })
-        ));
-        assert!(matches!(
-            t.verify(&ctl, TicketKind::RelayPermit, Roles::RELAY, UnixTime(1010)),
-            Err(TicketError::WrongRole { .. })
-        ));
+        let e = t.verify(&ctl, TicketKind::Session, Roles::CLIENT, UnixTime(1010)).unwrap_err();
+        assert!(matches!(e, TicketError::WrongKind { .. }));
+        assert_eq!(e.to_string(), "expected a session ticket, got a relay permit");
+        let e = t.verify(&ctl, TicketKind::RelayPermit, Roles::RELAY, UnixTime(1010)).unwrap_err();
+        assert!(matches!(e, TicketError::WrongRole { .. }));
+        assert_eq!(e.to_string(), "ticket lacks the role relay (it grants client)");
+        assert_eq!(
+            TicketError::Expired { expires_at: UnixTime(1060), now: UnixTime(1061) }.to_string(),
+            "ticket expired at 1060 s since the Unix epoch (now 1061 s since the Unix epoch)"
+        );
+        assert_eq!(format!("{:?} {}", Roles(0), Roles::CLIENT | Roles::HOSTING), "Roles(none) client|hosting");
         // Signed by someone other than the control key.
         let forged = TicketBody::new(TicketKind::RelayPermit, node.public_key(), Roles::CLIENT, UnixTime(1000), 60)
             .sign(&Identity::from_seed([66; 32]));

@@ -25,5 +25,14 @@ pub use node::{Event, MAX_VCS_PER_PEER, Node, NodeCounters, NodeError, PeerInfo,
 pub use path::{PathId, PathInfo, PathKind, PathStats, SwitchReason};
 pub use profile::{Delivery, Policy, Profile, ProfileConfig};
 pub use session::{PlayerState, Session, SessionConfig, SessionError, SessionEvent};
-pub use shoal_mesh::control::Trust;
+pub use shoal_link::{LinkError, Trust, TrustError};
+pub use shoal_mesh::endpoint::Path;
+pub use shoal_mesh::wire::{Route, VcId};
+pub use shoal_protocol::control::Refusal;
+pub use shoal_protocol::{Identity, NodeId, PublicKey, RandomnessError, SignedTicket};
 pub use vc::{CloseReason, HelloError, VcCounters, VcEvent, VcSendError, VcStats};
+
+/// The README's Rust blocks, compiled as doctests so that they follow the API.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeDoctests;

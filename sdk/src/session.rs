@@ -22,7 +22,7 @@ use std::ops::Deref;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use renet::Bytes;
-use shoal_mesh::control::{ControlLink, LinkError, Trust, read_message, write_message};
+use shoal_link::{ControlLink, LinkError, Trust, write_message};
 use shoal_mesh::endpoint::Path;
 use shoal_mesh::wire::{Route, VcId};
 use shoal_protocol::control::{
@@ -130,7 +130,8 @@ pub enum SessionEvent {
         /// The VCs closed.
         closed: Vec<VcKey>,
     },
-    /// The control server saw our check-in come from this address.
+    /// The control server takes this address for our mesh socket (told once per address,
+    /// however often it repeats it).
     Observed(SocketAddr),
     /// The control connection was lost; the mesh runs on and the session reconnects.
     ControlLost(String),
@@ -151,7 +152,7 @@ pub enum SessionError {
     #[error("the control server did not answer in time")]
     Timeout,
     /// The control server refused the sign-in.
-    #[error("the control server refused: {0:?}")]
+    #[error("the control server refused: {0}")]
     Refused(Refusal),
     /// The welcome carried something unusable.
     #[error("bad welcome: {0}")]
@@ -338,6 +339,8 @@ struct Task {
     observed: Option<SocketAddr>,
     /// The relay whose view of us `observed` is.
     observed_by: Option<SocketAddr>,
+    /// The address the control server last answered a check-in with.
+    control_observed: Option<SocketAddr>,
 }
 
 impl Task {
@@ -368,6 +371,7 @@ impl Task {
             sent_rtts: Vec::new(),
             observed: None,
             observed_by: None,
+            control_observed: None,
         }
     }
 
@@ -393,7 +397,7 @@ impl Task {
         let (generation, tx) = (self.generation, self.incoming_tx.clone());
         tokio::spawn(async move {
             loop {
-                match read_message::<ControlToClient>(&mut recv).await {
+                match recv.read_message::<ControlToClient>().await {
                     Ok(m) => {
                         if tx.send(Incoming::Message(generation, m)).is_err() {
                             return;
@@ -567,7 +571,13 @@ impl Task {
                 }
                 Err(e) => tracing::warn!("control server sent an unreadable permit: {e}"),
             },
-            ControlToClient::Observed(a) => self.emit(SessionEvent::Observed(a)),
+            ControlToClient::Observed(a) => {
+                // Every check-in is answered, and the session checks in again when a relay
+                // reports our mapping and after a reconnect: mostly with the same answer.
+                if self.control_observed.replace(a) != Some(a) {
+                    self.emit(SessionEvent::Observed(a));
+                }
+            }
             ControlToClient::Refused(r) => {
                 if is_final(r) {
                     self.refused = true;

@@ -15,15 +15,14 @@ use shoal_control::limit::RateLimit;
 use shoal_control::server::{self, ServerConfig, ServerHandle};
 use shoal_control::store::Store;
 use shoal_control::tls::ServerIdentity;
-use shoal_mesh::control::LinkError;
 use shoal_mesh::wire::VcId;
 use shoal_protocol::Identity;
 use shoal_protocol::control::{Refusal, RelayInfo};
 use shoal_protocol::profile::ProfileConfig;
 use shoal_sdk::{
-    Event, PathKind, PlayerState, Session, SessionConfig, SessionError, SessionEvent, Trust, VcEvent, VcKey,
+    Event, LinkError, PathKind, PlayerState, Session, SessionConfig, SessionError, SessionEvent, Trust, VcEvent, VcKey,
 };
-use shoal_tests::procs::{start_registered_relay, start_relay};
+use shoal_tests::procs::{RelayProc, start_registered_relay, start_relay};
 use tokio::time::{Instant, timeout_at};
 
 fn temp_dir(name: &str) -> std::path::PathBuf {
@@ -63,6 +62,17 @@ async fn control_server(
     server::start(cfg, store.clone(), Arc::new(accounts)).unwrap()
 }
 
+/// A relay process with identity seed `seed` and a control server that hands it to players,
+/// in a fresh folder.
+async fn relay_and_control_server(name: &str, seed: u8) -> (std::path::PathBuf, RelayProc, Store, ServerHandle) {
+    let dir = temp_dir(name);
+    let relay = start_relay(&dir, &Identity::from_seed([77; 32]), seed, "");
+    let store = Store::open(&format!("sqlite:{}", dir.join("control.db").display())).await.unwrap();
+    let relays = vec![RelayInfo { id: relay.id, addr: relay.addr, rtt_us: 0 }];
+    let server = control_server(&dir, &store, "127.0.0.1:0".parse().unwrap(), relays).await;
+    (dir, relay, store, server)
+}
+
 fn session_config(server: SocketAddr, dir: &std::path::Path, account: &str, seed: u8) -> SessionConfig {
     let fp = ServerIdentity::load_or_create(dir).unwrap().fingerprint();
     let id = Identity::from_seed([seed; 32]);
@@ -93,12 +103,7 @@ async fn until<T>(s: &mut Session, what: &str, mut f: impl FnMut(SessionEvent) -
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_sessions_are_introduced_talk_through_a_relay_then_directly_and_part_with_a_farewell() {
-    let dir = temp_dir("intro");
-    let control = Identity::from_seed([77; 32]);
-    let relay = start_relay(&dir, &control, 42, "");
-    let store = Store::open(&format!("sqlite:{}", dir.join("control.db").display())).await.unwrap();
-    let relays = vec![RelayInfo { id: relay.id, addr: relay.addr, rtt_us: 0 }];
-    let server = control_server(&dir, &store, "127.0.0.1:0".parse().unwrap(), relays).await;
+    let (dir, relay, store, server) = relay_and_control_server("intro", 42).await;
 
     let mut a = Session::start(session_config(server.addr, &dir, "ana", 1)).await.unwrap();
     let mut b = Session::start(session_config(server.addr, &dir, "bob", 2)).await.unwrap();
@@ -256,6 +261,42 @@ async fn a_session_reconnects_and_resumes_after_the_control_server_restarts() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_observed_address_is_told_once_per_address() {
+    let (dir, _relay, store, server) = relay_and_control_server("observed", 43).await;
+    let mut a = Session::start(session_config(server.addr, &dir, "ana", 1)).await.unwrap();
+    let first = a.local_addr();
+    // The session checks in when it starts, and again once the relay has seen its mesh socket
+    // (here at the same address): the server answers both, and the game hears it once.
+    let mut told = Vec::new();
+    until(&mut a, "the relay's binding", |e| match e {
+        SessionEvent::Observed(addr) => {
+            told.push(addr);
+            None
+        }
+        SessionEvent::Node(Event::RelayBound { .. }) => Some(()),
+        _ => None,
+    })
+    .await;
+    // A new socket: the relay sees a new address, and so does the control server. Its answer
+    // comes after any answer to the earlier check-ins.
+    let moved = a.rebind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    until(&mut a, "the new address", |e| match e {
+        SessionEvent::Observed(addr) => {
+            told.push(addr);
+            (addr == moved).then_some(())
+        }
+        _ => None,
+    })
+    .await;
+    assert_eq!(told, vec![first, moved]);
+
+    a.sign_out().await;
+    server.shutdown().await;
+    store.close().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_that_cannot_sign_in_says_why() {
     let dir = temp_dir("refused");
     let store = Store::open(&format!("sqlite:{}", dir.join("control.db").display())).await.unwrap();
@@ -264,11 +305,17 @@ async fn a_session_that_cannot_sign_in_says_why() {
     wrong_password.password = "not-ana-pw".into();
     let err = Session::start(wrong_password).await.unwrap_err();
     assert!(matches!(err, SessionError::Refused(Refusal::BadCredentials)), "{err}");
+    assert_eq!(err.to_string(), "the control server refused: wrong account or password");
 
     let mut wrong_pin = session_config(server.addr, &dir, "ana", 1);
     wrong_pin.trust = Trust::Pinned([7; 32]);
     let err = Session::start(wrong_pin).await.unwrap_err();
-    assert!(matches!(err, SessionError::Link(LinkError::Connect(_))), "{err}");
+    let fp = ServerIdentity::load_or_create(&dir).unwrap().fingerprint();
+    assert!(
+        matches!(err, SessionError::Link(LinkError::FingerprintMismatch { presented, pinned: [7, ..] }) if presented == fp),
+        "{err}"
+    );
+    assert!(err.to_string().ends_with(&format!("does not match the pinned sha256:{}", "07".repeat(32))), "{err}");
 
     // Nobody listening: the start gives up after its timeout instead of hanging.
     let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();

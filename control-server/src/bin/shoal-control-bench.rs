@@ -41,7 +41,7 @@ use shoal_control::interest::{Interest, InterestConfig};
 use shoal_control::server::TICK;
 use shoal_control::store::{Character, ReportRow, Store};
 use shoal_control::synthetic::{Layout, positions, walk};
-use shoal_mesh::control::{ControlLink, Trust, read_message, write_message};
+use shoal_link::{ControlLink, FrameReader, Trust, write_message};
 use shoal_protocol::codec::encode;
 use shoal_protocol::control::{ClientToControl, ControlToClient, KeyProof, LinkReport, Report};
 use shoal_protocol::identity::parse_hex;
@@ -820,7 +820,7 @@ fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
 async fn sign_in(target: Target, account: &str, password: &str) -> anyhow::Result<ControlLink> {
     let fp = target.fp;
     let mut link = ControlLink::connect(target.addr, &Trust::Pinned(fp)).await?;
-    let id = Identity::generate().map_err(|_| anyhow!("no system randomness for a key"))?;
+    let id = Identity::generate()?;
     let proof = KeyProof::new(&id, account, unix_ms(), &fp);
     link.send(&ClientToControl::SignIn { account: account.into(), password: password.into(), proof }).await?;
     loop {
@@ -911,8 +911,8 @@ async fn load_client(
 }
 
 /// Reads what the server sends a load client, counting introductions and refusals.
-async fn drain_client(mut recv: quinn::RecvStream, shared: Arc<Shared>) {
-    while let Ok(msg) = read_message::<ControlToClient>(&mut recv).await {
+async fn drain_client(mut recv: FrameReader, shared: Arc<Shared>) {
+    while let Ok(msg) = recv.read_message::<ControlToClient>().await {
         match msg {
             ControlToClient::Introduce(_) => {
                 shared.introductions.fetch_add(1, Ordering::Relaxed);

@@ -17,7 +17,7 @@ use shoal_control::limit::RateLimit;
 use shoal_control::server::{self, ServerConfig};
 use shoal_control::store::Store;
 use shoal_control::tls::ServerIdentity;
-use shoal_mesh::config::load_or_create_key;
+use shoal_link::daemon::{load_or_create_key, shutdown_signal};
 use shoal_protocol::NodeId;
 use shoal_protocol::control::RelayInfo;
 use shoal_protocol::identity::{parse_hex, to_hex};
@@ -272,6 +272,7 @@ fn run(config: &Path) -> anyhow::Result<()> {
         let http_addr = http.local_addr()?;
         let (stop_http, stop_rx) = tokio::sync::watch::channel(false);
         let http_task = tokio::spawn(shoal_control::http::serve(http, server.client(), stop_rx));
+        let stop = shutdown_signal();
         println!(
             "shoal-control-server ready quic={} http={} fingerprint={} control_public_key={}",
             server.addr,
@@ -279,7 +280,7 @@ fn run(config: &Path) -> anyhow::Result<()> {
             to_hex(&fingerprint),
             identity.public_key()
         );
-        shoal_mesh::driver::shutdown_signal().await;
+        stop.await;
         tracing::info!("shutting down");
         let _ = stop_http.send(true);
         server.shutdown().await;
@@ -316,6 +317,19 @@ mod tests {
         let (core, limit) = parse("").unwrap();
         assert!(core.profiles.is_empty());
         assert_eq!(limit, RateLimit::default());
+    }
+
+    #[test]
+    fn the_readme_control_toml_is_a_config_that_runs() {
+        let readme = include_str!("../../../README.md");
+        let (_, after) = readme.split_once("`control-data/control.toml`").unwrap();
+        let block = after.split("```toml\n").nth(1).and_then(|b| b.split("```").next()).unwrap();
+        // The relay's node id is a placeholder there.
+        let block = block.replace("<16 hex digits>", "0102030405060708");
+        let file: ControlFile = toml::from_str(&block).unwrap_or_else(|e| panic!("{e}\n{block}"));
+        let (core, limit) = file.core().unwrap();
+        assert_eq!((core.relays.len(), core.profiles.len()), (1, 2));
+        assert_eq!(limit, RateLimit { per_s: 20.0, burst: 40.0 });
     }
 
     #[test]

@@ -50,7 +50,7 @@ fn fixture() -> &'static Fixture {
         let lots = Rate { per_sec: 1e6, burst: 1e6 };
         let cfg = RouterConfig {
             identity,
-            permit,
+            permit: Some(permit),
             control_key: control.public_key(),
             source_packets: Rate { per_sec: 100.0, burst: 20.0 },
             source_bytes: lots,

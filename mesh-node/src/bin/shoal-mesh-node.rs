@@ -7,7 +7,8 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use shoal_mesh::config::{RelayFile, load_or_create_key};
+use shoal_link::daemon::{load_or_create_key, shutdown_signal};
+use shoal_mesh::config::RelayFile;
 use shoal_mesh::driver::batch::bind_reuseport;
 use shoal_mesh::driver::register::{self, Registration};
 use shoal_mesh::driver::relay::{Relay, RelayStats};
@@ -108,6 +109,7 @@ fn run(config: PathBuf) -> anyhow::Result<()> {
             None => None,
         };
         let metrics_addr = metrics.as_ref().and_then(|l| l.local_addr().ok());
+        let stop = shutdown_signal();
         // One line on stdout for whoever started us (scripts, tests); logs go to stderr.
         println!(
             "shoal-mesh-node ready node={} mesh={} metrics={}",
@@ -127,7 +129,7 @@ fn run(config: PathBuf) -> anyhow::Result<()> {
             };
             tokio::spawn(register::run(reg, relay.handle(), stop_rx))
         });
-        shoal_mesh::driver::shutdown_signal().await;
+        stop.await;
         tracing::info!("shutting down");
         let _ = stop_tx.send(true);
         for task in server.into_iter().chain(registration) {

@@ -241,7 +241,7 @@ fn percentile(sorted: &[u32], p: f64) -> f64 {
 
 fn run(hop: Hop, size: usize, args: &Args) -> anyhow::Result<RunResult> {
     let count = (args.rate as f64 * args.secs) as u64;
-    let control = Identity::generate().map_err(|_| anyhow::anyhow!("no randomness"))?;
+    let control = Identity::generate()?;
     let sink_sock = udp("127.0.0.1:0")?;
     let sink_addr = sink_sock.local_addr()?;
     let send_sock = udp("127.0.0.1:0")?;
@@ -262,7 +262,7 @@ fn run(hop: Hop, size: usize, args: &Args) -> anyhow::Result<RunResult> {
             (fwd_addr, payload.clone(), 0, None, Some(rx.recv()?))
         }
         Hop::Relay => {
-            let me = Identity::generate().map_err(|_| anyhow::anyhow!("no randomness"))?;
+            let me = Identity::generate()?;
             let unlimited = Rate { per_sec: 1e12, burst: 1e12 };
             let cfg = RouterConfig {
                 permit: Some(permit(&control, &me, Roles::RELAY)),
@@ -279,8 +279,7 @@ fn run(hop: Hop, size: usize, args: &Args) -> anyhow::Result<RunResult> {
                 bind_reuseport("127.0.0.1:0".parse()?, 1, 16 << 20)?,
                 RelayOptions { router: cfg, peers: vec![] },
             )?;
-            let (a, b) = (Identity::generate(), Identity::generate());
-            let (a, b) = (a.map_err(|_| anyhow::anyhow!("rng"))?, b.map_err(|_| anyhow::anyhow!("rng"))?);
+            let (a, b) = (Identity::generate()?, Identity::generate()?);
             let mut ea = Endpoint::new(a.clone(), permit(&control, &a, Roles::CLIENT), WallClock::system());
             let mut eb = Endpoint::new(b.clone(), permit(&control, &b, Roles::CLIENT), WallClock::system());
             bind_blocking(&send_sock, &mut ea, r.local_addr())?;

@@ -233,20 +233,10 @@ pub fn to_storage(addr: SocketAddr, s: &mut libc::sockaddr_storage) -> libc::soc
 /// senders over them by flow hash (one socket per worker thread). With port 0 the first
 /// socket picks the port and the others join it. Buffers are enlarged to `buffer` bytes.
 pub fn bind_reuseport(addr: SocketAddr, n: usize, buffer: usize) -> io::Result<Vec<std::net::UdpSocket>> {
-    use socket2::{Domain, Protocol, Socket, Type};
     let mut out = Vec::with_capacity(n);
     let mut at = addr;
     for _ in 0..n.max(1) {
-        let s = Socket::new(Domain::for_address(at), Type::DGRAM, Some(Protocol::UDP))?;
-        if n > 1 {
-            s.set_reuse_port(true)?;
-        }
-        s.set_nonblocking(true)?;
-        // Best effort: the kernel caps these at net.core.[rw]mem_max.
-        let _ = s.set_recv_buffer_size(buffer);
-        let _ = s.set_send_buffer_size(buffer);
-        s.bind(&at.into())?;
-        let sock: std::net::UdpSocket = s.into();
+        let sock = shoal_link::daemon::bind_udp(at, buffer, n > 1)?;
         at = sock.local_addr()?;
         out.push(sock);
     }

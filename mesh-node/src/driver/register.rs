@@ -6,11 +6,11 @@
 use std::net::SocketAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use shoal_link::{ControlLink, LinkError, Trust, write_message};
 use shoal_protocol::control::{ControlToRelay, KeyProof, RELAY_ACCOUNT, RelayToControl};
 use shoal_protocol::{Identity, SignedTicket};
 use tokio::sync::{mpsc, watch};
 
-use crate::control::{ControlLink, LinkError, Trust, read_message, write_message};
 use crate::driver::relay::RelayHandle;
 
 /// How often the relay reports its peers' round-trip times (and so keeps its presence).
@@ -36,7 +36,7 @@ pub struct Registration {
 enum SessionEnd {
     #[error(transparent)]
     Link(#[from] LinkError),
-    #[error("refused: {0:?}")]
+    #[error("refused: {0}")]
     Refused(shoal_protocol::control::Refusal),
     #[error("unreadable permit")]
     BadPermit,
@@ -73,7 +73,7 @@ async fn session(reg: &Registration, relay: &RelayHandle, backoff: &mut Duration
     let (tx, mut rx) = mpsc::unbounded_channel();
     let reader = tokio::spawn(async move {
         loop {
-            let m = read_message::<ControlToRelay>(&mut recv).await;
+            let m = recv.read_message::<ControlToRelay>().await;
             let end = m.is_err();
             if tx.send(m).is_err() || end {
                 return;
