@@ -1,0 +1,120 @@
+//! What a signed-in client sends: check-ins with its addresses, its RTTs to relays, its
+//! reports (checked for plausible movement, stored, and fed to the interest set) and its
+//! sign-out.
+
+use std::net::SocketAddr;
+
+use glam::Vec3;
+use shoal_protocol::UnixTime;
+use shoal_protocol::control::{ClientToControl, ControlToClient, Refusal};
+
+use super::{ConnId, Core, Output, State};
+use crate::store::{Character, ReportRow};
+
+impl Core {
+    /// A message from a signed-in client on `conn` (sign-in messages excepted).
+    pub(super) fn on_signed_in_message(&mut self, conn: ConnId, unix: UnixTime, msg: ClientToControl) {
+        let Some(c) = self.conns.get_mut(&conn) else { return };
+        let remote = c.remote;
+        let State::SignedIn(p) = &mut c.state else { return };
+        match msg {
+            ClientToControl::CheckIn { local, mesh_port, reflexive } => {
+                // A relay's observation of the mesh socket is its real mapping; a claim of
+                // another IP is not taken (peers would be sent to punch at it).
+                let observed = reflexive
+                    .filter(|r| r.ip() == remote.ip())
+                    .unwrap_or_else(|| SocketAddr::new(remote.ip(), mesh_port));
+                p.observed = Some(observed);
+                p.local = local.into_iter().take(8).collect();
+                self.outputs.push_back(Output::Send(conn, ControlToClient::Observed(observed)));
+            }
+            ClientToControl::RelayRtts(rtts) => {
+                p.relay_rtts = rtts.into_iter().take(32).collect();
+            }
+            ClientToControl::Report(report) => {
+                self.counters.reports += 1;
+                if !self.cfg.builds.is_empty() && !self.cfg.builds.contains(&report.build_hash) {
+                    self.counters.unknown_builds += 1;
+                    self.outputs.push_back(Output::Send(conn, ControlToClient::Refused(Refusal::UnknownBuild)));
+                    self.outputs.push_back(Output::Close(conn));
+                    return;
+                }
+                let pos = Vec3::from_array(report.position);
+                let plausible = pos.is_finite()
+                    && p.position.is_none_or(|(last, at)| {
+                        let dt = report.unix_ms.saturating_sub(at) as f32 / 1000.0;
+                        // A little slack for the clocks between reports.
+                        last.distance(pos) <= self.cfg.max_speed * (dt + 0.25)
+                    });
+                let node = p.key.node_id();
+                if plausible {
+                    p.position = Some((pos, report.unix_ms));
+                    self.outputs.push_back(Output::SaveCharacter(Character {
+                        account: p.account.clone(),
+                        node_id: node.0,
+                        position: pos.as_dvec3().to_array(),
+                        state: report.character.clone(),
+                        updated_ms: (unix.0 * 1000) as i64,
+                    }));
+                } else {
+                    p.flags += 1;
+                    self.counters.implausible += 1;
+                }
+                let cut = p.flags >= self.cfg.max_flags;
+                self.rows.push(ReportRow {
+                    account: p.account.clone(),
+                    node_id: node.0,
+                    seq: report.seq as i64,
+                    received_ms: (unix.0 * 1000) as i64,
+                    status: report.status.clone(),
+                    position: pos.as_dvec3().to_array(),
+                    body: shoal_protocol::codec::encode(&report).unwrap_or_default(),
+                });
+                p.last_report = Some(*report);
+                if plausible {
+                    let _ = self.interest.update(node, pos);
+                }
+                if cut {
+                    self.counters.cut_off += 1;
+                    self.outputs.push_back(Output::Send(conn, ControlToClient::Refused(Refusal::Implausible)));
+                    self.outputs.push_back(Output::Close(conn));
+                    self.on_disconnected(conn);
+                }
+            }
+            ClientToControl::SignOut => {
+                self.outputs.push_back(Output::Close(conn));
+                self.on_disconnected(conn);
+            }
+            ClientToControl::Keepalive | ClientToControl::SignIn { .. } | ClientToControl::Resume { .. } => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::panic)]
+    use std::time::Instant;
+
+    use super::super::test_support::*;
+    use super::*;
+
+    #[test]
+    fn teleports_are_flagged_and_repeat_offenders_cut_off_without_a_new_permit() {
+        let mut c = core();
+        let t = Instant::now();
+        sign_in(&mut c, t, 1, 10, "ana");
+        c.on_message(t, UnixTime(T0), 1, report(1, T0 * 1000, [0.0, 0.0, 0.0]));
+        // 500 units in one second at a 20/s limit, three times.
+        for i in 1..=3u64 {
+            c.on_message(t, UnixTime(T0), 1, report(1 + i, T0 * 1000 + i * 1000, [500.0 * i as f32, 0.0, 0.0]));
+        }
+        let out = outputs(&mut c);
+        assert!(out.contains(&Output::Close(1)), "{out:?}");
+        assert_eq!(c.counters().implausible, 3);
+        assert_eq!(c.counters().cut_off, 1);
+        assert_eq!(c.players(), 0);
+        // Its permit is not renewed: it is gone.
+        c.tick(t, UnixTime(T0 + 500));
+        assert!(!outputs(&mut c).iter().any(|o| matches!(o, Output::Send(1, ControlToClient::Permit(_)))));
+    }
+}
