@@ -214,7 +214,8 @@ pub struct LinkReport {
 pub struct Report {
     /// Increases by one per report.
     pub seq: u64,
-    /// The client's clock when it made the report, milliseconds.
+    /// The client's clock when it made the report, milliseconds. Kept as data: the server
+    /// times movement by its own clock.
     pub unix_ms: u64,
     /// A short status word of the game's (for example "playing", "loading").
     pub status: String,

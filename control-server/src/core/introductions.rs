@@ -155,7 +155,8 @@ mod tests {
         assert_eq!(to_b.observed, Some("203.0.113.10:4000".parse().unwrap()));
         // Bob walks away (within the speed limit): farewell to both.
         for i in 1..=10u64 {
-            c.on_message(t, UnixTime(T0), 2, report(1 + i, T0 * 1000 + i * 1000, [10.0 + 10.0 * i as f32, 0.0, 0.0]));
+            let at = t + std::time::Duration::from_secs(i);
+            c.on_message(at, UnixTime(T0 + i), 2, report(1 + i, (T0 + i) * 1000, [10.0 + 10.0 * i as f32, 0.0, 0.0]));
         }
         outputs(&mut c);
         c.tick(t, UnixTime(T0));

@@ -51,6 +51,9 @@ pub struct CoreConfig {
     pub presence_timeout: Duration,
     /// The fastest a character may move, units per second.
     pub max_speed: f32,
+    /// Added to the time between two reports' receipts (on the server's clock) before their
+    /// distance is checked against [`CoreConfig::max_speed`]: the jitter of their arrival.
+    pub speed_slack: Duration,
     /// Flags after which a client is cut off.
     pub max_flags: u32,
     /// Failed sign-ins on one connection before it is closed.
@@ -73,6 +76,7 @@ impl Default for CoreConfig {
             proof_skew: Duration::from_secs(30),
             presence_timeout: Duration::from_secs(15),
             max_speed: 20.0,
+            speed_slack: Duration::from_millis(250),
             max_flags: 3,
             max_sign_in_failures: 5,
             interest: InterestConfig::default(),
@@ -238,8 +242,8 @@ struct Player {
     observed: Option<SocketAddr>,
     local: Vec<SocketAddr>,
     relay_rtts: FxHashMap<NodeId, u32>,
-    /// Last accepted position and the client's time for it.
-    position: Option<(Vec3, u64)>,
+    /// Last accepted position, and when the server received the report that gave it.
+    position: Option<(Vec3, Instant)>,
     flags: u32,
     permit_expires: UnixTime,
     last_report: Option<Report>,
@@ -470,7 +474,7 @@ impl Core {
                 self.on_sign_in(unix, conn, account, password, proof);
             }
             ClientToControl::Resume { session, proof } => self.on_resume(unix, conn, &session, proof),
-            other if signed_in => self.on_signed_in_message(conn, unix, other),
+            other if signed_in => self.on_signed_in_message(now, unix, conn, other),
             _ => {
                 self.counters.not_signed_in += 1;
                 self.outputs.push_back(Output::Send(conn, ControlToClient::Refused(Refusal::NotSignedIn)));

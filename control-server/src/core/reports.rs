@@ -3,6 +3,7 @@
 //! sign-out.
 
 use std::net::SocketAddr;
+use std::time::Instant;
 
 use glam::Vec3;
 use shoal_protocol::UnixTime;
@@ -13,7 +14,10 @@ use crate::store::{Character, ReportRow};
 
 impl Core {
     /// A message from a signed-in client on `conn` (sign-in messages excepted).
-    pub(super) fn on_signed_in_message(&mut self, conn: ConnId, unix: UnixTime, msg: ClientToControl) {
+    ///
+    /// `now` is when the server received it: the speed check measures time on the server's
+    /// clock, so a client that sets its own clock forward cannot excuse a teleport.
+    pub(super) fn on_signed_in_message(&mut self, now: Instant, unix: UnixTime, conn: ConnId, msg: ClientToControl) {
         let Some(c) = self.conns.get_mut(&conn) else { return };
         let remote = c.remote;
         let State::SignedIn(p) = &mut c.state else { return };
@@ -40,15 +44,17 @@ impl Core {
                     return;
                 }
                 let pos = Vec3::from_array(report.position);
+                // Time between the receipts of this report and of the last accepted one, on the
+                // server's clock, with slack for the jitter of their arrival. The report's own
+                // `unix_ms` is the client's word and is only stored.
                 let plausible = pos.is_finite()
                     && p.position.is_none_or(|(last, at)| {
-                        let dt = report.unix_ms.saturating_sub(at) as f32 / 1000.0;
-                        // A little slack for the clocks between reports.
-                        last.distance(pos) <= self.cfg.max_speed * (dt + 0.25)
+                        let dt = now.saturating_duration_since(at) + self.cfg.speed_slack;
+                        last.distance(pos) <= self.cfg.max_speed * dt.as_secs_f32()
                     });
                 let node = p.key.node_id();
                 if plausible {
-                    p.position = Some((pos, report.unix_ms));
+                    p.position = Some((pos, now));
                     self.outputs.push_back(Output::SaveCharacter(Character {
                         account: p.account.clone(),
                         node_id: node.0,
@@ -93,7 +99,7 @@ impl Core {
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::panic)]
-    use std::time::Instant;
+    use std::time::Duration;
 
     use super::super::test_support::*;
     use super::*;
@@ -106,7 +112,8 @@ mod tests {
         c.on_message(t, UnixTime(T0), 1, report(1, T0 * 1000, [0.0, 0.0, 0.0]));
         // 500 units in one second at a 20/s limit, three times.
         for i in 1..=3u64 {
-            c.on_message(t, UnixTime(T0), 1, report(1 + i, T0 * 1000 + i * 1000, [500.0 * i as f32, 0.0, 0.0]));
+            let at = t + Duration::from_secs(i);
+            c.on_message(at, UnixTime(T0 + i), 1, report(1 + i, (T0 + i) * 1000, [500.0 * i as f32, 0.0, 0.0]));
         }
         let out = outputs(&mut c);
         assert!(out.contains(&Output::Close(1)), "{out:?}");
@@ -116,5 +123,41 @@ mod tests {
         // Its permit is not renewed: it is gone.
         c.tick(t, UnixTime(T0 + 500));
         assert!(!outputs(&mut c).iter().any(|o| matches!(o, Output::Send(1, ControlToClient::Permit(_)))));
+    }
+
+    #[test]
+    fn a_client_clock_set_forward_does_not_excuse_a_teleport() {
+        let mut c = core();
+        let t = Instant::now();
+        sign_in(&mut c, t, 1, 10, "ana");
+        c.on_message(t, UnixTime(T0), 1, report(1, T0 * 1000, [0.0, 0.0, 0.0]));
+        // A report a second apart on the server's clock, claiming a thousand seconds passed on
+        // the client's: 500 units would be a walk at 0.5/s by its word, a teleport by ours.
+        for i in 1..=3u64 {
+            let at = t + Duration::from_secs(i);
+            let claimed = T0 * 1000 + i * 1_000_000;
+            c.on_message(at, UnixTime(T0 + i), 1, report(1 + i, claimed, [500.0 * i as f32, 0.0, 0.0]));
+        }
+        assert_eq!(c.counters().implausible, 3);
+        assert_eq!(c.counters().cut_off, 1);
+        assert_eq!(c.players(), 0);
+    }
+
+    #[test]
+    fn movement_within_the_limit_is_plausible_whatever_the_client_clock_says() {
+        let mut c = core();
+        let t = Instant::now();
+        let a = sign_in(&mut c, t, 1, 10, "ana");
+        c.on_message(t, UnixTime(T0), 1, report(1, T0 * 1000, [0.0, 0.0, 0.0]));
+        // 20 units a second at a 20/s limit, from a client whose clock stands still, then
+        // one whose report arrives a little early (within the slack for jitter).
+        for i in 1..=5u64 {
+            let at = t + Duration::from_secs(i) - Duration::from_millis(if i == 5 { 200 } else { 0 });
+            c.on_message(at, UnixTime(T0 + i), 1, report(1 + i, T0 * 1000, [20.0 * i as f32, 0.0, 0.0]));
+        }
+        assert_eq!(c.counters().implausible, 0);
+        assert_eq!(c.player(a.node_id()).unwrap().position, Some([100.0, 0.0, 0.0]));
+        // The client's time is kept as it said, in the latest report.
+        assert_eq!(c.player(a.node_id()).unwrap().report.unwrap().unix_ms, T0 * 1000);
     }
 }
