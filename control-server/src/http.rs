@@ -81,6 +81,7 @@ pub fn render_prometheus(s: &Stats) -> String {
         ("bad_ticket", c.bad_tickets),
         ("not_signed_in", c.not_signed_in),
         ("malformed", c.malformed),
+        ("bad_seq", c.bad_seqs),
         ("relay_refused", c.relays_refused),
     ] {
         let _ = writeln!(out, "shoal_control_refusals_total{{reason=\"{reason}\"}} {v}");

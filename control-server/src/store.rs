@@ -30,6 +30,26 @@ pub enum StoreError {
     Db(#[from] sqlx::Error),
 }
 
+/// Why a value cannot be kept in a row as it came.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RowError {
+    /// A report's sequence number is past the largest the history's signed 64-bit column
+    /// holds (cast, it would be stored negative).
+    #[error("report seq {0} is past the largest storable ({max})", max = i64::MAX)]
+    SeqOutOfRange(u64),
+}
+
+/// A report's sequence number as the history stores it.
+pub fn stored_seq(seq: u64) -> Result<i64, RowError> {
+    i64::try_from(seq).map_err(|_| RowError::SeqOutOfRange(seq))
+}
+
+/// Unix seconds as the milliseconds the rows store; past the column's range, its largest
+/// value.
+pub fn stored_ms(unix_secs: u64) -> i64 {
+    i64::try_from(unix_secs.saturating_mul(1000)).unwrap_or(i64::MAX)
+}
+
 /// A character's latest state, as persisted.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Character {
@@ -52,7 +72,7 @@ pub struct ReportRow {
     pub account: String,
     /// The node that sent it.
     pub node_id: [u8; 8],
-    /// Its sequence number.
+    /// Its sequence number (see [`stored_seq`]).
     pub seq: i64,
     /// When the server received it, Unix milliseconds.
     pub received_ms: i64,
@@ -331,4 +351,22 @@ fn insert_reports_sql(backend: Backend, rows: usize) -> String {
         sql.push(')');
     }
     sql
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn a_seq_past_the_column_is_an_error_never_a_negative_number() {
+        assert_eq!(stored_seq(0), Ok(0));
+        assert_eq!(stored_seq(i64::MAX as u64), Ok(i64::MAX));
+        let past = i64::MAX as u64 + 1;
+        assert_eq!(stored_seq(past), Err(RowError::SeqOutOfRange(past)));
+        assert_eq!(stored_seq(u64::MAX), Err(RowError::SeqOutOfRange(u64::MAX)));
+        assert!(stored_seq(u64::MAX).unwrap_err().to_string().contains("18446744073709551615"));
+        assert_eq!(stored_ms(1_800_000_000), 1_800_000_000_000);
+        assert_eq!(stored_ms(u64::MAX), i64::MAX);
+    }
 }

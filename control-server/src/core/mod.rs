@@ -138,6 +138,8 @@ pub struct CoreCounters {
     pub reports: u64,
     /// Reports with implausible movement.
     pub implausible: u64,
+    /// Reports refused because their sequence number is past what the history stores.
+    pub bad_seqs: u64,
     /// Builds not on the allow-list.
     pub unknown_builds: u64,
     /// Clients cut off for implausible reports.

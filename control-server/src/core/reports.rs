@@ -10,7 +10,7 @@ use shoal_protocol::UnixTime;
 use shoal_protocol::control::{ClientToControl, ControlToClient, Refusal};
 
 use super::{ConnId, Core, Output, State};
-use crate::store::{Character, ReportRow};
+use crate::store::{Character, ReportRow, stored_ms, stored_seq};
 
 impl Core {
     /// A message from a signed-in client on `conn` (sign-in messages excepted).
@@ -43,6 +43,17 @@ impl Core {
                     self.outputs.push_back(Output::Close(conn));
                     return;
                 }
+                // The history stores seq in a signed column: one past it is refused, never
+                // stored negative.
+                let seq = match stored_seq(report.seq) {
+                    Ok(seq) => seq,
+                    Err(e) => {
+                        self.counters.bad_seqs += 1;
+                        tracing::info!(account = %p.account, node = %p.key.node_id(), "report refused: {e}");
+                        self.outputs.push_back(Output::Send(conn, ControlToClient::Refused(Refusal::Malformed)));
+                        return;
+                    }
+                };
                 let pos = Vec3::from_array(report.position);
                 // Time between the receipts of this report and of the last accepted one, on the
                 // server's clock, with slack for the jitter of their arrival. The report's own
@@ -60,7 +71,7 @@ impl Core {
                         node_id: node.0,
                         position: pos.as_dvec3().to_array(),
                         state: report.character.clone(),
-                        updated_ms: (unix.0 * 1000) as i64,
+                        updated_ms: stored_ms(unix.0),
                     }));
                 } else {
                     p.flags += 1;
@@ -70,8 +81,8 @@ impl Core {
                 self.rows.push(ReportRow {
                     account: p.account.clone(),
                     node_id: node.0,
-                    seq: report.seq as i64,
-                    received_ms: (unix.0 * 1000) as i64,
+                    seq,
+                    received_ms: stored_ms(unix.0),
                     status: report.status.clone(),
                     position: pos.as_dvec3().to_array(),
                     body: shoal_protocol::codec::encode(&report).unwrap_or_default(),
@@ -159,5 +170,26 @@ mod tests {
         assert_eq!(c.player(a.node_id()).unwrap().position, Some([100.0, 0.0, 0.0]));
         // The client's time is kept as it said, in the latest report.
         assert_eq!(c.player(a.node_id()).unwrap().report.unwrap().unix_ms, T0 * 1000);
+    }
+
+    #[test]
+    fn a_seq_past_what_the_history_stores_is_refused_and_counted_not_stored_negative() {
+        let mut c = core();
+        let t = Instant::now();
+        let a = sign_in(&mut c, t, 1, 10, "ana");
+        c.on_message(t, UnixTime(T0), 1, report(i64::MAX as u64, T0 * 1000, [0.0, 0.0, 0.0]));
+        c.on_message(t, UnixTime(T0), 1, report(i64::MAX as u64 + 1, T0 * 1000, [1.0, 0.0, 0.0]));
+        c.on_message(t, UnixTime(T0), 1, report(u64::MAX, T0 * 1000, [1.0, 0.0, 0.0]));
+        let rows = c.take_report_rows();
+        assert_eq!(rows.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![i64::MAX]);
+        let refused = outputs(&mut c)
+            .into_iter()
+            .filter(|o| *o == Output::Send(1, ControlToClient::Refused(Refusal::Malformed)))
+            .count();
+        assert_eq!(refused, 2);
+        assert_eq!(c.counters().bad_seqs, 2);
+        // Refused reports move nobody and flag nobody.
+        let p = c.player(a.node_id()).unwrap();
+        assert_eq!((p.position, p.flags), (Some([0.0, 0.0, 0.0]), 0));
     }
 }
