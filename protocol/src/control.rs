@@ -98,24 +98,33 @@ pub enum ClientToControl {
     SignOut,
 }
 
-/// Why the control server refused a message or a client.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// Why the control server refused a message or a client. Displayed in words, for errors and
+/// logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 pub enum Refusal {
     /// Unknown account or wrong password.
+    #[error("wrong account or password")]
     BadCredentials,
     /// The key proof's signature or time is wrong.
+    #[error("the key proof's signature or time is wrong")]
     BadProof,
     /// The session ticket is forged, expired or for another key.
+    #[error("the session ticket is forged, expired or for another key")]
     BadTicket,
     /// A message that needs a signed-in client came before sign-in.
+    #[error("not signed in")]
     NotSignedIn,
     /// The frame could not be decoded or was too large.
+    #[error("malformed message")]
     Malformed,
     /// Too many attempts; try again later.
+    #[error("too many attempts; try again later")]
     RateLimited,
     /// The client's reports were implausible too often.
+    #[error("reported movement was implausible too often")]
     Implausible,
     /// The build hash is not on the allow-list.
+    #[error("this build is not allowed")]
     UnknownBuild,
 }
 
@@ -381,6 +390,25 @@ mod tests {
             let _ = decode::<ClientToControl>(&b, MAX_CONTROL_FRAME);
             let _ = decode::<ControlToClient>(&b, MAX_CONTROL_FRAME);
             let _ = decode::<RelayToControl>(&b, MAX_CONTROL_FRAME);
+        }
+    }
+
+    #[test]
+    fn refusals_read_as_words() {
+        assert_eq!(Refusal::BadCredentials.to_string(), "wrong account or password");
+        for r in [
+            Refusal::BadCredentials,
+            Refusal::BadProof,
+            Refusal::BadTicket,
+            Refusal::NotSignedIn,
+            Refusal::Malformed,
+            Refusal::RateLimited,
+            Refusal::Implausible,
+            Refusal::UnknownBuild,
+        ] {
+            let words = r.to_string();
+            assert_ne!(words, format!("{r:?}"));
+            assert!(words.contains(' '), "{words}");
         }
     }
 }

@@ -151,7 +151,7 @@ pub enum SessionError {
     #[error("the control server did not answer in time")]
     Timeout,
     /// The control server refused the sign-in.
-    #[error("the control server refused: {0:?}")]
+    #[error("the control server refused: {0}")]
     Refused(Refusal),
     /// The welcome carried something unusable.
     #[error("bad welcome: {0}")]

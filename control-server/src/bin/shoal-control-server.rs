@@ -196,9 +196,13 @@ impl Settings {
 }
 
 fn main() -> ExitCode {
+    // With no RUST_LOG, everything at info: sign-ins, resumptions, sign-outs, refusals with
+    // their reasons, relay registrations, and warnings for cut-off players.
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
+        // Colours only on a terminal: a log file or journal gets plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let result = match Cli::parse().command {
         Command::Run { config } => run(&config),

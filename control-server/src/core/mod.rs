@@ -436,6 +436,7 @@ impl Core {
             && let Some(r) = self.relays.get_mut(&id)
             && r.conn == Some(conn)
         {
+            tracing::info!(node = %id, addr = %c.remote, "relay unregistered");
             r.conn = None;
         }
         if let State::SignedIn(p) = c.state {
@@ -451,7 +452,8 @@ impl Core {
     /// `conn` stopped reading: what the server queued for it reached the driver's bound. It is
     /// closed like a client gone silent, and counted.
     pub fn on_overflow(&mut self, conn: ConnId) {
-        if self.conns.contains_key(&conn) {
+        if let Some(c) = self.conns.get(&conn) {
+            tracing::info!(conn, addr = %c.remote, "closed: not reading what the server sends");
             self.counters.overflowed += 1;
             self.outputs.push_back(Output::Close(conn));
             self.on_disconnected(conn);
@@ -461,6 +463,7 @@ impl Core {
     /// A frame on `conn` could not be decoded.
     pub fn on_malformed(&mut self, conn: ConnId) {
         self.counters.malformed += 1;
+        tracing::debug!(conn, reason = %Refusal::Malformed, "refused");
         self.outputs.push_back(Output::Send(conn, ControlToClient::Refused(Refusal::Malformed)));
     }
 
@@ -478,6 +481,7 @@ impl Core {
             ClientToControl::Resume { session, proof } => self.on_resume(unix, conn, &session, proof),
             other if signed_in => self.on_signed_in_message(now, unix, conn, other),
             _ => {
+                tracing::debug!(conn, reason = %Refusal::NotSignedIn, "refused");
                 self.counters.not_signed_in += 1;
                 self.outputs.push_back(Output::Send(conn, ControlToClient::Refused(Refusal::NotSignedIn)));
             }
@@ -494,6 +498,14 @@ impl Core {
             .map(|(&id, _)| id)
             .collect();
         for conn in silent {
+            if let Some(c) = self.conns.get(&conn) {
+                match &c.state {
+                    State::SignedIn(p) => {
+                        tracing::info!(account = p.account.as_str(), node = %p.key.node_id(), addr = %c.remote, "lost: silent")
+                    }
+                    _ => tracing::debug!(conn, addr = %c.remote, "lost: silent"),
+                }
+            }
             self.counters.lost += 1;
             self.outputs.push_back(Output::Close(conn));
             self.on_disconnected(conn);

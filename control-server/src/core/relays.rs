@@ -13,6 +13,7 @@ impl Core {
     pub fn on_relay_message(&mut self, now: Instant, unix: UnixTime, conn: ConnId, msg: RelayToControl) {
         let Some(c) = self.conns.get_mut(&conn) else { return };
         c.heard = now;
+        let remote = c.remote;
         let registered = match c.state {
             State::Relay(id) => Some(id),
             _ => None,
@@ -23,6 +24,7 @@ impl Core {
                 if !self.proof_ok(RELAY_ACCOUNT, &proof, unix) || !self.relays.contains_key(&id) {
                     self.counters.relays_refused += 1;
                     let why = if self.relays.contains_key(&id) { Refusal::BadProof } else { Refusal::BadCredentials };
+                    tracing::info!(node = %id, addr = %remote, reason = %why, "relay registration refused");
                     self.outputs.push_back(Output::SendRelay(conn, ControlToRelay::Refused(why)));
                     self.outputs.push_back(Output::Close(conn));
                     return;
@@ -43,6 +45,7 @@ impl Core {
                     r.key = Some(proof.public_key);
                 }
                 self.counters.relays_registered += 1;
+                tracing::info!(node = %id, announced = %addr, addr = %remote, "relay registered");
                 // The newcomer learns the registered relays, and they learn it.
                 let others: Vec<(NodeId, PublicKey)> = self
                     .relays
@@ -131,7 +134,10 @@ mod tests {
         c.on_relay_message(t, UnixTime(T0), 9, RelayToControl::PeerRtts(vec![]));
         assert_eq!(outputs(&mut c), vec![Output::SendRelay(9, ControlToRelay::Refused(Refusal::NotSignedIn))]);
 
-        let out = register(&mut c, t, 1, &r1);
+        let mut out = Vec::new();
+        let log = logs_of(|| out = register(&mut c, t, 1, &r1));
+        let registered = log.lines().find(|l| l.contains("relay registered")).unwrap_or_default();
+        assert!(registered.contains(&r1.node_id().to_string()) && registered.contains("198.51.100.9:7000"), "{log}");
         let [Output::SendRelay(1, ControlToRelay::Registered { permit, peers })] = &out[..] else { panic!("{out:?}") };
         let permit = SignedTicket::decode(permit).unwrap();
         assert_eq!(permit.body.node_id, r1.node_id());
@@ -163,7 +169,9 @@ mod tests {
 
         // A relay the server was not configured with, and a bad proof, are refused and closed.
         let stranger = Identity::from_seed([33; 32]);
-        let out = register(&mut c, t, 3, &stranger);
+        let mut out = Vec::new();
+        let log = logs_of(|| out = register(&mut c, t, 3, &stranger));
+        assert!(log.contains("relay registration refused") && log.contains("wrong account or password"), "{log}");
         assert_eq!(out, vec![Output::SendRelay(3, ControlToRelay::Refused(Refusal::BadCredentials)), Output::Close(3)]);
         c.on_connected(t, 4, "198.51.100.9:40001".parse().unwrap());
         let forged = RelayToControl::Register {

@@ -39,6 +39,8 @@ impl Core {
                 self.counters.reports += 1;
                 if !self.cfg.builds.is_empty() && !self.cfg.builds.contains(&report.build_hash) {
                     self.counters.unknown_builds += 1;
+                    let (account, node, reason) = (p.account.as_str(), p.key.node_id(), Refusal::UnknownBuild);
+                    tracing::info!(account, %node, addr = %remote, %reason, "refused and closed");
                     self.outputs.push_back(Output::Send(conn, ControlToClient::Refused(Refusal::UnknownBuild)));
                     self.outputs.push_back(Output::Close(conn));
                     return;
@@ -49,7 +51,8 @@ impl Core {
                     Ok(seq) => seq,
                     Err(e) => {
                         self.counters.bad_seqs += 1;
-                        tracing::info!(account = %p.account, node = %p.key.node_id(), "report refused: {e}");
+                        let (account, node) = (p.account.as_str(), p.key.node_id());
+                        tracing::info!(account, %node, addr = %remote, reason = %e, "report refused");
                         self.outputs.push_back(Output::Send(conn, ControlToClient::Refused(Refusal::Malformed)));
                         return;
                     }
@@ -93,12 +96,15 @@ impl Core {
                 }
                 if cut {
                     self.counters.cut_off += 1;
+                    let (account, flags) = (p.account.as_str(), p.flags);
+                    tracing::warn!(account, %node, addr = %remote, flags, "cut off for implausible reports");
                     self.outputs.push_back(Output::Send(conn, ControlToClient::Refused(Refusal::Implausible)));
                     self.outputs.push_back(Output::Close(conn));
                     self.on_disconnected(conn);
                 }
             }
             ClientToControl::SignOut => {
+                tracing::info!(account = p.account.as_str(), node = %p.key.node_id(), addr = %remote, "signed out");
                 self.outputs.push_back(Output::Close(conn));
                 self.on_disconnected(conn);
             }
@@ -119,13 +125,19 @@ mod tests {
     fn teleports_are_flagged_and_repeat_offenders_cut_off_without_a_new_permit() {
         let mut c = core();
         let t = Instant::now();
-        sign_in(&mut c, t, 1, 10, "ana");
+        let a = sign_in(&mut c, t, 1, 10, "ana");
         c.on_message(t, UnixTime(T0), 1, report(1, T0 * 1000, [0.0, 0.0, 0.0]));
         // 500 units in one second at a 20/s limit, three times.
-        for i in 1..=3u64 {
-            let at = t + Duration::from_secs(i);
-            c.on_message(at, UnixTime(T0 + i), 1, report(1 + i, (T0 + i) * 1000, [500.0 * i as f32, 0.0, 0.0]));
-        }
+        let log = logs_of(|| {
+            for i in 1..=3u64 {
+                let at = t + Duration::from_secs(i);
+                c.on_message(at, UnixTime(T0 + i), 1, report(1 + i, (T0 + i) * 1000, [500.0 * i as f32, 0.0, 0.0]));
+            }
+        });
+        // The operator is warned, with who it was.
+        let warned = log.lines().find(|l| l.contains("cut off")).unwrap_or_default();
+        assert!(warned.contains("WARN") && warned.contains("account=\"ana\""), "{log}");
+        assert!(warned.contains(&a.node_id().to_string()) && warned.contains("203.0.113.10:5000"), "{log}");
         let out = outputs(&mut c);
         assert!(out.contains(&Output::Close(1)), "{out:?}");
         assert_eq!(c.counters().implausible, 3);

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use rustc_hash::FxHashMap;
 use shoal_protocol::control::{ControlToClient, KeyProof, Refusal, SIGN_IN_CONTEXT};
-use shoal_protocol::{PublicKey, Roles, SignedTicket, TicketBody, TicketKind, UnixTime};
+use shoal_protocol::{NodeId, PublicKey, Roles, SignedTicket, TicketBody, TicketKind, UnixTime};
 
 use super::{ConnId, Core, Output, Player, State};
 
@@ -21,7 +21,7 @@ impl Core {
     ) {
         if !self.proof_ok(&account, &proof, unix) {
             self.counters.bad_proofs += 1;
-            self.refuse(conn, Refusal::BadProof);
+            self.refuse(conn, Refusal::BadProof, &account, proof.public_key.node_id());
             return;
         }
         if let Some(c) = self.conns.get_mut(&conn) {
@@ -36,21 +36,22 @@ impl Core {
         let ticket = SignedTicket::decode(session)
             .ok()
             .and_then(|t| t.verify(&self.identity.public_key(), TicketKind::Session, Roles::CLIENT, unix).ok());
+        let node = proof.public_key.node_id();
         let Some(t) = ticket else {
             self.counters.bad_tickets += 1;
-            self.refuse(conn, Refusal::BadTicket);
+            self.refuse(conn, Refusal::BadTicket, "", node);
             return;
         };
         if t.body.public_key != proof.public_key {
             self.counters.bad_tickets += 1;
-            self.refuse(conn, Refusal::BadTicket);
+            self.refuse(conn, Refusal::BadTicket, "", node);
             return;
         }
         // The proof shows the client holds the ticket's key (no account is claimed: the
         // server finds it).
         if !self.proof_ok("", &proof, unix) {
             self.counters.bad_proofs += 1;
-            self.refuse(conn, Refusal::BadProof);
+            self.refuse(conn, Refusal::BadProof, "", node);
             return;
         }
         if let Some(c) = self.conns.get_mut(&conn) {
@@ -59,6 +60,8 @@ impl Core {
         self.outputs.push_back(Output::FindAccount { conn, node: proof.public_key.node_id() });
     }
 
+    /// Whether `proof` is `account`'s, made within the allowed skew of `unix`, for this
+    /// server.
     pub(super) fn proof_ok(&self, account: &str, proof: &KeyProof, unix: UnixTime) -> bool {
         let now_ms = unix.0.saturating_mul(1000);
         if proof.unix_ms.abs_diff(now_ms) > self.cfg.proof_skew.as_millis() as u64 {
@@ -68,9 +71,12 @@ impl Core {
         proof.public_key.verify(SIGN_IN_CONTEXT, &message, &proof.signature).is_ok()
     }
 
-    fn refuse(&mut self, conn: ConnId, why: Refusal) {
+    /// Refuses a sign-in or resumption of `account` (empty when a resumption claims none) by
+    /// `node`; the connection is closed after too many.
+    fn refuse(&mut self, conn: ConnId, why: Refusal, account: &str, node: NodeId) {
         let Some(c) = self.conns.get_mut(&conn) else { return };
         c.failures += 1;
+        tracing::info!(addr = %c.remote, account, %node, reason = %why, failures = c.failures, "sign-in refused");
         if c.failures >= self.cfg.max_sign_in_failures {
             self.outputs.push_back(Output::Send(conn, ControlToClient::Refused(Refusal::RateLimited)));
             self.outputs.push_back(Output::Close(conn));
@@ -84,10 +90,10 @@ impl Core {
         let Some(c) = self.conns.get_mut(&conn) else { return };
         let State::Verifying { key, account } = std::mem::replace(&mut c.state, State::Connected) else { return };
         match accepted {
-            Some(name) if name == account => self.welcome(conn, unix, name, key),
+            Some(name) if name == account => self.welcome(conn, unix, name, key, false),
             _ => {
                 self.counters.bad_credentials += 1;
-                self.refuse(conn, Refusal::BadCredentials);
+                self.refuse(conn, Refusal::BadCredentials, &account, key.node_id());
             }
         }
     }
@@ -100,11 +106,11 @@ impl Core {
         match account {
             Some(account) => {
                 self.counters.resumed += 1;
-                self.welcome(conn, unix, account, key);
+                self.welcome(conn, unix, account, key, true);
             }
             None => {
                 self.counters.bad_tickets += 1;
-                self.refuse(conn, Refusal::BadTicket);
+                self.refuse(conn, Refusal::BadTicket, "", key.node_id());
             }
         }
     }
@@ -113,12 +119,14 @@ impl Core {
         TicketBody::new(kind, key, Roles::CLIENT, unix, ttl.as_secs()).sign(&self.identity)
     }
 
-    fn welcome(&mut self, conn: ConnId, unix: UnixTime, account: String, key: PublicKey) {
+    /// Signs `key` in as `account` on `conn` (`resumed` with a session ticket).
+    fn welcome(&mut self, conn: ConnId, unix: UnixTime, account: String, key: PublicKey, resumed: bool) {
         let node = key.node_id();
         // A newer sign-in of the same node replaces the old connection.
         if let Some(old) = self.by_node.get(&node).copied()
             && old != conn
         {
+            tracing::info!(account, %node, "a newer sign-in replaces the connection");
             self.outputs.push_back(Output::Close(old));
             self.on_disconnected(old);
         }
@@ -126,6 +134,11 @@ impl Core {
         let permit = self.ticket(TicketKind::RelayPermit, key, unix, self.cfg.permit_ttl);
         let Some(c) = self.conns.get_mut(&conn) else { return };
         c.failures = 0;
+        if resumed {
+            tracing::info!(account, %node, addr = %c.remote, "resumed");
+        } else {
+            tracing::info!(account, %node, addr = %c.remote, "signed in");
+        }
         c.state = State::SignedIn(Box::new(Player {
             account,
             key,
