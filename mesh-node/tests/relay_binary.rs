@@ -249,6 +249,15 @@ fn a_bad_config_is_refused_with_a_clear_error() {
             ),
             "control.trust",
         ),
+        (
+            &*format!(
+                "listen = \"127.0.0.1:0\"\nkey_file = \"r.key\"\ncontrol_public_key = \"{}\"\npermit = \"{good_permit}\"\n\
+                 [control]\naddr = \"127.0.0.1:1\"\ntrust = \"sha256:{}\"\n",
+                control.public_key(),
+                "ab".repeat(32)
+            ),
+            "`permit` and `[control]` cannot both be set",
+        ),
     ];
     for (text, mentions) in cases {
         let path = dir.join("bad.toml");
