@@ -11,6 +11,7 @@ use shoal_mesh::config::{RelayFile, load_or_create_key};
 use shoal_mesh::driver::batch::bind_reuseport;
 use shoal_mesh::driver::register::{self, Registration};
 use shoal_mesh::driver::relay::{Relay, RelayStats};
+use shoal_mesh::metrics::exposition::{self, Exposition};
 use shoal_protocol::identity::to_hex;
 use shoal_protocol::{PublicKey, Roles, TicketBody, TicketKind, UnixTime};
 
@@ -150,7 +151,7 @@ async fn serve_metrics(
 ) {
     use axum::routing::get;
     let app = axum::Router::new()
-        .route("/metrics", get(move || async move { stats.render_prometheus() }))
+        .route("/metrics", exposition::route(Arc::new(Exposition::new(stats))))
         .route("/healthz", get(|| async { "ok\n" }));
     let shutdown = async move {
         let _ = stop.changed().await;

@@ -22,6 +22,7 @@ use shoal_protocol::{NodeId, Roles, SignedTicket};
 use crate::clock::WallClock;
 use crate::driver::batch::{BATCH, Batch};
 use crate::metrics::Counters;
+use crate::metrics::exposition::{Collector, DescriptorEncoder};
 use crate::router::{Router, RouterConfig, RouterEvent, Verdict};
 use crate::wire::Kind;
 
@@ -80,10 +81,12 @@ impl RelayStats {
     pub fn worker_tids(&self) -> Vec<i32> {
         self.tids.lock().map(|t| t.clone()).unwrap_or_default()
     }
+}
 
-    /// The Prometheus exposition.
-    pub fn render_prometheus(&self) -> String {
-        self.counters().render_prometheus(self.bindings())
+/// What `/metrics` reads: the workers' latest snapshots, summed at each scrape.
+impl Collector for RelayStats {
+    fn encode(&self, mut e: DescriptorEncoder<'_>) -> std::fmt::Result {
+        self.counters().encode(self.bindings(), &mut e)
     }
 }
 
