@@ -9,7 +9,7 @@ pub mod exposition;
 
 use std::fmt;
 
-use crate::router::ParseErrorKind;
+use crate::router::{IDLE_EXPIRY, ParseErrorKind, UnbindRefusal};
 use crate::wire::BindRefusal;
 
 /// Why the relay dropped a datagram. Each has its own counter.
@@ -35,6 +35,8 @@ pub enum DropReason {
     BindRateLimited,
     /// A bind proof was refused (see the refusal counters).
     BindRefused,
+    /// An unbind was refused (see the unbind refusal counters).
+    UnbindRefused,
     /// A challenge or ack from an address we are not binding to.
     UnsolicitedBindReply,
     /// Relays never forward notices.
@@ -54,7 +56,7 @@ const PARSE_KINDS: [ParseErrorKind; 6] = [
 
 impl DropReason {
     /// Every reason, for exposition.
-    pub const ALL: [DropReason; 18] = [
+    pub const ALL: [DropReason; 19] = [
         DropReason::Malformed(PARSE_KINDS[0]),
         DropReason::Malformed(PARSE_KINDS[1]),
         DropReason::Malformed(PARSE_KINDS[2]),
@@ -73,6 +75,7 @@ impl DropReason {
         DropReason::UnsolicitedBindReply,
         DropReason::NoticeReceived,
         DropReason::Internal,
+        DropReason::UnbindRefused,
     ];
 
     fn index(self) -> usize {
@@ -90,6 +93,7 @@ impl DropReason {
             DropReason::UnsolicitedBindReply => 15,
             DropReason::NoticeReceived => 16,
             DropReason::Internal => 17,
+            DropReason::UnbindRefused => 18,
         }
     }
 
@@ -114,6 +118,7 @@ impl DropReason {
             DropReason::UnsolicitedBindReply => "unsolicited_bind_reply",
             DropReason::NoticeReceived => "notice_received",
             DropReason::Internal => "internal",
+            DropReason::UnbindRefused => "unbind_refused",
         }
     }
 }
@@ -128,6 +133,15 @@ fn refusal_label(r: BindRefusal) -> &'static str {
         BindRefusal::BadProof => "bad_proof",
         BindRefusal::WrongNode => "wrong_node",
         BindRefusal::Full => "full",
+    }
+}
+
+fn unbind_refusal_label(r: UnbindRefusal) -> &'static str {
+    match r {
+        UnbindRefusal::NotBound => "not_bound",
+        UnbindRefusal::StaleChallenge => "stale_challenge",
+        UnbindRefusal::BadPermit => "bad_permit",
+        UnbindRefusal::BadProof => "bad_proof",
     }
 }
 
@@ -181,8 +195,13 @@ pub struct Counters {
     /// Datagrams from a peer relay whose source was charged to that relay's own rate limit
     /// because the table of per-source limits was full.
     pub sources_over_cap: u64,
+    /// Bindings released by their node's unbind.
+    pub unbinds: u64,
+    /// Bindings dropped after the relay heard nothing from them for [`IDLE_EXPIRY`].
+    pub idle_expired: u64,
     drops: [u64; DropReason::ALL.len()],
     refusals: [u64; BindRefusal::ALL.len()],
+    unbind_refusals: [u64; UnbindRefusal::ALL.len()],
     /// Latency of the hop each forwarded, traced datagram arrived over, in microseconds.
     pub hop_latency: Histogram,
 }
@@ -208,6 +227,16 @@ impl Counters {
         self.refusals[r as usize - 1]
     }
 
+    /// Counts a refused unbind.
+    pub fn unbind_refused(&mut self, r: UnbindRefusal) {
+        self.unbind_refusals[r as usize] += 1;
+    }
+
+    /// Unbinds refused for `r`.
+    pub fn unbind_refusals(&self, r: UnbindRefusal) -> u64 {
+        self.unbind_refusals[r as usize]
+    }
+
     /// Adds `other` into `self` (summing workers).
     pub fn add(&mut self, other: &Counters) {
         self.forwarded_packets += other.forwarded_packets;
@@ -217,6 +246,11 @@ impl Counters {
         self.binds_accepted += other.binds_accepted;
         self.send_failures += other.send_failures;
         self.sources_over_cap += other.sources_over_cap;
+        self.unbinds += other.unbinds;
+        self.idle_expired += other.idle_expired;
+        for (a, b) in self.unbind_refusals.iter_mut().zip(other.unbind_refusals) {
+            *a += b;
+        }
         for (a, b) in self.drops.iter_mut().zip(other.drops) {
             *a += b;
         }
@@ -242,10 +276,15 @@ impl Counters {
             "Datagrams from peer relays rate-limited as the relay's own because the per-source table was full.",
             self.sources_over_cap,
         )?;
+        counter(e, "shoal_relay_unbinds_total", "Bindings released by their node's unbind.", self.unbinds)?;
+        let idle = format!("Bindings dropped after nothing was heard from them for {} s.", IDLE_EXPIRY.as_secs());
+        counter(e, "shoal_relay_idle_expired_total", &idle, self.idle_expired)?;
         let drops = DropReason::ALL.map(|r| (r.label(), self.drops(r)));
         labelled_counters(e, "shoal_relay_dropped_total", "Datagrams dropped, by reason.", "reason", drops)?;
         let refusals = BindRefusal::ALL.map(|r| (refusal_label(r), self.bind_refusals(r)));
         labelled_counters(e, "shoal_relay_bind_refused_total", "Bind proofs refused, by reason.", "reason", refusals)?;
+        let refusals = UnbindRefusal::ALL.map(|r| (unbind_refusal_label(r), self.unbind_refusals(r)));
+        labelled_counters(e, "shoal_relay_unbind_refused_total", "Unbinds refused, by reason.", "reason", refusals)?;
         gauge(e, "shoal_relay_bindings", "Nodes currently bound.", bindings as u64)?;
         let h = &self.hop_latency;
         let buckets: Vec<(f64, u64)> = HOP_BUCKETS_US.iter().map(|us| *us as f64 / 1e6).zip(h.buckets).collect();
@@ -306,6 +345,6 @@ mod tests {
         // Every family has its HELP and TYPE.
         let families = text.lines().filter(|l| l.starts_with("# TYPE")).count();
         assert_eq!(families, text.lines().filter(|l| l.starts_with("# HELP")).count());
-        assert_eq!(families, 11);
+        assert_eq!(families, 14);
     }
 }

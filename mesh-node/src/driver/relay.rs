@@ -92,7 +92,9 @@ impl Collector for RelayStats {
 
 enum WorkerMsg {
     /// A binding another worker verified.
-    Bound { node: NodeId, roles: Roles, addr: SocketAddr, expires_at: u64 },
+    Bound { node: NodeId, roles: Roles, addr: SocketAddr, expires_at: u64, challenge_at: u64 },
+    /// A binding another worker released on its node's unbind.
+    Unbound { node: NodeId, addr: SocketAddr, challenge_at: u64 },
     /// A peer relay's bind reply that reached a worker that does not own peer binds.
     PeerReply { from: SocketAddr, bytes: Vec<u8> },
     /// Bind to a peer relay (sent to the worker that owns peer binds).
@@ -308,9 +310,10 @@ impl Worker {
     fn apply(&mut self, msg: WorkerMsg, sock: &UdpSocket) {
         let now = Instant::now();
         match msg {
-            WorkerMsg::Bound { node, roles, addr, expires_at } => {
-                self.router.apply_binding(now, node, roles, addr, expires_at);
+            WorkerMsg::Bound { node, roles, addr, expires_at, challenge_at } => {
+                self.router.apply_binding(now, node, roles, addr, expires_at, challenge_at);
             }
+            WorkerMsg::Unbound { node, addr, challenge_at } => self.router.apply_unbinding(node, addr, challenge_at),
             WorkerMsg::PeerReply { from, mut bytes } => {
                 let _ = self.router.handle_datagram(now, from, &mut bytes);
                 self.drain(sock);
@@ -332,15 +335,25 @@ impl Worker {
         }
         while let Some(ev) = self.router.poll_event() {
             match ev {
-                RouterEvent::Bound { node, roles, addr, expires_at } => {
+                RouterEvent::Bound { node, roles, addr, expires_at, challenge_at } => {
                     tracing::debug!(%node, ?roles, %addr, "bound");
-                    for (i, tx) in self.others.iter().enumerate() {
-                        if i != self.idx {
-                            let _ = tx.send(WorkerMsg::Bound { node, roles, addr, expires_at });
-                        }
-                    }
+                    self.tell_others(|| WorkerMsg::Bound { node, roles, addr, expires_at, challenge_at });
+                }
+                RouterEvent::Unbound { node, addr, challenge_at } => {
+                    tracing::debug!(%node, %addr, "unbound");
+                    self.tell_others(|| WorkerMsg::Unbound { node, addr, challenge_at });
                 }
                 RouterEvent::PeerBound { addr, peer } => tracing::info!(%peer, %addr, "bound to peer relay"),
+            }
+        }
+    }
+
+    /// Sends every other worker a message (a worker only stops when the relay does, so a
+    /// closed inbox means shutdown, when nothing is left to tell).
+    fn tell_others(&self, msg: impl Fn() -> WorkerMsg) {
+        for (i, tx) in self.others.iter().enumerate() {
+            if i != self.idx && tx.send(msg()).is_err() {
+                tracing::debug!(worker = i, "worker gone; not told");
             }
         }
     }
