@@ -88,11 +88,19 @@ impl Core {
                     received_ms: stored_ms(unix.0),
                     status: report.status.clone(),
                     position: pos.as_dvec3().to_array(),
-                    body: shoal_protocol::codec::encode(&report).unwrap_or_default(),
+                    body: match shoal_protocol::codec::encode(&report) {
+                        Ok(body) => body,
+                        Err(e) => {
+                            // A report that decoded encodes again; kept without its body if not.
+                            tracing::warn!(account = p.account.as_str(), %node, "report body not kept: {e}");
+                            Vec::new()
+                        }
+                    },
                 });
                 p.last_report = Some(*report);
-                if plausible {
-                    let _ = self.interest.update(node, pos);
+                // A plausible position is finite, all the interest set checks.
+                if plausible && let Err(e) = self.interest.update(node, pos) {
+                    tracing::warn!(%node, "position not taken for introductions: {e}");
                 }
                 if cut {
                     self.counters.cut_off += 1;

@@ -134,7 +134,9 @@ fn run(config: PathBuf) -> anyhow::Result<()> {
         tracing::info!("shutting down");
         let _ = stop_tx.send(true);
         for task in server.into_iter().chain(registration) {
-            let _ = task.await;
+            if let Err(e) = task.await {
+                tracing::warn!("a service task ended abnormally: {e}");
+            }
         }
         let stats = relay.stats().clone();
         relay.shutdown();

@@ -21,8 +21,8 @@ use shoal_protocol::{NodeId, Roles, SignedTicket};
 
 use crate::clock::WallClock;
 use crate::driver::batch::{BATCH, Batch};
-use crate::metrics::Counters;
 use crate::metrics::exposition::{Collector, DescriptorEncoder};
+use crate::metrics::{Counters, DropReason};
 use crate::router::{Router, RouterConfig, RouterEvent, Verdict};
 use crate::wire::Kind;
 
@@ -113,15 +113,19 @@ pub struct RelayHandle {
 impl RelayHandle {
     /// Binds to a peer relay (nothing happens if already bound to it).
     pub fn add_peer(&self, addr: SocketAddr) {
-        if let Some(owner) = self.workers.first() {
-            let _ = owner.send(WorkerMsg::AddPeer(addr));
+        if let Some(owner) = self.workers.first()
+            && owner.send(WorkerMsg::AddPeer(addr)).is_err()
+        {
+            tracing::debug!(peer = %addr, "relay stopped; peer not added");
         }
     }
 
     /// Replaces the relay's own permit on every worker.
     pub fn set_permit(&self, permit: SignedTicket) {
         for w in &self.workers {
-            let _ = w.send(WorkerMsg::SetPermit(permit));
+            if w.send(WorkerMsg::SetPermit(permit)).is_err() {
+                tracing::debug!("relay stopped; permit not installed");
+            }
         }
     }
 
@@ -287,7 +291,9 @@ impl Worker {
             if self.idx != 0
                 && matches!(buf.get(1), Some(k) if *k == Kind::BindChallenge as u8 || *k == Kind::BindAck as u8)
             {
-                let _ = self.others[0].send(WorkerMsg::PeerReply { from, bytes: buf.to_vec() });
+                if self.others[0].send(WorkerMsg::PeerReply { from, bytes: buf.to_vec() }).is_err() {
+                    self.router.counters_mut().drop(DropReason::Internal);
+                }
                 continue;
             }
             match self.router.handle_datagram(now, from, buf) {
