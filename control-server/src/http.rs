@@ -2,36 +2,30 @@
 //! `/api/state`, the live state as JSON (players with positions and neighbours, the links they
 //! report with their path kind and stats, relays) for the dashboard.
 
-use std::fmt::Write;
+use std::fmt;
+use std::sync::Arc;
 
 use axum::Json;
-use axum::http::{StatusCode, header};
+use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::get;
+use shoal_link::exposition::{self, Collector, DescriptorEncoder, Exposition};
 use tokio::sync::watch;
 
 use crate::server::{ServerClient, Stats};
 
 /// The router.
 pub fn router(client: ServerClient) -> axum::Router {
-    let (metrics, state) = (client.clone(), client);
-    axum::Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route(
-            "/metrics",
-            get(move || async move {
-                ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], render_prometheus(&metrics.stats()))
-            }),
-        )
-        .route(
-            "/api/state",
-            get(move || async move {
-                match state.snapshot().await {
-                    Some(s) => Json(s).into_response(),
-                    None => (StatusCode::SERVICE_UNAVAILABLE, "stopped\n").into_response(),
-                }
-            }),
-        )
+    let metrics = Arc::new(Exposition::new(Live(client.clone())));
+    axum::Router::new().route("/healthz", get(|| async { "ok\n" })).route("/metrics", exposition::route(metrics)).route(
+        "/api/state",
+        get(move || async move {
+            match client.snapshot().await {
+                Some(s) => Json(s).into_response(),
+                None => (StatusCode::SERVICE_UNAVAILABLE, "stopped\n").into_response(),
+            }
+        }),
+    )
 }
 
 /// Serves the router on `listener` until `stop` turns true.
@@ -43,17 +37,41 @@ pub async fn serve(listener: tokio::net::TcpListener, client: ServerClient, mut 
             }
         }
     };
+    let addr = listener.local_addr();
     if let Err(e) = axum::serve(listener, router(client)).with_graceful_shutdown(shutdown).await {
-        tracing::error!("control HTTP server: {e}");
+        tracing::error!(addr = ?addr.ok(), "control HTTP server: {e}");
     }
 }
 
-/// The counters in Prometheus' text format.
-pub fn render_prometheus(s: &Stats) -> String {
+/// What `/metrics` reads: the stats the server published after its last turn.
+#[derive(Debug)]
+struct Live(ServerClient);
+
+impl Collector for Live {
+    fn encode(&self, mut e: DescriptorEncoder<'_>) -> fmt::Result {
+        encode(&self.0.stats(), &mut e)
+    }
+}
+
+/// Stats as they were.
+#[derive(Debug)]
+struct Fixed(Stats);
+
+impl Collector for Fixed {
+    fn encode(&self, mut e: DescriptorEncoder<'_>) -> fmt::Result {
+        encode(&self.0, &mut e)
+    }
+}
+
+/// `s` in Prometheus' text format, as `/metrics` serves it.
+pub fn render_prometheus(s: &Stats) -> Result<String, fmt::Error> {
+    Exposition::new(Fixed(*s)).render()
+}
+
+fn encode(s: &Stats, e: &mut DescriptorEncoder<'_>) -> fmt::Result {
+    use exposition::{counter, gauge, labelled_counters};
     let c = &s.counters;
-    let mut out = String::new();
-    let _ = writeln!(out, "# HELP shoal_control_players Signed-in players.\n# TYPE shoal_control_players gauge");
-    let _ = writeln!(out, "shoal_control_players {}", s.players);
+    gauge(e, "shoal_control_players", "Signed-in players.", s.players as u64)?;
     let counters: [(&str, &str, u64); 12] = [
         ("shoal_control_sign_ins_total", "Sign-ins accepted, new or resumed.", c.signed_in),
         ("shoal_control_resumes_total", "Sessions resumed with a ticket.", c.resumed),
@@ -69,21 +87,47 @@ pub fn render_prometheus(s: &Stats) -> String {
         ("shoal_control_overflowed_total", "Connections closed for not reading what was sent to them.", c.overflowed),
     ];
     for (name, help, v) in counters {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
+        counter(e, name, help, v)?;
     }
-    let _ = writeln!(
-        out,
-        "# HELP shoal_control_refusals_total Messages and clients refused, by reason.\n# TYPE shoal_control_refusals_total counter"
-    );
-    for (reason, v) in [
+    let refusals = [
         ("bad_credentials", c.bad_credentials),
         ("bad_proof", c.bad_proofs),
         ("bad_ticket", c.bad_tickets),
         ("not_signed_in", c.not_signed_in),
         ("malformed", c.malformed),
+        ("bad_seq", c.bad_seqs),
         ("relay_refused", c.relays_refused),
-    ] {
-        let _ = writeln!(out, "shoal_control_refusals_total{{reason=\"{reason}\"}} {v}");
+    ];
+    labelled_counters(e, "shoal_control_refusals_total", "Messages and clients refused, by reason.", "reason", refusals)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::core::CoreCounters;
+
+    #[test]
+    fn every_control_metric_is_exposed_under_its_name_with_help_and_type() {
+        let counters = CoreCounters { bad_credentials: 2, introductions: 4, overflowed: 1, ..CoreCounters::default() };
+        let text = render_prometheus(&Stats { counters, players: 3, throttled: 9 }).unwrap();
+        for line in [
+            "# HELP shoal_control_players Signed-in players.",
+            "# TYPE shoal_control_players gauge",
+            "shoal_control_players 3",
+            "# TYPE shoal_control_throttled_total counter",
+            "shoal_control_throttled_total 9",
+            "# TYPE shoal_control_overflowed_total counter",
+            "shoal_control_overflowed_total 1",
+            "shoal_control_introductions_total 4",
+            "# TYPE shoal_control_refusals_total counter",
+            "shoal_control_refusals_total{reason=\"bad_credentials\"} 2",
+            "shoal_control_refusals_total{reason=\"relay_refused\"} 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
+        }
+        let families = text.lines().filter(|l| l.starts_with("# TYPE")).count();
+        assert_eq!(families, text.lines().filter(|l| l.starts_with("# HELP")).count());
+        assert_eq!(families, 14);
     }
-    out
 }

@@ -26,8 +26,57 @@ pub enum StoreError {
     #[error("unsupported database URL (want sqlite:… or postgres://…): {0}")]
     Url(String),
     /// The database refused or failed.
-    #[error(transparent)]
-    Db(#[from] sqlx::Error),
+    #[error("{op}: {source}")]
+    Db {
+        /// What the store was doing.
+        op: &'static str,
+        /// The database's error.
+        source: sqlx::Error,
+    },
+    /// A stored value is not what the store writes.
+    #[error("corrupt {what} in the database: {reason}")]
+    Corrupt {
+        /// Which column.
+        what: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+/// Names what the store was doing when the database failed.
+trait Op<T> {
+    fn op(self, op: &'static str) -> Result<T, StoreError>;
+}
+
+impl<T> Op<T> for Result<T, sqlx::Error> {
+    fn op(self, op: &'static str) -> Result<T, StoreError> {
+        self.map_err(|source| StoreError::Db { op, source })
+    }
+}
+
+/// A node id as stored: exactly eight bytes.
+fn node_id(column: &'static str, bytes: &[u8]) -> Result<[u8; 8], StoreError> {
+    bytes.try_into().map_err(|_| StoreError::Corrupt { what: column, reason: format!("{} bytes, not 8", bytes.len()) })
+}
+
+/// Why a value cannot be kept in a row as it came.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RowError {
+    /// A report's sequence number is past the largest the history's signed 64-bit column
+    /// holds (cast, it would be stored negative).
+    #[error("report seq {0} is past the largest storable ({max})", max = i64::MAX)]
+    SeqOutOfRange(u64),
+}
+
+/// A report's sequence number as the history stores it.
+pub fn stored_seq(seq: u64) -> Result<i64, RowError> {
+    i64::try_from(seq).map_err(|_| RowError::SeqOutOfRange(seq))
+}
+
+/// Unix seconds as the milliseconds the rows store; past the column's range, its largest
+/// value.
+pub fn stored_ms(unix_secs: u64) -> i64 {
+    i64::try_from(unix_secs.saturating_mul(1000)).unwrap_or(i64::MAX)
 }
 
 /// A character's latest state, as persisted.
@@ -52,7 +101,7 @@ pub struct ReportRow {
     pub account: String,
     /// The node that sent it.
     pub node_id: [u8; 8],
-    /// Its sequence number.
+    /// Its sequence number (see [`stored_seq`]).
     pub seq: i64,
     /// When the server received it, Unix milliseconds.
     pub received_ms: i64,
@@ -131,11 +180,11 @@ impl Store {
             return Err(StoreError::Url(url.to_string()));
         };
         let max = if backend == Backend::Sqlite { 4 } else { 8 };
-        let pool = AnyPoolOptions::new().max_connections(max).connect(&url).await?;
+        let pool = AnyPoolOptions::new().max_connections(max).connect(&url).await.op("opening the database")?;
         if backend == Backend::Sqlite {
             // WAL lets readers run beside the writer; the mode is kept in the file, so once
             // is enough. (sqlx already waits up to 5 s for a busy writer.)
-            sqlx::raw_sql("PRAGMA journal_mode = WAL").execute(&pool).await?;
+            sqlx::raw_sql("PRAGMA journal_mode = WAL").execute(&pool).await.op("opening the database")?;
         }
         let store = Store { pool, backend };
         store.migrate().await?;
@@ -150,19 +199,26 @@ impl Store {
     async fn migrate(&self) -> Result<(), StoreError> {
         sqlx::raw_sql("CREATE TABLE IF NOT EXISTS shoal_schema (version BIGINT PRIMARY KEY)")
             .execute(&self.pool)
-            .await?;
+            .await
+            .op("bringing the schema up to date")?;
         let applied: i64 = sqlx::query("SELECT COALESCE(MAX(version), 0) FROM shoal_schema")
             .fetch_one(&self.pool)
-            .await?
-            .try_get(0)?;
+            .await
+            .op("bringing the schema up to date")?
+            .try_get(0)
+            .op("bringing the schema up to date")?;
         for (version, sql) in schema(self.backend) {
             if version <= applied {
                 continue;
             }
-            let mut tx = self.pool.begin().await?;
-            sqlx::raw_sql(&sql).execute(&mut *tx).await?;
-            sqlx::query("INSERT INTO shoal_schema (version) VALUES ($1)").bind(version).execute(&mut *tx).await?;
-            tx.commit().await?;
+            let mut tx = self.pool.begin().await.op("bringing the schema up to date")?;
+            sqlx::raw_sql(&sql).execute(&mut *tx).await.op("bringing the schema up to date")?;
+            sqlx::query("INSERT INTO shoal_schema (version) VALUES ($1)")
+                .bind(version)
+                .execute(&mut *tx)
+                .await
+                .op("bringing the schema up to date")?;
+            tx.commit().await.op("bringing the schema up to date")?;
         }
         Ok(())
     }
@@ -176,7 +232,8 @@ impl Store {
         .bind(password_hash)
         .bind(now_ms)
         .execute(&self.pool)
-        .await?;
+        .await
+        .op("creating an account")?;
         Ok(done.rows_affected() == 1)
     }
 
@@ -185,8 +242,9 @@ impl Store {
         let row = sqlx::query("SELECT password_hash FROM accounts WHERE name = $1")
             .bind(name)
             .fetch_optional(&self.pool)
-            .await?;
-        Ok(row.map(|r| r.try_get(0)).transpose()?)
+            .await
+            .op("reading an account's password hash")?;
+        row.map(|r| r.try_get(0)).transpose().op("reading an account's password hash")
     }
 
     /// Saves a character's latest state, replacing what was there.
@@ -204,7 +262,8 @@ impl Store {
         .bind(c.state.clone())
         .bind(c.updated_ms)
         .execute(&self.pool)
-        .await?;
+        .await
+        .op("saving a character")?;
         Ok(())
     }
 
@@ -213,15 +272,20 @@ impl Store {
         let row = sqlx::query("SELECT node_id, x, y, z, state, updated_ms FROM characters WHERE account = $1")
             .bind(account)
             .fetch_optional(&self.pool)
-            .await?;
+            .await
+            .op("loading a character")?;
         let Some(r) = row else { return Ok(None) };
-        let node: Vec<u8> = r.try_get(0)?;
+        let node: Vec<u8> = r.try_get(0).op("loading a character")?;
         Ok(Some(Character {
             account: account.to_string(),
-            node_id: node.as_slice().try_into().unwrap_or_default(),
-            position: [r.try_get(1)?, r.try_get(2)?, r.try_get(3)?],
-            state: r.try_get(4)?,
-            updated_ms: r.try_get(5)?,
+            node_id: node_id("characters.node_id", &node)?,
+            position: [
+                r.try_get(1).op("loading a character")?,
+                r.try_get(2).op("loading a character")?,
+                r.try_get(3).op("loading a character")?,
+            ],
+            state: r.try_get(4).op("loading a character")?,
+            updated_ms: r.try_get(5).op("loading a character")?,
         }))
     }
 
@@ -230,8 +294,9 @@ impl Store {
         let row = sqlx::query("SELECT account FROM characters WHERE node_id = $1 ORDER BY updated_ms DESC LIMIT 1")
             .bind(node_id.to_vec())
             .fetch_optional(&self.pool)
-            .await?;
-        Ok(row.map(|r| r.try_get(0)).transpose()?)
+            .await
+            .op("finding a node's account")?;
+        row.map(|r| r.try_get(0)).transpose().op("finding a node's account")
     }
 
     /// Appends reports to the history, in one transaction.
@@ -239,7 +304,7 @@ impl Store {
         if rows.is_empty() {
             return Ok(());
         }
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.pool.begin().await.op("inserting reports")?;
         for chunk in rows.chunks(REPORT_BATCH) {
             let sql = insert_reports_sql(self.backend, chunk.len());
             let mut q = sqlx::query(&sql);
@@ -255,16 +320,19 @@ impl Store {
                     .bind(r.position[2])
                     .bind(r.body.as_slice());
             }
-            q.execute(&mut *tx).await?;
+            q.execute(&mut *tx).await.op("inserting reports")?;
         }
-        tx.commit().await?;
+        tx.commit().await.op("inserting reports")?;
         Ok(())
     }
 
     /// Deletes reports received before `before_ms`; returns how many.
     pub async fn prune_reports(&self, before_ms: i64) -> Result<u64, StoreError> {
-        let done =
-            sqlx::query("DELETE FROM reports WHERE received_ms < $1").bind(before_ms).execute(&self.pool).await?;
+        let done = sqlx::query("DELETE FROM reports WHERE received_ms < $1")
+            .bind(before_ms)
+            .execute(&self.pool)
+            .await
+            .op("pruning reports")?;
         Ok(done.rows_affected())
     }
 
@@ -277,18 +345,23 @@ impl Store {
         .bind(account)
         .bind(limit)
         .fetch_all(&self.pool)
-        .await?;
+        .await
+        .op("reading reports")?;
         rows.into_iter()
             .map(|r| {
-                let node: Vec<u8> = r.try_get(0)?;
+                let node: Vec<u8> = r.try_get(0).op("reading reports")?;
                 Ok(ReportRow {
                     account: account.to_string(),
-                    node_id: node.as_slice().try_into().unwrap_or_default(),
-                    seq: r.try_get(1)?,
-                    received_ms: r.try_get(2)?,
-                    status: r.try_get(3)?,
-                    position: [r.try_get(4)?, r.try_get(5)?, r.try_get(6)?],
-                    body: r.try_get(7)?,
+                    node_id: node_id("reports.node_id", &node)?,
+                    seq: r.try_get(1).op("reading reports")?,
+                    received_ms: r.try_get(2).op("reading reports")?,
+                    status: r.try_get(3).op("reading reports")?,
+                    position: [
+                        r.try_get(4).op("reading reports")?,
+                        r.try_get(5).op("reading reports")?,
+                        r.try_get(6).op("reading reports")?,
+                    ],
+                    body: r.try_get(7).op("reading reports")?,
                 })
             })
             .collect()
@@ -296,7 +369,12 @@ impl Store {
 
     /// Reports kept in all.
     pub async fn report_count(&self) -> Result<i64, StoreError> {
-        Ok(sqlx::query("SELECT COUNT(*) FROM reports").fetch_one(&self.pool).await?.try_get(0)?)
+        sqlx::query("SELECT COUNT(*) FROM reports")
+            .fetch_one(&self.pool)
+            .await
+            .op("counting reports")?
+            .try_get(0)
+            .op("counting reports")
     }
 
     /// Closes the pool, waiting for connections in use.
@@ -331,4 +409,32 @@ fn insert_reports_sql(backend: Backend, rows: usize) -> String {
         sql.push(')');
     }
     sql
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn a_seq_past_the_column_is_an_error_never_a_negative_number() {
+        assert_eq!(stored_seq(0), Ok(0));
+        assert_eq!(stored_seq(i64::MAX as u64), Ok(i64::MAX));
+        let past = i64::MAX as u64 + 1;
+        assert_eq!(stored_seq(past), Err(RowError::SeqOutOfRange(past)));
+        assert_eq!(stored_seq(u64::MAX), Err(RowError::SeqOutOfRange(u64::MAX)));
+        assert!(stored_seq(u64::MAX).unwrap_err().to_string().contains("18446744073709551615"));
+        assert_eq!(stored_ms(1_800_000_000), 1_800_000_000_000);
+        assert_eq!(stored_ms(u64::MAX), i64::MAX);
+    }
+
+    #[test]
+    fn store_errors_say_what_the_store_was_doing_and_which_column_is_corrupt() {
+        let e = Err::<(), _>(sqlx::Error::RowNotFound).op("saving a character").unwrap_err();
+        assert!(e.to_string().starts_with("saving a character: "), "{e}");
+        assert!(std::error::Error::source(&e).is_some());
+        assert_eq!(node_id("characters.node_id", &[1; 8]).unwrap(), [1; 8]);
+        let e = node_id("characters.node_id", &[1; 3]).unwrap_err();
+        assert_eq!(e.to_string(), "corrupt characters.node_id in the database: 3 bytes, not 8");
+    }
 }

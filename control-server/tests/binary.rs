@@ -1,11 +1,19 @@
 //! The `shoal-control-server` binary as an operator runs it: create an account, print the
-//! fingerprint, run until SIGTERM with health and metrics on HTTP, and refuse a bad config
-//! with a message naming the problem.
+//! fingerprint, run until SIGTERM with health and metrics on HTTP, log sign-ins, sign-outs and
+//! refusals at the default level, and refuse a bad config with a message naming the problem.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::io::{BufRead, BufReader, Read, Write};
+use std::net::SocketAddr;
 use std::process::{Command, Stdio};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use shoal_link::{ControlLink, Trust};
+use shoal_protocol::Identity;
+use shoal_protocol::control::{ClientToControl, ControlToClient, KeyProof, Refusal};
+use shoal_protocol::identity::parse_hex;
+use tokio::time::timeout;
 
 const BIN: &str = env!("CARGO_BIN_EXE_shoal-control-server");
 
@@ -60,8 +68,9 @@ fn runs_serves_health_and_stops_on_sigterm() {
     let mut child = Command::new(BIN)
         .args(["run", "--config"])
         .arg(&cfg)
+        .env_remove("RUST_LOG")
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let mut line = String::new();
@@ -73,11 +82,51 @@ fn runs_serves_health_and_stops_on_sigterm() {
     assert!(http_get(&http, "/healthz").ends_with("ok\n"));
     assert!(http_get(&http, "/metrics").contains("shoal_control_players 0"));
     assert!(http_get(&http, "/api/state").contains("\"0102030405060708\""));
+    let quic: SocketAddr = field("quic=").parse().unwrap();
+    let fp: [u8; 32] = parse_hex(&fingerprint).unwrap();
+    let player = Identity::from_seed([5; 32]);
+    sign_in_and_out(quic, fp, &player);
     // SIGTERM: a clean stop.
     terminate(child.id());
     let status = child.wait().unwrap();
     assert!(status.success(), "{status:?}");
+    // With no RUST_LOG, the operator still sees who came, who was refused and why, and who
+    // left, with their account, node and address, and refusals in words.
+    let mut log = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut log).unwrap();
+    let node = player.node_id().to_string();
+    let line = |what: &str| log.lines().find(|l| l.contains(what)).unwrap_or_else(|| panic!("no {what:?} in {log}"));
+    let refused = line("sign-in refused");
+    assert!(refused.contains("wrong account or password") && refused.contains("account=\"ana\""), "{refused}");
+    assert!(refused.contains("addr=127.0.0.1:"), "{refused}");
+    for what in ["signed in", "signed out"] {
+        let l = line(what);
+        assert!(l.contains("INFO") && l.contains(&node) && l.contains("account=\"ana\""), "{l}");
+    }
+    assert!(!log.contains("BadCredentials"), "{log}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Signs `player` in as ana with a wrong password, then the right one, then out.
+fn sign_in_and_out(server: SocketAddr, fingerprint: [u8; 32], player: &Identity) {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let mut link = ControlLink::connect(server, &Trust::Pinned(fingerprint)).await.unwrap();
+        let unix_ms = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64;
+        for password in ["nope", "pw"] {
+            let proof = KeyProof::new(player, "ana", unix_ms, &fingerprint);
+            let msg = ClientToControl::SignIn { account: "ana".into(), password: password.into(), proof };
+            link.send(&msg).await.unwrap();
+            let answer: ControlToClient = timeout(Duration::from_secs(10), link.recv()).await.unwrap().unwrap();
+            match password {
+                "nope" => assert_eq!(answer, ControlToClient::Refused(Refusal::BadCredentials)),
+                _ => assert!(matches!(answer, ControlToClient::Welcome { .. }), "{answer:?}"),
+            }
+        }
+        link.send(&ClientToControl::SignOut).await.unwrap();
+        // The server closes the connection once it has read the goodbye.
+        while let Ok(Ok(_)) = timeout(Duration::from_secs(10), link.recv::<ControlToClient>()).await {}
+    });
 }
 
 fn terminate(pid: u32) {

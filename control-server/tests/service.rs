@@ -194,6 +194,16 @@ async fn neighbours_are_introduced_and_dismissed_over_quic() {
     assert_eq!(status, 200);
     assert!(metrics.contains("shoal_control_players 2\n"), "{metrics}");
     assert!(metrics.contains("shoal_control_introductions_total 2\n"), "{metrics}");
+    for line in [
+        "# HELP shoal_control_players Signed-in players.",
+        "# TYPE shoal_control_players gauge",
+        "# TYPE shoal_control_throttled_total counter",
+        "# TYPE shoal_control_overflowed_total counter",
+        "# TYPE shoal_control_refusals_total counter",
+        "shoal_control_refusals_total{reason=\"bad_credentials\"} 0",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "no {line:?} in {metrics}");
+    }
     let (status, body) = http_get(http_addr, "/api/state").await;
     assert_eq!(status, 200);
     let state: serde_json::Value = serde_json::from_str(&body).unwrap();
@@ -330,7 +340,7 @@ async fn a_flooding_client_is_slowed_to_its_limit_and_others_still_sign_in() {
     }
     assert_eq!(server.counters().reports - before, FLOOD);
     assert!(server.client().stats().throttled >= FLOOD - limit.burst as u64 - 10, "{:?}", server.client().stats());
-    let metrics = shoal_control::http::render_prometheus(&server.client().stats());
+    let metrics = shoal_control::http::render_prometheus(&server.client().stats()).unwrap();
     assert!(metrics.contains("shoal_control_throttled_total"), "{metrics}");
     server.shutdown().await;
 }

@@ -1,7 +1,7 @@
 //! The client side of Shoal's control plane: how a player's client (the SDK), a relay or a
 //! hosting server reaches the control server over QUIC, trusts its certificate ([`Trust`]),
 //! and exchanges messages with it ([`ControlLink`]); and, in [`daemon`], the few helpers both
-//! daemons share.
+//! daemons share, with (feature `metrics`) the Prometheus exposition in [`exposition`].
 //!
 //! TLS 1.3 only, ring as the crypto provider, ALPN [`ALPN`] for players and [`RELAY_ALPN`] for
 //! relays. Each side sends frames of [`shoal_protocol::framing`] (a u32 big-endian length,
@@ -10,6 +10,8 @@
 //! bidirectional stream the client opens.
 
 pub mod daemon;
+#[cfg(feature = "metrics")]
+pub mod exposition;
 mod stream;
 mod trust;
 

@@ -70,7 +70,7 @@ fn router(now: Instant) -> (Router, SocketAddr, Header, Route) {
             7,
         ]);
         let addr = SocketAddr::from(([10, (i >> 16) as u8, (i >> 8) as u8, i as u8], 4000));
-        r.apply_binding(now, node.node_id(), Roles::CLIENT, addr, T0 + 3600);
+        r.apply_binding(now, node.node_id(), Roles::CLIENT, addr, T0 + 3600, T0);
     }
     let a = Identity::from_seed([
         0, 0, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7,

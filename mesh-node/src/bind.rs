@@ -2,7 +2,10 @@
 //! endpoints binding to their relays and by relays binding to their peer relays.
 //!
 //! Sans-IO: fed `now` and the datagrams that came back from the relay, it yields datagrams to
-//! send and tells when it next needs [`BindClient::handle_timeout`].
+//! send and tells when it next needs [`BindClient::handle_timeout`]. A node that stops sends
+//! each relay an unbind ([`BindClient::unbind`]) so the relay lets go of its binding at once;
+//! a relay forgets bindings it hears nothing from for a few keepalive intervals anyway, which
+//! is why a bound node binds again at least every [`KEEPALIVE_MAX`], whatever else it sends.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -25,7 +28,8 @@ pub const KEEPALIVE: Duration = Duration::from_secs(15);
 /// Bounds of a keepalive interval fitted to the NAT's measured mapping lifetime.
 pub const KEEPALIVE_MIN: Duration = Duration::from_secs(5);
 /// The longest keepalive interval: also how often a node on the open network, which has no
-/// mapping to hold, binds again.
+/// mapping to hold, binds again, and the longest a bound node goes without binding again even
+/// while it sends (relays time out bindings by it).
 pub const KEEPALIVE_MAX: Duration = Duration::from_secs(120);
 /// A binding is renewed this long before it lapses.
 const RENEW_BEFORE: Duration = Duration::from_secs(30);
@@ -132,6 +136,11 @@ pub struct BindClient {
     keepalive: Duration,
     /// When the binding must be renewed, whatever else is sent.
     renew_at: Instant,
+    /// When the node must bind again at the latest, whatever else it sends: [`KEEPALIVE_MAX`]
+    /// after the last ack, so relays keep hearing binds.
+    rebind_by: Instant,
+    /// The challenge of the proof the relay acknowledged last: an unbind answers it again.
+    granted: Option<Challenge>,
 }
 
 impl BindClient {
@@ -155,6 +164,8 @@ impl BindClient {
             life: MappingLife::default(),
             keepalive: KEEPALIVE,
             renew_at: now,
+            rebind_by: now,
+            granted: None,
         }
     }
 
@@ -172,7 +183,7 @@ impl BindClient {
     pub fn on_sent(&mut self, now: Instant) {
         self.last_sent = now;
         if self.keepalive_due && self.phase == Phase::Idle {
-            self.next_send = (now + self.keepalive).min(self.renew_at);
+            self.next_send = (now + self.keepalive).min(self.renew_at).min(self.rebind_by);
         }
     }
 
@@ -302,7 +313,8 @@ impl BindClient {
         me: &Identity,
         permit: &SignedTicket,
     ) -> Option<Transmit> {
-        if dgram.destination() != me.node_id() {
+        // An unbind's ack is not an answer to a bind; nothing here waits for one.
+        if dgram.destination() != me.node_id() || dgram.unbind() {
             return None;
         }
         match (dgram.kind(), self.phase) {
@@ -319,9 +331,11 @@ impl BindClient {
                 self.last_sent = now;
                 self.proof(me, permit, &challenge)
             }
-            (Kind::BindAck, Phase::Proving(_)) if Some(dgram.source()) == self.relay_id => {
+            (Kind::BindAck, Phase::Proving(challenge)) if Some(dgram.source()) == self.relay_id => {
                 let ack = BindAck::read(dgram.body()).ok()?;
                 self.bound = Some(Bound { observed: ack.observed, expires_at: ack.expires_at });
+                self.granted = Some(challenge);
+                self.rebind_by = now + KEEPALIVE_MAX;
                 self.phase = Phase::Idle;
                 if let (Some(silence), Some(before)) = (self.silence.take(), self.last_observed) {
                     self.life.record(silence, before == ack.observed);
@@ -339,6 +353,25 @@ impl BindClient {
             }
             _ => None,
         }
+    }
+
+    /// An unbind for the relay holding our binding: the challenge of the proof it accepted
+    /// last, our permit, and our signature over them under [`wire::UNBIND_CONTEXT`]. The relay
+    /// releases the binding and answers with an ack this client ignores. `None` while not
+    /// bound. This client is left as it is: a node that keeps running binds again at its next
+    /// keepalive.
+    pub fn unbind(&self, me: &Identity, permit: &SignedTicket) -> Option<Transmit> {
+        let (relay, challenge) = (self.relay_id?, self.granted?);
+        self.bound?;
+        let signature = me.sign(wire::UNBIND_CONTEXT, &wire::bind_proof_message(relay, &challenge));
+        let mut body = [0; BIND_PROOF_BODY_LEN];
+        BindProof::write(&challenge, &permit.encode(), &signature, &mut body);
+        let h = Header { kind: Kind::BindProof, source: me.node_id(), destination: relay, vc: VcId(0), trace: false };
+        let mut buf = vec![0; wire::HEADER_LEN + BIND_PROOF_BODY_LEN];
+        let len = wire::emit(&mut buf, &h, &Route::DIRECT, 0, &body).ok()?;
+        buf.truncate(len);
+        wire::set_unbind(&mut buf);
+        Some(Transmit { to: self.relay, bytes: buf })
     }
 
     fn request(&self, me: &Identity) -> Option<Transmit> {

@@ -7,7 +7,7 @@
 //! key_file = "relay.key"            # the relay's identity seed (hex); created if missing
 //! control_public_key = "…64 hex…"   # the only key whose tickets this relay trusts
 //! permit = "…248 hex…"              # this relay's permit, role relay, signed by that key
-//!                                    # (optional with [control], which issues it)
+//!                                    # (not with [control], which issues it)
 //! peers = ["192.0.2.10:7000"]       # relays to bind to at start
 //!
 //! [control]                          # optional: register with the control server
@@ -153,6 +153,16 @@ pub enum ConfigError {
         /// Why.
         reason: String,
     },
+    /// Two settings that cannot be used together are both set.
+    #[error("`{first}` and `{second}` cannot both be set: {reason}")]
+    Conflict {
+        /// The one field.
+        first: &'static str,
+        /// The other.
+        second: &'static str,
+        /// Why, and what to do.
+        reason: &'static str,
+    },
     /// The key file could not be read or created.
     #[error("key file {path}: {reason}")]
     Key {
@@ -197,6 +207,14 @@ impl RelayFile {
         }
         let control_key =
             PublicKey(parse_hex(&self.control_public_key).map_err(|e| invalid("control_public_key", e.to_string()))?);
+        if self.permit.is_some() && self.control.is_some() {
+            return Err(ConfigError::Conflict {
+                first: "permit",
+                second: "[control]",
+                reason: "the control server issues the relay's permit; remove `permit` to register, or \
+                         `[control]` to run on the permit alone",
+            });
+        }
         let identity = load_or_create_key(&base.join(&self.key_file))
             .map_err(|e| ConfigError::Key { path: e.path, reason: e.reason })?;
         let permit = match &self.permit {
@@ -270,5 +288,36 @@ impl RelayFile {
             .verify(control_key, TicketKind::RelayPermit, Roles::RELAY, now)
             .map_err(|e| invalid("permit", e.to_string()))?;
         Ok(permit)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::panic)]
+    use super::*;
+
+    const CONTROL_KEY: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+    fn parse(extra: &str) -> RelayFile {
+        let text = format!(
+            "listen = \"127.0.0.1:7000\"\nkey_file = \"r.key\"\ncontrol_public_key = \"{CONTROL_KEY}\"\n{extra}"
+        );
+        toml::from_str(&text).unwrap()
+    }
+
+    #[test]
+    fn a_permit_beside_control_registration_is_refused_naming_both() {
+        let file = parse(&format!(
+            "permit = \"{}\"\n[control]\naddr = \"127.0.0.1:7100\"\ntrust = \"sha256:{}\"\n",
+            "00".repeat(TICKET_LEN),
+            "ab".repeat(32)
+        ));
+        // Refused before anything is read or written (the key file does not exist).
+        let base = std::env::temp_dir().join(format!("shoal-config-{}-none", std::process::id()));
+        let err = file.validate(&base, UnixTime(0)).unwrap_err();
+        assert!(matches!(err, ConfigError::Conflict { first: "permit", second: "[control]", .. }), "{err}");
+        let text = err.to_string();
+        assert!(text.contains("`permit`") && text.contains("`[control]`"), "{text}");
+        assert!(!base.exists());
     }
 }

@@ -601,3 +601,14 @@ impl Endpoint {
         self.events.pop_front()
     }
 }
+
+impl Endpoint {
+    /// Unbinds for every relay holding our binding, for the driver to send as the node stops
+    /// (a session signing out): each relay lets go of the binding at once instead of at its
+    /// idle expiry. Nothing changes here, so a node that keeps running binds again at its next
+    /// keepalive.
+    #[must_use]
+    pub fn unbind_all(&self) -> Vec<Transmit> {
+        self.relays.iter().filter_map(|r| r.unbind(&self.identity, &self.permit)).collect()
+    }
+}

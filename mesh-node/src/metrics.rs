@@ -1,10 +1,15 @@
 //! What the relay counts, and its Prometheus text form. Counters are plain integers owned by
 //! each worker's router (no atomics on the hot path); the driver publishes snapshots, which
-//! are summed when `/metrics` is scraped.
+//! are summed when `/metrics` is scraped ([`Counters::encode`], through the collector the
+//! driver registers with an [`exposition::Exposition`]).
+//!
+//! [`exposition`] is the rendering every Shoal daemon's `/metrics` shares.
 
-use std::fmt::Write;
+pub use shoal_link::exposition;
 
-use crate::router::ParseErrorKind;
+use std::fmt;
+
+use crate::router::{IDLE_EXPIRY, ParseErrorKind, UnbindRefusal};
 use crate::wire::BindRefusal;
 
 /// Why the relay dropped a datagram. Each has its own counter.
@@ -30,6 +35,8 @@ pub enum DropReason {
     BindRateLimited,
     /// A bind proof was refused (see the refusal counters).
     BindRefused,
+    /// An unbind was refused (see the unbind refusal counters).
+    UnbindRefused,
     /// A challenge or ack from an address we are not binding to.
     UnsolicitedBindReply,
     /// Relays never forward notices.
@@ -49,7 +56,7 @@ const PARSE_KINDS: [ParseErrorKind; 6] = [
 
 impl DropReason {
     /// Every reason, for exposition.
-    pub const ALL: [DropReason; 18] = [
+    pub const ALL: [DropReason; 19] = [
         DropReason::Malformed(PARSE_KINDS[0]),
         DropReason::Malformed(PARSE_KINDS[1]),
         DropReason::Malformed(PARSE_KINDS[2]),
@@ -68,6 +75,7 @@ impl DropReason {
         DropReason::UnsolicitedBindReply,
         DropReason::NoticeReceived,
         DropReason::Internal,
+        DropReason::UnbindRefused,
     ];
 
     fn index(self) -> usize {
@@ -85,6 +93,7 @@ impl DropReason {
             DropReason::UnsolicitedBindReply => 15,
             DropReason::NoticeReceived => 16,
             DropReason::Internal => 17,
+            DropReason::UnbindRefused => 18,
         }
     }
 
@@ -109,6 +118,7 @@ impl DropReason {
             DropReason::UnsolicitedBindReply => "unsolicited_bind_reply",
             DropReason::NoticeReceived => "notice_received",
             DropReason::Internal => "internal",
+            DropReason::UnbindRefused => "unbind_refused",
         }
     }
 }
@@ -123,6 +133,15 @@ fn refusal_label(r: BindRefusal) -> &'static str {
         BindRefusal::BadProof => "bad_proof",
         BindRefusal::WrongNode => "wrong_node",
         BindRefusal::Full => "full",
+    }
+}
+
+fn unbind_refusal_label(r: UnbindRefusal) -> &'static str {
+    match r {
+        UnbindRefusal::NotBound => "not_bound",
+        UnbindRefusal::StaleChallenge => "stale_challenge",
+        UnbindRefusal::BadPermit => "bad_permit",
+        UnbindRefusal::BadProof => "bad_proof",
     }
 }
 
@@ -176,8 +195,13 @@ pub struct Counters {
     /// Datagrams from a peer relay whose source was charged to that relay's own rate limit
     /// because the table of per-source limits was full.
     pub sources_over_cap: u64,
+    /// Bindings released by their node's unbind.
+    pub unbinds: u64,
+    /// Bindings dropped after the relay heard nothing from them for [`IDLE_EXPIRY`].
+    pub idle_expired: u64,
     drops: [u64; DropReason::ALL.len()],
     refusals: [u64; BindRefusal::ALL.len()],
+    unbind_refusals: [u64; UnbindRefusal::ALL.len()],
     /// Latency of the hop each forwarded, traced datagram arrived over, in microseconds.
     pub hop_latency: Histogram,
 }
@@ -203,6 +227,16 @@ impl Counters {
         self.refusals[r as usize - 1]
     }
 
+    /// Counts a refused unbind.
+    pub fn unbind_refused(&mut self, r: UnbindRefusal) {
+        self.unbind_refusals[r as usize] += 1;
+    }
+
+    /// Unbinds refused for `r`.
+    pub fn unbind_refusals(&self, r: UnbindRefusal) -> u64 {
+        self.unbind_refusals[r as usize]
+    }
+
     /// Adds `other` into `self` (summing workers).
     pub fn add(&mut self, other: &Counters) {
         self.forwarded_packets += other.forwarded_packets;
@@ -212,6 +246,11 @@ impl Counters {
         self.binds_accepted += other.binds_accepted;
         self.send_failures += other.send_failures;
         self.sources_over_cap += other.sources_over_cap;
+        self.unbinds += other.unbinds;
+        self.idle_expired += other.idle_expired;
+        for (a, b) in self.unbind_refusals.iter_mut().zip(other.unbind_refusals) {
+            *a += b;
+        }
         for (a, b) in self.drops.iter_mut().zip(other.drops) {
             *a += b;
         }
@@ -221,52 +260,91 @@ impl Counters {
         self.hop_latency.add(&other.hop_latency);
     }
 
-    /// Prometheus text exposition (format 0.0.4).
-    pub fn render_prometheus(&self, bindings: usize) -> String {
-        let mut o = String::with_capacity(4096);
-        let mut counter = |name: &str, help: &str, v: u64| {
-            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
-        };
-        counter("shoal_relay_forwarded_packets_total", "Datagrams forwarded.", self.forwarded_packets);
-        counter("shoal_relay_forwarded_bytes_total", "Bytes forwarded.", self.forwarded_bytes);
-        counter("shoal_relay_replies_total", "Bind handshake replies sent.", self.replies);
-        counter("shoal_relay_notices_total", "Notices sent to senders of dropped datagrams.", self.notices_sent);
-        counter("shoal_relay_binds_accepted_total", "Bind proofs accepted.", self.binds_accepted);
-        counter("shoal_relay_send_failures_total", "Datagrams the socket would not take.", self.send_failures);
+    /// Writes every relay metric, with `bindings` nodes bound now (for a collector; see
+    /// [`exposition`]).
+    pub fn encode(&self, bindings: usize, e: &mut exposition::DescriptorEncoder<'_>) -> fmt::Result {
+        use exposition::{counter, gauge, histogram, labelled_counters};
+        counter(e, "shoal_relay_forwarded_packets_total", "Datagrams forwarded.", self.forwarded_packets)?;
+        counter(e, "shoal_relay_forwarded_bytes_total", "Bytes forwarded.", self.forwarded_bytes)?;
+        counter(e, "shoal_relay_replies_total", "Bind handshake replies sent.", self.replies)?;
+        counter(e, "shoal_relay_notices_total", "Notices sent to senders of dropped datagrams.", self.notices_sent)?;
+        counter(e, "shoal_relay_binds_accepted_total", "Bind proofs accepted.", self.binds_accepted)?;
+        counter(e, "shoal_relay_send_failures_total", "Datagrams the socket would not take.", self.send_failures)?;
         counter(
+            e,
             "shoal_relay_sources_over_cap_total",
             "Datagrams from peer relays rate-limited as the relay's own because the per-source table was full.",
             self.sources_over_cap,
-        );
-        let _ = writeln!(o, "# HELP shoal_relay_dropped_total Datagrams dropped, by reason.");
-        let _ = writeln!(o, "# TYPE shoal_relay_dropped_total counter");
-        for r in DropReason::ALL {
-            let _ = writeln!(o, "shoal_relay_dropped_total{{reason=\"{}\"}} {}", r.label(), self.drops(r));
-        }
-        let _ = writeln!(o, "# HELP shoal_relay_bind_refused_total Bind proofs refused, by reason.");
-        let _ = writeln!(o, "# TYPE shoal_relay_bind_refused_total counter");
-        for r in BindRefusal::ALL {
-            let _ = writeln!(
-                o,
-                "shoal_relay_bind_refused_total{{reason=\"{}\"}} {}",
-                refusal_label(r),
-                self.bind_refusals(r)
-            );
-        }
-        let _ = writeln!(o, "# HELP shoal_relay_bindings Nodes currently bound.\n# TYPE shoal_relay_bindings gauge");
-        let _ = writeln!(o, "shoal_relay_bindings {bindings}");
+        )?;
+        counter(e, "shoal_relay_unbinds_total", "Bindings released by their node's unbind.", self.unbinds)?;
+        let idle = format!("Bindings dropped after nothing was heard from them for {} s.", IDLE_EXPIRY.as_secs());
+        counter(e, "shoal_relay_idle_expired_total", &idle, self.idle_expired)?;
+        let drops = DropReason::ALL.map(|r| (r.label(), self.drops(r)));
+        labelled_counters(e, "shoal_relay_dropped_total", "Datagrams dropped, by reason.", "reason", drops)?;
+        let refusals = BindRefusal::ALL.map(|r| (refusal_label(r), self.bind_refusals(r)));
+        labelled_counters(e, "shoal_relay_bind_refused_total", "Bind proofs refused, by reason.", "reason", refusals)?;
+        let refusals = UnbindRefusal::ALL.map(|r| (unbind_refusal_label(r), self.unbind_refusals(r)));
+        labelled_counters(e, "shoal_relay_unbind_refused_total", "Unbinds refused, by reason.", "reason", refusals)?;
+        gauge(e, "shoal_relay_bindings", "Nodes currently bound.", bindings as u64)?;
         let h = &self.hop_latency;
-        let name = "shoal_relay_hop_latency_seconds";
-        let _ =
-            writeln!(o, "# HELP {name} Latency of the hop each traced datagram arrived over.\n# TYPE {name} histogram");
-        let mut cumulative = 0;
-        for (bound, n) in HOP_BUCKETS_US.iter().zip(h.buckets) {
-            cumulative += n;
-            let _ = writeln!(o, "{name}_bucket{{le=\"{}\"}} {cumulative}", *bound as f64 / 1e6);
+        let buckets: Vec<(f64, u64)> = HOP_BUCKETS_US.iter().map(|us| *us as f64 / 1e6).zip(h.buckets).collect();
+        histogram(
+            e,
+            "shoal_relay_hop_latency_seconds",
+            "Latency of the hop each traced datagram arrived over.",
+            &buckets,
+            h.sum as f64 / 1e6,
+            h.count,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::exposition::{Collector, DescriptorEncoder, Exposition};
+    use super::*;
+
+    #[derive(Debug)]
+    struct Snapshot(Counters);
+
+    impl Collector for Snapshot {
+        fn encode(&self, mut e: DescriptorEncoder<'_>) -> fmt::Result {
+            self.0.encode(3, &mut e)
         }
-        let _ = writeln!(o, "{name}_bucket{{le=\"+Inf\"}} {}", h.count);
-        let _ = writeln!(o, "{name}_sum {}", h.sum as f64 / 1e6);
-        let _ = writeln!(o, "{name}_count {}", h.count);
-        o
+    }
+
+    #[test]
+    fn every_relay_metric_is_exposed_under_its_name_with_help_and_type() {
+        let mut c = Counters { forwarded_packets: 5, ..Counters::default() };
+        c.drop(DropReason::NotBound);
+        c.drop(DropReason::Malformed(ParseErrorKind::Truncated));
+        c.bind_refused(BindRefusal::Full);
+        c.hop_latency.record(20);
+        c.hop_latency.record(1_000_000);
+        let text = Exposition::new(Snapshot(c)).render().unwrap();
+        for line in [
+            "# TYPE shoal_relay_forwarded_packets_total counter",
+            "shoal_relay_forwarded_packets_total 5",
+            "# HELP shoal_relay_dropped_total Datagrams dropped, by reason.",
+            "# TYPE shoal_relay_dropped_total counter",
+            "shoal_relay_dropped_total{reason=\"not_bound\"} 1",
+            "shoal_relay_dropped_total{reason=\"malformed_truncated\"} 1",
+            "shoal_relay_dropped_total{reason=\"internal\"} 0",
+            "shoal_relay_bind_refused_total{reason=\"full\"} 1",
+            "# TYPE shoal_relay_bindings gauge",
+            "shoal_relay_bindings 3",
+            "# TYPE shoal_relay_hop_latency_seconds histogram",
+            "shoal_relay_hop_latency_seconds_bucket{le=\"2.5e-05\"} 1",
+            "shoal_relay_hop_latency_seconds_bucket{le=\"0.25\"} 1",
+            "shoal_relay_hop_latency_seconds_bucket{le=\"+Inf\"} 2",
+            "shoal_relay_hop_latency_seconds_count 2",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
+        }
+        // Every family has its HELP and TYPE.
+        let families = text.lines().filter(|l| l.starts_with("# TYPE")).count();
+        assert_eq!(families, text.lines().filter(|l| l.starts_with("# HELP")).count());
+        assert_eq!(families, 14);
     }
 }

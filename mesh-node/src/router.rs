@@ -8,6 +8,11 @@
 //! [`Router::handle_timeout`] when [`Router::poll_timeout`] says, and drains
 //! [`Router::poll_transmit`] (binds to peer relays) and [`Router::poll_event`] after every
 //! call, before the next input.
+//!
+//! A binding goes when its permit lapses, when its node unbinds (a bind proof with the unbind
+//! flag, answering the challenge of the bind it releases and signed with the node's key), or
+//! when the relay has heard nothing from it, neither a datagram nor a bind, for
+//! [`IDLE_EXPIRY`].
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -17,7 +22,7 @@ use ring::hmac;
 use rustc_hash::FxHashMap;
 use shoal_protocol::{Identity, NodeId, PublicKey, Roles, SignedTicket, TicketError, TicketKind, UnixTime};
 
-use crate::bind::{BindClient, Transmit};
+use crate::bind::{BindClient, KEEPALIVE_MAX, Transmit};
 use crate::clock::WallClock;
 use crate::metrics::{Counters, DropReason};
 use crate::wire::{
@@ -29,6 +34,30 @@ use crate::wire::{
 const COOKIE_LIFETIME_SECS: u64 = 30;
 /// Sources with a rate limit of their own, per binding the relay allows.
 const SOURCES_PER_BINDING: usize = 4;
+/// A binding the relay has heard nothing from for this long (no datagram, no bind) is
+/// dropped: four of the longest keepalive interval, which a bound node never lets pass
+/// without binding again.
+pub const IDLE_EXPIRY: Duration = Duration::from_secs(4 * KEEPALIVE_MAX.as_secs());
+
+/// Why a relay refused an unbind. Refusals are counted and not answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum UnbindRefusal {
+    /// The sender's address holds no binding of the node the unbind names, here.
+    NotBound,
+    /// The unbind does not answer the challenge of the binding's latest bind (an old unbind
+    /// replayed, or a cookie this relay never issued to that address).
+    StaleChallenge,
+    /// The permit does not decode, is not the control key's, has lapsed or names another node.
+    BadPermit,
+    /// The node's signature does not match its permit's key.
+    BadProof,
+}
+
+impl UnbindRefusal {
+    /// Every refusal, for exposition.
+    pub const ALL: [UnbindRefusal; 4] =
+        [UnbindRefusal::NotBound, UnbindRefusal::StaleChallenge, UnbindRefusal::BadPermit, UnbindRefusal::BadProof];
+}
 
 /// A token-bucket rate: sustained `per_sec`, bursts up to `burst`.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -125,6 +154,19 @@ pub enum RouterEvent {
         addr: SocketAddr,
         /// When the binding lapses, in Unix seconds.
         expires_at: u64,
+        /// When the challenge its proof answered was issued, in Unix seconds: an unbind must
+        /// answer the same one.
+        challenge_at: u64,
+    },
+    /// A node unbound itself from `addr`. With several workers the driver hands this to the
+    /// others' [`Router::apply_unbinding`].
+    Unbound {
+        /// The node.
+        node: NodeId,
+        /// The address it was bound at.
+        addr: SocketAddr,
+        /// The challenge time of the binding it released.
+        challenge_at: u64,
     },
     /// This relay's binding to a peer relay was acknowledged.
     PeerBound {
@@ -174,6 +216,11 @@ struct Binding {
     node: NodeId,
     roles: Roles,
     expires: Instant,
+    /// When the challenge of the latest bind was issued (Unix seconds); see
+    /// [`RouterEvent::Bound::challenge_at`].
+    challenge_at: u64,
+    /// When the relay last heard from the node: a datagram from its address, or a bind.
+    heard: Instant,
 }
 
 /// The relay's routing state machine. See the module docs for the call order.
@@ -284,11 +331,28 @@ impl Router {
     }
 
     /// Adopts a binding another worker of this relay verified (see [`RouterEvent::Bound`]).
-    pub fn apply_binding(&mut self, now: Instant, node: NodeId, roles: Roles, addr: SocketAddr, expires_at: u64) {
+    pub fn apply_binding(
+        &mut self,
+        now: Instant,
+        node: NodeId,
+        roles: Roles,
+        addr: SocketAddr,
+        expires_at: u64,
+        challenge_at: u64,
+    ) {
         let left = expires_at.saturating_sub(self.clock.unix_secs(now));
-        self.insert_binding(addr, Binding { node, roles, expires: now + Duration::from_secs(left) });
+        let expires = now + Duration::from_secs(left);
+        self.insert_binding(addr, Binding { node, roles, expires, challenge_at, heard: now });
         if roles.contains(Roles::RELAY) && self.peer_owner {
             self.add_peer(addr, now);
+        }
+    }
+
+    /// Drops a binding another worker of this relay released on its node's unbind (see
+    /// [`RouterEvent::Unbound`]), unless the node has bound again since.
+    pub fn apply_unbinding(&mut self, node: NodeId, addr: SocketAddr, challenge_at: u64) {
+        if self.by_addr.get(&addr).is_some_and(|b| b.node == node && b.challenge_at == challenge_at) {
+            self.remove_binding(addr);
         }
     }
 
@@ -310,7 +374,7 @@ impl Router {
         self.peers.iter().map(BindClient::poll_timeout).fold(self.next_sweep, Instant::min)
     }
 
-    /// Drives peer binds and drops lapsed bindings and idle rate-limit state.
+    /// Drives peer binds and drops lapsed and idle bindings and idle rate-limit state.
     pub fn handle_timeout(&mut self, now: Instant) {
         if let Some(permit) = &self.cfg.permit {
             for p in &mut self.peers {
@@ -322,13 +386,18 @@ impl Router {
         if now >= self.next_sweep {
             self.next_sweep = now + Duration::from_secs(1);
             let by_node = &mut self.by_node;
+            let mut idle = 0;
             self.by_addr.retain(|addr, b| {
-                let keep = b.expires > now;
+                let lapsed = b.expires <= now;
+                let silent = now.saturating_duration_since(b.heard) >= IDLE_EXPIRY;
+                idle += u64::from(silent && !lapsed);
+                let keep = !lapsed && !silent;
                 if !keep && by_node.get(&b.node) == Some(addr) {
                     by_node.remove(&b.node);
                 }
                 keep
             });
+            self.counters.idle_expired += idle;
             let (pr, br) = (self.cfg.source_packets, self.cfg.source_bytes);
             self.buckets.retain(|_, (p, b)| !(p.is_full(&pr, now) && b.is_full(&br, now)));
         }
@@ -362,6 +431,7 @@ impl Router {
             Ok(d) => {
                 return match d.kind() {
                     Kind::BindRequest => self.challenge(now, from, buf),
+                    Kind::BindProof if d.unbind() => self.release(now, from, buf),
                     Kind::BindProof => self.accept_proof(now, from, buf),
                     Kind::BindChallenge | Kind::BindAck => self.peer_bind_reply(now, from, buf),
                     _ => self.peer_notice(now, from, buf),
@@ -374,12 +444,14 @@ impl Router {
 
     /// The hot path: every check on the fields read once, then stamp in place.
     fn forward(&mut self, now: Instant, from: SocketAddr, buf: &mut [u8], d: Hot) -> Verdict {
-        let Some(binding) = self.by_addr.get(&from).copied() else {
+        let Some(binding) = self.by_addr.get_mut(&from) else {
             return self.refuse(now, buf, DropReason::NotBound, NoticeCode::NotBound);
         };
         if binding.expires <= now {
             return self.refuse(now, buf, DropReason::PermitExpired, NoticeCode::PermitExpired);
         }
+        binding.heard = now;
+        let binding = *binding;
         let from_relay = binding.roles.contains(Roles::RELAY);
         if !from_relay && (d.source != binding.node || d.hop != 0) {
             return Verdict::Drop(DropReason::SourceMismatch);
@@ -503,9 +575,12 @@ impl Router {
         };
         let b = permit.body;
         let left = b.expires_at.0.saturating_sub(self.clock.unix_secs(now));
-        self.insert_binding(from, Binding { node, roles: b.roles, expires: now + Duration::from_secs(left) });
+        let expires = now + Duration::from_secs(left);
+        let challenge_at = BindProof::read(d.body()).challenge.issued_at;
+        self.insert_binding(from, Binding { node, roles: b.roles, expires, challenge_at, heard: now });
         self.counters.binds_accepted += 1;
-        self.events.push_back(RouterEvent::Bound { node, roles: b.roles, addr: from, expires_at: b.expires_at.0 });
+        let expires_at = b.expires_at.0;
+        self.events.push_back(RouterEvent::Bound { node, roles: b.roles, addr: from, expires_at, challenge_at });
         // A relay that binds to us expects to be bound to in turn, so that we forward to it.
         if b.roles.contains(Roles::RELAY) && self.peer_owner {
             self.add_peer(from, now);
@@ -540,6 +615,75 @@ impl Router {
             return Err(Some(BindRefusal::Full));
         }
         Ok(permit)
+    }
+
+    /// Handles an unbind: on success drops the binding and answers with a flagged ack, smaller
+    /// than the unbind; a refusal is counted and not answered.
+    fn release(&mut self, now: Instant, from: SocketAddr, buf: &mut [u8]) -> Verdict {
+        let Ok(d) = Datagram::parse(buf) else { return Verdict::Drop(DropReason::Internal) };
+        let node = d.source();
+        let challenge_at = match self.check_unbind(now, from, &d) {
+            Ok(at) => at,
+            Err(None) => return Verdict::Drop(DropReason::BindRateLimited),
+            Err(Some(r)) => {
+                self.counters.unbind_refused(r);
+                return Verdict::Drop(DropReason::UnbindRefused);
+            }
+        };
+        self.remove_binding(from);
+        self.counters.unbinds += 1;
+        self.events.push_back(RouterEvent::Unbound { node, addr: from, challenge_at });
+        let mut body = [0; wire::BIND_ACK_BODY_LEN];
+        BindAck { expires_at: 0, observed: from }.write(&mut body);
+        let verdict = self.write_reply(buf, Kind::BindAck, node, VcId(0), &body);
+        if let Verdict::Reply(n) = verdict {
+            wire::set_unbind(&mut buf[..n]);
+        }
+        verdict
+    }
+
+    /// Every check on an unbind, cheapest first: a binding of this node at this address, the
+    /// challenge of its latest bind with a cookie this relay made, the signature budget
+    /// (`Err(None)` when spent), the permit and the node's signature under the unbind context.
+    /// Returns the released binding's challenge time.
+    fn check_unbind(&mut self, now: Instant, from: SocketAddr, d: &Datagram<'_>) -> Result<u64, Option<UnbindRefusal>> {
+        let node = d.source();
+        let proof = BindProof::read(d.body());
+        let c = proof.challenge;
+        let Some(b) = self.by_addr.get(&from).copied() else { return Err(Some(UnbindRefusal::NotBound)) };
+        if b.node != node || d.destination() != self.id {
+            return Err(Some(UnbindRefusal::NotBound));
+        }
+        if b.challenge_at != c.issued_at || self.cookie(from, node, c.issued_at) != c.cookie {
+            return Err(Some(UnbindRefusal::StaleChallenge));
+        }
+        if !self.bind_bucket.take(&self.cfg.bind_verifications, now, 1.0) {
+            return Err(None);
+        }
+        let ticket = SignedTicket::decode(proof.permit).map_err(|_| Some(UnbindRefusal::BadPermit))?;
+        if ticket.body.node_id != node {
+            return Err(Some(UnbindRefusal::BadPermit));
+        }
+        let now_secs = UnixTime(self.clock.unix_secs(now));
+        let verified = ticket
+            .verify(&self.cfg.control_key, TicketKind::RelayPermit, Roles::default(), now_secs)
+            .map_err(|_| Some(UnbindRefusal::BadPermit))?;
+        let msg = wire::bind_proof_message(self.id, &c);
+        verified
+            .body
+            .public_key
+            .verify(wire::UNBIND_CONTEXT, &msg, &proof.signature)
+            .map_err(|_| Some(UnbindRefusal::BadProof))?;
+        Ok(b.challenge_at)
+    }
+
+    /// Forgets the binding at `addr`, and its node's address if it is this one.
+    fn remove_binding(&mut self, addr: SocketAddr) {
+        if let Some(b) = self.by_addr.remove(&addr)
+            && self.by_node.get(&b.node) == Some(&addr)
+        {
+            self.by_node.remove(&b.node);
+        }
     }
 
     fn verify_proof(
@@ -596,9 +740,13 @@ impl Router {
         Verdict::Drop(DropReason::NoticeReceived)
     }
 
-    /// A challenge or ack from a peer relay we are binding to.
+    /// A challenge or ack from a peer relay we are binding to. Relays never unbind, so an
+    /// unbind's ack is unsolicited.
     fn peer_bind_reply(&mut self, now: Instant, from: SocketAddr, buf: &mut [u8]) -> Verdict {
         let Ok(d) = Datagram::parse(buf) else { return Verdict::Drop(DropReason::Internal) };
+        if d.unbind() {
+            return Verdict::Drop(DropReason::UnsolicitedBindReply);
+        }
         let Some(peer) = self.peers.iter_mut().find(|p| p.relay() == from) else {
             return Verdict::Drop(DropReason::UnsolicitedBindReply);
         };
@@ -805,8 +953,8 @@ mod tests {
         let (peer, peer_addr) = (Identity::from_seed([40; 32]).node_id(), SocketAddr::from(([127, 0, 0, 1], 8000)));
         let (client, client_addr) = (Identity::from_seed([41; 32]).node_id(), SocketAddr::from(([127, 0, 0, 1], 8001)));
         let until = clock.unix_secs(now) + 60;
-        r.apply_binding(now, peer, Roles::RELAY, peer_addr, until);
-        r.apply_binding(now, client, Roles::CLIENT, client_addr, until);
+        r.apply_binding(now, peer, Roles::RELAY, peer_addr, until, 0);
+        r.apply_binding(now, client, Roles::CLIENT, client_addr, until, 0);
         let route = Route::new(&[peer, me]).unwrap();
         let cap = 2 * SOURCES_PER_BINDING;
         let sources = 100u64;
@@ -829,5 +977,177 @@ mod tests {
         assert_eq!(r.rate_limited_sources(), cap + 1);
         assert_eq!(r.counters().sources_over_cap, sources - cap as u64);
         assert_eq!(r.counters().forwarded_packets, sources);
+    }
+
+    /// Runs the whole handshake for `node` from `addr`; returns the bound client.
+    fn bound_client(
+        r: &mut Router,
+        now: Instant,
+        clock: &WallClock,
+        node: &Identity,
+        permit: &SignedTicket,
+        addr: SocketAddr,
+    ) -> BindClient {
+        let mut c = BindClient::new(SocketAddr::from(([127, 0, 0, 1], 7000)), now);
+        let mut out = c.handle_timeout(now, node, permit).unwrap().bytes;
+        loop {
+            let v = r.handle_datagram(now, addr, &mut out);
+            let Verdict::Reply(n) = v else { panic!("{v:?}") };
+            let reply = out[..n].to_vec();
+            match c.handle_datagram(now, clock, &Datagram::parse(&reply).unwrap(), node, permit) {
+                Some(t) => out = t.bytes,
+                None => break,
+            }
+        }
+        assert!(c.is_bound());
+        c
+    }
+
+    fn long_permit(control: &Identity, node: &Identity) -> SignedTicket {
+        TicketBody::new(TicketKind::RelayPermit, node.public_key(), Roles::CLIENT, UnixTime(T0), 3600).sign(control)
+    }
+
+    #[test]
+    fn a_node_unbinds_with_its_key_and_the_ack_is_smaller() {
+        let (mut r, control, now, clock) = setup(8, 100.0);
+        let node = Identity::from_seed([10; 32]);
+        let addr = SocketAddr::from(([127, 0, 0, 1], 5000));
+        let permit = permit_for(&control, &node, TicketKind::RelayPermit);
+        let c = bound_client(&mut r, now, &clock, &node, &permit, addr);
+        while r.poll_event().is_some() {}
+        let mut unbind = c.unbind(&node, &permit).unwrap().bytes;
+        let len = unbind.len();
+        let Verdict::Reply(n) = r.handle_datagram(now, addr, &mut unbind) else { panic!() };
+        assert!(n < len, "an ack of {n} bytes to an unbind of {len}");
+        let ack = Datagram::parse(&unbind[..n]).unwrap();
+        assert!(ack.kind() == Kind::BindAck && ack.unbind());
+        assert_eq!(r.lookup(node.node_id()), None);
+        assert_eq!((r.bindings(), r.counters().unbinds), (0, 1));
+        let ev = r.poll_event();
+        assert!(matches!(ev, Some(RouterEvent::Unbound { node: n, addr: a, .. }) if n == node.node_id() && a == addr));
+    }
+
+    #[test]
+    fn unbinds_not_from_the_bound_node_are_refused_counted_and_unanswered() {
+        let (mut r, control, now, clock) = setup(8, 100.0);
+        let node = Identity::from_seed([10; 32]);
+        let addr = SocketAddr::from(([127, 0, 0, 1], 5000));
+        let permit = permit_for(&control, &node, TicketKind::RelayPermit);
+        let c = bound_client(&mut r, now, &clock, &node, &permit, addr);
+        let unbind = c.unbind(&node, &permit).unwrap().bytes;
+        let refused = |r: &mut Router, from: SocketAddr, mut bytes: Vec<u8>, why: UnbindRefusal| {
+            let before = r.counters().unbind_refusals(why);
+            assert_eq!(r.handle_datagram(now, from, &mut bytes), Verdict::Drop(DropReason::UnbindRefused), "{why:?}");
+            assert_eq!(r.counters().unbind_refusals(why), before + 1, "{why:?}");
+            assert_eq!(r.lookup(node.node_id()), Some(addr), "{why:?} unbound the node");
+        };
+        // A third party spoofing another address, or the node's own with another node's id.
+        refused(&mut r, SocketAddr::from(([127, 0, 0, 1], 5001)), unbind.clone(), UnbindRefusal::NotBound);
+        let other = Identity::from_seed([11; 32]);
+        let mut theirs = unbind.clone();
+        theirs[4..12].copy_from_slice(&other.node_id().0);
+        refused(&mut r, addr, theirs, UnbindRefusal::NotBound);
+        // A signature that is not the node's.
+        let mut forged = unbind.clone();
+        let last = forged.len() - 1;
+        forged[last] ^= 1;
+        refused(&mut r, addr, forged, UnbindRefusal::BadProof);
+        // The node's own bind proof with the flag set: signed for binding, not unbinding.
+        let mut c2 = BindClient::new(SocketAddr::from(([127, 0, 0, 1], 7000)), now);
+        let mut req = c2.handle_timeout(now, &node, &permit).unwrap().bytes;
+        let Verdict::Reply(n) = r.handle_datagram(now, addr, &mut req) else { panic!() };
+        let challenge = Datagram::parse(&req[..n]).unwrap();
+        let mut proof = c2.handle_datagram(now, &clock, &challenge, &node, &permit).unwrap().bytes;
+        wire::set_unbind(&mut proof);
+        refused(&mut r, addr, proof, UnbindRefusal::BadProof);
+        // A permit that is not the control key's.
+        let forged_permit = permit_for(&Identity::from_seed([99; 32]), &node, TicketKind::RelayPermit);
+        refused(&mut r, addr, c.unbind(&node, &forged_permit).unwrap().bytes, UnbindRefusal::BadPermit);
+        // After the node binds again, its old unbind is stale: a replay cannot undo the new
+        // binding.
+        let later = now + Duration::from_secs(2);
+        let c3 = bound_client(&mut r, later, &clock, &node, &permit, addr);
+        let mut old = unbind.clone();
+        assert_eq!(r.handle_datagram(later, addr, &mut old), Verdict::Drop(DropReason::UnbindRefused));
+        assert_eq!(r.counters().unbind_refusals(UnbindRefusal::StaleChallenge), 1);
+        assert_eq!(r.lookup(node.node_id()), Some(addr));
+        // The fresh one works; a second copy of it finds nothing to unbind.
+        let fresh = c3.unbind(&node, &permit).unwrap().bytes;
+        assert!(matches!(r.handle_datagram(later, addr, &mut fresh.clone()), Verdict::Reply(_)));
+        assert_eq!(r.handle_datagram(later, addr, &mut fresh.clone()), Verdict::Drop(DropReason::UnbindRefused));
+        assert_eq!(r.counters().unbind_refusals(UnbindRefusal::NotBound), 3);
+        assert_eq!(r.counters().unbinds, 1);
+        assert_eq!(r.counters().notices_sent, 0, "refused unbinds are not answered");
+    }
+
+    #[test]
+    fn a_binding_that_hears_nothing_expires_and_one_that_hears_stays() {
+        let (mut r, _, now, clock) = setup(8, 100.0);
+        let me = r.id();
+        let until = clock.unix_secs(now) + 3600;
+        let (talker, quiet) = (Identity::from_seed([20; 32]).node_id(), Identity::from_seed([21; 32]).node_id());
+        let (talker_addr, quiet_addr) =
+            (SocketAddr::from(([127, 0, 0, 1], 6000)), SocketAddr::from(([127, 0, 0, 1], 6001)));
+        r.apply_binding(now, talker, Roles::CLIENT, talker_addr, until, 0);
+        r.apply_binding(now, quiet, Roles::CLIENT, quiet_addr, until, 0);
+        let h = Header { kind: Kind::Data, source: talker, destination: quiet, vc: VcId(1), trace: false };
+        let mut t = now;
+        while t < now + IDLE_EXPIRY + Duration::from_secs(2) {
+            // The talker sends a datagram every minute; the quiet one sends nothing.
+            let mut buf = vec![0; 64];
+            let n = wire::emit(&mut buf, &h, &Route::new(&[me]).unwrap(), 0, b"x").unwrap();
+            buf.truncate(n);
+            let _ = r.handle_datagram(t, talker_addr, &mut buf);
+            t += Duration::from_secs(60);
+            r.handle_timeout(t);
+        }
+        assert_eq!(r.lookup(quiet), None);
+        assert_eq!(r.lookup(talker), Some(talker_addr));
+        assert_eq!(r.counters().idle_expired, 1);
+        // A bind is hearing too: the talker, silent from now on but binding again, stays.
+        let mut k = t;
+        while k < t + IDLE_EXPIRY * 2 {
+            r.apply_binding(k, talker, Roles::CLIENT, talker_addr, until, 1);
+            k += crate::bind::KEEPALIVE_MAX;
+            r.handle_timeout(k);
+        }
+        assert_eq!(r.lookup(talker), Some(talker_addr));
+        assert_eq!(r.counters().idle_expired, 1);
+    }
+
+    #[test]
+    fn another_workers_unbinding_drops_only_the_binding_it_released() {
+        let (mut r, _, now, clock) = setup(8, 100.0);
+        let until = clock.unix_secs(now) + 3600;
+        let node = Identity::from_seed([20; 32]).node_id();
+        let addr = SocketAddr::from(([127, 0, 0, 1], 6000));
+        r.apply_binding(now, node, Roles::CLIENT, addr, until, 7);
+        // Released at its earlier bind: the node has bound again since.
+        r.apply_unbinding(node, addr, 6);
+        assert_eq!(r.lookup(node), Some(addr));
+        r.apply_unbinding(node, addr, 7);
+        assert_eq!((r.lookup(node), r.bindings()), (None, 0));
+    }
+
+    #[test]
+    fn a_bound_client_binds_again_within_the_longest_keepalive_however_much_it_sends() {
+        let (mut r, control, now, clock) = setup(8, 100.0);
+        let node = Identity::from_seed([10; 32]);
+        let addr = SocketAddr::from(([127, 0, 0, 1], 5000));
+        let permit = long_permit(&control, &node);
+        let mut c = bound_client(&mut r, now, &clock, &node, &permit, addr);
+        // Data every second defers the keepalive, but never past KEEPALIVE_MAX since the ack.
+        for s in 1..200 {
+            c.on_sent(now + Duration::from_secs(s));
+            assert!(c.poll_timeout() <= now + crate::bind::KEEPALIVE_MAX, "at {s} s: {:?}", c.poll_timeout() - now);
+        }
+        // The ack of an unbind is not the answer to a bind: the client stays as it was.
+        let mut unbind = c.unbind(&node, &permit).unwrap().bytes;
+        let Verdict::Reply(n) = r.handle_datagram(now, addr, &mut unbind) else { panic!() };
+        let ack = Datagram::parse(&unbind[..n]).unwrap();
+        assert_eq!(c.handle_datagram(now, &clock, &ack, &node, &permit), None);
+        assert!(c.is_bound());
+        // Not bound, nothing to unbind.
+        assert!(BindClient::new(addr, now).unbind(&node, &permit).is_none());
     }
 }

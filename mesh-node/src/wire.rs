@@ -47,7 +47,10 @@ pub const PROBE_ID_LEN: usize = 8;
 const _: () = assert!(CHALLENGE_BODY_LEN <= BIND_REQUEST_BODY_LEN && BIND_ACK_BODY_LEN <= BIND_PROOF_BODY_LEN);
 
 const FLAG_TRACE: u8 = 0b0000_0001;
-const KNOWN_FLAGS: u8 = FLAG_TRACE;
+/// On a [`Kind::BindProof`]: release the binding this proof's challenge made (an unbind). On a
+/// [`Kind::BindAck`]: the binding was released. No other kind carries it.
+const FLAG_UNBIND: u8 = 0b0000_0010;
+const KNOWN_FLAGS: u8 = FLAG_TRACE | FLAG_UNBIND;
 
 /// What a datagram is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -146,8 +149,9 @@ pub enum ParseError {
         /// Route length.
         route_len: u8,
     },
-    /// A relay-to-node kind with a route, or a probe without a trace.
-    #[error("{0:?} datagram with an invalid route or trace")]
+    /// A relay-to-node kind with a route, a probe without a trace, or the unbind flag on a
+    /// kind other than a bind proof or ack.
+    #[error("{0:?} datagram with an invalid route, trace or flag")]
     BadShape(Kind),
     /// The body is shorter than its kind requires.
     #[error("{kind:?} body of {got} bytes, need {needed}")]
@@ -324,7 +328,8 @@ impl<'a> Datagram<'a> {
         }
         let routed_ok = kind.is_routed() || (l.route_len == 0 && !l.trace);
         let probe_ok = !matches!(kind, Kind::Probe | Kind::ProbeAck) || l.trace;
-        if !routed_ok || !probe_ok {
+        let unbind_ok = bytes[2] & FLAG_UNBIND == 0 || matches!(kind, Kind::BindProof | Kind::BindAck);
+        if !routed_ok || !probe_ok || !unbind_ok {
             return Err(ParseError::BadShape(kind));
         }
         let body_at = l.body_at();
@@ -356,6 +361,11 @@ impl<'a> Datagram<'a> {
     /// Whether relays stamp trace slots.
     pub fn traced(&self) -> bool {
         self.layout().trace
+    }
+
+    /// Whether this bind proof is an unbind, or this bind ack answers one.
+    pub fn unbind(&self) -> bool {
+        self.bytes[2] & FLAG_UNBIND != 0
     }
 
     /// Sending node.
@@ -559,6 +569,18 @@ impl<'a> BindProof<'a> {
 
 /// Domain separation for bind proofs.
 pub const BIND_CONTEXT: &[u8] = b"shoal/bind/v1";
+
+/// Domain separation for unbinds: a node's signature over the same message as its bind proof,
+/// so a captured bind proof cannot be replayed as an unbind.
+pub const UNBIND_CONTEXT: &[u8] = b"shoal/unbind/v1";
+
+/// Marks an emitted [`Kind::BindProof`] as an unbind, or a [`Kind::BindAck`] as the answer to
+/// one. Other kinds are left as they are (the flag would not parse on them).
+pub fn set_unbind(datagram: &mut [u8]) {
+    if datagram.len() >= HEADER_LEN && (datagram[1] == Kind::BindProof as u8 || datagram[1] == Kind::BindAck as u8) {
+        datagram[2] |= FLAG_UNBIND;
+    }
+}
 
 /// What a node signs to prove it holds its key: the relay's id and the challenge. Binding the
 /// relay id stops one relay replaying a proof to another.
@@ -837,6 +859,44 @@ mod tests {
         }
 
         #[test]
+        fn an_unbind_and_its_ack_round_trip(src in any::<[u8; 8]>(), dst in any::<[u8; 8]>(), issued_at in any::<u64>(),
+                                           cookie in any::<[u8; COOKIE_LEN]>(), permit in any::<[u8; TICKET_LEN]>(),
+                                           sig in proptest::collection::vec(any::<u8>(), SIGNATURE_LEN), port in any::<u16>()) {
+            let challenge = Challenge { issued_at, cookie };
+            let signature = Signature(sig.try_into().unwrap());
+            let mut body = [0; BIND_PROOF_BODY_LEN];
+            BindProof::write(&challenge, &permit, &signature, &mut body);
+            let h = Header { kind: Kind::BindProof, source: NodeId(src), destination: NodeId(dst), vc: VcId(0), trace: false };
+            let mut bytes = emit_vec(&h, &Route::DIRECT, 0, &body);
+            set_unbind(&mut bytes);
+            let d = Datagram::parse(&bytes).unwrap();
+            prop_assert!(d.unbind());
+            prop_assert_eq!((d.kind(), d.source(), d.destination()), (Kind::BindProof, NodeId(src), NodeId(dst)));
+            let p = BindProof::read(d.body());
+            prop_assert_eq!(p.challenge, challenge);
+            prop_assert_eq!(p.permit, &permit[..]);
+            prop_assert_eq!(p.signature, signature);
+            // Truncated at every byte: an error, never a panic.
+            for len in 0..bytes.len() {
+                prop_assert!(Datagram::parse(&bytes[..len]).is_err());
+            }
+            // Its ack: smaller, and flagged.
+            let mut ack_body = [0; BIND_ACK_BODY_LEN];
+            let observed = SocketAddr::from(([192, 0, 2, 7], port));
+            BindAck { expires_at: 0, observed }.write(&mut ack_body);
+            let h = Header { kind: Kind::BindAck, source: NodeId(dst), destination: NodeId(src), vc: VcId(0), trace: false };
+            let mut ack = emit_vec(&h, &Route::DIRECT, 0, &ack_body);
+            set_unbind(&mut ack);
+            prop_assert!(ack.len() < bytes.len());
+            let d = Datagram::parse(&ack).unwrap();
+            prop_assert!(d.unbind());
+            prop_assert_eq!(BindAck::read(d.body()).unwrap(), BindAck { expires_at: 0, observed });
+            for len in 0..ack.len() {
+                prop_assert!(Datagram::parse(&ack[..len]).is_err());
+            }
+        }
+
+        #[test]
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..1400)) {
             if let Ok(d) = Datagram::parse(&bytes) {
                 let _ = (d.route(), d.trace_slots().count(), d.body().len());
@@ -881,6 +941,16 @@ mod tests {
         let b = emit_vec(&h, &Route::DIRECT, 0, &[0; 10]);
         assert!(matches!(Datagram::parse(&b), Err(ParseError::ShortBody { kind: Kind::BindRequest, .. })));
         assert!(Route::new(&[id(1); 5]).is_none());
+        // The unbind flag belongs to bind proofs and acks only; set_unbind leaves others be.
+        for kind in Kind::ALL.into_iter().filter(|k| !matches!(k, Kind::BindProof | Kind::BindAck)) {
+            let route = if kind.is_routed() { Route::new(&[id(10)]).unwrap() } else { Route::DIRECT };
+            let h = Header { kind, source: id(1), destination: id(2), vc: VcId(0), trace: kind.is_routed() };
+            let mut b = emit_vec(&h, &route, 0, &body_for(kind, route.len(), 0));
+            set_unbind(&mut b);
+            assert!(!Datagram::parse(&b).unwrap().unbind(), "{kind:?}");
+            b[2] |= 0b10;
+            assert_eq!(Datagram::parse(&b).unwrap_err(), ParseError::BadShape(kind));
+        }
     }
 
     #[test]

@@ -179,6 +179,22 @@ async fn two_relays_forward_both_ways_and_refuse_an_unbound_sender() {
     assert_eq!(metric(&text, "shoal_relay_dropped_total{reason=\"malformed_truncated\"}"), 1);
     assert!(metric(&text, "shoal_relay_forwarded_packets_total") >= 2);
     assert!(metric(&text, "shoal_relay_hop_latency_seconds_count") >= 2);
+    // Prometheus' text format, every family with its HELP and TYPE.
+    assert!(
+        text.contains("Content-Type: text/plain; version=0.0.4")
+            || text.contains("content-type: text/plain; version=0.0.4"),
+        "{text}"
+    );
+    for line in [
+        "# HELP shoal_relay_dropped_total Datagrams dropped, by reason.",
+        "# TYPE shoal_relay_dropped_total counter",
+        "# TYPE shoal_relay_forwarded_packets_total counter",
+        "# TYPE shoal_relay_bindings gauge",
+        "# TYPE shoal_relay_hop_latency_seconds histogram",
+    ] {
+        assert!(text.lines().any(|l| l == line), "no {line:?} in {text}");
+    }
+    assert!(metric(&text, "shoal_relay_bindings") >= 1);
 
     // SIGTERM: both relays stop by themselves with status 0.
     for mut r in [r1, r2] {
@@ -248,6 +264,15 @@ fn a_bad_config_is_refused_with_a_clear_error() {
                 control.public_key()
             ),
             "control.trust",
+        ),
+        (
+            &*format!(
+                "listen = \"127.0.0.1:0\"\nkey_file = \"r.key\"\ncontrol_public_key = \"{}\"\npermit = \"{good_permit}\"\n\
+                 [control]\naddr = \"127.0.0.1:1\"\ntrust = \"sha256:{}\"\n",
+                control.public_key(),
+                "ab".repeat(32)
+            ),
+            "`permit` and `[control]` cannot both be set",
         ),
     ];
     for (text, mentions) in cases {

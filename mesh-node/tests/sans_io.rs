@@ -1,5 +1,6 @@
 //! The relay and endpoint cores wired together in memory, with a virtual clock: binds, a
-//! two-relay route in both directions, probes, and each refusal a hostile sender meets.
+//! two-relay route in both directions, probes, each refusal a hostile sender meets, and how
+//! bindings go (an unbind as a node stops, or silence).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -11,7 +12,7 @@ use shoal_mesh::bind::Transmit;
 use shoal_mesh::clock::WallClock;
 use shoal_mesh::endpoint::{Endpoint, EndpointEvent, Envelope, Path, Received, SendError};
 use shoal_mesh::metrics::DropReason;
-use shoal_mesh::router::{Rate, Router, RouterConfig, Verdict};
+use shoal_mesh::router::{IDLE_EXPIRY, Rate, Router, RouterConfig, Verdict};
 use shoal_mesh::wire::{self, BindRefusal, Header, Kind, NoticeCode, Route, VcId};
 use shoal_protocol::{Identity, Roles, SignedTicket, TicketBody, TicketKind, UnixTime};
 
@@ -86,9 +87,14 @@ impl Net {
     }
 
     fn run(&mut self, dur: Duration) {
+        self.run_by(dur, Duration::from_micros(100));
+    }
+
+    /// Runs in steps of `step` (a datagram sent within a step arrives at the next).
+    fn run_by(&mut self, dur: Duration, step: Duration) {
         let end = self.now + dur;
         while self.now < end {
-            self.now += Duration::from_micros(100);
+            self.now += step;
             let now = self.now;
             for i in 0..self.nodes.len() {
                 match &mut self.nodes[i].1 {
@@ -459,4 +465,58 @@ fn traffic_resumes_quickly_after_a_relay_restarts() {
     // The notices make R1 and B bind again at once: far sooner than the 20 s keepalive.
     let (to_b_resumed, to_a_resumed) = (first.0.expect("A → B never resumed"), first.1.expect("B → A never resumed"));
     assert!(to_b_resumed <= 10 && to_a_resumed <= 10, "resumed after {first:?} ticks of 10 ms");
+}
+
+#[test]
+fn a_node_that_stops_unbinds_from_every_relay_it_is_bound_to() {
+    let (mut net, _control, a, b) = topology();
+    let now = net.now;
+    net.endpoint(0).add_relay(now, addr(12));
+    net.run(Duration::from_millis(50));
+    let (r1, r2) = (net.relay(2).id(), net.relay(3).id());
+    assert_eq!(net.relay(3).lookup(a.node_id()), Some(addr(1)));
+    let unbinds = net.endpoint(0).unbind_all();
+    assert_eq!(unbinds.iter().map(|t| t.to).collect::<Vec<_>>(), vec![addr(11), addr(12)]);
+    let rejected = net.endpoint(0).counters();
+    for t in unbinds {
+        net.send(addr(1), t);
+    }
+    net.run(Duration::from_millis(5));
+    for relay in [2, 3] {
+        assert_eq!(net.relay(relay).lookup(a.node_id()), None);
+        assert_eq!(net.relay(relay).counters().unbinds, 1);
+    }
+    // The acks reached A and changed nothing there.
+    assert_eq!(net.endpoint(0).counters(), rejected);
+    // B's datagrams for A now stop at R1, which no longer knows where A is.
+    let env = Envelope {
+        destination: a.node_id(),
+        path: Path::Relayed(Route::new(&[r2, r1]).unwrap()),
+        vc: VcId(1),
+        trace: false,
+    };
+    let now = net.now;
+    net.endpoint(1).send(now, &env, b"still there?").unwrap();
+    net.drain(1);
+    net.run(Duration::from_millis(5));
+    assert!(net.received(addr(1)).is_empty());
+    assert_eq!(net.relay(2).counters().drops(DropReason::UnknownNextHop), 1);
+    // B, still bound, is untouched.
+    assert_eq!(net.relay(3).lookup(b.node_id()), Some(addr(2)));
+}
+
+#[test]
+fn a_vanished_node_is_dropped_once_idle_and_a_silent_live_one_stays() {
+    let (mut net, _control, a, b) = topology();
+    // B disappears without a word: its datagrams stop, and nothing reaches it any more.
+    net.nodes.remove(1);
+    // A sends nothing either, but keeps binding (its keepalives).
+    net.run_by(IDLE_EXPIRY + Duration::from_secs(5), Duration::from_millis(50));
+    assert_eq!(net.relay(2).lookup(b.node_id()), None);
+    assert_eq!(net.relay(2).counters().idle_expired, 1);
+    assert_eq!(net.relay(1).lookup(a.node_id()), Some(addr(1)));
+    assert_eq!(net.relay(1).counters().idle_expired, 0);
+    // The relays keep each other: they bind to each other on their own keepalives.
+    let r2 = net.relay(2).id();
+    assert!(net.relay(1).lookup(r2).is_some());
 }

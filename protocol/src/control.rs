@@ -98,40 +98,34 @@ pub enum ClientToControl {
     SignOut,
 }
 
-/// Why the control server refused a message or a client.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// Why the control server refused a message or a client. Displayed in words, for errors and
+/// logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 pub enum Refusal {
     /// Unknown account or wrong password.
+    #[error("wrong account or password")]
     BadCredentials,
     /// The key proof's signature or time is wrong.
+    #[error("the key proof's signature or time is wrong")]
     BadProof,
     /// The session ticket is forged, expired or for another key.
+    #[error("the session ticket is forged, expired or for another key")]
     BadTicket,
     /// A message that needs a signed-in client came before sign-in.
+    #[error("not signed in")]
     NotSignedIn,
     /// The frame could not be decoded or was too large.
+    #[error("malformed message")]
     Malformed,
     /// Too many attempts; try again later.
+    #[error("too many attempts; try again later")]
     RateLimited,
     /// The client's reports were implausible too often.
+    #[error("reported movement was implausible too often")]
     Implausible,
     /// The build hash is not on the allow-list.
+    #[error("this build is not allowed")]
     UnknownBuild,
-}
-
-impl std::fmt::Display for Refusal {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Refusal::BadCredentials => "wrong account or password",
-            Refusal::BadProof => "the proof of the client's key is invalid or its clock is too far off",
-            Refusal::BadTicket => "the session ticket is forged, expired or for another key",
-            Refusal::NotSignedIn => "not signed in",
-            Refusal::Malformed => "a message could not be decoded or was too large",
-            Refusal::RateLimited => "too many attempts; try again later",
-            Refusal::Implausible => "too many implausible reports",
-            Refusal::UnknownBuild => "this build of the game is not allowed",
-        })
-    }
 }
 
 /// A relay a client may use, with the control server's latency estimate.
@@ -229,7 +223,8 @@ pub struct LinkReport {
 pub struct Report {
     /// Increases by one per report.
     pub seq: u64,
-    /// The client's clock when it made the report, milliseconds.
+    /// The client's clock when it made the report, milliseconds. Kept as data: the server
+    /// times movement by its own clock.
     pub unix_ms: u64,
     /// A short status word of the game's (for example "playing", "loading").
     pub status: String,
@@ -382,12 +377,6 @@ mod tests {
     }
 
     #[test]
-    fn refusals_read_as_words() {
-        assert_eq!(Refusal::BadCredentials.to_string(), "wrong account or password");
-        assert_eq!(Refusal::RateLimited.to_string(), "too many attempts; try again later");
-    }
-
-    #[test]
     fn truncated_frames_are_errors() {
         let f = encode(&ClientToControl::Report(Box::new(report()))).unwrap();
         for cut in 0..f.len() {
@@ -401,6 +390,25 @@ mod tests {
             let _ = decode::<ClientToControl>(&b, MAX_CONTROL_FRAME);
             let _ = decode::<ControlToClient>(&b, MAX_CONTROL_FRAME);
             let _ = decode::<RelayToControl>(&b, MAX_CONTROL_FRAME);
+        }
+    }
+
+    #[test]
+    fn refusals_read_as_words() {
+        assert_eq!(Refusal::BadCredentials.to_string(), "wrong account or password");
+        for r in [
+            Refusal::BadCredentials,
+            Refusal::BadProof,
+            Refusal::BadTicket,
+            Refusal::NotSignedIn,
+            Refusal::Malformed,
+            Refusal::RateLimited,
+            Refusal::Implausible,
+            Refusal::UnknownBuild,
+        ] {
+            let words = r.to_string();
+            assert_ne!(words, format!("{r:?}"));
+            assert!(words.contains(' '), "{words}");
         }
     }
 }

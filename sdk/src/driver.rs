@@ -34,6 +34,7 @@ enum Cmd {
     RemovePeer(NodeId, oneshot::Sender<Vec<VcKey>>),
     Status(oneshot::Sender<NodeStatus>),
     Rebind(SocketAddr, oneshot::Sender<io::Result<SocketAddr>>),
+    UnbindRelays(oneshot::Sender<usize>),
 }
 
 /// A node's state as a whole, for reports and dashboards.
@@ -147,6 +148,12 @@ impl NodeHandle {
     /// Every VC's stats, the relays and the observed address at once.
     pub async fn status(&self) -> Result<NodeStatus, ClientError> {
         self.ask(Cmd::Status).await
+    }
+
+    /// Tells every relay holding our binding to let go of it (the node is stopping); returns
+    /// how many unbinds went out. A node that keeps running binds again at its next keepalive.
+    pub async fn unbind_relays(&self) -> Result<usize, ClientError> {
+        self.ask(Cmd::UnbindRelays).await
     }
 }
 
@@ -295,6 +302,17 @@ async fn handle_cmd(node: &mut Node, sock: &mut UdpSocket, local: &watch::Sender
         Cmd::SetPermit(p) => node.set_permit(now, p),
         Cmd::RemovePeer(peer, tx) => {
             let _ = tx.send(node.remove_peer(now, peer));
+        }
+        Cmd::UnbindRelays(tx) => {
+            // Sent here rather than queued, so they are out before the caller stops the node.
+            let mut sent = 0;
+            for t in node.endpoint().unbind_all() {
+                match sock.send_to(&t.bytes, t.to).await {
+                    Ok(_) => sent += 1,
+                    Err(e) => tracing::debug!(relay = %t.to, "unbind not sent: {e}"),
+                }
+            }
+            let _ = tx.send(sent);
         }
         Cmd::Status(tx) => {
             let links = node.vcs().filter_map(|k| Some((k, node.stats(now, k)?))).collect();

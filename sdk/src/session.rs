@@ -232,7 +232,8 @@ impl Session {
         self.events.recv().await
     }
 
-    /// Says goodbye to the control server and stops the node.
+    /// Tells the relays to let go of the node's bindings, says goodbye to the control server
+    /// and stops the node.
     pub async fn sign_out(mut self) {
         let _ = self.cmds.send(Cmd::SignOut);
         if let Some(task) = self.task.take() {
@@ -508,6 +509,10 @@ impl Task {
                 c = self.cmds.recv() => match c {
                     Some(Cmd::SetState(s)) => self.state = s,
                     Some(Cmd::SignOut) | None => {
+                        // The relays let go of our bindings now, not when they time out.
+                        if let Err(e) = self.client.unbind_relays().await {
+                            tracing::debug!("unbinding from the relays: {e}");
+                        }
                         self.send(&ClientToControl::SignOut).await;
                         if let Some(mut up) = self.link.take() {
                             let _ = up.send.finish();

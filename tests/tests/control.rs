@@ -1,7 +1,8 @@
 //! The SDK's session against a real control server on loopback: two players sign in over
 //! QUIC, report positions near each other, are introduced, open VCs through a relay process and
 //! talk; when one walks away both get a farewell and their VCs close. And a session whose
-//! control server restarts reconnects by itself and resumes.
+//! control server restarts reconnects by itself and resumes; one that signs out unbinds from
+//! its relays.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -88,6 +89,23 @@ fn at(x: f32, who: &str) -> PlayerState {
         character: who.as_bytes().to_vec(),
         ..Default::default()
     }
+}
+
+/// A relay's `/metrics`.
+async fn scrape(addr: SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
+    let mut out = String::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut out)).await.unwrap().unwrap();
+    out
+}
+
+/// The value of the sample `name` (with its labels, if any) in `text`.
+fn metric(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or_else(|| panic!("no {name} in {text}"))
 }
 
 /// Reads `s`'s events until `f` picks one, for at most ten seconds.
@@ -387,7 +405,23 @@ async fn relays_register_measure_each_other_and_are_handed_to_players() {
     }
     assert_eq!(bound, [r1.addr, r2.addr].into_iter().collect());
 
+    // Signing out unbinds the player from both relays at once, not when they time it out.
     a.sign_out().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for r in [&r1, &r2] {
+        let field = |k: &str| r.ready.split_whitespace().find_map(|w| w.strip_prefix(k)).unwrap().to_string();
+        let metrics: SocketAddr = field("metrics=").parse().unwrap();
+        loop {
+            let text = scrape(metrics).await;
+            if metric(&text, "shoal_relay_unbinds_total") == 1 {
+                // Only the other relay is left bound there.
+                assert_eq!(metric(&text, "shoal_relay_bindings"), 1, "{text}");
+                break;
+            }
+            assert!(Instant::now() < deadline, "relay {} never saw the unbind: {text}", r.addr);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
     server.shutdown().await;
     store.close().await;
     let _ = std::fs::remove_dir_all(&dir);

@@ -826,7 +826,7 @@ async fn sign_in(target: Target, account: &str, password: &str) -> anyhow::Resul
     loop {
         match link.recv::<ControlToClient>().await? {
             ControlToClient::Welcome { .. } => return Ok(link),
-            ControlToClient::Refused(why) => bail!("sign-in of {account} refused: {why:?}"),
+            ControlToClient::Refused(why) => bail!("sign-in of {account} refused: {why}"),
             _ => {}
         }
     }
@@ -920,7 +920,7 @@ async fn drain_client(mut recv: FrameReader, shared: Arc<Shared>) {
             ControlToClient::Refused(why) => {
                 let before = shared.refusals.fetch_add(1, Ordering::Relaxed);
                 if before < 5 {
-                    eprintln!("a load client was refused: {why:?}");
+                    eprintln!("a load client was refused: {why}");
                 }
             }
             _ => {}

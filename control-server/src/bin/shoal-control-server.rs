@@ -196,9 +196,13 @@ impl Settings {
 }
 
 fn main() -> ExitCode {
+    // With no RUST_LOG, everything at info: sign-ins, resumptions, sign-outs, refusals with
+    // their reasons, relay registrations, and warnings for cut-off players.
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
+        // Colours only on a terminal: a log file or journal gets plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let result = match Cli::parse().command {
         Command::Run { config } => run(&config),
@@ -220,8 +224,9 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 fn fingerprint(config: &Path) -> anyhow::Result<()> {
     let s = Settings::load(config)?;
-    std::fs::create_dir_all(s.path(&s.file.data_dir))?;
-    let tls = ServerIdentity::load_or_create(&s.path(&s.file.data_dir))?;
+    let data = s.path(&s.file.data_dir);
+    std::fs::create_dir_all(&data).with_context(|| format!("creating {}", data.display()))?;
+    let tls = ServerIdentity::load_or_create(&data)?;
     let key = load_or_create_key(&s.path(&s.file.key_file))?;
     println!("fingerprint = \"{}\"\ncontrol_public_key = \"{}\"", to_hex(&tls.fingerprint()), key.public_key());
     Ok(())
@@ -230,9 +235,10 @@ fn fingerprint(config: &Path) -> anyhow::Result<()> {
 fn create_account(config: &Path, account: &str) -> anyhow::Result<()> {
     let s = Settings::load(config)?;
     let password = std::env::var("SHOAL_PASSWORD").context("set SHOAL_PASSWORD to the new account's password")?;
-    std::fs::create_dir_all(s.path(&s.file.data_dir))?;
+    let data = s.path(&s.file.data_dir);
+    std::fs::create_dir_all(&data).with_context(|| format!("creating {}", data.display()))?;
     runtime()?.block_on(async {
-        let store = Store::open(&s.database()).await?;
+        let store = Store::open(&s.database()).await.context("opening the database")?;
         let accounts = StoreAccounts::new(store.clone(), HashCost::default())?;
         let created = accounts.create(account, &password, unix_ms()).await?;
         store.close().await;
@@ -284,7 +290,9 @@ fn run(config: &Path) -> anyhow::Result<()> {
         tracing::info!("shutting down");
         let _ = stop_http.send(true);
         server.shutdown().await;
-        let _ = http_task.await;
+        if let Err(e) = http_task.await {
+            tracing::warn!(addr = %http_addr, "the HTTP server ended abnormally: {e}");
+        }
         store.close().await;
         Ok(())
     })

@@ -65,6 +65,10 @@ fn check_datagram(data: &[u8], d: &Datagram<'_>) {
     if matches!(kind, Kind::Probe | Kind::ProbeAck) {
         assert!(traced, "{kind:?} without a trace");
     }
+    assert_eq!(d.unbind(), data[2] & 0b10 != 0);
+    if d.unbind() {
+        assert!(matches!(kind, Kind::BindProof | Kind::BindAck), "{kind:?} with the unbind flag");
+    }
 
     // Header fields at their fixed offsets.
     assert_eq!(d.source().0[..], data[4..12]);
@@ -170,6 +174,9 @@ fn check_reemit(d: &Datagram<'_>) {
         Err(e) => panic!("re-emit of a parsed {:?} failed: {e}", d.kind()),
     };
     assert_eq!(n, d.as_bytes().len(), "re-emitted length");
+    if d.unbind() {
+        wire::set_unbind(&mut buf[..n]);
+    }
     let e = match Datagram::parse(&buf[..n]) {
         Ok(e) => e,
         Err(err) => panic!("re-emitted {:?} does not parse: {err}", d.kind()),
@@ -179,6 +186,7 @@ fn check_reemit(d: &Datagram<'_>) {
     assert_eq!(e.destination(), d.destination());
     assert_eq!(e.vc(), d.vc());
     assert_eq!(e.traced(), d.traced());
+    assert_eq!(e.unbind(), d.unbind());
     assert_eq!(e.route(), route);
     assert_eq!(e.route_len(), d.route_len());
     assert_eq!(e.hop(), 0);

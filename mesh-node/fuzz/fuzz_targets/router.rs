@@ -7,7 +7,11 @@
 //! peer relay and a bound client node. The input is then delivered from each of three fixed
 //! addresses, one after the other: an unbound sender (the notice path), the bound client (the
 //! node checks of the hot path) and the bound peer relay (the forwarding path, and the peer
-//! bind replies the router is waiting for).
+//! bind replies the router is waiting for). Then the input is XORed over the client's genuine
+//! unbind (made once, against the challenge of the client's binding) and delivered from the
+//! client, so the unbind checks are reached past the cookie; another worker's unbinding with
+//! fields from the input is applied; and time runs past the idle expiry, after which no
+//! binding may be left.
 
 #![no_main]
 
@@ -16,8 +20,9 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
+use shoal_mesh::bind::BindClient;
 use shoal_mesh::clock::WallClock;
-use shoal_mesh::router::{Rate, Router, RouterConfig, Verdict};
+use shoal_mesh::router::{IDLE_EXPIRY, Rate, Router, RouterConfig, Verdict};
 use shoal_mesh::wire::{self, Datagram, Kind, Notice};
 use shoal_protocol::{Identity, NodeId, Roles, TicketBody, TicketKind, UnixTime};
 
@@ -37,6 +42,10 @@ struct Fixture {
     cfg: RouterConfig,
     client: NodeId,
     peer: NodeId,
+    /// When the challenge of the client's binding was issued.
+    challenge_at: u64,
+    /// The client's unbind for that binding.
+    unbind: Vec<u8>,
 }
 
 fn fixture() -> &'static Fixture {
@@ -59,13 +68,47 @@ fn fixture() -> &'static Fixture {
             max_bindings: 16,
             cookie_secret: [2; 32],
         };
+        let base = Instant::now();
+        let client = Identity::from_seed([3; 32]);
+        let (challenge_at, unbind) = genuine_unbind(&cfg, base, &control, &client);
         Fixture {
-            base: Instant::now(),
+            base,
             cfg,
-            client: Identity::from_seed([3; 32]).node_id(),
+            client: client.node_id(),
             peer: Identity::from_seed([4; 32]).node_id(),
+            challenge_at,
+            unbind,
         }
     })
+}
+
+/// Binds `client` from [`CLIENT`] to a router of `cfg` with a real handshake at the time every
+/// input runs at, and returns its challenge's time and its unbind.
+fn genuine_unbind(cfg: &RouterConfig, base: Instant, control: &Identity, client: &Identity) -> (u64, Vec<u8>) {
+    let now = base + Duration::from_secs(1);
+    let clock = WallClock::new(base, T0_UNIX_US);
+    let permit = TicketBody::new(TicketKind::RelayPermit, client.public_key(), Roles::CLIENT, UnixTime(T0_UNIX), 3600)
+        .sign(control);
+    let mut router = Router::new(cfg.clone(), clock, base);
+    let mut c = BindClient::new(addr(7000), now);
+    let mut out = c.handle_timeout(now, client, &permit).map(|t| t.bytes).unwrap_or_default();
+    let mut challenge_at = 0;
+    for _ in 0..2 {
+        let Verdict::Reply(n) = router.handle_datagram(now, CLIENT, &mut out) else {
+            panic!("the fixture's bind failed")
+        };
+        let reply = out[..n].to_vec();
+        let Ok(d) = Datagram::parse(&reply) else { panic!("the fixture's bind reply does not parse") };
+        if d.kind() == Kind::BindChallenge {
+            challenge_at = wire::Challenge::read(d.body()).issued_at;
+        }
+        match c.handle_datagram(now, &clock, &d, client, &permit) {
+            Some(t) => out = t.bytes,
+            None => break,
+        }
+    }
+    let Some(unbind) = c.unbind(client, &permit) else { panic!("the fixture's client is not bound") };
+    (challenge_at, unbind.bytes)
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -75,8 +118,8 @@ fuzz_target!(|data: &[u8]| {
     let expires = T0_UNIX + 3600;
 
     let mut router = Router::new(f.cfg.clone(), clock, f.base);
-    router.apply_binding(now, f.client, Roles::CLIENT, CLIENT, expires);
-    router.apply_binding(now, f.peer, Roles::RELAY, PEER, expires);
+    router.apply_binding(now, f.client, Roles::CLIENT, CLIENT, expires, f.challenge_at);
+    router.apply_binding(now, f.peer, Roles::RELAY, PEER, expires, 0);
     // Starts the bind to the peer relay, so that its challenge or ack is expected.
     router.handle_timeout(now);
     drain(&mut router);
@@ -85,8 +128,28 @@ fuzz_target!(|data: &[u8]| {
         deliver(&mut router, now, from, data);
         drain(&mut router);
     }
+    let mut unbind = f.unbind.clone();
+    for (b, x) in unbind.iter_mut().zip(data) {
+        *b ^= x;
+    }
+    deliver(&mut router, now, CLIENT, &unbind);
+    drain(&mut router);
+    // Another worker's unbinding, of whatever the input names.
+    let mut field = [0u8; 16];
+    for (b, x) in field.iter_mut().zip(data) {
+        *b = *x;
+    }
+    let (node, at) = field.split_at(8);
+    let at = u64::from_be_bytes(at.try_into().unwrap_or_default());
+    let target = if field[0] & 1 == 0 { CLIENT } else { PEER };
+    router.apply_unbinding(NodeId(node.try_into().unwrap_or_default()), target, at);
+    drain(&mut router);
     router.handle_timeout(now + Duration::from_secs(5));
     drain(&mut router);
+    // Nothing was heard since: past the idle expiry, every binding is gone.
+    router.handle_timeout(now + IDLE_EXPIRY + Duration::from_secs(2));
+    drain(&mut router);
+    assert_eq!(router.bindings(), 0, "a binding outlived the idle expiry");
 });
 
 fn drain(router: &mut Router) {
@@ -110,6 +173,7 @@ fn deliver(router: &mut Router, now: Instant, from: SocketAddr, data: &[u8]) {
                 Err(e) => panic!("reply does not parse: {e}"),
             };
             assert!(matches!(r.kind(), Kind::BindChallenge | Kind::BindAck), "reply of kind {:?}", r.kind());
+            assert!(!r.unbind() || r.kind() == Kind::BindAck, "an unbind flag on a {:?}", r.kind());
             assert_eq!(r.source(), router.id());
         }
         Verdict::DropWithNotice(reason, n) => {

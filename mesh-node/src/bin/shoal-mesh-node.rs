@@ -12,6 +12,7 @@ use shoal_mesh::config::RelayFile;
 use shoal_mesh::driver::batch::bind_reuseport;
 use shoal_mesh::driver::register::{self, Registration};
 use shoal_mesh::driver::relay::{Relay, RelayStats};
+use shoal_mesh::metrics::exposition::{self, Exposition};
 use shoal_protocol::identity::to_hex;
 use shoal_protocol::{PublicKey, Roles, TicketBody, TicketKind, UnixTime};
 
@@ -61,6 +62,8 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
+        // Colours only on a terminal: a log file or journal gets plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
@@ -133,7 +136,9 @@ fn run(config: PathBuf) -> anyhow::Result<()> {
         tracing::info!("shutting down");
         let _ = stop_tx.send(true);
         for task in server.into_iter().chain(registration) {
-            let _ = task.await;
+            if let Err(e) = task.await {
+                tracing::warn!("a service task ended abnormally: {e}");
+            }
         }
         let stats = relay.stats().clone();
         relay.shutdown();
@@ -150,7 +155,7 @@ async fn serve_metrics(
 ) {
     use axum::routing::get;
     let app = axum::Router::new()
-        .route("/metrics", get(move || async move { stats.render_prometheus() }))
+        .route("/metrics", exposition::route(Arc::new(Exposition::new(stats))))
         .route("/healthz", get(|| async { "ok\n" }));
     let shutdown = async move {
         let _ = stop.changed().await;

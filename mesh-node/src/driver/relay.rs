@@ -21,7 +21,8 @@ use shoal_protocol::{NodeId, Roles, SignedTicket};
 
 use crate::clock::WallClock;
 use crate::driver::batch::{BATCH, Batch};
-use crate::metrics::Counters;
+use crate::metrics::exposition::{Collector, DescriptorEncoder};
+use crate::metrics::{Counters, DropReason};
 use crate::router::{Router, RouterConfig, RouterEvent, Verdict};
 use crate::wire::Kind;
 
@@ -80,16 +81,20 @@ impl RelayStats {
     pub fn worker_tids(&self) -> Vec<i32> {
         self.tids.lock().map(|t| t.clone()).unwrap_or_default()
     }
+}
 
-    /// The Prometheus exposition.
-    pub fn render_prometheus(&self) -> String {
-        self.counters().render_prometheus(self.bindings())
+/// What `/metrics` reads: the workers' latest snapshots, summed at each scrape.
+impl Collector for RelayStats {
+    fn encode(&self, mut e: DescriptorEncoder<'_>) -> std::fmt::Result {
+        self.counters().encode(self.bindings(), &mut e)
     }
 }
 
 enum WorkerMsg {
     /// A binding another worker verified.
-    Bound { node: NodeId, roles: Roles, addr: SocketAddr, expires_at: u64 },
+    Bound { node: NodeId, roles: Roles, addr: SocketAddr, expires_at: u64, challenge_at: u64 },
+    /// A binding another worker released on its node's unbind.
+    Unbound { node: NodeId, addr: SocketAddr, challenge_at: u64 },
     /// A peer relay's bind reply that reached a worker that does not own peer binds.
     PeerReply { from: SocketAddr, bytes: Vec<u8> },
     /// Bind to a peer relay (sent to the worker that owns peer binds).
@@ -108,15 +113,19 @@ pub struct RelayHandle {
 impl RelayHandle {
     /// Binds to a peer relay (nothing happens if already bound to it).
     pub fn add_peer(&self, addr: SocketAddr) {
-        if let Some(owner) = self.workers.first() {
-            let _ = owner.send(WorkerMsg::AddPeer(addr));
+        if let Some(owner) = self.workers.first()
+            && owner.send(WorkerMsg::AddPeer(addr)).is_err()
+        {
+            tracing::debug!(peer = %addr, "relay stopped; peer not added");
         }
     }
 
     /// Replaces the relay's own permit on every worker.
     pub fn set_permit(&self, permit: SignedTicket) {
         for w in &self.workers {
-            let _ = w.send(WorkerMsg::SetPermit(permit));
+            if w.send(WorkerMsg::SetPermit(permit)).is_err() {
+                tracing::debug!("relay stopped; permit not installed");
+            }
         }
     }
 
@@ -282,7 +291,9 @@ impl Worker {
             if self.idx != 0
                 && matches!(buf.get(1), Some(k) if *k == Kind::BindChallenge as u8 || *k == Kind::BindAck as u8)
             {
-                let _ = self.others[0].send(WorkerMsg::PeerReply { from, bytes: buf.to_vec() });
+                if self.others[0].send(WorkerMsg::PeerReply { from, bytes: buf.to_vec() }).is_err() {
+                    self.router.counters_mut().drop(DropReason::Internal);
+                }
                 continue;
             }
             match self.router.handle_datagram(now, from, buf) {
@@ -305,9 +316,10 @@ impl Worker {
     fn apply(&mut self, msg: WorkerMsg, sock: &UdpSocket) {
         let now = Instant::now();
         match msg {
-            WorkerMsg::Bound { node, roles, addr, expires_at } => {
-                self.router.apply_binding(now, node, roles, addr, expires_at);
+            WorkerMsg::Bound { node, roles, addr, expires_at, challenge_at } => {
+                self.router.apply_binding(now, node, roles, addr, expires_at, challenge_at);
             }
+            WorkerMsg::Unbound { node, addr, challenge_at } => self.router.apply_unbinding(node, addr, challenge_at),
             WorkerMsg::PeerReply { from, mut bytes } => {
                 let _ = self.router.handle_datagram(now, from, &mut bytes);
                 self.drain(sock);
@@ -329,15 +341,25 @@ impl Worker {
         }
         while let Some(ev) = self.router.poll_event() {
             match ev {
-                RouterEvent::Bound { node, roles, addr, expires_at } => {
+                RouterEvent::Bound { node, roles, addr, expires_at, challenge_at } => {
                     tracing::debug!(%node, ?roles, %addr, "bound");
-                    for (i, tx) in self.others.iter().enumerate() {
-                        if i != self.idx {
-                            let _ = tx.send(WorkerMsg::Bound { node, roles, addr, expires_at });
-                        }
-                    }
+                    self.tell_others(|| WorkerMsg::Bound { node, roles, addr, expires_at, challenge_at });
+                }
+                RouterEvent::Unbound { node, addr, challenge_at } => {
+                    tracing::debug!(%node, %addr, "unbound");
+                    self.tell_others(|| WorkerMsg::Unbound { node, addr, challenge_at });
                 }
                 RouterEvent::PeerBound { addr, peer } => tracing::info!(%peer, %addr, "bound to peer relay"),
+            }
+        }
+    }
+
+    /// Sends every other worker a message (a worker only stops when the relay does, so a
+    /// closed inbox means shutdown, when nothing is left to tell).
+    fn tell_others(&self, msg: impl Fn() -> WorkerMsg) {
+        for (i, tx) in self.others.iter().enumerate() {
+            if i != self.idx && tx.send(msg()).is_err() {
+                tracing::debug!(worker = i, "worker gone; not told");
             }
         }
     }
