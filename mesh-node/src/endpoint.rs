@@ -419,7 +419,7 @@ impl Endpoint {
             self.counters.not_for_us += 1;
             return;
         }
-        if matches!(d.kind(), Kind::Data | Kind::Probe | Kind::ProbeAck) && !self.from_last_hop(&d, from) {
+        if matches!(d.kind(), Kind::Data | Kind::Probe | Kind::ProbeAck) && !self.came_from_last_hop(&d, from) {
             self.counters.misrouted += 1;
             return;
         }
@@ -482,7 +482,7 @@ impl Endpoint {
     /// Whether a datagram that crossed relays came from the relay its route ends with, at the
     /// address we bound it at. Only that relay checked the sender's binding; a copy sent from
     /// anywhere else is a replay or a forgery. Direct datagrams pass: their source is a claim.
-    fn from_last_hop(&self, d: &Datagram<'_>, from: SocketAddr) -> bool {
+    fn came_from_last_hop(&self, d: &Datagram<'_>, from: SocketAddr) -> bool {
         let route = d.route();
         let Some(&last) = route.relays().last() else { return true };
         self.relays.iter().any(|r| r.is_bound() && r.relay_id() == Some(last) && r.relay() == from)

@@ -10,6 +10,7 @@
 //!           3 pong (id u32, held µs u16, delivered u64)
 //!           4 close (reason u8)
 //!           5 candidates (seq u32, count u8, addresses)   6 candidates ack (seq u32)
+//!           9 confirm (nothing: proof that the sender holds the keys)
 //! ```
 //! The tag of a sealed frame covers its first 9 bytes and the mesh header's source,
 //! destination and VC id, so a relay can neither read a frame nor move it to another VC.
@@ -177,6 +178,9 @@ pub enum Inner<'a> {
     Candidates(Candidates),
     /// The peer has our [`Inner::Candidates`] of this sequence number.
     CandidatesAck(u32),
+    /// Nothing but proof that the sender holds the keys: sent once they are agreed, so the
+    /// other side stops repeating its hello even on a VC that has nothing to say.
+    Confirm,
 }
 
 /// Longest a lazy ping's answer waits for a frame to ride on.
@@ -247,6 +251,7 @@ const KIND_CANDIDATES: u8 = 5;
 const KIND_CANDIDATES_ACK: u8 = 6;
 const KIND_RENET_PART: u8 = 7;
 const KIND_PING_LAZY: u8 = 8;
+const KIND_CONFIRM: u8 = 9;
 
 /// Bytes a ping item takes.
 pub const PING_ITEM_LEN: usize = 5;
@@ -285,6 +290,7 @@ impl<'a> Inner<'a> {
                 Ok((Inner::Candidates(c), 1 + len))
             }
             KIND_CANDIDATES_ACK => Ok((Inner::CandidatesAck(u32_at(1)?), 5)),
+            KIND_CONFIRM => Ok((Inner::Confirm, 1)),
             other => Err(FrameError::UnknownKind(other)),
         }
     }
@@ -321,6 +327,7 @@ impl<'a> Inner<'a> {
                 out.push(KIND_CANDIDATES_ACK);
                 out.extend_from_slice(&seq.to_be_bytes());
             }
+            Inner::Confirm => out.push(KIND_CONFIRM),
         }
     }
 
@@ -333,6 +340,7 @@ impl<'a> Inner<'a> {
             Inner::Close(_) => 2,
             Inner::Candidates(c) => 6 + c.addrs().count() * wire::ADDR_LEN,
             Inner::CandidatesAck(_) => 5,
+            Inner::Confirm => 1,
         }
     }
 }
@@ -402,6 +410,7 @@ mod tests {
             4 => Inner::Candidates(Candidates::new(*id, &[])),
             5 => Inner::Candidates(Candidates::new(*id, &[v4, v6, v4, v6])),
             6 => Inner::CandidatesAck(*id),
+            7 if d % 2 == 0 => Inner::Confirm,
             _ => Inner::Candidates(Candidates::new(*id, &[v6])),
         }
     }
@@ -460,7 +469,7 @@ mod tests {
         assert_eq!(one(&[KIND_PONG, 0, 0, 0, 1, 0]), Err(FrameError::Truncated { kind: KIND_PONG, len: 6 }));
         assert_eq!(one(&[KIND_CLOSE]), Err(FrameError::Truncated { kind: KIND_CLOSE, len: 1 }));
         assert_eq!(one(&[KIND_RENET_PART, 0, 5, 1, 2]), Err(FrameError::Truncated { kind: KIND_RENET_PART, len: 5 }));
-        assert_eq!(one(&[9]), Err(FrameError::UnknownKind(9)));
+        assert_eq!(one(&[10]), Err(FrameError::UnknownKind(10)));
         assert_eq!(one(&[]), Err(FrameError::Empty));
         // A good ping followed by garbage: nothing of the frame is taken.
         assert_eq!(one(&[KIND_PING, 0, 0, 0, 1, 42]), Err(FrameError::UnknownKind(42)));

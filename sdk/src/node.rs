@@ -429,16 +429,20 @@ impl Node {
     fn sync_peer(&mut self, now: Instant, peer: NodeId) {
         let Some(p) = self.peers.get_mut(&peer) else { return };
         let range = VcKey::first(peer)..=VcKey::last(peer);
-        let mut used = 0u64;
+        let (mut used, mut paced) = (0u64, 0u64);
         let mut armed = false;
         for (_, v) in self.vcs.range(range.clone()) {
             armed |= v.has_keys();
             for id in v.sending() {
                 used |= 1 << (id.0 % 64);
+                if v.paced() {
+                    paced |= 1 << (id.0 % 64);
+                }
             }
         }
         p.paths.set_armed(armed);
-        p.paths.set_in_use(now, |id: PathId| used & (1 << (id.0 % 64)) != 0);
+        let bit = |mask: u64| move |id: PathId| mask & (1 << (id.0 % 64)) != 0;
+        p.paths.set_in_use(now, bit(used), bit(paced));
         let evicted = p.paths.take_evicted();
         if evicted.is_empty() {
             return;

@@ -6,6 +6,7 @@
 pub mod link;
 pub mod nat;
 pub mod netns;
+pub mod overhead;
 pub mod procs;
 pub mod punch;
 pub mod scenario;

@@ -43,6 +43,9 @@ pub struct LinkConfig {
     pub bandwidth: Option<u64>,
     /// Longest a datagram may wait behind others before the link drops it (tail drop).
     pub queue: Duration,
+    /// Chance that a datagram is held up by the extra delay given: a host that was not
+    /// scheduled in time (a busy CPU, a laptop waking), which a loopback path sees as a gap.
+    pub stall: (f64, Duration),
 }
 
 impl LinkConfig {
@@ -56,7 +59,13 @@ impl LinkConfig {
             duplicate: 0.0,
             bandwidth: None,
             queue: Duration::from_millis(50),
+            stall: (0.0, Duration::ZERO),
         }
+    }
+
+    /// The same link with a chance `p` per datagram of a stall of `d`.
+    pub fn with_stalls(self, p: f64, d: Duration) -> LinkConfig {
+        LinkConfig { stall: (p, d), ..self }
     }
 
     /// The same link with `loss`.
@@ -119,7 +128,9 @@ impl Link {
                 let jitter = random_upto(rng, self.cfg.jitter);
                 let held =
                     if rng.random_bool(self.cfg.reorder) { random_upto(rng, self.cfg.latency) } else { Duration::ZERO };
-                depart + self.cfg.latency + jitter + held
+                let (p, d) = self.cfg.stall;
+                let stalled = if p > 0.0 && rng.random_bool(p) { d } else { Duration::ZERO };
+                depart + self.cfg.latency + jitter + held + stalled
             })
             .collect()
     }

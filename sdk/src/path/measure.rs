@@ -31,6 +31,7 @@ use shoal_mesh::endpoint::Path;
 
 use super::punch::{self, PUNCH_INTERVAL, PUNCH_PROBES};
 use super::{PathId, Punch};
+use crate::frame::PONG_HOLD;
 use crate::pacing::WindowedMin;
 
 /// Ping outcomes a path's loss is measured over.
@@ -43,9 +44,9 @@ const FAST_MAX: Duration = Duration::from_millis(100);
 /// Ping interval of a path the peer's frames feed: RTT samples only.
 const SAMPLE: Duration = Duration::from_secs(1);
 /// Ping interval of a path in use with no data either way.
-pub const KEEPALIVE: Duration = Duration::from_secs(4);
+pub const KEEPALIVE: Duration = Duration::from_secs(5);
 /// Ping interval of a candidate no VC uses.
-pub const SPARE: Duration = Duration::from_secs(12);
+pub const SPARE: Duration = Duration::from_secs(20);
 /// The side that does not keep idle paths alive pings only after this many intervals without
 /// the other side's pings.
 const DEFER: f64 = 1.5;
@@ -63,6 +64,10 @@ pub const SLACK: Duration = Duration::from_millis(10);
 const PING_GIVE_UP: Duration = Duration::from_secs(1);
 /// Pings remembered per path.
 const MAX_PINGS_IN_FLIGHT: usize = 32;
+/// Pings counted lost that a late answer may still clear.
+const MAX_LATE: usize = 16;
+/// RTT samples the typical RTT is the median of.
+const RECENT_RTTS: usize = 8;
 /// The window a path's minimum RTT is taken over.
 const MIN_RTT_FOR: Duration = Duration::from_secs(10);
 /// Candidates an introduction may name.
@@ -95,6 +100,15 @@ enum Mode {
 struct InFlight {
     id: u32,
     sent: Instant,
+    /// The answer may wait up to [`PONG_HOLD`] at the peer.
+    lazy: bool,
+}
+
+impl InFlight {
+    /// When it counts as lost, on a path that gives up on answers after `give_up`.
+    fn lost_at(&self, give_up: Duration) -> Instant {
+        self.sent + give_up + if self.lazy { PONG_HOLD } else { Duration::ZERO }
+    }
 }
 
 #[derive(Debug)]
@@ -110,6 +124,10 @@ struct Candidate {
     outcomes: u64,
     samples: u32,
     pings: VecDeque<InFlight>,
+    /// Pings counted lost lately, with the sample count just after: a late pong undoes it.
+    late: VecDeque<(InFlight, u32)>,
+    /// The last RTT samples.
+    recent: VecDeque<Duration>,
     pings_sent: u64,
     pongs: u64,
     /// When our last pong came back.
@@ -132,6 +150,8 @@ struct Candidate {
     /// earliest, since until then it was pinged slowly.
     joined: Option<Instant>,
     in_use: bool,
+    /// A pacing VC sends on it.
+    paced: bool,
     hop_latencies: Vec<Duration>,
     capacity: Option<f64>,
     punch: Option<Punch>,
@@ -154,6 +174,8 @@ impl Candidate {
             outcomes: 0,
             samples: 0,
             pings: VecDeque::new(),
+            late: VecDeque::new(),
+            recent: VecDeque::new(),
             pings_sent: 0,
             pongs: 0,
             last_pong: None,
@@ -167,6 +189,7 @@ impl Candidate {
             suspect: None,
             joined: None,
             in_use: false,
+            paced: false,
             hop_latencies: Vec::new(),
             capacity: None,
             punch: matches!(path, Path::Direct(_)).then_some(Punch::Trying { attempt: 1 }),
@@ -214,16 +237,59 @@ impl Candidate {
         (self.outcomes & ((1u64 << n) - 1)).count_ones() as f32 / n as f32
     }
 
-    fn lose(&mut self, sent: Instant) {
-        if self.forgive_before.is_none_or(|t| sent >= t) {
+    fn lose(&mut self, p: InFlight) {
+        if self.forgive_before.is_none_or(|t| p.sent >= t) {
             self.record(true);
+            if self.late.len() >= MAX_LATE {
+                self.late.pop_front();
+            }
+            self.late.push_back((p, self.samples));
         }
+    }
+
+    /// The pong for `ping` came after the ping was counted lost (a stalled host, a burst of
+    /// queueing): it was not lost after all. Returns when it was sent.
+    fn unlose(&mut self, ping: u32) -> Option<Instant> {
+        let at = self.late.iter().position(|(p, _)| p.id == ping)?;
+        let (p, index) = self.late.remove(at)?;
+        let age = self.samples.saturating_sub(index);
+        if age < 64 {
+            self.outcomes &= !(1u64 << age);
+            self.loss = self.loss();
+        }
+        Some(p.sent)
+    }
+
+    /// The median of the last RTT samples: what the path typically takes, which one stalled
+    /// sample does not move (the smoothed RTT keeps it for a while where samples are few).
+    fn typical_rtt(&self) -> Option<Duration> {
+        let mut v: Vec<Duration> = self.recent.iter().copied().collect();
+        v.sort();
+        v.get(v.len() / 2).copied().or(self.srtt)
     }
 
     fn record(&mut self, lost: bool) {
         self.outcomes = (self.outcomes << 1) | u64::from(lost);
         self.samples = self.samples.saturating_add(1);
         self.loss = self.loss();
+    }
+
+    fn sample(&mut self, now: Instant, rtt: Duration) {
+        self.min_rtt.push(now, rtt, MIN_RTT_FOR);
+        if self.recent.len() >= RECENT_RTTS {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(rtt);
+        match self.srtt {
+            None => {
+                self.srtt = Some(rtt);
+                self.rttvar = rtt / 2;
+            }
+            Some(s) => {
+                self.rttvar = (self.rttvar * 3 + s.abs_diff(rtt)) / 4;
+                self.srtt = Some((s * 7 + rtt) / 8);
+            }
+        }
     }
 
     /// How long a ping waits for its pong before it counts as lost.
@@ -239,6 +305,13 @@ impl Candidate {
     fn punching(&self) -> bool {
         matches!(self.punch, Some(Punch::Trying { .. } | Punch::Failed { .. }))
     }
+}
+
+/// How long past its time a ping on a path that carries our data waits for a data frame to
+/// ride on before it goes on its own: the data goes at about the ping's rate, and a ping
+/// timed just before it would cost a datagram for nothing.
+fn grace(c: &Candidate, mode: Mode, interval: Duration) -> Duration {
+    if mode == Mode::Fast && !c.paced { interval / 2 } else { Duration::ZERO }
 }
 
 /// A ping to send on its own, because no data frame went that way in time.
@@ -391,10 +464,13 @@ impl PathSet {
 
     /// The candidates some VC sends on now. One that joins is pinged at once and its silence
     /// counted from now, since until now it was pinged slowly.
-    pub fn set_in_use(&mut self, now: Instant, in_use: impl Fn(PathId) -> bool) {
+    /// `paced` says which of them a pacing VC sends on: its frames are queued and sealed ahead,
+    /// so pings cannot ride on them and go on their own, on time.
+    pub fn set_in_use(&mut self, now: Instant, in_use: impl Fn(PathId) -> bool, paced: impl Fn(PathId) -> bool) {
         for i in 0..self.candidates.len() {
             let used = in_use(PathId(i as u8));
             let c = &mut self.candidates[i];
+            c.paced = paced(PathId(i as u8));
             if used && !c.in_use {
                 c.joined = Some(now);
                 c.next_ping = c.next_ping.min(now);
@@ -500,10 +576,19 @@ impl PathSet {
     }
 
     /// The pong for ping `ping` came over `id`, after waiting `held` at the peer for a frame
-    /// to ride on. Returns the RTT it measured.
+    /// to ride on. Returns the RTT it measured, unless the ping had been counted lost (then the
+    /// loss is undone and the RTT kept, but nothing is returned).
     pub fn on_pong(&mut self, now: Instant, id: PathId, ping: u32, held: Duration) -> Option<Duration> {
         let c = self.get_mut(id)?;
-        let at = c.pings.iter().position(|p| p.id == ping)?;
+        let Some(at) = c.pings.iter().position(|p| p.id == ping) else {
+            // A pong that came after its ping was counted lost: not a loss after all, and an
+            // RTT sample, but not one for the pacers, whose books closed on it.
+            let sent = c.unlose(ping)?;
+            let rtt = now.saturating_duration_since(sent).saturating_sub(held);
+            c.heard = Some(now);
+            c.sample(now, rtt);
+            return None;
+        };
         if c.punching() {
             // The first answer through the NATs. The probes before it were stopped by a NAT
             // not yet open, which says nothing of the path's loss. Perhaps it answers the last
@@ -517,7 +602,7 @@ impl PathSet {
         let at = c.pings.iter().position(|p| p.id == ping)?;
         for _ in 0..at {
             if let Some(early) = c.pings.pop_front() {
-                c.lose(early.sent);
+                c.lose(early);
             }
         }
         let sent = c.pings.pop_front()?.sent;
@@ -527,17 +612,7 @@ impl PathSet {
         c.heard = Some(now);
         c.suspect = None;
         let rtt = now.saturating_duration_since(sent).saturating_sub(held);
-        c.min_rtt.push(now, rtt, MIN_RTT_FOR);
-        match c.srtt {
-            None => {
-                c.srtt = Some(rtt);
-                c.rttvar = rtt / 2;
-            }
-            Some(s) => {
-                c.rttvar = (c.rttvar * 3 + s.abs_diff(rtt)) / 4;
-                c.srtt = Some((s * 7 + rtt) / 8);
-            }
-        }
+        c.sample(now, rtt);
         Some(rtt)
     }
 
@@ -633,6 +708,13 @@ impl PathSet {
         self.get(id)?.srtt
     }
 
+    /// The median of the last RTT samples: what a path's choice goes by, since one stalled
+    /// sample moves it not at all (the smoothed RTT keeps such a sample for a while where
+    /// samples are few).
+    pub fn typical_rtt(&self, id: PathId) -> Option<Duration> {
+        self.get(id)?.typical_rtt()
+    }
+
     /// RTT deviation: the path's jitter.
     pub fn rttvar(&self, id: PathId) -> Duration {
         self.get(id).map_or(Duration::ZERO, |c| c.rttvar)
@@ -705,7 +787,7 @@ impl PathSet {
             return None;
         }
         let urgent = mode == Mode::Fast;
-        let ping = self.record_ping(now, id, interval);
+        let ping = self.record_ping(now, id, interval, urgent);
         Some((ping, urgent))
     }
 
@@ -726,13 +808,13 @@ impl PathSet {
             return None;
         }
         let next = c.next_ping;
-        let ping = self.record_ping(now, id, interval);
+        let ping = self.record_ping(now, id, interval, false);
         // Not a ping of the schedule: the deferral stands.
         self.candidates[usize::from(id.0)].next_ping = next;
         Some(ping)
     }
 
-    fn record_ping(&mut self, now: Instant, id: PathId, interval: Duration) -> u32 {
+    fn record_ping(&mut self, now: Instant, id: PathId, interval: Duration, urgent: bool) -> u32 {
         let ping = self.next_ping_id;
         self.next_ping_id = self.next_ping_id.wrapping_add(1);
         let i = usize::from(id.0);
@@ -740,9 +822,9 @@ impl PathSet {
         if c.pings.len() >= MAX_PINGS_IN_FLIGHT
             && let Some(old) = c.pings.pop_front()
         {
-            c.lose(old.sent);
+            c.lose(old);
         }
-        c.pings.push_back(InFlight { id: ping, sent: now });
+        c.pings.push_back(InFlight { id: ping, sent: now, lazy: !urgent });
         c.pings_sent += 1;
         c.next_ping = now + interval;
         if let Some(Punch::Trying { attempt }) = c.punch {
@@ -777,10 +859,10 @@ impl PathSet {
             let c = &mut self.candidates[i];
             let give_up = c.give_up();
             while let Some(p) = c.pings.front().copied()
-                && now.saturating_duration_since(p.sent) > give_up
+                && now > p.lost_at(give_up)
             {
                 c.pings.pop_front();
-                c.lose(p.sent);
+                c.lose(p);
             }
             if !self.armed {
                 continue;
@@ -794,12 +876,12 @@ impl PathSet {
                 && now.saturating_duration_since(since) > allowed
             {
                 c.suspect = Some(now);
-                let ping = self.record_ping(now, id, interval);
+                let ping = self.record_ping(now, id, interval, true);
                 self.pings_due.push_back(PingSend { path: id, id: ping, urgent: true });
                 continue;
             }
             let c = &mut self.candidates[i];
-            if now < c.next_ping {
+            if now < c.next_ping + grace(c, mode, interval) {
                 continue;
             }
             if let Some(Punch::Failed { attempts }) = c.punch {
@@ -826,7 +908,7 @@ impl PathSet {
                 Some(Punch::Trying { .. }) => PUNCH_INTERVAL,
                 _ => interval,
             };
-            let ping = self.record_ping(now, id, interval);
+            let ping = self.record_ping(now, id, interval, urgent);
             self.pings_due.push_back(PingSend { path: id, id: ping, urgent });
         }
     }
@@ -838,13 +920,13 @@ impl PathSet {
         let mut at = |t: Instant| next = Some(next.map_or(t, |n| n.min(t)));
         for c in &self.candidates {
             if let Some(p) = c.pings.front() {
-                at(p.sent + c.give_up() + Duration::from_millis(1));
+                at(p.lost_at(c.give_up()) + Duration::from_millis(1));
             }
             if !self.armed {
                 continue;
             }
-            at(c.next_ping);
             let mode = self.mode(c, now);
+            at(c.next_ping + grace(c, mode, self.interval(c, mode)));
             // Fast paths die at this time; the others are checked with an urgent ping then.
             if mode != Mode::Punch
                 && c.suspect.is_none()

@@ -196,7 +196,7 @@ impl Selector {
         {
             return Some(SwitchReason::Narrow(cap as u64));
         }
-        match (paths.srtt(id), self.profile.max_latency) {
+        match (paths.typical_rtt(id), self.profile.max_latency) {
             (Some(s), Some(max)) if s > max => Some(SwitchReason::TooSlow(s)),
             _ => None,
         }
@@ -204,7 +204,7 @@ impl Selector {
 
     /// Lower is better.
     fn score(&self, paths: &PathSet, id: PathId) -> f64 {
-        let srtt = paths.srtt(id).map_or(f64::MAX, |s| s.as_secs_f64());
+        let srtt = paths.typical_rtt(id).map_or(f64::MAX, |s| s.as_secs_f64());
         match self.profile.policy {
             Policy::LowestLatency => srtt,
             // A bulk transfer queues on the paths it fills; ranking them by their smoothed RTT

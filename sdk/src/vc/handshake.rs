@@ -14,7 +14,9 @@ use shoal_protocol::{Identity, NodeId, PublicKey, Signature};
 
 use super::{State, VcEvent, VcTransmit, VirtualConnection, renet_for};
 use crate::crypto::{CryptoError, Ephemeral, HelloBody, SessionKeys};
-use crate::frame;
+use shoal_mesh::endpoint::Path;
+
+use crate::frame::{self, Inner};
 use crate::path::PathSet;
 use crate::profile::{Profile, ProfileConfig, ProfileError};
 
@@ -102,10 +104,17 @@ impl VirtualConnection {
 
     /// Handles a hello; returns whether it was genuine and the peer is still waiting for ours
     /// (a fresh exchange, or a retransmission before any frame of ours got through).
-    pub(super) fn on_hello(&mut self, now: Instant, paths: &PathSet, h: HelloBody, sig: &Signature) -> bool {
+    pub(super) fn on_hello(
+        &mut self,
+        now: Instant,
+        paths: &PathSet,
+        from: Path,
+        h: HelloBody,
+        sig: &Signature,
+    ) -> bool {
         let me = self.identity.node_id();
         match check_hello(me, &self.clock, now, self.peer_key, self.vc, &h, sig) {
-            Ok(p) if p.delivery == self.profile.delivery => self.take_hello(now, paths, h),
+            Ok(p) if p.delivery == self.profile.delivery => self.take_hello(now, paths, Some(from), h),
             _ => {
                 self.counters.bad_hellos += 1;
                 false
@@ -115,13 +124,20 @@ impl VirtualConnection {
 
     /// Acts on a hello that [`check_hello`] passed (the node checked it before creating this
     /// VC for it); returns whether the peer is still waiting for ours.
-    pub(crate) fn take_hello(&mut self, now: Instant, paths: &PathSet, h: HelloBody) -> bool {
+    pub(crate) fn take_hello(&mut self, now: Instant, paths: &PathSet, from: Option<Path>, h: HelloBody) -> bool {
         let me = self.identity.node_id();
         match self.peer_hello {
             Some(old) if old.ephemeral == h.ephemeral => {
-                // A retransmission: the peer has not got ours yet.
-                if !self.confirmed {
-                    self.send_hellos(now, paths);
+                // A retransmission: the peer lacks our proof of the keys, and perhaps our hello
+                // (if we have not seen a frame of its own yet). They go back the way it came;
+                // our own retries go everywhere on their own timer. A confirm draws no answer,
+                // so two sides cannot keep each other talking.
+                if let Some(path) = from.or_else(|| self.sel.sending().first().and_then(|&id| paths.path(id))) {
+                    if !self.confirmed {
+                        let bytes = frame::write_hello(&self.my_hello.0, &self.my_hello.1);
+                        self.push(VcTransmit { path, trace: false, frame: bytes, carries_data: false, riding: 0 });
+                    }
+                    self.seal_control(&[path], false, &[Inner::Confirm]);
                 }
                 return !self.confirmed;
             }
@@ -161,6 +177,11 @@ impl VirtualConnection {
                 self.keys = Some(k);
                 self.peer_hello = Some(h);
                 self.send_hellos(now, paths);
+                // Behind each hello, proof that we hold the keys, so the peer's VC is confirmed
+                // even if this one has nothing to send for a while.
+                let to: Vec<_> =
+                    paths.ids().filter(|&id| !self.sel.is_abandoned(now, id)).filter_map(|id| paths.path(id)).collect();
+                self.seal_control(&to, false, &[Inner::Confirm]);
                 self.hello_next = now + self.hello_backoff;
                 if let State::Handshaking { .. } = self.state {
                     self.state = State::Open;

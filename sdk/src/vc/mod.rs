@@ -405,7 +405,7 @@ impl VirtualConnection {
         match Frame::parse(bytes) {
             Ok(Frame::Hello(h, sig)) => {
                 let before = self.counters.bad_hellos;
-                if self.on_hello(now, paths, h, &sig) {
+                if self.on_hello(now, paths, path, h, &sig) {
                     self.answer_unknown_address(paths, path);
                 }
                 seen.genuine = self.counters.bad_hellos == before;
@@ -496,7 +496,7 @@ impl VirtualConnection {
     /// Acts on a hello the node has checked with [`check_hello`] (it creates a VC for a hello
     /// only after that), as if it had come through [`VirtualConnection::handle_frame`].
     pub fn handle_checked_hello(&mut self, now: Instant, paths: &PathSet, path: Path, h: HelloBody) {
-        if self.take_hello(now, paths, h) {
+        if self.take_hello(now, paths, Some(path), h) {
             self.answer_unknown_address(paths, path);
         }
     }
@@ -555,6 +555,7 @@ impl VirtualConnection {
             Inner::Close(_) => self.finish(CloseReason::Peer),
             Inner::Candidates(c) => self.on_candidates(now, paths, path, &c),
             Inner::CandidatesAck(seq) => self.advert.acked(seq),
+            Inner::Confirm => {}
         }
     }
 
