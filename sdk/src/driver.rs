@@ -15,7 +15,7 @@ use shoal_protocol::{Identity, NodeId, SignedTicket};
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::node::{Event, Node, NodeCounters, NodeError, PeerInfo, VcKey};
+use crate::node::{Event, Node, NodeCounters, NodeError, PeerInfo, Traffic, VcKey};
 use crate::profile::Profile;
 use crate::vc::VcStats;
 
@@ -48,6 +48,10 @@ pub struct NodeStatus {
     pub observed: Option<SocketAddr>,
     /// Datagrams refused before reaching a VC.
     pub counters: NodeCounters,
+    /// What the node sent and received so far, payload and the mesh's own overhead apart.
+    pub sent: Traffic,
+    /// See `sent`.
+    pub received: Traffic,
 }
 
 /// What the client reports to the game.
@@ -318,7 +322,8 @@ async fn handle_cmd(node: &mut Node, sock: &mut UdpSocket, local: &watch::Sender
             let links = node.vcs().filter_map(|k| Some((k, node.stats(now, k)?))).collect();
             let relays = node.endpoint().relay_rtts().collect();
             let observed = node.endpoint().observed_address();
-            let _ = tx.send(NodeStatus { links, relays, observed, counters: node.counters() });
+            let (sent, received) = node.traffic();
+            let _ = tx.send(NodeStatus { links, relays, observed, counters: node.counters(), sent, received });
         }
     }
 }

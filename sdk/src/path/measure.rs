@@ -60,6 +60,8 @@ const FED_MIN_GAPS: usize = 8;
 /// Added to every silence deadline: what the host's scheduling (ours and the peer's) may add
 /// to a gap without the path being at fault.
 pub const SLACK: Duration = Duration::from_millis(10);
+/// The least time the answer to a check of a silent path is given.
+const CHECK_MIN: Duration = Duration::from_millis(50);
 /// Pings older than this count as lost even before the RTT is known.
 const PING_GIVE_UP: Duration = Duration::from_secs(1);
 /// Pings remembered per path.
@@ -139,6 +141,8 @@ struct Candidate {
     initiative: Option<Instant>,
     /// The last gaps between the peer's data frames, newest last (at most [`FED_MIN_GAPS`]).
     gaps: VecDeque<Duration>,
+    /// The peer's data stopped and a check showed the path still works.
+    paused: bool,
     /// Last time the peer pinged it.
     peer_pinged: Option<Instant>,
     /// Last time we sent data over it, and the mean gap of our data frames.
@@ -183,6 +187,7 @@ impl Candidate {
             heard: None,
             initiative: None,
             gaps: VecDeque::new(),
+            paused: false,
             peer_pinged: None,
             sent_data: None,
             sent_gap: None,
@@ -203,7 +208,8 @@ impl Candidate {
     }
 
     fn fed(&self, now: Instant) -> bool {
-        self.gaps.len() >= FED_MIN_GAPS
+        !self.paused
+            && self.gaps.len() >= FED_MIN_GAPS
             && self.initiative.is_some_and(|t| now.saturating_duration_since(t) <= FED_WINDOW)
     }
 
@@ -234,7 +240,8 @@ impl Candidate {
         if n < 4 {
             return 0.0;
         }
-        (self.outcomes & ((1u64 << n) - 1)).count_ones() as f32 / n as f32
+        // Less one lost ping, as for `PathSet::loss`: the ping that found the path dead.
+        ((self.outcomes & ((1u64 << n) - 1)).count_ones() as f32 - 1.0).max(0.0) / n as f32
     }
 
     fn lose(&mut self, p: InFlight) {
@@ -297,9 +304,11 @@ impl Candidate {
         self.srtt.map_or(PING_GIVE_UP, |s| (s * 2 + self.rttvar * 4).max(Duration::from_millis(20)))
     }
 
-    /// An RTT and its deviation, with room for scheduling: how long an answer may take.
+    /// An RTT and its deviation, with room for scheduling: how long the answer to a check may
+    /// take. Never under [`CHECK_MIN`]: where the RTT is tiny (loopback, a LAN) the hosts'
+    /// scheduling is all the wait there is, and a busy machine stalls for tens of ms.
     fn answer_within(&self) -> Option<Duration> {
-        Some(self.srtt? + 4 * self.rttvar + SLACK)
+        Some((self.srtt? + 4 * self.rttvar + SLACK).max(CHECK_MIN))
     }
 
     fn punching(&self) -> bool {
@@ -527,11 +536,12 @@ impl PathSet {
         let Some(c) = self.get_mut(id) else { return };
         c.heard = Some(now);
         if c.suspect.take().is_some() && !data {
-            // The check answered: the path works, the peer's own frames just stopped.
-            c.gaps.clear();
-            c.initiative = None;
+            // The check answered: the path works, the peer's data just paused. The path is
+            // not fed until the data comes back (then at once: its rate is known).
+            c.paused = true;
         }
         if data {
+            c.paused = false;
             if let Some(last) = c.initiative {
                 let gap = now.saturating_duration_since(last);
                 if gap > FED_MAX_GAP {

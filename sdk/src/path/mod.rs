@@ -10,6 +10,8 @@
 mod measure;
 mod punch;
 mod select;
+#[cfg(test)]
+mod tests;
 
 use std::time::Duration;
 

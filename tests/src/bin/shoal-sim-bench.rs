@@ -31,6 +31,22 @@
 //! from the introduction to the first message and to the direct upgrade, in ms and in relay
 //! RTTs, and the medians. Ends with one JSON line.
 //!
+//! `overhead`: what the mesh itself costs a player, per neighbour: one player with 1, 4, 16 and
+//! 64 neighbours (all on the open network, bound to one relay, each introduced with the relay's
+//! route and its direct address, with the session's realtime and reliable VCs), measured after
+//! a warm-up over a window, idle, with 20-byte avatar updates flowing both ways at 30 Hz on
+//! every realtime VC, and flowing one way only. Overhead is every datagram that carries no
+//! message (pings, pongs, acks, keepalives, hellos, binds) plus the bytes that ride in the ones
+//! that do; sent and received together, as UDP payload and with IPv4/UDP headers. Ends with one
+//! JSON line holding the worst figure over the neighbour counts of each case.
+//!
+//! `crowd` (real sockets and real time, not the simulator): a control server and a relay
+//! process on loopback and `--players` players through the public `Session` API, standing
+//! together, each sending a 20-byte update 30 times a second on the realtime VC to every
+//! neighbour it is introduced to. Reports per player the datagrams and bytes a second it sends
+//! and receives, the mesh's own share of them per neighbour, the path changes, and the CPU the
+//! process (players and control server) spent. Ends with one JSON line.
+//!
 //! `loopback` (real sockets and real time, not the simulator): one Reliable VC between two
 //! nodes on loopback over the direct path, its sender keeping the VC's buffer full, beside
 //! renet's own connection over plain UDP with the same channel settings in the same harness.
@@ -46,6 +62,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use shoal_sdk::{PathKind, Profile};
 use shoal_tests::netns::{self, NatMode};
+use shoal_tests::overhead::{Flow, OverheadRun, overhead};
 use shoal_tests::punch::{Front, PairLinks, PairRun, direct_possible, nat_pair};
 use shoal_tests::scenario::{BULK_PATHS, BulkRun, Failover, bulk_transfer, relay_crash_failover};
 use shoal_tests::throughput::{self, Contender, Offer};
@@ -85,6 +102,24 @@ enum Cmd {
         /// Runs of each NAT pair.
         #[arg(long, default_value_t = 5)]
         runs: usize,
+    },
+    /// The mesh's own traffic per neighbour, idle and while avatar updates flow.
+    Overhead {
+        /// Seconds measured per run, after a 20-second warm-up.
+        #[arg(long, default_value_t = 30)]
+        secs: u64,
+        /// The seed of the topology.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
+    /// A crowd of sessions on real sockets: what each player puts on the wire.
+    Crowd {
+        /// Players.
+        #[arg(long, default_value_t = 20)]
+        players: usize,
+        /// Seconds measured, after a 10-second warm-up.
+        #[arg(long, default_value_t = 30)]
+        secs: u64,
     },
     /// VC throughput on loopback against renet over plain UDP.
     Loopback {
@@ -141,7 +176,104 @@ fn main() -> ExitCode {
         Cmd::Nat { seeds } => nat(seeds),
         Cmd::NatReal { runs } => nat_real(runs),
         Cmd::Loopback { rounds, secs } => loopback(rounds, secs),
+        Cmd::Overhead { secs, seed } => overhead_bench(seed, secs),
+        Cmd::Crowd { players, secs } => crowd_bench(players, secs),
     }
+}
+
+fn crowd_bench(players: usize, secs: u64) -> ExitCode {
+    let Ok(rt) = tokio::runtime::Builder::new_multi_thread().enable_all().build() else {
+        eprintln!("no tokio runtime");
+        return ExitCode::FAILURE;
+    };
+    let dir = std::env::temp_dir().join(format!("shoal-crowd-{}", std::process::id()));
+    let r = rt.block_on(shoal_tests::crowd::crowd(&dir, players, Duration::from_secs(10), Duration::from_secs(secs)));
+    let _ = std::fs::remove_dir_all(&dir);
+    let per = |v: u64| v as f64 / r.secs / r.players as f64;
+    let dg_sent = per(r.sent.data_datagrams + r.sent.overhead_datagrams);
+    let dg_recv = per(r.received.data_datagrams + r.received.overhead_datagrams);
+    let kbps = |t: shoal_sdk::Traffic| per((t.data_bytes + t.overhead_bytes) * 8) / 1000.0;
+    let overhead_kbps_nb = per((r.sent.overhead() + r.received.overhead()) * 8) / 1000.0 / r.neighbours.max(1.0);
+    let overhead_dg_nb = per(r.sent.overhead_datagrams + r.received.overhead_datagrams) / r.neighbours.max(1.0);
+    let cores = r.cpu_secs / r.secs;
+    println!("players {} over {:.1} s, {:.1} neighbours each", r.players, r.secs, r.neighbours);
+    println!(
+        "per player: sends {dg_sent:.0} datagrams/s ({:.1} kbit/s), receives {dg_recv:.0} ({:.1} kbit/s)",
+        kbps(r.sent),
+        kbps(r.received)
+    );
+    println!(
+        "updates: {:.0}/s sent and {:.0}/s received per player; overhead {overhead_kbps_nb:.3} kbit/s and {overhead_dg_nb:.2} datagrams/s per neighbour",
+        per(r.messages_sent),
+        per(r.messages_received)
+    );
+    println!(
+        "path changes: {} for a fault and {} to a better path in {:.0} s; CPU: {cores:.2} cores for players and control server",
+        r.path_changes, r.upgrades, r.secs
+    );
+    let json = serde_json::json!({
+        "players": r.players,
+        "secs": (r.secs * 10.0).round() / 10.0,
+        "neighbours": (r.neighbours * 10.0).round() / 10.0,
+        "datagrams_sent_per_player_per_s": dg_sent.round(),
+        "datagrams_received_per_player_per_s": dg_recv.round(),
+        "kbps_sent_per_player": (kbps(r.sent) * 10.0).round() / 10.0,
+        "updates_sent_per_player_per_s": per(r.messages_sent).round(),
+        "updates_received_per_player_per_s": per(r.messages_received).round(),
+        "overhead_kbps_per_neighbour": (overhead_kbps_nb * 1000.0).round() / 1000.0,
+        "overhead_datagrams_per_neighbour": (overhead_dg_nb * 100.0).round() / 100.0,
+        "path_changes_for_faults": r.path_changes,
+        "path_changes_to_better": r.upgrades,
+        "cores": (cores * 100.0).round() / 100.0,
+    });
+    println!("{json}");
+    ExitCode::SUCCESS
+}
+
+fn overhead_bench(seed: u64, secs: u64) -> ExitCode {
+    let warmup = Duration::from_secs(20);
+    let window = Duration::from_secs(secs);
+    let cases = [("idle", Flow::Idle), ("flowing", Flow::Both { hz: 30 }), ("one_way", Flow::Out { hz: 30 })];
+    println!(
+        "{:<9} {:>10} {:>14} {:>14} {:>16} {:>14} {:>12}",
+        "case", "neighbours", "kbit/s per nb", "on the wire", "datagrams/s/nb", "payload kbit/s", "path changes"
+    );
+    let mut worst = Vec::new();
+    for (name, flow) in cases {
+        let mut runs: Vec<OverheadRun> = Vec::new();
+        for n in [1, 4, 16, 64] {
+            let r = overhead(seed, n, flow, warmup, window);
+            println!(
+                "{name:<9} {n:>10} {:>14.3} {:>14.3} {:>16.2} {:>14.2} {:>12}",
+                r.kbps_per_neighbour(),
+                r.kbps_per_neighbour_on_the_wire(),
+                r.datagrams_per_neighbour(),
+                r.payload_kbps_per_neighbour(),
+                r.path_changes
+            );
+            runs.push(r);
+        }
+        let max = |f: fn(&OverheadRun) -> f64| runs.iter().map(f).fold(0.0, f64::max);
+        worst.push((
+            name,
+            max(OverheadRun::kbps_per_neighbour),
+            max(OverheadRun::kbps_per_neighbour_on_the_wire),
+            max(OverheadRun::datagrams_per_neighbour),
+            runs.iter().map(|r| r.path_changes).sum::<usize>(),
+        ));
+    }
+    let mut json = serde_json::Map::new();
+    json.insert("seed".into(), seed.into());
+    json.insert("secs".into(), secs.into());
+    for (name, kbps, wire, dgrams, changes) in worst {
+        let r = |v: f64| (v * 1000.0).round() / 1000.0;
+        json.insert(format!("overhead_kbps_per_neighbour_{name}"), r(kbps).into());
+        json.insert(format!("overhead_kbps_per_neighbour_{name}_on_the_wire"), r(wire).into());
+        json.insert(format!("overhead_datagrams_per_neighbour_{name}"), r(dgrams).into());
+        json.insert(format!("path_changes_{name}"), changes.into());
+    }
+    println!("{}", serde_json::Value::Object(json));
+    ExitCode::SUCCESS
 }
 
 fn failover(seeds: u64) -> ExitCode {
