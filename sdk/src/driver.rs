@@ -52,6 +52,11 @@ pub struct NodeStatus {
     pub sent: Traffic,
     /// See `sent`.
     pub received: Traffic,
+    /// Datagrams the socket would not take (a full buffer, an unreachable address): lost as
+    /// the network would lose them, and counted here.
+    pub socket_send_errors: u64,
+    /// Receive calls that failed (an ICMP error reported on the socket, say).
+    pub socket_recv_errors: u64,
 }
 
 /// What the client reports to the game.
@@ -222,6 +227,7 @@ async fn run(
     local: watch::Sender<SocketAddr>,
 ) {
     let mut buf = vec![0u8; 2048];
+    let mut io = SocketErrors::default();
     loop {
         let wake = node.poll_timeout(Instant::now());
         let sleep = async {
@@ -234,17 +240,21 @@ async fn run(
             biased;
             c = cmds.recv() => {
                 let Some(c) = c else { return };
-                handle_cmd(&mut node, &mut sock, &local, c).await;
+                handle_cmd(&mut node, &mut sock, &local, io, c).await;
                 for _ in 1..WORK_BUDGET {
                     match cmds.try_recv() {
-                        Ok(c) => handle_cmd(&mut node, &mut sock, &local, c).await,
+                        Ok(c) => handle_cmd(&mut node, &mut sock, &local, io, c).await,
                         Err(_) => break,
                     }
                 }
             }
             r = sock.recv_from(&mut buf) => {
-                if let Ok((n, from)) = r {
-                    node.handle_datagram(Instant::now(), from, &buf[..n]);
+                match r {
+                    Ok((n, from)) => node.handle_datagram(Instant::now(), from, &buf[..n]),
+                    Err(e) => {
+                        io.recv_errors += 1;
+                        tracing::trace!("mesh socket receive: {e}");
+                    }
                 }
                 for _ in 1..WORK_BUDGET {
                     match sock.try_recv_from(&mut buf) {
@@ -259,7 +269,10 @@ async fn run(
         while let Some(t) = node.poll_transmit() {
             // A full socket buffer or an unreachable address loses the datagram, as the
             // network would; renet and the path manager recover.
-            let _ = sock.send_to(&t.bytes, t.to).await;
+            if let Err(e) = sock.send_to(&t.bytes, t.to).await {
+                io.send_errors += 1;
+                tracing::trace!(to = %t.to, "mesh socket send: {e}");
+            }
         }
         while let Some(e) = node.poll_event() {
             if events.send(ClientEvent::Node(e)).is_err() {
@@ -277,7 +290,25 @@ async fn run(
     }
 }
 
-async fn handle_cmd(node: &mut Node, sock: &mut UdpSocket, local: &watch::Sender<SocketAddr>, c: Cmd) {
+/// Socket calls that failed, for [`NodeStatus`].
+#[derive(Debug, Clone, Copy, Default)]
+struct SocketErrors {
+    send_errors: u64,
+    recv_errors: u64,
+}
+
+/// Answers a command; the caller may have stopped waiting, which is no fault.
+fn reply<T>(tx: oneshot::Sender<T>, v: T) {
+    let _ = tx.send(v);
+}
+
+async fn handle_cmd(
+    node: &mut Node,
+    sock: &mut UdpSocket,
+    local: &watch::Sender<SocketAddr>,
+    io: SocketErrors,
+    c: Cmd,
+) {
     let now = Instant::now();
     match c {
         Cmd::Rebind(addr, tx) => {
@@ -289,23 +320,23 @@ async fn handle_cmd(node: &mut Node, sock: &mut UdpSocket, local: &watch::Sender
                 node.network_changed(Instant::now());
                 Ok(addr)
             });
-            let _ = tx.send(moved);
+            reply(tx, moved);
         }
         Cmd::AddRelay(a) => node.add_relay(now, a),
         Cmd::AddPeer(p) => node.add_peer(now, p),
         Cmd::Open(peer, vc, profile, tx) => {
-            let _ = tx.send(node.open(now, peer, vc, profile));
+            reply(tx, node.open(now, peer, vc, profile));
         }
         Cmd::Send(k, m, tx) => {
-            let _ = tx.send(node.send(k, m));
+            reply(tx, node.send(k, m));
         }
         Cmd::Close(k) => node.close(now, k),
         Cmd::Stats(k, tx) => {
-            let _ = tx.send(node.stats(now, k));
+            reply(tx, node.stats(now, k));
         }
         Cmd::SetPermit(p) => node.set_permit(now, p),
         Cmd::RemovePeer(peer, tx) => {
-            let _ = tx.send(node.remove_peer(now, peer));
+            reply(tx, node.remove_peer(now, peer));
         }
         Cmd::UnbindRelays(tx) => {
             // Sent here rather than queued, so they are out before the caller stops the node.
@@ -316,14 +347,24 @@ async fn handle_cmd(node: &mut Node, sock: &mut UdpSocket, local: &watch::Sender
                     Err(e) => tracing::debug!(relay = %t.to, "unbind not sent: {e}"),
                 }
             }
-            let _ = tx.send(sent);
+            reply(tx, sent);
         }
         Cmd::Status(tx) => {
             let links = node.vcs().filter_map(|k| Some((k, node.stats(now, k)?))).collect();
             let relays = node.endpoint().relay_rtts().collect();
             let observed = node.endpoint().observed_address();
             let (sent, received) = node.traffic();
-            let _ = tx.send(NodeStatus { links, relays, observed, counters: node.counters(), sent, received });
+            let status = NodeStatus {
+                links,
+                relays,
+                observed,
+                counters: node.counters(),
+                sent,
+                received,
+                socket_send_errors: io.send_errors,
+                socket_recv_errors: io.recv_errors,
+            };
+            reply(tx, status);
         }
     }
 }
