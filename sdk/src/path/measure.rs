@@ -29,15 +29,13 @@ use std::time::{Duration, Instant};
 
 use shoal_mesh::endpoint::Path;
 
+use super::candidate::{
+    Candidate, FED_MAX_GAP, FED_MIN_GAPS, FED_WINDOW, FLOW_WINDOW, InFlight, LOSS_MIN_SAMPLES, LOSS_WINDOW, Mode,
+    Origin,
+};
 use super::punch::{self, PUNCH_INTERVAL, PUNCH_PROBES};
 use super::{PathId, Punch};
-use crate::frame::PONG_HOLD;
-use crate::pacing::WindowedMin;
 
-/// Ping outcomes a path's loss is measured over.
-const LOSS_WINDOW: u32 = 64;
-/// Outcomes needed before loss counts against a path.
-const LOSS_MIN_SAMPLES: u32 = 8;
 /// Bounds of the ping interval of a path data flows out on.
 const FAST_MIN: Duration = Duration::from_millis(10);
 const FAST_MAX: Duration = Duration::from_millis(100);
@@ -50,271 +48,19 @@ pub const SPARE: Duration = Duration::from_secs(20);
 /// The side that does not keep idle paths alive pings only after this many intervals without
 /// the other side's pings.
 const DEFER: f64 = 1.5;
-/// We send data on a path if the last data frame left within this.
-const FLOW_WINDOW: Duration = Duration::from_millis(500);
-/// A path is fed while the peer's data has come over it at least [`FED_MIN_GAPS`] times in a
-/// row at most this far apart, the last within [`FED_WINDOW`].
-const FED_MAX_GAP: Duration = Duration::from_millis(250);
-const FED_WINDOW: Duration = Duration::from_secs(1);
-const FED_MIN_GAPS: usize = 8;
 /// Added to every silence deadline: what the host's scheduling (ours and the peer's) may add
 /// to a gap without the path being at fault.
 pub const SLACK: Duration = Duration::from_millis(10);
 /// The least time the answer to a check of a silent path is given.
-const CHECK_MIN: Duration = Duration::from_millis(50);
-/// Pings older than this count as lost even before the RTT is known.
-const PING_GIVE_UP: Duration = Duration::from_secs(1);
+pub(super) const CHECK_MIN: Duration = Duration::from_millis(50);
 /// Pings remembered per path.
 const MAX_PINGS_IN_FLIGHT: usize = 32;
-/// Pings counted lost that a late answer may still clear.
-const MAX_LATE: usize = 16;
-/// RTT samples the typical RTT is the median of.
-const RECENT_RTTS: usize = 8;
-/// The window a path's minimum RTT is taken over.
-const MIN_RTT_FOR: Duration = Duration::from_secs(10);
 /// Candidates an introduction may name.
 pub const MAX_INTRODUCED_PATHS: usize = 16;
 /// Candidates learned from the peer (addresses its authenticated frames came from, and
 /// addresses it advertised). Past this, the learned one heard least recently that no VC uses
 /// gives way; each is probed, so a peer must not be able to point us at any number of them.
 pub const MAX_LEARNED_PATHS: usize = 8;
-
-/// How a candidate became one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Origin {
-    /// The control server's introduction named it.
-    Introduced,
-    /// The peer's frames came from it, or the peer advertised it.
-    Learned,
-}
-
-/// How a candidate is measured now; see the module docs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Mode {
-    Punch,
-    Fast,
-    Fed,
-    Idle,
-    Spare,
-}
-
-#[derive(Debug, Clone, Copy)]
-struct InFlight {
-    id: u32,
-    sent: Instant,
-    /// The answer may wait up to [`PONG_HOLD`] at the peer.
-    lazy: bool,
-}
-
-impl InFlight {
-    /// When it counts as lost, on a path that gives up on answers after `give_up`.
-    fn lost_at(&self, give_up: Duration) -> Instant {
-        self.sent + give_up + if self.lazy { PONG_HOLD } else { Duration::ZERO }
-    }
-}
-
-#[derive(Debug)]
-struct Candidate {
-    path: Path,
-    origin: Origin,
-    srtt: Option<Duration>,
-    rttvar: Duration,
-    /// Smallest RTT seen lately: the path's latency without queueing.
-    min_rtt: WindowedMin,
-    loss: f32,
-    /// Outcome bits of the last pings (1 = lost), newest in bit 0.
-    outcomes: u64,
-    samples: u32,
-    pings: VecDeque<InFlight>,
-    /// Pings counted lost lately, with the sample count just after: a late pong undoes it.
-    late: VecDeque<(InFlight, u32)>,
-    /// The last RTT samples.
-    recent: VecDeque<Duration>,
-    pings_sent: u64,
-    pongs: u64,
-    /// When our last pong came back.
-    last_pong: Option<Instant>,
-    next_ping: Instant,
-    /// Last time an authenticated frame came over it.
-    heard: Option<Instant>,
-    /// Last time the peer's data came over it.
-    initiative: Option<Instant>,
-    /// The last gaps between the peer's data frames, newest last (at most [`FED_MIN_GAPS`]).
-    gaps: VecDeque<Duration>,
-    /// The peer's data stopped and a check showed the path still works.
-    paused: bool,
-    /// Last time the peer pinged it.
-    peer_pinged: Option<Instant>,
-    /// Last time we sent data over it, and the mean gap of our data frames.
-    sent_data: Option<Instant>,
-    sent_gap: Option<Duration>,
-    /// Silence past what its mode promised began here; an urgent ping went to check.
-    suspect: Option<Instant>,
-    /// When it last joined some VC's sending set: silence is counted from then at the
-    /// earliest, since until then it was pinged slowly.
-    joined: Option<Instant>,
-    in_use: bool,
-    /// A pacing VC sends on it.
-    paced: bool,
-    hop_latencies: Vec<Duration>,
-    capacity: Option<f64>,
-    punch: Option<Punch>,
-    /// Direct paths before they first answer: probes left in this attempt.
-    punch_left: u32,
-    /// Pings sent before this went out before the peer held the keys: their going unanswered
-    /// is not loss.
-    forgive_before: Option<Instant>,
-}
-
-impl Candidate {
-    fn new(now: Instant, path: Path, origin: Origin) -> Candidate {
-        Candidate {
-            path,
-            origin,
-            srtt: None,
-            rttvar: Duration::ZERO,
-            min_rtt: WindowedMin::default(),
-            loss: 0.0,
-            outcomes: 0,
-            samples: 0,
-            pings: VecDeque::new(),
-            late: VecDeque::new(),
-            recent: VecDeque::new(),
-            pings_sent: 0,
-            pongs: 0,
-            last_pong: None,
-            next_ping: now,
-            heard: None,
-            initiative: None,
-            gaps: VecDeque::new(),
-            paused: false,
-            peer_pinged: None,
-            sent_data: None,
-            sent_gap: None,
-            suspect: None,
-            joined: None,
-            in_use: false,
-            paced: false,
-            hop_latencies: Vec::new(),
-            capacity: None,
-            punch: matches!(path, Path::Direct(_)).then_some(Punch::Trying { attempt: 1 }),
-            punch_left: PUNCH_PROBES,
-            forgive_before: None,
-        }
-    }
-
-    fn is_direct(&self) -> bool {
-        matches!(self.path, Path::Direct(_))
-    }
-
-    fn fed(&self, now: Instant) -> bool {
-        !self.paused
-            && self.gaps.len() >= FED_MIN_GAPS
-            && self.initiative.is_some_and(|t| now.saturating_duration_since(t) <= FED_WINDOW)
-    }
-
-    /// The longest of the last gaps between the peer's data frames: half as long again is
-    /// normal silence on a fed path. Bursts (two VCs sending at once) make short gaps that a
-    /// mean would trust; the longest is what the peer's send rate promises.
-    fn longest_gap(&self) -> Duration {
-        self.gaps.iter().copied().max().unwrap_or(FED_MAX_GAP)
-    }
-
-    fn sending(&self, now: Instant) -> bool {
-        self.sent_data.is_some_and(|t| now.saturating_duration_since(t) <= FLOW_WINDOW)
-    }
-
-    fn loss(&self) -> f32 {
-        if self.samples < LOSS_MIN_SAMPLES {
-            return 0.0;
-        }
-        let n = self.samples.min(LOSS_WINDOW);
-        let mask = if n == 64 { u64::MAX } else { (1u64 << n) - 1 };
-        (self.outcomes & mask).count_ones() as f32 / n as f32
-    }
-
-    /// Loss over the last (up to 16) outcomes, with as few as 4: for telling a lossy path
-    /// from a dead one when it falls silent.
-    fn recent_loss(&self) -> f32 {
-        let n = self.samples.min(16);
-        if n < 4 {
-            return 0.0;
-        }
-        // Less one lost ping, as for `PathSet::loss`: the ping that found the path dead.
-        ((self.outcomes & ((1u64 << n) - 1)).count_ones() as f32 - 1.0).max(0.0) / n as f32
-    }
-
-    fn lose(&mut self, p: InFlight) {
-        if self.forgive_before.is_none_or(|t| p.sent >= t) {
-            self.record(true);
-            if self.late.len() >= MAX_LATE {
-                self.late.pop_front();
-            }
-            self.late.push_back((p, self.samples));
-        }
-    }
-
-    /// The pong for `ping` came after the ping was counted lost (a stalled host, a burst of
-    /// queueing): it was not lost after all. Returns when it was sent.
-    fn unlose(&mut self, ping: u32) -> Option<Instant> {
-        let at = self.late.iter().position(|(p, _)| p.id == ping)?;
-        let (p, index) = self.late.remove(at)?;
-        let age = self.samples.saturating_sub(index);
-        if age < 64 {
-            self.outcomes &= !(1u64 << age);
-            self.loss = self.loss();
-        }
-        Some(p.sent)
-    }
-
-    /// The median of the last RTT samples: what the path typically takes, which one stalled
-    /// sample does not move (the smoothed RTT keeps it for a while where samples are few).
-    fn typical_rtt(&self) -> Option<Duration> {
-        let mut v: Vec<Duration> = self.recent.iter().copied().collect();
-        v.sort();
-        v.get(v.len() / 2).copied().or(self.srtt)
-    }
-
-    fn record(&mut self, lost: bool) {
-        self.outcomes = (self.outcomes << 1) | u64::from(lost);
-        self.samples = self.samples.saturating_add(1);
-        self.loss = self.loss();
-    }
-
-    fn sample(&mut self, now: Instant, rtt: Duration) {
-        self.min_rtt.push(now, rtt, MIN_RTT_FOR);
-        if self.recent.len() >= RECENT_RTTS {
-            self.recent.pop_front();
-        }
-        self.recent.push_back(rtt);
-        match self.srtt {
-            None => {
-                self.srtt = Some(rtt);
-                self.rttvar = rtt / 2;
-            }
-            Some(s) => {
-                self.rttvar = (self.rttvar * 3 + s.abs_diff(rtt)) / 4;
-                self.srtt = Some((s * 7 + rtt) / 8);
-            }
-        }
-    }
-
-    /// How long a ping waits for its pong before it counts as lost.
-    fn give_up(&self) -> Duration {
-        self.srtt.map_or(PING_GIVE_UP, |s| (s * 2 + self.rttvar * 4).max(Duration::from_millis(20)))
-    }
-
-    /// An RTT and its deviation, with room for scheduling: how long the answer to a check may
-    /// take. Never under [`CHECK_MIN`]: where the RTT is tiny (loopback, a LAN) the hosts'
-    /// scheduling is all the wait there is, and a busy machine stalls for tens of ms.
-    fn answer_within(&self) -> Option<Duration> {
-        Some((self.srtt? + 4 * self.rttvar + SLACK).max(CHECK_MIN))
-    }
-
-    fn punching(&self) -> bool {
-        matches!(self.punch, Some(Punch::Trying { .. } | Punch::Failed { .. }))
-    }
-}
 
 /// How long past its time a ping on a path that carries our data waits for a data frame to
 /// ride on before it goes on its own: the data goes at about the ping's rate, and a ping

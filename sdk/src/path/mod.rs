@@ -7,6 +7,7 @@
 //! keeps its own record of frames that failed authentication, so that a fault seen on one VC
 //! never moves another.
 
+mod candidate;
 mod measure;
 mod punch;
 mod select;
