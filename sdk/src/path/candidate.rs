@@ -265,6 +265,30 @@ impl Candidate {
         Some((self.srtt? + 4 * self.rttvar + SLACK).max(CHECK_MIN))
     }
 
+    /// Pings that should have been answered after `since` and have gone unanswered for as
+    /// long as an answer may take ([`Candidate::answer_within`]), the ones already counted
+    /// lost included. A path data flows out on is dead only once it has been asked and said
+    /// nothing: its pings wait for a data frame to ride on, so silence alone may just mean the
+    /// next ping has not gone yet.
+    pub(super) fn unanswered_since(&self, now: Instant, since: Instant) -> bool {
+        self.overdue_from(since).is_some_and(|t| now > t)
+    }
+
+    /// When the first ping that should have been answered after `since` will have gone
+    /// unanswered too long (see [`Candidate::unanswered_since`]), if one is out.
+    pub(super) fn overdue_from(&self, since: Instant) -> Option<Instant> {
+        let wait = self.answer_within()?;
+        let from = since.checked_sub(self.srtt.unwrap_or_default()).unwrap_or(since);
+        let hold = |p: &InFlight| if p.lazy { PONG_HOLD } else { Duration::ZERO };
+        self.late
+            .iter()
+            .map(|(p, _)| p)
+            .chain(&self.pings)
+            .filter(|p| p.sent >= from)
+            .map(|p| p.sent + wait + hold(p))
+            .min()
+    }
+
     pub(super) fn punching(&self) -> bool {
         matches!(self.punch, Some(Punch::Trying { .. } | Punch::Failed { .. }))
     }

@@ -20,7 +20,9 @@
 //!
 //! A path is dead when it stays silent past what its mode promises. On a path pinged every
 //! half RTT that is one ping interval + RTT/2 + 4 RTT deviations + [`SLACK`] (the pings are
-//! already in flight); on the others, silence past the expected gap first sends one urgent
+//! already in flight), and only once a ping sent in that time has gone unanswered for an RTT +
+//! 4 deviations + [`SLACK`], at least [`CHECK_MIN`] (a ping waits for a data frame to ride
+//! on, and a busy host answers late); on the others, silence past the expected gap first sends one urgent
 //! ping, and the path is dead only if that goes unanswered for an RTT + 4 deviations +
 //! [`SLACK`], so a peer that merely stops sending is not taken for a broken path.
 
@@ -447,7 +449,8 @@ impl PathSet {
         let (since, allowed) = self.quiet_allowance(c, mode)?;
         let quiet = now.saturating_duration_since(since);
         if mode == Mode::Fast {
-            return (quiet > allowed).then_some(now.saturating_duration_since(heard));
+            let dead = quiet > allowed && c.unanswered_since(now, since);
+            return dead.then_some(now.saturating_duration_since(heard));
         }
         let s = c.suspect?;
         let dead = now.saturating_duration_since(s) > c.answer_within()?;
@@ -690,6 +693,13 @@ impl PathSet {
             {
                 let t = since + allowed + Duration::from_millis(1);
                 if t > now {
+                    at(t);
+                }
+                // ... once a ping sent for them has also gone unanswered too long.
+                if mode == Mode::Fast
+                    && let Some(t) = c.overdue_from(since).map(|t| t + Duration::from_millis(1))
+                    && t > now
+                {
                     at(t);
                 }
             }
