@@ -17,6 +17,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::node::{Event, Node, NodeCounters, NodeError, PeerInfo, Traffic, VcKey};
 use crate::profile::Profile;
+use crate::session::{NodeCommand, NodeOutcome};
 use crate::vc::VcStats;
 
 /// Most datagrams or commands handled in one turn of the loop before timers get a look in,
@@ -35,6 +36,7 @@ enum Cmd {
     Status(oneshot::Sender<NodeStatus>),
     Rebind(SocketAddr, oneshot::Sender<io::Result<SocketAddr>>),
     UnbindRelays(oneshot::Sender<usize>),
+    Apply(NodeCommand, oneshot::Sender<Option<NodeOutcome>>),
 }
 
 /// A node's state as a whole, for reports and dashboards.
@@ -57,6 +59,24 @@ pub struct NodeStatus {
     pub socket_send_errors: u64,
     /// Receive calls that failed (an ICMP error reported on the socket, say).
     pub socket_recv_errors: u64,
+}
+
+impl NodeStatus {
+    /// `node`'s state at `now`.
+    pub fn of(node: &Node, now: Instant) -> NodeStatus {
+        let (sent, received) = node.traffic();
+        NodeStatus {
+            links: node.vcs().filter_map(|k| Some((k, node.stats(now, k)?))).collect(),
+            relays: node.endpoint().relay_rtts().collect(),
+            observed: node.endpoint().observed_address(),
+            counters: node.counters(),
+            sent,
+            received,
+            // A sans-IO node has no socket; the tokio driver fills these in.
+            socket_send_errors: 0,
+            socket_recv_errors: 0,
+        }
+    }
 }
 
 /// What the client reports to the game.
@@ -157,6 +177,12 @@ impl NodeHandle {
     /// Every VC's stats, the relays and the observed address at once.
     pub async fn status(&self) -> Result<NodeStatus, ClientError> {
         self.ask(Cmd::Status).await
+    }
+
+    /// Applies a session's command to the node, in its task, and returns the node's answer
+    /// (see [`NodeCommand::apply`]). Unbind datagrams are sent before it returns.
+    pub async fn apply(&self, cmd: NodeCommand) -> Result<Option<NodeOutcome>, ClientError> {
+        self.ask(|tx| Cmd::Apply(cmd, tx)).await
     }
 
     /// Tells every relay holding our binding to let go of it (the node is stopping); returns
@@ -350,21 +376,24 @@ async fn handle_cmd(
             reply(tx, sent);
         }
         Cmd::Status(tx) => {
-            let links = node.vcs().filter_map(|k| Some((k, node.stats(now, k)?))).collect();
-            let relays = node.endpoint().relay_rtts().collect();
-            let observed = node.endpoint().observed_address();
-            let (sent, received) = node.traffic();
             let status = NodeStatus {
-                links,
-                relays,
-                observed,
-                counters: node.counters(),
-                sent,
-                received,
                 socket_send_errors: io.send_errors,
                 socket_recv_errors: io.recv_errors,
+                ..NodeStatus::of(node, now)
             };
             reply(tx, status);
+        }
+        Cmd::Apply(c, tx) => {
+            let outcome = c.apply(node, now);
+            if let Some(NodeOutcome::Unbind(unbinds)) = &outcome {
+                // Sent here rather than queued, as for Cmd::UnbindRelays.
+                for t in unbinds {
+                    if let Err(e) = sock.send_to(&t.bytes, t.to).await {
+                        tracing::debug!(relay = %t.to, "unbind not sent: {e}");
+                    }
+                }
+            }
+            reply(tx, outcome);
         }
     }
 }

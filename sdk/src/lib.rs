@@ -24,7 +24,10 @@ pub use driver::{Client, ClientError, ClientEvent, NodeHandle, NodeStatus};
 pub use node::{Event, MAX_VCS_PER_PEER, Node, NodeCounters, NodeError, PeerInfo, Traffic, VcKey};
 pub use path::{PathId, PathInfo, PathKind, PathStats, SwitchReason};
 pub use profile::{Delivery, Policy, Profile, ProfileConfig};
-pub use session::{PlayerState, Session, SessionConfig, SessionError, SessionEvent};
+pub use session::{
+    LinkCommand, LinkId, MAX_STATE_REPORT, NodeCommand, NodeOutcome, PlayerState, Session, SessionConfig, SessionCore,
+    SessionCounters, SessionError, SessionEvent, StartFailure, StateError,
+};
 pub use shoal_link::{LinkError, Trust, TrustError};
 pub use shoal_mesh::endpoint::Path;
 pub use shoal_mesh::wire::{Route, VcId};

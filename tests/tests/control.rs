@@ -21,7 +21,8 @@ use shoal_protocol::Identity;
 use shoal_protocol::control::{Refusal, RelayInfo};
 use shoal_protocol::profile::ProfileConfig;
 use shoal_sdk::{
-    Event, LinkError, PathKind, PlayerState, Session, SessionConfig, SessionError, SessionEvent, Trust, VcEvent, VcKey,
+    Event, LinkError, MAX_STATE_REPORT, PathKind, PlayerState, Session, SessionConfig, SessionError, SessionEvent,
+    StateError, Trust, VcEvent, VcKey,
 };
 use shoal_tests::procs::{RelayProc, start_registered_relay, start_relay};
 use tokio::time::{Instant, timeout_at};
@@ -125,8 +126,8 @@ async fn two_sessions_are_introduced_talk_through_a_relay_then_directly_and_part
 
     let mut a = Session::start(session_config(server.addr, &dir, "ana", 1)).await.unwrap();
     let mut b = Session::start(session_config(server.addr, &dir, "bob", 2)).await.unwrap();
-    a.set_state(at(0.0, "ana"));
-    b.set_state(at(5.0, "bob"));
+    a.set_state(at(0.0, "ana")).unwrap();
+    b.set_state(at(5.0, "bob")).unwrap();
 
     // Introduced both ways, with the VCs the control server asks for opened.
     let (ab, ba) = (VcKey { peer: b.id(), vc: VcId(3) }, VcKey { peer: a.id(), vc: VcId(3) });
@@ -193,7 +194,7 @@ async fn two_sessions_are_introduced_talk_through_a_relay_then_directly_and_part
     // Bob walks away at 16 units/s (the limit is 20) until past the 60-unit leave radius.
     for i in 1..=16 {
         tokio::time::sleep(Duration::from_millis(250)).await;
-        b.set_state(at(5.0 + 4.0 * i as f32, "bob"));
+        b.set_state(at(5.0 + 4.0 * i as f32, "bob")).unwrap();
     }
     let closed = until(&mut a, "a's farewell", |e| match e {
         SessionEvent::Farewell { peer, closed } if peer == b_id => Some(closed),
@@ -233,7 +234,7 @@ async fn a_session_reconnects_and_resumes_after_the_control_server_restarts() {
     let server = control_server(&dir, &store, "127.0.0.1:0".parse().unwrap(), Vec::new()).await;
     let addr = server.addr;
     let mut a = Session::start(session_config(addr, &dir, "ana", 1)).await.unwrap();
-    a.set_state(at(3.0, "ana at 3"));
+    a.set_state(at(3.0, "ana at 3")).unwrap();
     // Wait until the character is saved (it is what a resume finds the account by).
     let deadline = Instant::now() + Duration::from_secs(10);
     while store.load_character("ana").await.unwrap().is_none() {
@@ -259,7 +260,7 @@ async fn a_session_reconnects_and_resumes_after_the_control_server_restarts() {
     }
     let k = server.counters();
     assert_eq!((k.signed_in, k.resumed, k.bad_tickets), (1, 1, 0));
-    a.set_state(at(4.0, "ana at 4"));
+    a.set_state(at(4.0, "ana at 4")).unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let snap = server.client().snapshot().await.unwrap();
@@ -271,6 +272,41 @@ async fn a_session_reconnects_and_resumes_after_the_control_server_restarts() {
     }
     let saved = store.load_character("ana").await.unwrap().unwrap();
     assert!(saved.state == b"ana at 3" || saved.state == b"ana at 4", "{saved:?}");
+
+    a.sign_out().await;
+    server.shutdown().await;
+    store.close().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_too_large_for_a_report_is_refused_and_the_session_keeps_reporting() {
+    let dir = temp_dir("oversized");
+    let store = Store::open(&format!("sqlite:{}", dir.join("control.db").display())).await.unwrap();
+    let server = control_server(&dir, &store, "127.0.0.1:0".parse().unwrap(), Vec::new()).await;
+    let a = Session::start(session_config(server.addr, &dir, "ana", 1)).await.unwrap();
+    a.set_state(at(1.0, "ana")).unwrap();
+    // Sent, this report would make the server close the connection, and the session would
+    // reconnect and send it again for ever.
+    let huge = PlayerState { character: vec![0; 70_000], ..at(2.0, "ana") };
+    let err = a.set_state(huge).unwrap_err();
+    let StateError::TooLarge { len, max } = err;
+    assert_eq!(max, MAX_STATE_REPORT);
+    assert!(len > 70_000, "{len}");
+    assert!(err.to_string().contains(&format!("would take {len} bytes")), "{err}");
+    // The reports go on with the state they had, on the first connection.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let snap = server.client().snapshot().await.unwrap();
+        let reported = snap.players.iter().any(|p| p.account == "ana" && p.position == Some([1.0, 0.0, 0.0]));
+        if reported && server.counters().reports >= 3 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "reports stopped: {:?}", snap.players);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let k = server.counters();
+    assert_eq!((k.signed_in, k.malformed), (1, 0));
 
     a.sign_out().await;
     server.shutdown().await;

@@ -148,7 +148,9 @@ async fn run(args: Args) -> Result<(), String> {
     cfg.report_every = Duration::from_millis(100);
     let mut session = Session::start(cfg).await.map_err(|e| format!("signing in: {e}"))?;
     emit(&PeerLine::SignedIn { unix_us: unix_us(), id: session.id().to_string(), local: session.local_addr() });
-    session.set_state(PlayerState { position: [args.x, 0.0, 0.0], status: "playing".into(), ..Default::default() });
+    session
+        .set_state(PlayerState { position: [args.x, 0.0, 0.0], status: "playing".into(), ..Default::default() })
+        .map_err(|e| format!("setting the state: {e}"))?;
     let mut stdin = told();
 
     let key: VcKey = loop {

@@ -1,0 +1,100 @@
+//! What a [`SessionCore`](super::SessionCore) asks of the mesh node, and what the node answers.
+//!
+//! The core holds no node: it emits [`NodeCommand`]s, the driver applies them in order to its
+//! node ([`NodeCommand::apply`] on a sans-IO [`Node`], as the simulator does, or through the
+//! tokio driver's [`NodeHandle::apply`](crate::NodeHandle::apply), which runs the same code in
+//! the node's task), and feeds every [`NodeOutcome`] back with
+//! [`SessionCore::handle_node_outcome`](super::SessionCore::handle_node_outcome).
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use shoal_mesh::bind::Transmit;
+use shoal_mesh::wire::VcId;
+use shoal_protocol::{NodeId, SignedTicket};
+
+use crate::driver::NodeStatus;
+use crate::node::{Node, NodeError, PeerInfo, VcKey};
+use crate::profile::Profile;
+
+/// Something the session needs the node to do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum NodeCommand {
+    /// Show relays this permit from now on (the first one starts the node: the tokio driver
+    /// creates it with the welcome's permit).
+    SetPermit(SignedTicket),
+    /// Bind to the relay at this address (the node ignores relays it already has).
+    AddRelay(SocketAddr),
+    /// An introduced neighbour: add it with these candidate paths, best first, and open these
+    /// VCs with it. Answered with [`NodeOutcome::Introduced`].
+    Introduce {
+        /// The neighbour's key and paths.
+        peer: PeerInfo,
+        /// The VCs to open.
+        vcs: Vec<(VcId, Profile)>,
+    },
+    /// A neighbour's farewell: forget it and close its VCs. Answered with
+    /// [`NodeOutcome::Removed`].
+    RemovePeer(NodeId),
+    /// The node's state for a report. Answered with [`NodeOutcome::Status`].
+    Status,
+    /// The session signs out: tell the relays to let go of our bindings. Answered with
+    /// [`NodeOutcome::Unbind`].
+    UnbindRelays,
+}
+
+/// What the node answers to a [`NodeCommand`] that asks for an answer.
+#[derive(Debug, Clone)]
+pub enum NodeOutcome {
+    /// The neighbour was added and these VCs opened (or were open already).
+    Introduced {
+        /// The neighbour.
+        peer: NodeId,
+        /// The VCs open with it.
+        vcs: Vec<VcKey>,
+    },
+    /// The neighbour was forgotten and these VCs closed.
+    Removed {
+        /// The former neighbour.
+        peer: NodeId,
+        /// The VCs closed.
+        closed: Vec<VcKey>,
+    },
+    /// The node's state.
+    Status(NodeStatus),
+    /// Unbind datagrams for the relays, to send at once (the tokio driver has sent them).
+    Unbind(Vec<Transmit>),
+}
+
+impl NodeCommand {
+    /// Applies the command to `node` at `now`. After it, drain the node's transmits and
+    /// events, as after any call into a node; feed the outcome, if any, back to the session.
+    pub fn apply(self, node: &mut Node, now: Instant) -> Option<NodeOutcome> {
+        match self {
+            NodeCommand::SetPermit(p) => {
+                node.set_permit(now, p);
+                None
+            }
+            NodeCommand::AddRelay(addr) => {
+                node.add_relay(now, addr);
+                None
+            }
+            NodeCommand::Introduce { peer, vcs } => {
+                let id = peer.key.node_id();
+                node.add_peer(now, peer);
+                let mut opened = Vec::with_capacity(vcs.len());
+                for (vc, profile) in vcs {
+                    // Both sides open; whichever hello lands first opens the other side's VC.
+                    match node.open(now, id, vc, profile) {
+                        Ok(key) | Err(NodeError::Exists(key)) => opened.push(key),
+                        Err(e) => tracing::warn!("opening VC {vc:?} with {id}: {e}"),
+                    }
+                }
+                Some(NodeOutcome::Introduced { peer: id, vcs: opened })
+            }
+            NodeCommand::RemovePeer(peer) => Some(NodeOutcome::Removed { peer, closed: node.remove_peer(now, peer) }),
+            NodeCommand::Status => Some(NodeOutcome::Status(NodeStatus::of(node, now))),
+            NodeCommand::UnbindRelays => Some(NodeOutcome::Unbind(node.endpoint().unbind_all())),
+        }
+    }
+}
