@@ -26,8 +26,11 @@ use shoal_mesh::wire::{Datagram, Kind};
 use shoal_protocol::{Identity, Roles, SignedTicket, TicketBody, TicketKind, UnixTime};
 use shoal_sdk::{Event, Node};
 
+use self::timers::Timers;
 use crate::link::{Link, LinkConfig};
 use crate::nat::{Nat, NatConfig, NatStats};
+
+mod timers;
 
 /// Unix time at the start of every simulation.
 pub const T0_UNIX: u64 = 1_800_000_000;
@@ -128,6 +131,7 @@ pub struct Sim {
     seq: u64,
     events: Vec<(Instant, HostId, Event)>,
     stats: NetStats,
+    timers: Timers,
 }
 
 impl Sim {
@@ -154,6 +158,7 @@ impl Sim {
             seq: 0,
             events: Vec::new(),
             stats: NetStats::default(),
+            timers: Timers::default(),
         }
     }
 
@@ -245,6 +250,7 @@ impl Sim {
         self.hosts.push(Host { addr, nat, core, up: true, relay_cfg, relay_peers: Vec::new(), tamper: 0.0 });
         let table = if nat.is_some() { &mut self.private } else { &mut self.by_addr };
         table.insert(addr, i);
+        self.timers.touch(i);
         HostId(i)
     }
 
@@ -356,6 +362,8 @@ impl Sim {
     /// If `h` is a relay: a scenario bug.
     #[allow(clippy::panic)]
     pub fn node(&mut self, h: HostId) -> &mut Node {
+        // The caller may change what the node waits for.
+        self.timers.touch(h.0);
         match &mut self.hosts[h.0].core {
             Core::Node(n) => n,
             Core::Relay(_) => panic!("host {h:?} is a relay"),
@@ -415,6 +423,7 @@ impl Sim {
     /// Stops a host: it loses everything in flight to it and all its state.
     pub fn crash(&mut self, h: HostId) {
         self.hosts[h.0].up = false;
+        self.timers.touch(h.0);
     }
 
     /// Restarts a crashed relay with empty state (no bindings); nodes bind again when it
@@ -539,6 +548,7 @@ impl Sim {
         for (to, bytes) in out {
             self.send(i, to, bytes);
         }
+        self.timers.touch(i);
     }
 
     fn deliver(&mut self, f: InFlight) {
@@ -595,20 +605,20 @@ impl Sim {
         self.stats.tampered += 1;
     }
 
-    fn next_timer(&self) -> Option<(Instant, usize)> {
-        let now = self.now;
-        self.hosts
-            .iter()
-            .enumerate()
-            .filter(|(_, h)| h.up)
-            .filter_map(|(i, h)| {
-                let t = match &h.core {
-                    Core::Relay(r) => Some(r.poll_timeout()),
-                    Core::Node(n) => n.poll_timeout(now),
-                };
-                t.map(|t| (t.max(now), i))
-            })
-            .min()
+    /// The next host timer, after reading again the timers of hosts that changed.
+    fn next_timer(&mut self) -> Option<(Instant, usize)> {
+        let (now, hosts) = (self.now, &self.hosts);
+        self.timers.refresh(|i| {
+            let h = &hosts[i];
+            if !h.up {
+                return None;
+            }
+            match &h.core {
+                Core::Relay(r) => Some(r.poll_timeout()),
+                Core::Node(n) => n.poll_timeout(now),
+            }
+        });
+        self.timers.next(now)
     }
 
     /// Runs the network until `until` (virtual), delivering datagrams and firing timers in
