@@ -186,7 +186,9 @@ pub async fn crowd(dir: &Path, players: usize, warmup: Duration, window: Duratio
         // Standing together, within everyone's radius.
         let x = (i % 10) as f32;
         let y = (i / 10) as f32;
-        session.set_state(PlayerState { position: [x, y, 0.0], status: "playing".into(), ..Default::default() });
+        session
+            .set_state(PlayerState { position: [x, y, 0.0], status: "playing".into(), ..Default::default() })
+            .expect("a small state fits a report");
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(player(session, every, rx));
         handles.push(tx);

@@ -1,5 +1,6 @@
-//! Shoal's test bed: the deterministic network simulator ([`sim`], [`link`], [`nat`]) and the
-//! scenarios that the tests and `shoal-sim-bench` share ([`scenario`], [`punch`]), and the loopback
+//! Shoal's test bed: the deterministic network simulator ([`sim`], [`link`], [`nat`]), with the
+//! control server's core and players that sign in to it, and the scenarios that the tests and
+//! `shoal-sim-bench` share ([`scenario`], [`punch`], [`world`]), and the loopback
 //! throughput harness ([`throughput`]), and the daemons tests start as processes ([`procs`]), and
 //! real NAT in Linux network namespaces ([`netns`]).
 
@@ -13,3 +14,4 @@ pub mod punch;
 pub mod scenario;
 pub mod sim;
 pub mod throughput;
+pub mod world;

@@ -24,12 +24,15 @@ use shoal_mesh::clock::WallClock;
 use shoal_mesh::router::{Rate, Router, RouterConfig, Verdict};
 use shoal_mesh::wire::{Datagram, Kind};
 use shoal_protocol::{Identity, Roles, SignedTicket, TicketBody, TicketKind, UnixTime};
-use shoal_sdk::{Event, Node};
+use shoal_sdk::{Event, Node, NodeOutcome, SessionCore, SessionEvent};
 
+use self::control::ControlPlane;
+pub use self::control::{CONTROL_ADDR, ControlConfig, ControlStats};
 use self::timers::Timers;
 use crate::link::{Link, LinkConfig};
 use crate::nat::{Nat, NatConfig, NatStats};
 
+mod control;
 mod timers;
 
 /// Unix time at the start of every simulation.
@@ -68,6 +71,8 @@ struct Host {
     relay_peers: Vec<SocketAddr>,
     /// Relays only: chance to flip one bit of each data datagram they forward.
     tamper: f64,
+    /// Players only: the session that signs the node in to the control server.
+    session: Option<Box<SessionCore>>,
 }
 
 /// Where a datagram in flight is headed.
@@ -132,6 +137,8 @@ pub struct Sim {
     events: Vec<(Instant, HostId, Event)>,
     stats: NetStats,
     timers: Timers,
+    control_plane: Option<Box<ControlPlane>>,
+    session_events: Vec<(Instant, HostId, SessionEvent)>,
 }
 
 impl Sim {
@@ -159,6 +166,8 @@ impl Sim {
             events: Vec::new(),
             stats: NetStats::default(),
             timers: Timers::default(),
+            control_plane: None,
+            session_events: Vec::new(),
         }
     }
 
@@ -247,7 +256,8 @@ impl Sim {
             // As the driver does: the node knows its socket's own address.
             n.set_local_addr(addr);
         }
-        self.hosts.push(Host { addr, nat, core, up: true, relay_cfg, relay_peers: Vec::new(), tamper: 0.0 });
+        let relay_peers = Vec::new();
+        self.hosts.push(Host { addr, nat, core, up: true, relay_cfg, relay_peers, tamper: 0.0, session: None });
         let table = if nat.is_some() { &mut self.private } else { &mut self.by_addr };
         table.insert(addr, i);
         self.timers.touch(i);
@@ -461,9 +471,15 @@ impl Sim {
         self.send(from.0, to, bytes);
     }
 
-    /// Events the nodes reported, with when and where.
+    /// Events the nodes reported, with when and where. A player's node events go to its
+    /// session instead, which passes them on ([`Sim::take_session_events`]).
     pub fn events(&self) -> &[(Instant, HostId, Event)] {
         &self.events
+    }
+
+    /// Takes the events the players' sessions reported so far, with when and where.
+    pub fn take_session_events(&mut self) -> Vec<(Instant, HostId, SessionEvent)> {
+        std::mem::take(&mut self.session_events)
     }
 
     /// Takes the events reported so far.
@@ -526,27 +542,62 @@ impl Sim {
         }
     }
 
-    /// Sends everything host `i` has queued, and collects its events.
+    /// Sends everything host `i` has queued, and collects its events. A player's node events
+    /// go to its session, whose node commands are applied and answered here, until neither
+    /// has anything more; what the session asks of its control link goes to the control plane.
     fn drain(&mut self, i: usize) {
+        let now = self.now;
         let mut out = Vec::new();
-        match &mut self.hosts[i].core {
+        let mut links = Vec::new();
+        let host = &mut self.hosts[i];
+        match &mut host.core {
             Core::Relay(r) => {
                 while let Some(t) = r.poll_transmit() {
                     out.push((t.to, t.bytes));
                 }
                 while r.poll_event().is_some() {}
             }
-            Core::Node(n) => {
+            Core::Node(n) => loop {
                 while let Some(t) = n.poll_transmit() {
                     out.push((t.to, t.bytes));
                 }
+                let Some(s) = host.session.as_mut() else {
+                    while let Some(e) = n.poll_event() {
+                        self.events.push((now, HostId(i), e));
+                    }
+                    break;
+                };
+                let mut busy = false;
                 while let Some(e) = n.poll_event() {
-                    self.events.push((self.now, HostId(i), e));
+                    busy = true;
+                    s.handle_node_event(now, e);
                 }
-            }
+                while let Some(c) = s.poll_command() {
+                    busy = true;
+                    match c.apply(n, now) {
+                        Some(NodeOutcome::Unbind(unbinds)) => out.extend(unbinds.into_iter().map(|t| (t.to, t.bytes))),
+                        Some(outcome) => s.handle_node_outcome(now, outcome),
+                        None => {}
+                    }
+                }
+                while let Some(t) = s.poll_transmit() {
+                    busy = true;
+                    links.push(t);
+                }
+                while let Some(e) = s.poll_event() {
+                    busy = true;
+                    self.session_events.push((now, HostId(i), e));
+                }
+                if !busy {
+                    break;
+                }
+            },
         }
         for (to, bytes) in out {
             self.send(i, to, bytes);
+        }
+        for t in links {
+            self.link_command(i, t);
         }
         self.timers.touch(i);
     }
@@ -615,7 +666,10 @@ impl Sim {
             }
             match &h.core {
                 Core::Relay(r) => Some(r.poll_timeout()),
-                Core::Node(n) => n.poll_timeout(now),
+                Core::Node(n) => {
+                    let session = h.session.as_ref().and_then(|s| s.poll_timeout());
+                    n.poll_timeout(now).into_iter().chain(session).min()
+                }
             }
         });
         self.timers.next(now)
@@ -632,13 +686,9 @@ impl Sim {
         let mut spins = (self.now, 0u32);
         loop {
             let next_packet = self.queue.peek().map(|Reverse(f)| f.at);
+            let control = self.control_plane.as_ref().map(|cp| cp.next_at().max(self.now));
             let timer = self.next_timer();
-            let next = match (next_packet, timer) {
-                (Some(p), Some((t, _))) => p.min(t),
-                (Some(p), None) => p,
-                (None, Some((t, _))) => t,
-                (None, None) => until,
-            };
+            let next = [next_packet, control, timer.map(|(t, _)| t)].into_iter().flatten().min().unwrap_or(until);
             if next > until {
                 self.now = until;
                 return;
@@ -650,15 +700,28 @@ impl Sim {
                 }
                 continue;
             }
+            if control == Some(next) {
+                self.step_control();
+                continue;
+            }
             if let Some((_, i)) = timer {
                 let now = self.now;
                 spins = if spins.0 == now { (now, spins.1 + 1) } else { (now, 0) };
                 if spins.1 > 100_000 {
                     panic!("host {i} spins on its timer at {:?} (seed {})", self.elapsed(), self.seed);
                 }
-                match &mut self.hosts[i].core {
-                    Core::Relay(r) => r.handle_timeout(now),
-                    Core::Node(n) => n.handle_timeout(now),
+                let host = &mut self.hosts[i];
+                match (&mut host.core, &mut host.session) {
+                    (Core::Relay(r), _) => r.handle_timeout(now),
+                    (Core::Node(n), None) => n.handle_timeout(now),
+                    (Core::Node(n), Some(s)) => {
+                        if s.poll_timeout().is_some_and(|t| t <= now) {
+                            s.handle_timeout(now);
+                        }
+                        if n.poll_timeout(now).is_some_and(|t| t <= now) {
+                            n.handle_timeout(now);
+                        }
+                    }
                 }
                 self.drain(i);
             }

@@ -47,6 +47,13 @@
 //! and receives, the mesh's own share of them per neighbour, the path changes, and the CPU the
 //! process (players and control server) spent. Ends with one JSON line.
 //!
+//! `sessions`: the world of `shoal_tests::world`: players that sign in to the control server's
+//! core, walk between random waypoints, report their positions, are introduced to the players
+//! near them, send a message on every VC with each neighbour twice a second, and part with
+//! farewells. For each population (200 and 1,000 players by default) it runs the same number
+//! of simulated seconds and reports the wall time per simulated second, with the sign-ins,
+//! introductions, farewells and messages of the run. Ends with one JSON line.
+//!
 //! `loopback` (real sockets and real time, not the simulator): one Reliable VC between two
 //! nodes on loopback over the direct path, its sender keeping the VC's buffer full, beside
 //! renet's own connection over plain UDP with the same channel settings in the same harness.
@@ -66,6 +73,7 @@ use shoal_tests::overhead::{Flow, OverheadRun, overhead};
 use shoal_tests::punch::{Front, PairLinks, PairRun, direct_possible, nat_pair};
 use shoal_tests::scenario::{BULK_PATHS, BulkRun, Failover, bulk_transfer, relay_crash_failover};
 use shoal_tests::throughput::{self, Contender, Offer};
+use shoal_tests::world::{World, WorldSpec};
 
 #[derive(Parser, Debug)]
 #[command(name = "shoal-sim-bench", about = "Figures from Shoal's deterministic network simulator")]
@@ -120,6 +128,19 @@ enum Cmd {
         /// Seconds measured, after a 10-second warm-up.
         #[arg(long, default_value_t = 30)]
         secs: u64,
+    },
+    /// Players signing in, introduced by proximity and talking as they move: wall time per
+    /// simulated second.
+    Sessions {
+        /// Populations to run, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "200,1000")]
+        players: Vec<usize>,
+        /// Simulated seconds per population.
+        #[arg(long, default_value_t = 20)]
+        secs: u64,
+        /// The simulator's seed.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
     },
     /// VC throughput on loopback against renet over plain UDP.
     Loopback {
@@ -178,6 +199,7 @@ fn main() -> ExitCode {
         Cmd::Loopback { rounds, secs } => loopback(rounds, secs),
         Cmd::Overhead { secs, seed } => overhead_bench(seed, secs),
         Cmd::Crowd { players, secs } => crowd_bench(players, secs),
+        Cmd::Sessions { players, secs, seed } => sessions(&players, secs, seed),
     }
 }
 
@@ -616,6 +638,71 @@ fn nat(seeds: u64) -> ExitCode {
         FORD_UDP_PUNCH,
     );
     if all.failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+}
+
+fn sessions(populations: &[usize], secs: u64, seed: u64) -> ExitCode {
+    println!(
+        "{:>8} {:>7} {:>9} {:>14} {:>9} {:>13} {:>10} {:>12} {:>12} {:>12}",
+        "players",
+        "relays",
+        "build ms",
+        "wall ms/sim s",
+        "signed in",
+        "introductions",
+        "farewells",
+        "msgs sent",
+        "delivered",
+        "datagrams"
+    );
+    let mut runs = Vec::new();
+    let mut ok = true;
+    for &n in populations {
+        let started = std::time::Instant::now();
+        let mut world = match World::new(seed, WorldSpec::new(n)) {
+            Ok(w) => w,
+            Err(e) => {
+                eprintln!("building the world: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let built = started.elapsed();
+        let started = std::time::Instant::now();
+        world.run_for(Duration::from_secs(secs));
+        let wall = started.elapsed();
+        let per_sim_s = wall.as_secs_f64() * 1e3 / secs as f64;
+        let k = world.stats();
+        let net = world.sim.net_stats();
+        ok &= k.signed_in == n as u64 && k.corrupt == 0;
+        println!(
+            "{n:>8} {:>7} {:>9.0} {per_sim_s:>14.1} {:>9} {:>13} {:>10} {:>12} {:>12} {:>12}",
+            world.spec().relays,
+            built.as_secs_f64() * 1e3,
+            k.signed_in,
+            k.introductions,
+            k.farewells,
+            k.messages_sent,
+            k.messages_delivered,
+            net.delivered,
+        );
+        runs.push(format!(
+            "{{\"players\":{n},\"relays\":{},\"wall_ms_per_sim_s\":{per_sim_s:.1},\"build_ms\":{:.0},\
+             \"signed_in\":{},\"introductions\":{},\"farewells\":{},\"vcs_opened\":{},\"vcs_closed\":{},\
+             \"messages_sent\":{},\"messages_delivered\":{},\"datagrams_delivered\":{},\"control_lost\":{}}}",
+            world.spec().relays,
+            built.as_secs_f64() * 1e3,
+            k.signed_in,
+            k.introductions,
+            k.farewells,
+            k.vcs_opened,
+            k.vcs_closed,
+            k.messages_sent,
+            k.messages_delivered,
+            net.delivered,
+            k.control_lost,
+        ));
+    }
+    println!("{{\"seed\":{seed},\"sim_secs\":{secs},\"runs\":[{}]}}", runs.join(","));
+    if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE }
 }
 
 fn loopback(rounds: usize, secs: f64) -> ExitCode {

@@ -1,0 +1,339 @@
+//! A world of players in the simulator: N players, each a node and a session, sign in to the
+//! control server's core, walk between random waypoints in a square world and report where
+//! they are; the core introduces those that come near each other, and every player sends
+//! messages to each neighbour on the VCs the introduction opened, until the two walk apart and
+//! the core's farewells close them. Everything comes from the seed, so the same seed gives the
+//! same world.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use rand::rngs::Xoshiro256PlusPlus;
+use rand::{RngExt, SeedableRng};
+use shoal_control::interest::{InterestConfig, InterestError};
+use shoal_protocol::NodeId;
+use shoal_sdk::{CloseReason, Event, PlayerState, SessionEvent, VcEvent, VcKey};
+
+use crate::link::LinkConfig;
+use crate::sim::{ControlConfig, HostId, Sim};
+
+/// Others within the enter radius of a player, on average, in [`WorldSpec::new`]'s world.
+pub const DENSITY: f32 = 5.0;
+
+/// What a world is made of.
+#[derive(Debug, Clone)]
+pub struct WorldSpec {
+    /// Players.
+    pub players: usize,
+    /// Relays, each offered to every player.
+    pub relays: usize,
+    /// Side of the square world (x and z from 0 to it).
+    pub side: f32,
+    /// Walking speed, units per second (under the control server's `max_speed`).
+    pub speed: f32,
+    /// The game's frame: players move, set their state and read their messages this often.
+    pub frame: Duration,
+    /// Each player sends one message on every VC with each neighbour this often.
+    pub message_every: Duration,
+    /// Bytes per message (at least 12).
+    pub message_size: usize,
+    /// One-way latency of every link between two hosts.
+    pub link_latency: Duration,
+    /// The control server.
+    pub control: ControlConfig,
+    /// How often sessions report.
+    pub report_every: Duration,
+}
+
+impl WorldSpec {
+    /// `players` in a square sized so that a player has about [`DENSITY`] others within the
+    /// control server's enter radius, walking at 5 units/s, with a relay per 250 players (at
+    /// least two), 20 ms links, and a 64-byte message on every VC twice a second.
+    pub fn new(players: usize) -> WorldSpec {
+        let control = ControlConfig::default();
+        let enter = control.core.interest.enter_radius;
+        WorldSpec {
+            players,
+            relays: (players / 250).max(2),
+            side: (players as f32 * std::f32::consts::PI * enter * enter / DENSITY).sqrt(),
+            speed: 5.0,
+            frame: Duration::from_millis(100),
+            message_every: Duration::from_millis(500),
+            message_size: 64,
+            link_latency: Duration::from_millis(20),
+            control,
+            report_every: Duration::from_secs(1),
+        }
+    }
+
+    fn interest(&self) -> InterestConfig {
+        self.control.core.interest
+    }
+}
+
+/// What a world did, as its players saw it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WorldStats {
+    /// Players whose session was welcomed.
+    pub signed_in: u64,
+    /// Introductions players received (two per pair).
+    pub introductions: u64,
+    /// Introductions of a pair farther apart, when it came, than the enter radius plus the
+    /// distance both could walk since their last reports.
+    pub far_introductions: u64,
+    /// Farewells players received (two per pair).
+    pub farewells: u64,
+    /// VCs the introductions opened.
+    pub vcs_opened: u64,
+    /// VCs the farewells closed.
+    pub vcs_closed: u64,
+    /// VCs that closed without either side asking (timed out, handshake unanswered).
+    pub vcs_lost: u64,
+    /// Messages handed to a VC.
+    pub messages_sent: u64,
+    /// Messages a VC refused (closed, or its buffer full).
+    pub messages_refused: u64,
+    /// Messages read by the neighbour they were sent to.
+    pub messages_delivered: u64,
+    /// Messages read with other bytes than were sent, or from another sender.
+    pub corrupt: u64,
+    /// Control connections lost.
+    pub control_lost: u64,
+    /// Refusals from the control server.
+    pub refusals: u64,
+}
+
+#[derive(Debug)]
+struct Player {
+    host: HostId,
+    id: NodeId,
+    at: [f32; 2],
+    to: [f32; 2],
+    /// Neighbours, with the VCs their introduction opened.
+    neighbours: BTreeMap<NodeId, Vec<VcKey>>,
+    next_send: Instant,
+    seq: u64,
+}
+
+/// N players moving in a world. See the module docs.
+#[derive(Debug)]
+pub struct World {
+    /// The network, control server included.
+    pub sim: Sim,
+    spec: WorldSpec,
+    players: Vec<Player>,
+    /// Player index by node id.
+    index: BTreeMap<NodeId, usize>,
+    rng: Xoshiro256PlusPlus,
+    stats: WorldStats,
+    walking: bool,
+}
+
+impl World {
+    /// Builds the world on a simulator seeded with `seed`: relays, the control server, and the
+    /// players at random places, each starting to sign in.
+    pub fn new(seed: u64, spec: WorldSpec) -> Result<World, InterestError> {
+        let mut sim = Sim::new(seed);
+        sim.set_default_link(LinkConfig::latency(spec.link_latency));
+        for _ in 0..spec.relays {
+            sim.add_relay();
+        }
+        sim.start_control(spec.control.clone())?;
+        let mut rng = Xoshiro256PlusPlus::seed_from_u64(sim.rng().random());
+        let mut players = Vec::with_capacity(spec.players);
+        let mut index = BTreeMap::new();
+        let now = sim.now();
+        for i in 0..spec.players {
+            let (account, password) = (format!("player{i}"), format!("password{i}"));
+            sim.add_account(&account, &password);
+            let report_every = spec.report_every;
+            let host = sim.add_player(&account, &password, |c| c.report_every = report_every);
+            let id = sim.node(host).id();
+            index.insert(id, i);
+            let mut place = || [rng.random_range(0.0..spec.side), rng.random_range(0.0..spec.side)];
+            let (at, to) = (place(), place());
+            // Spread the players' sending over the interval.
+            let next_send = now + spec.message_every.mul_f64(rng.random::<f64>());
+            players.push(Player { host, id, at, to, neighbours: BTreeMap::new(), next_send, seq: 0 });
+        }
+        Ok(World { sim, spec, players, index, rng, stats: WorldStats::default(), walking: true })
+    }
+
+    /// The spec it was built from.
+    pub fn spec(&self) -> &WorldSpec {
+        &self.spec
+    }
+
+    /// Players stop (or start again) walking; they keep reporting and sending.
+    pub fn set_walking(&mut self, walking: bool) {
+        self.walking = walking;
+    }
+
+    /// Runs the world for `d` of virtual time, a game frame at a time.
+    pub fn run_for(&mut self, d: Duration) {
+        let until = self.sim.now() + d;
+        while self.sim.now() < until {
+            self.frame();
+            let step = self.spec.frame.min(until - self.sim.now());
+            self.sim.run_for(step);
+        }
+        self.take_events();
+    }
+
+    /// What happened so far.
+    pub fn stats(&self) -> WorldStats {
+        let signed_in = self.players.iter().filter(|p| self.sim.session(p.host).counters().welcomes > 0).count();
+        WorldStats { signed_in: signed_in as u64, ..self.stats }
+    }
+
+    /// Players.
+    pub fn len(&self) -> usize {
+        self.players.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.players.is_empty()
+    }
+
+    /// Player `i`'s host.
+    pub fn host(&self, i: usize) -> HostId {
+        self.players[i].host
+    }
+
+    /// Player `i`'s node id.
+    pub fn node_id(&self, i: usize) -> NodeId {
+        self.players[i].id
+    }
+
+    /// Player `i`'s neighbours as its session was told: introduced and not yet bid farewell.
+    pub fn neighbours(&self, i: usize) -> impl Iterator<Item = NodeId> + '_ {
+        self.players[i].neighbours.keys().copied()
+    }
+
+    /// The peers player `i`'s node holds VCs with now.
+    pub fn vc_peers(&mut self, i: usize) -> Vec<NodeId> {
+        let host = self.players[i].host;
+        let mut peers: Vec<NodeId> = self.sim.node(host).vcs().map(|k| k.peer).collect();
+        peers.dedup();
+        peers
+    }
+
+    /// Distance between players `a` and `b` on the ground.
+    pub fn distance(&self, a: usize, b: usize) -> f32 {
+        let (p, q) = (self.players[a].at, self.players[b].at);
+        ((p[0] - q[0]).powi(2) + (p[1] - q[1]).powi(2)).sqrt()
+    }
+
+    /// One game frame: what the sessions reported, then every player walks, sets its state,
+    /// sends what is due and reads what arrived.
+    fn frame(&mut self) {
+        self.take_events();
+        let now = self.sim.now();
+        let step = self.spec.speed * self.spec.frame.as_secs_f32();
+        let size = self.spec.message_size.max(12);
+        for (i, p) in self.players.iter_mut().enumerate() {
+            if self.walking {
+                let (dx, dz) = (p.to[0] - p.at[0], p.to[1] - p.at[1]);
+                let left = (dx * dx + dz * dz).sqrt();
+                if left <= step {
+                    p.at = p.to;
+                    p.to = [self.rng.random_range(0.0..self.spec.side), self.rng.random_range(0.0..self.spec.side)];
+                } else {
+                    p.at = [p.at[0] + dx / left * step, p.at[1] + dz / left * step];
+                }
+            }
+            let state =
+                PlayerState { position: [p.at[0], 0.0, p.at[1]], status: "playing".into(), ..Default::default() };
+            // A small state always fits a report.
+            let _ = self.sim.session_mut(p.host).set_state(state);
+            if now >= p.next_send {
+                p.next_send += self.spec.message_every;
+                let node = self.sim.node(p.host);
+                for key in p.neighbours.values().flatten() {
+                    p.seq += 1;
+                    match node.send(*key, message(i as u32, p.seq, size)) {
+                        Ok(()) => self.stats.messages_sent += 1,
+                        Err(_) => self.stats.messages_refused += 1,
+                    }
+                }
+                self.sim.flush(p.host);
+            }
+            let node = self.sim.node(p.host);
+            for key in p.neighbours.values().flatten() {
+                while let Some(m) = node.recv(*key) {
+                    let from = m.get(..4).and_then(|b| b.try_into().ok()).map(u32::from_be_bytes);
+                    let sender = from.and_then(|f| self.index.get(&key.peer).filter(|&&s| s == f as usize));
+                    if sender.is_some() && m.len() == size && is_message(&m) {
+                        self.stats.messages_delivered += 1;
+                    } else {
+                        self.stats.corrupt += 1;
+                    }
+                }
+            }
+        }
+    }
+
+    fn take_events(&mut self) {
+        let interest = self.spec.interest();
+        // Both positions may be a report interval and the control plane's latency old.
+        let stale = self.spec.report_every + self.spec.control.tick + 4 * self.spec.control.latency;
+        let margin = 2.0 * self.spec.speed * stale.as_secs_f32();
+        for (_, host, e) in self.sim.take_session_events() {
+            let Some(i) = self.player_of(host) else { continue };
+            match e {
+                SessionEvent::Introduced { peer, vcs } => {
+                    self.stats.introductions += 1;
+                    self.stats.vcs_opened += vcs.len() as u64;
+                    if self.index.get(&peer).is_some_and(|&j| self.distance(i, j) > interest.enter_radius + margin) {
+                        self.stats.far_introductions += 1;
+                    }
+                    self.players[i].neighbours.insert(peer, vcs);
+                }
+                SessionEvent::Farewell { peer, closed } => {
+                    self.stats.farewells += 1;
+                    self.stats.vcs_closed += closed.len() as u64;
+                    self.players[i].neighbours.remove(&peer);
+                }
+                SessionEvent::Node(Event::Vc(_, VcEvent::Closed(reason)))
+                    if !matches!(reason, CloseReason::Local | CloseReason::Peer) =>
+                {
+                    self.stats.vcs_lost += 1;
+                }
+                SessionEvent::ControlLost(_) => self.stats.control_lost += 1,
+                SessionEvent::Refused(_) => self.stats.refusals += 1,
+                _ => {}
+            }
+        }
+    }
+
+    /// The player on `host`.
+    fn player_of(&self, host: HostId) -> Option<usize> {
+        // Players' hosts follow the relays', in order.
+        let first = self.players.first()?.host.0;
+        let i = host.0.checked_sub(first)?;
+        (self.players.get(i)?.host == host).then_some(i)
+    }
+}
+
+/// Message `seq` of player `from`: its index and the sequence number, then a filler the
+/// receiver checks.
+fn message(from: u32, seq: u64, size: usize) -> Vec<u8> {
+    let mut m = vec![0u8; size];
+    m[..4].copy_from_slice(&from.to_be_bytes());
+    m[4..12].copy_from_slice(&seq.to_be_bytes());
+    for (i, b) in m.iter_mut().enumerate().skip(12) {
+        *b = filler(seq, i);
+    }
+    m
+}
+
+fn filler(seq: u64, i: usize) -> u8 {
+    (seq as u8).wrapping_mul(31).wrapping_add(i as u8)
+}
+
+/// Whether `m`'s filler is the one its sequence number gives.
+fn is_message(m: &[u8]) -> bool {
+    let Some(seq) = m.get(4..12).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes) else { return false };
+    m.iter().enumerate().skip(12).all(|(i, b)| *b == filler(seq, i))
+}
