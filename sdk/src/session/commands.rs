@@ -61,7 +61,7 @@ pub enum NodeOutcome {
         closed: Vec<VcKey>,
     },
     /// The node's state.
-    Status(NodeStatus),
+    Status(Box<NodeStatus>),
     /// Unbind datagrams for the relays, to send at once (the tokio driver has sent them).
     Unbind(Vec<Transmit>),
 }
@@ -93,7 +93,7 @@ impl NodeCommand {
                 Some(NodeOutcome::Introduced { peer: id, vcs: opened })
             }
             NodeCommand::RemovePeer(peer) => Some(NodeOutcome::Removed { peer, closed: node.remove_peer(now, peer) }),
-            NodeCommand::Status => Some(NodeOutcome::Status(NodeStatus::of(node, now))),
+            NodeCommand::Status => Some(NodeOutcome::Status(Box::new(NodeStatus::of(node, now)))),
             NodeCommand::UnbindRelays => Some(NodeOutcome::Unbind(node.endpoint().unbind_all())),
         }
     }

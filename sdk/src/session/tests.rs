@@ -125,11 +125,11 @@ fn link_stats(auth_failures: u64) -> VcStats {
 }
 
 fn status(links: Vec<(VcKey, VcStats)>) -> NodeOutcome {
-    NodeOutcome::Status(NodeStatus {
+    NodeOutcome::Status(Box::new(NodeStatus {
         links,
         relays: vec![(NodeId([1; 8]), addr("198.51.100.7:7000"), Duration::from_millis(12))],
         ..NodeStatus::default()
-    })
+    }))
 }
 
 /// Runs the report that is due at `at`, answering its status request with `outcome`.
