@@ -322,3 +322,45 @@ fn a_late_pong_clears_the_loss_it_was_counted_as() {
     s.run(t0, Duration::from_secs(1), |_, _| Some(20 * MS));
     assert_eq!(s.paths.loss(PathId(0)), 0.0, "answers that came late were counted as lost");
 }
+
+/// Seen with twenty players on loopback: one side of a VC took its direct path's first RTT
+/// while the host was busy with the crowd's handshakes (tens of ms), and stayed on the relay.
+/// The peer sent on the direct path and kept it alive with its pings, so this side never pinged
+/// it again and its RTT never came down: each side pinged its own one-way path twenty times a
+/// second. Riding on the answers to the peer's pings, fresh samples bring it down.
+#[test]
+fn a_path_the_peer_sends_on_gets_fresh_rtt_samples_from_our_answers_to_its_pings() {
+    let mut now = Instant::now();
+    let mut paths = PathSet::new(false);
+    let relay = paths.introduce(now, relayed(&[1])).unwrap();
+    let direct = paths.introduce(now, direct()).unwrap();
+    paths.set_armed(true);
+    paths.handle_timeout(now);
+    // The first samples: the relay answers in 1 ms, the direct path, on a busy host, in 40.
+    while let Some(p) = paths.poll_ping() {
+        let rtt = if p.path == direct { 40 * MS } else { MS };
+        paths.on_pong(now + rtt, p.path, p.id, Duration::ZERO);
+    }
+    assert_eq!(paths.typical_rtt(direct), Some(40 * MS));
+    paths.set_in_use(now, |id| id == relay, |_| false);
+    // We send on the relay; the peer sends on the direct path every 33 ms and pings it every
+    // 20 ms. Our answers may carry a ping of ours, which the peer answers in 1 ms.
+    let end = now + Duration::from_secs(10);
+    let mut next_data = now;
+    while now < end {
+        now += 20 * MS;
+        if now >= next_data {
+            paths.on_frame(now, direct, true);
+            next_data = now + 33 * MS;
+        }
+        paths.on_data_sent(now, relay);
+        paths.on_peer_ping(now, direct);
+        if let Some(ping) = paths.take_echo_ping(now, direct) {
+            paths.on_pong(now + MS, direct, ping, Duration::ZERO);
+        }
+        paths.handle_timeout(now);
+        while paths.poll_ping().is_some() {}
+    }
+    let rtt = paths.typical_rtt(direct).unwrap();
+    assert!(rtt < 5 * MS, "the direct path still looks {rtt:?} long");
+}
