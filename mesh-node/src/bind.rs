@@ -141,6 +141,12 @@ pub struct BindClient {
     rebind_by: Instant,
     /// The challenge of the proof the relay acknowledged last: an unbind answers it again.
     granted: Option<Challenge>,
+    /// Challenges the handshake in flight may still take: one per request sent. A proof is
+    /// larger than the challenge it answers, so answering challenges beyond the requests would
+    /// let anyone who forges the relay's address make us send proofs at their rate.
+    challenges_due: u32,
+    /// Challenges that came when none was due: forged, duplicated, or late.
+    unsolicited: u64,
 }
 
 impl BindClient {
@@ -166,6 +172,8 @@ impl BindClient {
             renew_at: now,
             rebind_by: now,
             granted: None,
+            challenges_due: 0,
+            unsolicited: 0,
         }
     }
 
@@ -241,6 +249,12 @@ impl BindClient {
         self.bound.is_some()
     }
 
+    /// Challenges refused so far because they answered no request of ours (more than one per
+    /// request sent, or none in flight): forged from the relay's address, or duplicated.
+    pub fn unsolicited_challenges(&self) -> u64 {
+        self.unsolicited
+    }
+
     /// When [`BindClient::handle_timeout`] is next due.
     #[must_use]
     pub fn poll_timeout(&self) -> Instant {
@@ -260,6 +274,7 @@ impl BindClient {
         self.bound = None;
         self.keepalive_due = false;
         self.phase = Phase::Idle;
+        self.challenges_due = 0;
         self.next_send = now + MAX_RETRY;
         self.retry = MAX_RETRY;
     }
@@ -268,6 +283,7 @@ impl BindClient {
     pub fn refresh(&mut self, now: Instant) {
         self.keepalive_due = false;
         self.phase = Phase::Idle;
+        self.challenges_due = 0;
         self.next_send = now;
         self.retry = FIRST_RETRY;
     }
@@ -289,10 +305,12 @@ impl BindClient {
                 self.started = now;
                 self.retry = FIRST_RETRY;
                 self.request_sent = Some(now);
+                self.challenges_due = 1;
                 self.request(me)
             }
             Phase::Requesting => {
                 self.request_sent = None;
+                self.challenges_due = self.challenges_due.saturating_add(1);
                 self.request(me)
             }
             Phase::Proving(challenge) => self.proof(me, permit, &challenge),
@@ -304,7 +322,8 @@ impl BindClient {
     }
 
     /// Handles a datagram of a bind kind that came from the relay's address. Returns the
-    /// datagram to send in reply, if any.
+    /// datagram to send in reply, if any: the proof for a challenge, for at most one challenge
+    /// per request sent (others are counted, see [`BindClient::unsolicited_challenges`]).
     pub fn handle_datagram(
         &mut self,
         now: Instant,
@@ -318,7 +337,12 @@ impl BindClient {
             return None;
         }
         match (dgram.kind(), self.phase) {
+            (Kind::BindChallenge, _) if self.challenges_due == 0 => {
+                self.unsolicited += 1;
+                None
+            }
             (Kind::BindChallenge, Phase::Requesting | Phase::Proving(_)) => {
+                self.challenges_due -= 1;
                 if let (Phase::Requesting, Some(sent)) = (self.phase, self.request_sent.take()) {
                     let sample = now.saturating_duration_since(sent);
                     self.rtt = Some(self.rtt.map_or(sample, |old| (old * 7 + sample) / 8));
@@ -337,6 +361,7 @@ impl BindClient {
                 self.granted = Some(challenge);
                 self.rebind_by = now + KEEPALIVE_MAX;
                 self.phase = Phase::Idle;
+                self.challenges_due = 0;
                 if let (Some(silence), Some(before)) = (self.silence.take(), self.last_observed) {
                     self.life.record(silence, before == ack.observed);
                 }
@@ -404,8 +429,54 @@ impl BindClient {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use shoal_protocol::{Roles, TicketBody, TicketKind, UnixTime};
 
     const S: Duration = Duration::from_secs(1);
+
+    /// A challenge from `relay` to `to`, as a relay writes it.
+    fn challenge(relay: NodeId, to: NodeId, cookie: u8) -> Vec<u8> {
+        let h = Header { kind: Kind::BindChallenge, source: relay, destination: to, vc: VcId(0), trace: false };
+        let mut body = [0; wire::CHALLENGE_BODY_LEN];
+        Challenge { issued_at: 1_800_000_000, cookie: [cookie; wire::COOKIE_LEN] }.write(&mut body);
+        let mut buf = vec![0; wire::HEADER_LEN + wire::CHALLENGE_BODY_LEN];
+        let n = wire::emit(&mut buf, &h, &Route::DIRECT, 0, &body).unwrap();
+        buf.truncate(n);
+        buf
+    }
+
+    /// Found by the `endpoint` fuzz target: the relay's challenge delivered twice after one
+    /// request drew two proofs, each several times the challenge's size. Whoever forges the
+    /// relay's address could have had a node send proofs at the forger's rate.
+    #[test]
+    fn a_challenge_beyond_the_requests_sent_draws_no_proof() {
+        let now = Instant::now();
+        let clock = WallClock::new(now, 1_800_000_000_000_000);
+        let me = Identity::from_seed([3; 32]);
+        let relay = Identity::from_seed([2; 32]).node_id();
+        let permit =
+            TicketBody::new(TicketKind::RelayPermit, me.public_key(), Roles::CLIENT, UnixTime(1_800_000_000), 60)
+                .sign(&Identity::from_seed([1; 32]));
+        let mut c = BindClient::new(SocketAddr::from(([192, 0, 2, 9], 9000)), now);
+        assert!(c.handle_timeout(now, &me, &permit).is_some(), "no request");
+        let first = challenge(relay, me.node_id(), 1);
+        let first = Datagram::parse(&first).unwrap();
+        let proof = c.handle_datagram(now, &clock, &first, &me, &permit).expect("the challenge is answered");
+        assert!(proof.bytes.len() > first.as_bytes().len());
+        for cookie in [1, 2, 3] {
+            let again = challenge(relay, me.node_id(), cookie);
+            assert_eq!(c.handle_datagram(now, &clock, &Datagram::parse(&again).unwrap(), &me, &permit), None);
+        }
+        assert_eq!(c.unsolicited_challenges(), 3);
+        // A retransmitted request may draw one more challenge, and that one is answered.
+        let mut c = BindClient::new(SocketAddr::from(([192, 0, 2, 9], 9000)), now);
+        let _ = c.handle_timeout(now, &me, &permit);
+        let _ = c.handle_timeout(now + FIRST_RETRY, &me, &permit);
+        assert!(c.handle_datagram(now, &clock, &first, &me, &permit).is_some());
+        let second = challenge(relay, me.node_id(), 2);
+        assert!(c.handle_datagram(now, &clock, &Datagram::parse(&second).unwrap(), &me, &permit).is_some());
+        assert_eq!(c.handle_datagram(now, &clock, &first, &me, &permit), None);
+        assert_eq!(c.unsolicited_challenges(), 1);
+    }
 
     /// Runs the keepalive search against a NAT whose mappings live `lifetime` of silence,
     /// returning the intervals tried.

@@ -149,6 +149,9 @@ pub struct EndpointCounters {
     /// Bind answers from an address we are not binding to, probe answers that match no probe
     /// of ours, and kinds an endpoint never receives.
     pub unexpected: u64,
+    /// Challenges from a relay's address that answered no request of ours (beyond one per
+    /// request sent): forged or duplicated. None draws a proof.
+    pub unsolicited_challenges: u64,
 }
 
 /// The result of one probe.
@@ -269,7 +272,9 @@ impl Endpoint {
 
     /// Datagrams refused so far, by reason.
     pub fn counters(&self) -> EndpointCounters {
-        self.counters
+        let mut c = self.counters;
+        c.unsolicited_challenges = self.relays.iter().map(BindClient::unsolicited_challenges).sum();
+        c
     }
 
     /// Replaces the permit (renewed by the control server) and binds again everywhere.
