@@ -9,6 +9,7 @@
 //! Everything here is sans-IO: fed `now` and datagrams, polled for datagrams, events and
 //! the next timeout. The tokio driver and the deterministic simulator run the same code.
 
+pub mod avatar;
 pub mod crypto;
 pub mod driver;
 pub mod frame;

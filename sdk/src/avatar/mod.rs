@@ -1,0 +1,38 @@
+//! Avatars: the state a player serves to the players near it, and the codec that carries it.
+//!
+//! Sans-IO. [`Quantizer`] turns an [`AvatarState`] into integers inside a zone's bounds;
+//! [`Encoder`] and [`Decoder`] carry one sender's states to one receiver as bit-packed
+//! updates, each delta-encoded against the last state the receiver acknowledged after moving
+//! that baseline on by its velocity (see [`codec`] for the bits).
+
+mod bits;
+pub mod codec;
+mod quant;
+#[cfg(test)]
+mod tests;
+
+use glam::{Quat, Vec3};
+
+pub use self::codec::{Ack, DecodeError, Decoded, Decoder, DecoderCounters, Encoder, EncoderCounters, Form, MAX_AGE};
+pub use self::quant::{CodecConfig, ConfigError, Quantized, Quantizer, Rotation};
+
+/// What a player's avatar looks like at one moment.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AvatarState {
+    /// Where it is, metres.
+    pub position: Vec3,
+    /// Which way it faces (a unit quaternion; others are normalised, a zero one is taken as
+    /// the identity).
+    pub orientation: Quat,
+    /// How fast it moves, metres a second: receivers extrapolate with it, and the codec
+    /// predicts the next position from it.
+    pub velocity: Vec3,
+    /// The game's animation or state id.
+    pub anim: u16,
+}
+
+impl Default for AvatarState {
+    fn default() -> Self {
+        AvatarState { position: Vec3::ZERO, orientation: Quat::IDENTITY, velocity: Vec3::ZERO, anim: 0 }
+    }
+}
