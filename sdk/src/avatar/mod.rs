@@ -7,6 +7,7 @@
 
 mod bits;
 pub mod codec;
+pub mod movement;
 mod quant;
 #[cfg(test)]
 mod tests;
