@@ -3,10 +3,13 @@
 //! Sans-IO. [`Quantizer`] turns an [`AvatarState`] into integers inside a zone's bounds;
 //! [`Encoder`] and [`Decoder`] carry one sender's states to one receiver as bit-packed
 //! updates, each delta-encoded against the last state the receiver acknowledged after moving
-//! that baseline on by its velocity (see [`codec`] for the bits).
+//! that baseline on by its velocity (see [`codec`] for the bits); [`Interpolator`] shows a
+//! neighbour's avatar smoothly from the updates that reach us; [`movement`] moves simulated
+//! players for tests and benchmarks.
 
 mod bits;
 pub mod codec;
+pub mod interp;
 pub mod movement;
 mod quant;
 #[cfg(test)]
@@ -15,6 +18,7 @@ mod tests;
 use glam::{Quat, Vec3};
 
 pub use self::codec::{Ack, DecodeError, Decoded, Decoder, DecoderCounters, Encoder, EncoderCounters, Form, MAX_AGE};
+pub use self::interp::{InterpConfig, Interpolator};
 pub use self::quant::{CodecConfig, ConfigError, Quantized, Quantizer, Rotation};
 
 /// What a player's avatar looks like at one moment.
