@@ -553,10 +553,10 @@ impl PathSet {
     /// A ping to ride on our answer to the peer's ping over `id`, when the peer keeps the path
     /// alive and our own RTT for it is older than three of its intervals: the peer's pings
     /// tell us the path works, not how long it takes. On a path the peer's data comes over,
-    /// more than a second (the fed paths' sampling interval) old is enough: the peer sends on it while we use another, and
-    /// without fresh samples it would keep the RTT it had when we left it (taken, say, while
-    /// the host was busy with a crowd's handshakes), never look good enough to come back to,
-    /// and leave each side pinging its own one-way path.
+    /// older than a second (a fed path's sampling interval) is enough: the peer sends on it
+    /// while we use another, and without fresh samples it would keep the RTT it had when we
+    /// left it (taken, say, while the host was busy with a crowd's handshakes), never look
+    /// good enough to come back to, and leave each side pinging its own one-way path.
     pub fn take_echo_ping(&mut self, now: Instant, id: PathId) -> Option<u32> {
         if !self.armed {
             return None;
