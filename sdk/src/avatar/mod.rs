@@ -4,7 +4,8 @@
 //! [`Encoder`] and [`Decoder`] carry one sender's states to one receiver as bit-packed
 //! updates, each delta-encoded against the last state the receiver acknowledged after moving
 //! that baseline on by its velocity (see [`codec`] for the bits); [`Interpolator`] shows a
-//! neighbour's avatar smoothly from the updates that reach us; [`movement`] moves simulated
+//! neighbour's avatar smoothly from the updates that reach us; [`Scheduler`] decides whom
+//! to serve each tick, by distance inside an upload budget; [`movement`] moves simulated
 //! players for tests and benchmarks.
 
 mod bits;
@@ -12,6 +13,7 @@ pub mod codec;
 pub mod interp;
 pub mod movement;
 mod quant;
+pub mod schedule;
 #[cfg(test)]
 mod tests;
 
@@ -20,6 +22,7 @@ use glam::{Quat, Vec3};
 pub use self::codec::{Ack, DecodeError, Decoded, Decoder, DecoderCounters, Encoder, EncoderCounters, Form, MAX_AGE};
 pub use self::interp::{InterpConfig, Interpolator};
 pub use self::quant::{CodecConfig, ConfigError, Quantized, Quantizer, Rotation};
+pub use self::schedule::{RateConfig, Scheduler};
 
 /// What a player's avatar looks like at one moment.
 #[derive(Debug, Clone, Copy, PartialEq)]
