@@ -11,6 +11,7 @@
 mod bits;
 pub mod codec;
 pub mod interp;
+pub mod mesh;
 pub mod movement;
 mod quant;
 pub mod schedule;
@@ -21,6 +22,7 @@ use glam::{Quat, Vec3};
 
 pub use self::codec::{Ack, DecodeError, Decoded, Decoder, DecoderCounters, Encoder, EncoderCounters, Form, MAX_AGE};
 pub use self::interp::{InterpConfig, Interpolator};
+pub use self::mesh::{AvatarEvent, AvatarMesh, MeshCounters};
 pub use self::quant::{CodecConfig, ConfigError, Quantized, Quantizer, Rotation};
 pub use self::schedule::{RateConfig, Scheduler};
 

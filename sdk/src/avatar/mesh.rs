@@ -1,0 +1,342 @@
+//! One player's side of the avatar mesh: serving its avatar to its neighbours and showing
+//! theirs.
+//!
+//! Sans-IO. The game sets its avatar each tick ([`AvatarMesh::set_avatar`]); the session
+//! adds and removes neighbours as the control server introduces and dismisses them, with
+//! their distances; [`AvatarMesh::poll_messages`] says what to send on each neighbour's
+//! realtime VC, and [`AvatarMesh::handle_message`] takes what arrived on it. A message holds
+//! an avatar update, the ack of the newest update we decoded from that neighbour, or both:
+//!
+//! | byte 0 | then |
+//! |---|---|
+//! | bit 0: an ack follows; bit 1: it asks for a full state; bit 2: an update follows | the ack's tick (2 bytes, big-endian) if bit 0, then the update (see [`super::codec`]) if bit 2 |
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::Instant;
+
+use shoal_protocol::NodeId;
+
+use super::AvatarState;
+use super::codec::{Ack, DecodeError, Decoder, Encoder};
+use super::interp::{InterpConfig, Interpolator};
+use super::quant::Quantizer;
+use super::schedule::{RateConfig, Scheduler};
+
+const HAS_ACK: u8 = 1;
+const NEED_FULL: u8 = 2;
+const HAS_UPDATE: u8 = 4;
+/// IPv4 and UDP headers, counted against the budget for every datagram.
+const IP_UDP: usize = 28;
+
+/// What the game hears about its neighbours' avatars.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AvatarEvent {
+    /// A neighbour's first full state arrived: its avatar can be shown.
+    Appeared(NodeId, AvatarState),
+    /// A neighbour was dismissed: its avatar is gone.
+    Left(NodeId),
+}
+
+/// What an avatar mesh counts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MeshCounters {
+    /// Updates sent and received.
+    pub updates_sent: u64,
+    /// See `updates_sent`.
+    pub updates_received: u64,
+    /// Messages from neighbours that did not parse, or whose update did not decode.
+    pub malformed: u64,
+    /// Updates against a baseline we no longer hold (a full state was asked for).
+    pub missing_baseline: u64,
+    /// Messages from a peer that is not a neighbour.
+    pub not_neighbour: u64,
+}
+
+#[derive(Debug)]
+struct Neighbour {
+    encoder: Encoder,
+    decoder: Decoder,
+    view: Interpolator,
+    shown: bool,
+    /// Our ack is owed: something was decoded (or a full state is needed) since the last.
+    ack_due: bool,
+}
+
+/// One player's avatar mesh. See the module docs.
+#[derive(Debug)]
+pub struct AvatarMesh {
+    q: Quantizer,
+    interp: InterpConfig,
+    schedule: Scheduler,
+    epoch: Instant,
+    avatar: Option<AvatarState>,
+    neighbours: BTreeMap<NodeId, Neighbour>,
+    events: VecDeque<AvatarEvent>,
+    counters: MeshCounters,
+    /// Bytes of headers a datagram on a realtime VC carries besides the message, for the
+    /// budget.
+    header_bytes: usize,
+}
+
+impl AvatarMesh {
+    /// A mesh whose avatar clock starts at `epoch`. `header_bytes` is what a realtime VC
+    /// datagram carries besides the message (mesh header, VC frame, tag), for the budget.
+    pub fn new(
+        q: Quantizer,
+        interp: InterpConfig,
+        rates: RateConfig,
+        header_bytes: usize,
+        epoch: Instant,
+    ) -> AvatarMesh {
+        // Before an update was sent, assume a full state's size.
+        let first = (header_bytes + IP_UDP + 32) as f64 * 8.0;
+        AvatarMesh {
+            q,
+            interp,
+            schedule: Scheduler::new(rates, first),
+            epoch,
+            avatar: None,
+            neighbours: BTreeMap::new(),
+            events: VecDeque::new(),
+            counters: MeshCounters::default(),
+            header_bytes,
+        }
+    }
+
+    /// Counters so far.
+    pub fn counters(&self) -> MeshCounters {
+        self.counters
+    }
+
+    /// The scheduler, for its rates.
+    pub fn schedule(&self) -> &Scheduler {
+        &self.schedule
+    }
+
+    /// Our avatar from now on.
+    pub fn set_avatar(&mut self, state: AvatarState) {
+        self.avatar = Some(state);
+    }
+
+    /// Adds `peer` as a neighbour, or updates its distance.
+    pub fn set_neighbour(&mut self, now: Instant, peer: NodeId, distance: f32) {
+        let (q, interp) = (self.q, self.interp);
+        self.neighbours.entry(peer).or_insert_with(|| Neighbour {
+            encoder: Encoder::new(q),
+            decoder: Decoder::new(q),
+            view: Interpolator::new(interp, now),
+            shown: false,
+            ack_due: false,
+        });
+        self.schedule.set_distance(peer, distance);
+    }
+
+    /// `peer` is no longer a neighbour: its avatar leaves.
+    pub fn remove_neighbour(&mut self, peer: NodeId) {
+        if let Some(n) = self.neighbours.remove(&peer) {
+            self.schedule.remove(peer);
+            if n.shown {
+                self.events.push_back(AvatarEvent::Left(peer));
+            }
+        }
+    }
+
+    /// The avatar clock's tick at `now`.
+    fn tick(&self, now: Instant) -> u32 {
+        let secs = now.saturating_duration_since(self.epoch).as_secs_f64();
+        (secs * f64::from(self.q.config().tick_hz)) as u32
+    }
+
+    /// What to send now, each on that neighbour's realtime VC: updates the schedule says are
+    /// due, with our acks riding along, and acks that could not wait for an update.
+    pub fn poll_messages(&mut self, now: Instant) -> Vec<(NodeId, Vec<u8>)> {
+        let tick = self.tick(now);
+        let due = if self.avatar.is_some() { self.schedule.tick(now) } else { Vec::new() };
+        let mut out = Vec::new();
+        for (&peer, n) in &mut self.neighbours {
+            let update = due.contains(&peer);
+            if !update && !n.ack_due {
+                continue;
+            }
+            let mut msg = vec![0u8];
+            if n.ack_due
+                && let Some(a) = n.decoder.ack()
+            {
+                msg[0] |= HAS_ACK | if a.need_full { NEED_FULL } else { 0 };
+                msg.extend_from_slice(&a.tick.to_be_bytes());
+                n.ack_due = false;
+            }
+            if update && let Some(s) = &self.avatar {
+                let (_, bytes) = n.encoder.encode(tick, s);
+                msg[0] |= HAS_UPDATE;
+                msg.extend_from_slice(&bytes);
+                self.counters.updates_sent += 1;
+            }
+            if msg[0] == 0 {
+                continue;
+            }
+            if update {
+                self.schedule.sent(peer, msg.len() + self.header_bytes + IP_UDP);
+            }
+            out.push((peer, msg));
+        }
+        out
+    }
+
+    /// A message from `peer` on its realtime VC.
+    pub fn handle_message(&mut self, now: Instant, peer: NodeId, msg: &[u8]) {
+        let Some(n) = self.neighbours.get_mut(&peer) else {
+            self.counters.not_neighbour += 1;
+            return;
+        };
+        let Some((&flags, mut rest)) = msg.split_first() else {
+            self.counters.malformed += 1;
+            return;
+        };
+        if flags & !(HAS_ACK | NEED_FULL | HAS_UPDATE) != 0 {
+            self.counters.malformed += 1;
+            return;
+        }
+        if flags & HAS_ACK != 0 {
+            let Some((tick, after)) = rest.split_first_chunk::<2>() else {
+                self.counters.malformed += 1;
+                return;
+            };
+            n.encoder.on_ack(Ack { tick: u16::from_be_bytes(*tick), need_full: flags & NEED_FULL != 0 });
+            rest = after;
+        }
+        if flags & HAS_UPDATE == 0 {
+            return;
+        }
+        match n.decoder.decode(rest) {
+            Ok(d) => {
+                self.counters.updates_received += 1;
+                n.ack_due = true;
+                let at = d.tick as f64 / f64::from(self.q.config().tick_hz);
+                n.view.push(now, at, d.state);
+                if !n.shown {
+                    n.shown = true;
+                    self.events.push_back(AvatarEvent::Appeared(peer, d.state));
+                }
+            }
+            Err(DecodeError::MissingBaseline { .. } | DecodeError::NoState) => {
+                self.counters.missing_baseline += 1;
+                n.ack_due = true;
+            }
+            Err(_) => self.counters.malformed += 1,
+        }
+    }
+
+    /// Neighbour `peer`'s avatar as shown at `now`, once it has appeared.
+    pub fn avatar_of(&self, peer: NodeId, now: Instant) -> Option<AvatarState> {
+        let n = self.neighbours.get(&peer)?;
+        if !n.shown {
+            return None;
+        }
+        n.view.state_at(now)
+    }
+
+    /// The next event.
+    pub fn poll_event(&mut self) -> Option<AvatarEvent> {
+        self.events.pop_front()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::avatar::CodecConfig;
+    use crate::avatar::movement::Mover;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    fn mesh(t0: Instant) -> AvatarMesh {
+        let q = Quantizer::new(CodecConfig::default()).unwrap_or_else(|e| panic!("{e}"));
+        AvatarMesh::new(q, InterpConfig::default(), RateConfig::default(), 50, t0)
+    }
+
+    /// Two players 10 m apart, each moving, over a link of 30 ms that loses every seventh
+    /// message: each sees the other appear, then moving close to where it was.
+    #[test]
+    fn two_players_see_each_other_move_through_loss() {
+        let t0 = Instant::now();
+        let (a_id, b_id) = (NodeId([1; 8]), NodeId([2; 8]));
+        let (mut a, mut b) = (mesh(t0), mesh(t0));
+        a.set_neighbour(t0, b_id, 10.0);
+        b.set_neighbour(t0, a_id, 10.0);
+        let (mut ma, mut mb) = (Mover::new(1, 100.0), Mover::new(2, 100.0));
+        let mut in_flight: Vec<(Instant, NodeId, NodeId, Vec<u8>)> = Vec::new();
+        let mut truth_b: Vec<(Instant, AvatarState)> = Vec::new();
+        let mut sent = 0u64;
+        let mut errors = Vec::new();
+        let mut appeared = (false, false);
+        for k in 0..60 * 20u32 {
+            let now = t0 + MS * (k * 1000 / 60);
+            a.set_avatar(ma.step(1.0 / 60.0));
+            let sb = mb.step(1.0 / 60.0);
+            b.set_avatar(sb);
+            truth_b.push((now, sb));
+            for (from, to, m) in a
+                .poll_messages(now)
+                .into_iter()
+                .map(|(p, m)| (a_id, p, m))
+                .chain(b.poll_messages(now).into_iter().map(|(p, m)| (b_id, p, m)))
+            {
+                sent += 1;
+                if !sent.is_multiple_of(7) {
+                    in_flight.push((now + 30 * MS, from, to, m));
+                }
+            }
+            let (arrived, later): (Vec<_>, Vec<_>) = in_flight.drain(..).partition(|m| m.0 <= now);
+            in_flight = later;
+            for (_, from, to, m) in arrived {
+                let target = if to == a_id { &mut a } else { &mut b };
+                target.handle_message(now, from, &m);
+            }
+            while let Some(e) = a.poll_event() {
+                appeared.0 |= matches!(e, AvatarEvent::Appeared(p, _) if p == b_id);
+            }
+            while let Some(e) = b.poll_event() {
+                appeared.1 |= matches!(e, AvatarEvent::Appeared(p, _) if p == a_id);
+            }
+            // After two seconds, what a shows of b against where b was at the render time
+            // (30 ms of link and a's interpolation delay ago).
+            if k > 120
+                && let Some(shown) = a.avatar_of(b_id, now)
+            {
+                let back = MS * 130;
+                let want = truth_b.iter().rev().find(|(t, _)| *t <= now - back).map(|(_, s)| s.position);
+                if let Some(want) = want {
+                    errors.push(shown.position.distance(want));
+                }
+            }
+        }
+        assert!(appeared.0 && appeared.1);
+        errors.sort_by(f32::total_cmp);
+        let p99 = errors[errors.len() * 99 / 100];
+        assert!(p99 < 0.25, "p99 error {p99} m");
+        assert_eq!(a.counters().malformed + b.counters().malformed, 0);
+        assert!(a.counters().updates_received > 20 * 25, "{:?}", a.counters());
+        a.remove_neighbour(b_id);
+        assert_eq!(a.poll_event(), Some(AvatarEvent::Left(b_id)));
+        assert_eq!(a.avatar_of(b_id, t0), None);
+    }
+
+    #[test]
+    fn messages_from_strangers_or_malformed_ones_change_nothing() {
+        let t0 = Instant::now();
+        let mut a = mesh(t0);
+        let b_id = NodeId([2; 8]);
+        a.handle_message(t0, b_id, &[HAS_UPDATE, 0, 0]);
+        assert_eq!(a.counters().not_neighbour, 1);
+        a.set_neighbour(t0, b_id, 5.0);
+        for m in [&[][..], &[0x80], &[HAS_ACK, 1], &[HAS_UPDATE]] {
+            a.handle_message(t0, b_id, m);
+        }
+        assert_eq!(a.counters().malformed, 4);
+        assert_eq!(a.avatar_of(b_id, t0), None);
+        assert_eq!(a.poll_event(), None);
+    }
+}
