@@ -33,6 +33,9 @@ pub const KEEPALIVE_MIN: Duration = Duration::from_secs(5);
 pub const KEEPALIVE_MAX: Duration = Duration::from_secs(120);
 /// A binding is renewed this long before it lapses.
 const RENEW_BEFORE: Duration = Duration::from_secs(30);
+/// The longest binding an ack is taken at its word for: a relay, or whoever forges its
+/// address, may write any expiry, and an instant that far ahead does not exist.
+const MAX_LEASE: Duration = Duration::from_secs(24 * 3600);
 
 /// A datagram a core wants sent. Only control traffic (binds, probes) is built this way; the
 /// relay forwards in place and never allocates one of these per forwarded datagram.
@@ -370,7 +373,7 @@ impl BindClient {
                 self.keepalive_due = true;
                 // The keepalive follows the last datagram we sent by one interval, so the
                 // silence it ends is the one measured; the renewal comes first if it is due.
-                let left = Duration::from_secs(ack.expires_at.saturating_sub(clock.unix_secs(now)));
+                let left = Duration::from_secs(ack.expires_at.saturating_sub(clock.unix_secs(now))).min(MAX_LEASE);
                 self.renew_at = now + left.saturating_sub(RENEW_BEFORE).max(Duration::from_secs(1));
                 self.next_send = (self.last_sent + self.keepalive).min(self.renew_at);
                 self.retry = FIRST_RETRY;
@@ -476,6 +479,31 @@ mod tests {
         assert!(c.handle_datagram(now, &clock, &Datagram::parse(&second).unwrap(), &me, &permit).is_some());
         assert_eq!(c.handle_datagram(now, &clock, &first, &me, &permit), None);
         assert_eq!(c.unsolicited_challenges(), 1);
+    }
+
+    /// Found by the `endpoint` fuzz target: an ack naming an expiry past what an `Instant` can
+    /// hold panicked the node (overflow adding the lease to now).
+    #[test]
+    fn an_ack_with_an_absurd_expiry_is_taken_as_a_day() {
+        let now = Instant::now();
+        let clock = WallClock::new(now, 1_800_000_000_000_000);
+        let me = Identity::from_seed([3; 32]);
+        let relay = Identity::from_seed([2; 32]).node_id();
+        let permit =
+            TicketBody::new(TicketKind::RelayPermit, me.public_key(), Roles::CLIENT, UnixTime(1_800_000_000), 60)
+                .sign(&Identity::from_seed([1; 32]));
+        let mut c = BindClient::new(SocketAddr::from(([192, 0, 2, 9], 9000)), now);
+        assert!(c.handle_timeout(now, &me, &permit).is_some());
+        let first = challenge(relay, me.node_id(), 1);
+        assert!(c.handle_datagram(now, &clock, &Datagram::parse(&first).unwrap(), &me, &permit).is_some());
+        let h = Header { kind: Kind::BindAck, source: relay, destination: me.node_id(), vc: VcId(0), trace: false };
+        let mut body = [0; wire::BIND_ACK_BODY_LEN];
+        BindAck { expires_at: u64::MAX, observed: SocketAddr::from(([198, 51, 100, 1], 4000)) }.write(&mut body);
+        let mut buf = vec![0; wire::HEADER_LEN + wire::BIND_ACK_BODY_LEN];
+        let n = wire::emit(&mut buf, &h, &Route::DIRECT, 0, &body).unwrap();
+        assert_eq!(c.handle_datagram(now, &clock, &Datagram::parse(&buf[..n]).unwrap(), &me, &permit), None);
+        assert!(c.is_bound());
+        assert!(c.poll_timeout() <= now + MAX_LEASE);
     }
 
     /// Runs the keepalive search against a NAT whose mappings live `lifetime` of silence,

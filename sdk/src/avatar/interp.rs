@@ -116,7 +116,8 @@ impl Interpolator {
         let mut extra: Vec<f64> = self.delays.iter().map(|d| d - min).collect();
         extra.sort_by(f64::total_cmp);
         let p90 = extra[(extra.len() - 1) * 9 / 10];
-        Duration::from_secs_f64(base.max(p90 + self.interval()))
+        // A peer's clock is its own: stamps far apart must not make a duration that panics.
+        Duration::try_from_secs_f64(base.max(p90 + self.interval())).unwrap_or(Duration::MAX)
     }
 
     /// The sender's update interval, from the newest updates.
