@@ -118,7 +118,8 @@ impl AvatarMesh {
         self.avatar = Some(state);
     }
 
-    /// Adds `peer` as a neighbour, or updates its distance.
+    /// Adds `peer` as a neighbour at `distance` (until its avatar is shown; from then on the
+    /// distance between the two avatars is used), or updates its distance.
     pub fn set_neighbour(&mut self, now: Instant, peer: NodeId, distance: f32) {
         let (q, interp) = (self.q, self.interp);
         self.neighbours.entry(peer).or_insert_with(|| Neighbour {
@@ -151,6 +152,14 @@ impl AvatarMesh {
     /// due, with our acks riding along, and acks that could not wait for an update.
     pub fn poll_messages(&mut self, now: Instant) -> Vec<(NodeId, Vec<u8>)> {
         let tick = self.tick(now);
+        // Once a neighbour's avatar is shown, its distance is measured from ours.
+        if let Some(me) = self.avatar {
+            for (&peer, n) in &self.neighbours {
+                if let Some(s) = n.shown.then(|| n.view.state_at(now)).flatten() {
+                    self.schedule.set_distance(peer, s.position.distance(me.position));
+                }
+            }
+        }
         let due = if self.avatar.is_some() { self.schedule.tick(now) } else { Vec::new() };
         let mut out = Vec::new();
         for (&peer, n) in &mut self.neighbours {
