@@ -581,6 +581,10 @@ impl VirtualConnection {
             self.pull_ok = true;
         } else if self.profile.is_reliable() {
             self.ack_due = true;
+            // Acked at once (see the send module's docs); paced VCs ack with their tick.
+            if !self.paced() {
+                self.flush_now = true;
+            }
         }
         self.renet.update(now.saturating_duration_since(self.renet_at));
         self.renet_at = now;

@@ -4,7 +4,9 @@
 //! One flush of renet becomes as few frames as it can: renet's packets share a frame up to
 //! [`MAX_PLAINTEXT`], and a frame that goes anyway carries the path's due ping and the pongs
 //! held for it. Unreliable profiles send no renet acks at all (nothing is resent, and RTTs
-//! come from pings); reliable ones ack once per tick, with the data when there is some.
+//! come from pings). Reliable ones ack what arrived as soon as it has been read (with the
+//! data when there is some): acks a tick late held a sender that keeps its buffer full to a
+//! tenth of what renet alone moves on loopback. Paced ones ack once per tick.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
