@@ -447,18 +447,38 @@ mod tests {
         buf
     }
 
+    /// A node, its permit and a relay, at a fixed Unix time.
+    struct Handshake {
+        now: Instant,
+        clock: WallClock,
+        me: Identity,
+        relay: NodeId,
+        permit: SignedTicket,
+    }
+
+    impl Handshake {
+        fn new() -> Handshake {
+            let now = Instant::now();
+            let me = Identity::from_seed([3; 32]);
+            let permit =
+                TicketBody::new(TicketKind::RelayPermit, me.public_key(), Roles::CLIENT, UnixTime(1_800_000_000), 60)
+                    .sign(&Identity::from_seed([1; 32]));
+            Handshake {
+                now,
+                clock: WallClock::new(now, 1_800_000_000_000_000),
+                me,
+                relay: Identity::from_seed([2; 32]).node_id(),
+                permit,
+            }
+        }
+    }
+
     /// Found by the `endpoint` fuzz target: the relay's challenge delivered twice after one
     /// request drew two proofs, each several times the challenge's size. Whoever forges the
     /// relay's address could have had a node send proofs at the forger's rate.
     #[test]
     fn a_challenge_beyond_the_requests_sent_draws_no_proof() {
-        let now = Instant::now();
-        let clock = WallClock::new(now, 1_800_000_000_000_000);
-        let me = Identity::from_seed([3; 32]);
-        let relay = Identity::from_seed([2; 32]).node_id();
-        let permit =
-            TicketBody::new(TicketKind::RelayPermit, me.public_key(), Roles::CLIENT, UnixTime(1_800_000_000), 60)
-                .sign(&Identity::from_seed([1; 32]));
+        let Handshake { now, clock, me, relay, permit } = Handshake::new();
         let mut c = BindClient::new(SocketAddr::from(([192, 0, 2, 9], 9000)), now);
         assert!(c.handle_timeout(now, &me, &permit).is_some(), "no request");
         let first = challenge(relay, me.node_id(), 1);
@@ -485,13 +505,7 @@ mod tests {
     /// hold panicked the node (overflow adding the lease to now).
     #[test]
     fn an_ack_with_an_absurd_expiry_is_taken_as_a_day() {
-        let now = Instant::now();
-        let clock = WallClock::new(now, 1_800_000_000_000_000);
-        let me = Identity::from_seed([3; 32]);
-        let relay = Identity::from_seed([2; 32]).node_id();
-        let permit =
-            TicketBody::new(TicketKind::RelayPermit, me.public_key(), Roles::CLIENT, UnixTime(1_800_000_000), 60)
-                .sign(&Identity::from_seed([1; 32]));
+        let Handshake { now, clock, me, relay, permit } = Handshake::new();
         let mut c = BindClient::new(SocketAddr::from(([192, 0, 2, 9], 9000)), now);
         assert!(c.handle_timeout(now, &me, &permit).is_some());
         let first = challenge(relay, me.node_id(), 1);
