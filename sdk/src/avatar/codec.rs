@@ -76,13 +76,22 @@ pub struct Encoder {
     sent: VecDeque<(u32, Quantized)>,
     acked: Option<u32>,
     need_full: bool,
+    /// The tick of the last update, whatever its form.
+    last: Option<u32>,
     counters: EncoderCounters,
 }
 
 impl Encoder {
     /// A sender whose receiver holds nothing yet.
     pub fn new(q: Quantizer) -> Encoder {
-        Encoder { q, sent: VecDeque::new(), acked: None, need_full: true, counters: EncoderCounters::default() }
+        Encoder {
+            q,
+            sent: VecDeque::new(),
+            acked: None,
+            need_full: true,
+            last: None,
+            counters: EncoderCounters::default(),
+        }
     }
 
     /// Counters so far.
@@ -111,8 +120,15 @@ impl Encoder {
         }
     }
 
-    /// Encodes `state` at `tick` (the avatar clock, which never goes back) for this receiver.
+    /// Encodes `state` at `tick` (the avatar clock, which never goes back) for this receiver,
+    /// at one past the last update's tick if `tick` is not after it: a tick names one state,
+    /// and the receiver may already hold (and have acked) the state first sent at it.
     pub fn encode(&mut self, tick: u32, state: &AvatarState) -> (Form, Vec<u8>) {
+        let tick = match self.last {
+            Some(last) if tick.wrapping_sub(last) as i32 <= 0 => last.wrapping_add(1),
+            _ => tick,
+        };
+        self.last = Some(tick);
         let q = self.q.quantize(state);
         let mut w = Writer::new();
         let base = self.baseline(tick);

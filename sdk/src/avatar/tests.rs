@@ -247,3 +247,27 @@ fn broken_states_are_sent_as_something() {
     assert!(d.state.position.is_finite() && d.state.velocity.is_finite());
     assert!(d.state.orientation.angle_between(Quat::IDENTITY) <= q.orientation_error());
 }
+
+/// A game that sets its avatar faster than the avatar clock ticks may have two updates sent
+/// in one tick; the second goes at the next tick, so that a tick never names two states.
+#[test]
+fn two_updates_in_one_tick_never_name_two_states() {
+    let q = quantizer();
+    let mut enc = Encoder::new(q);
+    let mut dec = Decoder::new(q);
+    let a = AvatarState { position: Vec3::new(1.0, 0.0, 1.0), ..Default::default() };
+    let b = AvatarState { position: Vec3::new(2.0, 0.0, 1.0), ..Default::default() };
+    let c = AvatarState { position: Vec3::new(3.0, 0.0, 1.0), ..Default::default() };
+    let (_, first) = enc.encode(50, &a);
+    assert_eq!(dec.decode(&first).unwrap().tick, 50);
+    enc.on_ack(dec.ack().unwrap());
+    let (_, second) = enc.encode(50, &b);
+    let d = dec.decode(&second).unwrap();
+    assert_eq!((d.tick, d.quantized), (51, q.quantize(&b)));
+    // The receiver acked 50 as `a`; a delta against it must still decode to `c`.
+    let (_, third) = enc.encode(53, &c);
+    assert_eq!(dec.decode(&third).unwrap().quantized, q.quantize(&c));
+    enc.on_ack(dec.ack().unwrap());
+    let (_, fourth) = enc.encode(53, &a);
+    assert_eq!(dec.decode(&fourth).unwrap().quantized, q.quantize(&a));
+}
