@@ -9,6 +9,7 @@ use std::ops::Deref;
 use std::time::{Duration, Instant};
 
 use renet::Bytes;
+use shoal_mesh::bind::Transmit;
 use shoal_mesh::clock::WallClock;
 use shoal_mesh::wire::VcId;
 use shoal_protocol::{Identity, NodeId, SignedTicket};
@@ -266,10 +267,10 @@ async fn run(
             biased;
             c = cmds.recv() => {
                 let Some(c) = c else { return };
-                handle_cmd(&mut node, &mut sock, &local, io, c).await;
+                handle_cmd(&mut node, &mut sock, &local, &mut io, c).await;
                 for _ in 1..WORK_BUDGET {
                     match cmds.try_recv() {
-                        Ok(c) => handle_cmd(&mut node, &mut sock, &local, io, c).await,
+                        Ok(c) => handle_cmd(&mut node, &mut sock, &local, &mut io, c).await,
                         Err(_) => break,
                     }
                 }
@@ -328,11 +329,27 @@ fn reply<T>(tx: oneshot::Sender<T>, v: T) {
     let _ = tx.send(v);
 }
 
+/// Sends the unbinds at once rather than queued, so that they are out before the caller
+/// stops the node; returns how many went, and counts those the socket refused.
+async fn send_unbinds(sock: &UdpSocket, io: &mut SocketErrors, unbinds: &[Transmit]) -> usize {
+    let mut sent = 0;
+    for t in unbinds {
+        match sock.send_to(&t.bytes, t.to).await {
+            Ok(_) => sent += 1,
+            Err(e) => {
+                io.send_errors += 1;
+                tracing::debug!(relay = %t.to, "unbind not sent: {e}");
+            }
+        }
+    }
+    sent
+}
+
 async fn handle_cmd(
     node: &mut Node,
     sock: &mut UdpSocket,
     local: &watch::Sender<SocketAddr>,
-    io: SocketErrors,
+    io: &mut SocketErrors,
     c: Cmd,
 ) {
     let now = Instant::now();
@@ -365,15 +382,8 @@ async fn handle_cmd(
             reply(tx, node.remove_peer(now, peer));
         }
         Cmd::UnbindRelays(tx) => {
-            // Sent here rather than queued, so they are out before the caller stops the node.
-            let mut sent = 0;
-            for t in node.endpoint().unbind_all() {
-                match sock.send_to(&t.bytes, t.to).await {
-                    Ok(_) => sent += 1,
-                    Err(e) => tracing::debug!(relay = %t.to, "unbind not sent: {e}"),
-                }
-            }
-            reply(tx, sent);
+            let unbinds = node.endpoint().unbind_all();
+            reply(tx, send_unbinds(sock, io, &unbinds).await);
         }
         Cmd::Status(tx) => {
             let status = NodeStatus {
@@ -386,12 +396,7 @@ async fn handle_cmd(
         Cmd::Apply(c, tx) => {
             let outcome = c.apply(node, now);
             if let Some(NodeOutcome::Unbind(unbinds)) = &outcome {
-                // Sent here rather than queued, as for Cmd::UnbindRelays.
-                for t in unbinds {
-                    if let Err(e) = sock.send_to(&t.bytes, t.to).await {
-                        tracing::debug!(relay = %t.to, "unbind not sent: {e}");
-                    }
-                }
+                send_unbinds(sock, io, unbinds).await;
             }
             reply(tx, outcome);
         }

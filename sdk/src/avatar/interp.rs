@@ -62,6 +62,11 @@ pub struct Interpolator {
     samples: VecDeque<Sample>,
     /// Arrival delays (local arrival − sender time), newest last.
     delays: VecDeque<f64>,
+    /// The smallest of them: the clock offset with the least queueing.
+    quickest: f64,
+    /// The interpolation delay they and the update interval give ([`Interpolator::delay`]),
+    /// refitted at each arrival rather than at each read.
+    delay: Duration,
     /// A correction being blended in: the offset at its start, and when it started.
     correction: Option<(Vec3, f64)>,
 }
@@ -69,7 +74,15 @@ pub struct Interpolator {
 impl Interpolator {
     /// Nothing shown yet; `epoch` is any local instant before the first arrival.
     pub fn new(cfg: InterpConfig, epoch: Instant) -> Interpolator {
-        Interpolator { cfg, epoch, samples: VecDeque::new(), delays: VecDeque::new(), correction: None }
+        Interpolator {
+            cfg,
+            epoch,
+            samples: VecDeque::new(),
+            delays: VecDeque::new(),
+            quickest: 0.0,
+            delay: cfg.delay,
+            correction: None,
+        }
     }
 
     fn local(&self, t: Instant) -> f64 {
@@ -89,15 +102,17 @@ impl Interpolator {
         }
         self.delays.push_back(local - at);
         if self.samples.iter().any(|s| s.at == at) {
+            self.refit();
             return;
         }
-        // What we would show now without it, to blend from.
+        // What was shown until now, to blend from.
         let before = (!self.samples.is_empty()).then(|| self.raw(self.render_time(local)).position);
         let i = self.samples.iter().position(|s| s.at > at).unwrap_or(self.samples.len());
         self.samples.insert(i, Sample { at, state });
         while self.samples.len() > KEEP {
             self.samples.pop_front();
         }
+        self.refit();
         if let Some(before) = before {
             let after = self.raw(self.render_time(local)).position;
             let pending = self.pending_correction(local);
@@ -108,16 +123,22 @@ impl Interpolator {
 
     /// The interpolation delay now: the configured least, or more when arrivals jitter.
     pub fn delay(&self) -> Duration {
-        let base = self.cfg.delay.as_secs_f64();
-        let Some(&min) = self.delays.iter().min_by(|a, b| a.total_cmp(b)) else { return self.cfg.delay };
+        self.delay
+    }
+
+    /// Fits the clock offset and the delay to the arrivals so far.
+    fn refit(&mut self) {
+        let Some(&min) = self.delays.iter().min_by(|a, b| a.total_cmp(b)) else { return };
+        self.quickest = min;
         // Nine arrivals in ten come within this much of the quickest; the interpolation needs
         // the next update there one interval ahead. A percentile, so that one update held up
         // for seconds does not throw the whole view back.
         let mut extra: Vec<f64> = self.delays.iter().map(|d| d - min).collect();
         extra.sort_by(f64::total_cmp);
         let p90 = extra[(extra.len() - 1) * 9 / 10];
+        let base = self.cfg.delay.as_secs_f64();
         // A peer's clock is its own: stamps far apart must not make a duration that panics.
-        Duration::try_from_secs_f64(base.max(p90 + self.interval())).unwrap_or(Duration::MAX)
+        self.delay = Duration::try_from_secs_f64(base.max(p90 + self.interval())).unwrap_or(Duration::MAX);
     }
 
     /// The sender's update interval, from the newest updates.
@@ -132,8 +153,7 @@ impl Interpolator {
 
     /// The render time on the sender's clock for local time `local`.
     fn render_time(&self, local: f64) -> f64 {
-        let min = self.delays.iter().copied().min_by(|a, b| a.total_cmp(b)).unwrap_or(0.0);
-        local - min - self.delay().as_secs_f64()
+        local - self.quickest - self.delay.as_secs_f64()
     }
 
     fn pending_correction(&self, local: f64) -> Vec3 {

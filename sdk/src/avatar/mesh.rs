@@ -202,7 +202,8 @@ impl AvatarMesh {
             self.counters.malformed += 1;
             return;
         };
-        if flags & !(HAS_ACK | NEED_FULL | HAS_UPDATE) != 0 {
+        // Unknown bits, or a request for a full state with no ack to carry it.
+        if flags & !(HAS_ACK | NEED_FULL | HAS_UPDATE) != 0 || flags & (HAS_ACK | NEED_FULL) == NEED_FULL {
             self.counters.malformed += 1;
             return;
         }
@@ -341,10 +342,10 @@ mod tests {
         a.handle_message(t0, b_id, &[HAS_UPDATE, 0, 0]);
         assert_eq!(a.counters().not_neighbour, 1);
         a.set_neighbour(t0, b_id, 5.0);
-        for m in [&[][..], &[0x80], &[HAS_ACK, 1], &[HAS_UPDATE]] {
+        for m in [&[][..], &[0x80], &[NEED_FULL], &[HAS_ACK, 1], &[HAS_UPDATE]] {
             a.handle_message(t0, b_id, m);
         }
-        assert_eq!(a.counters().malformed, 4);
+        assert_eq!(a.counters().malformed, 5);
         assert_eq!(a.avatar_of(b_id, t0), None);
         assert_eq!(a.poll_event(), None);
     }

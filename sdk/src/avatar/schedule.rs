@@ -60,6 +60,8 @@ struct Slot {
 pub struct Scheduler {
     cfg: RateConfig,
     slots: BTreeMap<NodeId, Slot>,
+    /// Distances or costs changed since the rates were last fitted to the budget.
+    dirty: bool,
     last_tick: Option<Instant>,
     /// Budget not spent, bits (at most a tenth of a second's worth is saved up).
     credit: f64,
@@ -71,7 +73,7 @@ impl Scheduler {
     /// No neighbours yet. `default_cost_bits` is the wire size of an update to a neighbour
     /// nothing was sent to yet.
     pub fn new(cfg: RateConfig, default_cost_bits: f64) -> Scheduler {
-        Scheduler { cfg, slots: BTreeMap::new(), last_tick: None, credit: 0.0, default_cost_bits }
+        Scheduler { cfg, slots: BTreeMap::new(), dirty: false, last_tick: None, credit: 0.0, default_cost_bits }
     }
 
     /// Adds `peer`, or updates its distance.
@@ -79,13 +81,13 @@ impl Scheduler {
         let cost = self.default_cost_bits;
         let s = self.slots.entry(peer).or_insert(Slot { distance, cost_bits: cost, rate: 0.0, owed: 1.0, sends: 0 });
         s.distance = if distance.is_finite() { distance.max(0.0) } else { f32::MAX };
-        self.rebalance();
+        self.dirty = true;
     }
 
     /// Forgets `peer` (a farewell).
     pub fn remove(&mut self, peer: NodeId) {
         self.slots.remove(&peer);
-        self.rebalance();
+        self.dirty = true;
     }
 
     /// An update to `peer` took `wire_bytes` on the wire (UDP payload and 28 bytes of headers).
@@ -94,10 +96,10 @@ impl Scheduler {
             // A running estimate: deltas vary, and a full state now and then is part of it.
             s.cost_bits = s.cost_bits * 0.8 + wire_bytes as f64 * 8.0 * 0.2;
         }
-        self.rebalance();
+        self.dirty = true;
     }
 
-    /// The rate `peer` is served at now, updates a second.
+    /// The rate `peer` is served at, updates a second, as of the last [`Scheduler::tick`].
     pub fn rate(&self, peer: NodeId) -> Option<f32> {
         self.slots.get(&peer).map(|s| s.rate)
     }
@@ -160,6 +162,10 @@ impl Scheduler {
     /// The neighbours to send an update to at `now`, most overdue first; call [`Scheduler::sent`]
     /// for each one served.
     pub fn tick(&mut self, now: Instant) -> Vec<NodeId> {
+        // Fitted once a tick, however many distances and costs changed since.
+        if std::mem::take(&mut self.dirty) {
+            self.rebalance();
+        }
         let dt = self.last_tick.map_or(Duration::ZERO, |t| now.saturating_duration_since(t)).as_secs_f64();
         self.last_tick = Some(now);
         self.credit = (self.credit + self.cfg.budget_bps * dt).min(self.cfg.budget_bps / 10.0);
