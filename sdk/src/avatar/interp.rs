@@ -163,6 +163,12 @@ impl Interpolator {
         offset * left as f32
     }
 
+    /// The sender's time (seconds on its clock) shown at local time `now`, once an update has
+    /// arrived.
+    pub fn render_at(&self, now: Instant) -> Option<f64> {
+        (!self.samples.is_empty()).then(|| self.render_time(self.local(now)))
+    }
+
     /// The avatar to show at local time `now`, if any update has arrived.
     pub fn state_at(&self, now: Instant) -> Option<AvatarState> {
         if self.samples.is_empty() {

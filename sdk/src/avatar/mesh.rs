@@ -12,7 +12,7 @@
 //! | bit 0: an ack follows; bit 1: it asks for a full state; bit 2: an update follows | the ack's tick (2 bytes, big-endian) if bit 0, then the update (see [`super::codec`]) if bit 2 |
 
 use std::collections::{BTreeMap, VecDeque};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use shoal_protocol::NodeId;
 
@@ -27,12 +27,21 @@ const NEED_FULL: u8 = 2;
 const HAS_UPDATE: u8 = 4;
 /// IPv4 and UDP headers, counted against the budget for every datagram.
 const IP_UDP: usize = 28;
+/// How long an ack waits for an update of ours to ride on before it goes alone. A datagram's
+/// headers cost far more than an ack, so acks ride on updates: to a neighbour served at the
+/// floor rate one goes at least every half second, which keeps the sender's baselines well
+/// within [`super::MAX_AGE`]. Only to a neighbour the budget holds back further does an ack
+/// go alone (and a request for a full state always does, at once).
+pub const ACK_DELAY: Duration = Duration::from_millis(600);
 
 /// What the game hears about its neighbours' avatars.
 #[derive(Debug, Clone, PartialEq)]
 pub enum AvatarEvent {
     /// A neighbour's first full state arrived: its avatar can be shown.
     Appeared(NodeId, AvatarState),
+    /// A newer update from a shown neighbour arrived (the state as served; what to draw at a
+    /// render time is [`AvatarMesh::avatar_of`]).
+    Updated(NodeId, AvatarState),
     /// A neighbour was dismissed: its avatar is gone.
     Left(NodeId),
 }
@@ -50,6 +59,10 @@ pub struct MeshCounters {
     pub missing_baseline: u64,
     /// Messages from a peer that is not a neighbour.
     pub not_neighbour: u64,
+    /// Messages sent (updates, acks, or both in one), and their bytes.
+    pub messages_sent: u64,
+    /// See `messages_sent`.
+    pub bytes_sent: u64,
 }
 
 #[derive(Debug)]
@@ -58,8 +71,10 @@ struct Neighbour {
     decoder: Decoder,
     view: Interpolator,
     shown: bool,
-    /// Our ack is owed: something was decoded (or a full state is needed) since the last.
-    ack_due: bool,
+    /// Our ack is owed since then: something was decoded (or a full state is needed).
+    ack_due: Option<Instant>,
+    /// The newest state decoded from it, and when it arrived: what observers report.
+    last: Option<(Instant, AvatarState)>,
 }
 
 /// One player's avatar mesh. See the module docs.
@@ -127,7 +142,8 @@ impl AvatarMesh {
             decoder: Decoder::new(q),
             view: Interpolator::new(interp, now),
             shown: false,
-            ack_due: false,
+            ack_due: None,
+            last: None,
         });
         self.schedule.set_distance(peer, distance);
     }
@@ -144,12 +160,48 @@ impl AvatarMesh {
 
     /// The avatar clock's tick at `now`.
     fn tick(&self, now: Instant) -> u32 {
-        let secs = now.saturating_duration_since(self.epoch).as_secs_f64();
-        (secs * f64::from(self.q.config().tick_hz)) as u32
+        let ns = now.saturating_duration_since(self.epoch).as_nanos();
+        (ns * u128::from(self.q.config().tick_hz) / 1_000_000_000) as u32
+    }
+
+    /// When [`AvatarMesh::poll_messages`] should be called next: the avatar clock's next tick
+    /// while there are neighbours (updates are scheduled and owed acks sent at ticks), never
+    /// without.
+    #[must_use]
+    pub fn poll_timeout(&self, now: Instant) -> Option<Instant> {
+        // Nothing to serve and no ack owed: nothing to do until an input.
+        if self.avatar.is_none() && self.neighbours.values().all(|n| n.ack_due.is_none()) {
+            return None;
+        }
+        if self.neighbours.is_empty() {
+            return None;
+        }
+        // In whole nanoseconds, rounded up, so that the next tick is never `now` itself.
+        let hz = u128::from(self.q.config().tick_hz);
+        let next = (u128::from(self.tick(now)) + 1) * 1_000_000_000;
+        let ns = u64::try_from(next.div_ceil(hz)).unwrap_or(u64::MAX);
+        Some(self.epoch + Duration::from_nanos(ns))
+    }
+
+    /// The neighbours, in id order.
+    pub fn neighbours(&self) -> impl Iterator<Item = NodeId> + '_ {
+        self.neighbours.keys().copied()
+    }
+
+    /// The newest state decoded from each neighbour and when it arrived, for observers'
+    /// reports.
+    pub fn received(&self) -> impl Iterator<Item = (NodeId, Instant, AvatarState)> + '_ {
+        self.neighbours.iter().filter_map(|(&p, n)| n.last.map(|(at, s)| (p, at, s)))
+    }
+
+    /// Our avatar as last set.
+    pub fn avatar(&self) -> Option<AvatarState> {
+        self.avatar
     }
 
     /// What to send now, each on that neighbour's realtime VC: updates the schedule says are
-    /// due, with our acks riding along, and acks that could not wait for an update.
+    /// due, with our acks riding along, and acks that waited [`ACK_DELAY`] for an update in
+    /// vain (or ask for a full state).
     pub fn poll_messages(&mut self, now: Instant) -> Vec<(NodeId, Vec<u8>)> {
         let tick = self.tick(now);
         // Once a neighbour's avatar is shown, its distance is measured from ours.
@@ -164,16 +216,16 @@ impl AvatarMesh {
         let mut out = Vec::new();
         for (&peer, n) in &mut self.neighbours {
             let update = due.contains(&peer);
-            if !update && !n.ack_due {
+            let ack = n.ack_due.and_then(|since| n.decoder.ack().map(|a| (since, a)));
+            let ack_alone = ack.is_some_and(|(since, a)| a.need_full || now >= since + ACK_DELAY);
+            if !update && !ack_alone {
                 continue;
             }
             let mut msg = vec![0u8];
-            if n.ack_due
-                && let Some(a) = n.decoder.ack()
-            {
+            if let Some((_, a)) = ack {
                 msg[0] |= HAS_ACK | if a.need_full { NEED_FULL } else { 0 };
                 msg.extend_from_slice(&a.tick.to_be_bytes());
-                n.ack_due = false;
+                n.ack_due = None;
             }
             if update && let Some(s) = &self.avatar {
                 let (_, bytes) = n.encoder.encode(tick, s);
@@ -184,9 +236,14 @@ impl AvatarMesh {
             if msg[0] == 0 {
                 continue;
             }
+            let wire = msg.len() + self.header_bytes + IP_UDP;
             if update {
-                self.schedule.sent(peer, msg.len() + self.header_bytes + IP_UDP);
+                self.schedule.sent(peer, wire);
+            } else {
+                self.schedule.spent(wire);
             }
+            self.counters.messages_sent += 1;
+            self.counters.bytes_sent += msg.len() as u64;
             out.push((peer, msg));
         }
         out
@@ -221,20 +278,30 @@ impl AvatarMesh {
         match n.decoder.decode(rest) {
             Ok(d) => {
                 self.counters.updates_received += 1;
-                n.ack_due = true;
+                n.ack_due.get_or_insert(now);
                 let at = d.tick as f64 / f64::from(self.q.config().tick_hz);
                 n.view.push(now, at, d.state);
-                if !n.shown {
+                n.last = Some((now, d.state));
+                self.events.push_back(if n.shown {
+                    AvatarEvent::Updated(peer, d.state)
+                } else {
                     n.shown = true;
-                    self.events.push_back(AvatarEvent::Appeared(peer, d.state));
-                }
+                    AvatarEvent::Appeared(peer, d.state)
+                });
             }
             Err(DecodeError::MissingBaseline { .. } | DecodeError::NoState) => {
                 self.counters.missing_baseline += 1;
-                n.ack_due = true;
+                n.ack_due.get_or_insert(now);
             }
             Err(_) => self.counters.malformed += 1,
         }
+    }
+
+    /// The time on `peer`'s avatar clock (seconds from its start) that its avatar as shown at
+    /// `now` stands for, once it has appeared: what tests compare against where it really was.
+    pub fn render_time_of(&self, peer: NodeId, now: Instant) -> Option<f64> {
+        let n = self.neighbours.get(&peer).filter(|n| n.shown)?;
+        n.view.render_at(now)
     }
 
     /// Neighbour `peer`'s avatar as shown at `now`, once it has appeared.

@@ -58,19 +58,36 @@ pub struct Mover {
     left: f32,
     /// Turning: the yaw to reach. Strafing: the direction (±1).
     aim: f32,
-    /// Keeps players inside a square of this half-size around the origin.
+    /// Keeps players inside a square of this half-size around `centre`.
     half: f32,
+    centre: Vec3,
 }
 
 impl Mover {
     /// A player at a random place in a square of side `side` around the origin, from `seed`.
     pub fn new(seed: u64, side: f32) -> Mover {
+        Mover::around(seed, Vec3::ZERO, side)
+    }
+
+    /// A player at a random place in a square of side `side` around `centre` (on the ground),
+    /// staying inside it, from `seed`.
+    pub fn around(seed: u64, centre: Vec3, side: f32) -> Mover {
         let mut rng = Xoshiro256PlusPlus::seed_from_u64(seed);
         let half = side / 2.0;
-        let position = Vec3::new(rng.random_range(-half..half), 0.0, rng.random_range(-half..half));
+        let centre = Vec3::new(centre.x, 0.0, centre.z);
+        let position = centre + Vec3::new(rng.random_range(-half..half), 0.0, rng.random_range(-half..half));
         let yaw = rng.random_range(-std::f32::consts::PI..std::f32::consts::PI);
-        let mut m =
-            Mover { rng, position, yaw, velocity: Vec3::ZERO, activity: Activity::Idle, left: 0.0, aim: 0.0, half };
+        let mut m = Mover {
+            rng,
+            position,
+            yaw,
+            velocity: Vec3::ZERO,
+            activity: Activity::Idle,
+            left: 0.0,
+            aim: 0.0,
+            half,
+            centre,
+        };
         m.next_activity();
         m
     }
@@ -123,11 +140,12 @@ impl Mover {
             self.velocity.y = 0.0;
         }
         // Walls: turn back towards the middle.
-        if self.position.x.abs() > self.half || self.position.z.abs() > self.half {
-            self.position.x = self.position.x.clamp(-self.half, self.half);
-            self.position.z = self.position.z.clamp(-self.half, self.half);
+        let off = self.position - self.centre;
+        if off.x.abs() > self.half || off.z.abs() > self.half {
+            self.position.x = self.centre.x + off.x.clamp(-self.half, self.half);
+            self.position.z = self.centre.z + off.z.clamp(-self.half, self.half);
             self.activity = Activity::Turn;
-            self.aim = wrap((-self.position.x).atan2(-self.position.z));
+            self.aim = wrap((-off.x).atan2(-off.z));
             self.left = 1.0;
         }
         self.state()

@@ -53,6 +53,9 @@ struct Slot {
     /// Sends owed: one is due at 1.
     owed: f64,
     sends: u64,
+    /// When it was last served: among neighbours owed as much, the longest waiting goes
+    /// first, so that none waits for ever behind others while the budget is short.
+    last_sent: Option<Instant>,
 }
 
 /// Whom to serve, tick by tick.
@@ -67,19 +70,41 @@ pub struct Scheduler {
     credit: f64,
     /// What an update costs before one was sent: headers and a full state.
     default_cost_bits: f64,
+    /// Bits of messages without an update (acks) since `side_since`, and the rate they ran
+    /// at over the last full second: the rates are fitted to what the budget leaves.
+    side_bits: f64,
+    side_since: Option<Instant>,
+    side_bps: f64,
 }
 
 impl Scheduler {
     /// No neighbours yet. `default_cost_bits` is the wire size of an update to a neighbour
     /// nothing was sent to yet.
     pub fn new(cfg: RateConfig, default_cost_bits: f64) -> Scheduler {
-        Scheduler { cfg, slots: BTreeMap::new(), dirty: false, last_tick: None, credit: 0.0, default_cost_bits }
+        Scheduler {
+            cfg,
+            slots: BTreeMap::new(),
+            dirty: false,
+            last_tick: None,
+            credit: 0.0,
+            default_cost_bits,
+            side_bits: 0.0,
+            side_since: None,
+            side_bps: 0.0,
+        }
     }
 
     /// Adds `peer`, or updates its distance.
     pub fn set_distance(&mut self, peer: NodeId, distance: f32) {
         let cost = self.default_cost_bits;
-        let s = self.slots.entry(peer).or_insert(Slot { distance, cost_bits: cost, rate: 0.0, owed: 1.0, sends: 0 });
+        let s = self.slots.entry(peer).or_insert(Slot {
+            distance,
+            cost_bits: cost,
+            rate: 0.0,
+            owed: 1.0,
+            sends: 0,
+            last_sent: None,
+        });
         s.distance = if distance.is_finite() { distance.max(0.0) } else { f32::MAX };
         self.dirty = true;
     }
@@ -97,6 +122,20 @@ impl Scheduler {
             s.cost_bits = s.cost_bits * 0.8 + wire_bytes as f64 * 8.0 * 0.2;
         }
         self.dirty = true;
+    }
+
+    /// A message without an update (an ack that could not wait) took `wire_bytes` on the
+    /// wire: it is paid from the same budget, so updates wait for it.
+    pub fn spent(&mut self, wire_bytes: usize) {
+        // A debt of at most a second's budget: past that, acks are paid for by nobody.
+        self.credit = (self.credit - wire_bytes as f64 * 8.0).max(-self.cfg.budget_bps);
+        self.side_bits += wire_bytes as f64 * 8.0;
+    }
+
+    /// What updates may spend: the budget less what acks took over the last second (they
+    /// are never left more than half of it).
+    fn update_budget(&self) -> f64 {
+        (self.cfg.budget_bps - self.side_bps).max(self.cfg.budget_bps / 2.0)
     }
 
     /// The rate `peer` is served at, updates a second, as of the last [`Scheduler::tick`].
@@ -132,7 +171,8 @@ impl Scheduler {
         }
         let total =
             |slots: &BTreeMap<NodeId, Slot>| slots.values().map(|s| f64::from(s.rate) * s.cost_bits).sum::<f64>();
-        let mut excess = total(&self.slots) - self.cfg.budget_bps;
+        let budget = self.update_budget();
+        let mut excess = total(&self.slots) - budget;
         if excess <= 0.0 {
             return;
         }
@@ -153,7 +193,7 @@ impl Scheduler {
             }
         }
         // Everyone at the least and still too much: all slow down together.
-        let scale = (self.cfg.budget_bps / total(&self.slots)) as f32;
+        let scale = (budget / total(&self.slots)) as f32;
         for s in self.slots.values_mut() {
             s.rate *= scale;
         }
@@ -162,22 +202,30 @@ impl Scheduler {
     /// The neighbours to send an update to at `now`, most overdue first; call [`Scheduler::sent`]
     /// for each one served.
     pub fn tick(&mut self, now: Instant) -> Vec<NodeId> {
+        let dt = self.last_tick.map_or(Duration::ZERO, |t| now.saturating_duration_since(t)).as_secs_f64();
+        self.last_tick = Some(now);
+        let since = *self.side_since.get_or_insert(now);
+        let window = now.saturating_duration_since(since).as_secs_f64();
+        if window >= 1.0 {
+            self.side_bps = self.side_bits / window;
+            self.side_bits = 0.0;
+            self.side_since = Some(now);
+            self.dirty = true;
+        }
         // Fitted once a tick, however many distances and costs changed since.
         if std::mem::take(&mut self.dirty) {
             self.rebalance();
         }
-        let dt = self.last_tick.map_or(Duration::ZERO, |t| now.saturating_duration_since(t)).as_secs_f64();
-        self.last_tick = Some(now);
         self.credit = (self.credit + self.cfg.budget_bps * dt).min(self.cfg.budget_bps / 10.0);
         for s in self.slots.values_mut() {
             // Owed sends are capped, so that a neighbour held back does not get a burst.
             s.owed = (s.owed + f64::from(s.rate) * dt).min(2.0);
         }
-        let mut due: Vec<(NodeId, f64)> =
-            self.slots.iter().filter(|(_, s)| s.owed >= 1.0).map(|(&p, s)| (p, s.owed)).collect();
-        due.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        let mut due: Vec<(NodeId, f64, Option<Instant>)> =
+            self.slots.iter().filter(|(_, s)| s.owed >= 1.0).map(|(&p, s)| (p, s.owed, s.last_sent)).collect();
+        due.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.2.cmp(&b.2)).then(a.0.cmp(&b.0)));
         let mut out = Vec::new();
-        for (p, _) in due {
+        for (p, _, _) in due {
             let Some(s) = self.slots.get_mut(&p) else { continue };
             if s.cost_bits > self.credit {
                 break;
@@ -185,6 +233,7 @@ impl Scheduler {
             self.credit -= s.cost_bits;
             s.owed -= 1.0;
             s.sends += 1;
+            s.last_sent = Some(now);
             out.push(p);
         }
         out
