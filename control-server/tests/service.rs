@@ -89,6 +89,7 @@ impl Client {
             game: vec![],
             links: vec![],
             lost: vec![],
+            observed: vec![],
         };
         self.send(&ClientToControl::Report(Box::new(r))).await;
     }

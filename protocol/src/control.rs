@@ -242,6 +242,21 @@ pub struct Report {
     pub links: Vec<LinkReport>,
     /// Peers whose connection was lost since the last report.
     pub lost: Vec<NodeId>,
+    /// The newest avatar position received from each neighbour since the last report: what
+    /// the control server compares with that neighbour's own reports.
+    pub observed: Vec<ObservedAvatar>,
+}
+
+/// A neighbour's avatar as an observer received it.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ObservedAvatar {
+    /// The neighbour.
+    pub peer: NodeId,
+    /// How long before the report it arrived, milliseconds (on the observer's clock, so no
+    /// clock needs to agree with another).
+    pub age_ms: u32,
+    /// Where it was.
+    pub position: [f32; 3],
 }
 
 /// From a relay node to the control server (on connections with ALPN `shoal-relay/1`).
@@ -305,6 +320,7 @@ mod tests {
                 auth_failures: 0,
             }],
             lost: vec![NodeId([3; 8])],
+            observed: vec![ObservedAvatar { peer: NodeId([4; 8]), age_ms: 120, position: [1.0, 2.0, 3.0] }],
         }
     }
 

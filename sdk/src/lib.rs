@@ -21,13 +21,14 @@ pub mod profile;
 pub mod session;
 pub mod vc;
 
+pub use avatar::{AvatarEvent, AvatarState};
 pub use driver::{Client, ClientError, ClientEvent, NodeHandle, NodeStatus};
 pub use node::{Event, MAX_VCS_PER_PEER, Node, NodeCounters, NodeError, PeerInfo, Traffic, VcKey};
 pub use path::{PathId, PathInfo, PathKind, PathStats, SwitchReason};
 pub use profile::{Delivery, Policy, Profile, ProfileConfig};
 pub use session::{
-    LinkCommand, LinkId, MAX_STATE_REPORT, NodeCommand, NodeOutcome, PlayerState, Session, SessionConfig, SessionCore,
-    SessionCounters, SessionError, SessionEvent, StartFailure, StateError,
+    AvatarConfig, LinkCommand, LinkId, MAX_STATE_REPORT, NodeCommand, NodeOutcome, PlayerState, Session, SessionConfig,
+    SessionCore, SessionCounters, SessionError, SessionEvent, StartFailure, StateError,
 };
 pub use shoal_link::{LinkError, Trust, TrustError};
 pub use shoal_mesh::endpoint::Path;

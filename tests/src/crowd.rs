@@ -1,33 +1,34 @@
 //! A crowd on real sockets, as a user would run one: a control server (in this process, on
 //! loopback), a relay process, and N players signing in through the public `Session` API,
-//! standing together so that each is introduced to its nearest neighbours, and sending a
-//! 20-byte avatar update on the realtime VC to every neighbour 30 times a second. After a
-//! warm-up, each player's traffic is read from its node over a window: datagrams and bytes a
-//! second it sends and receives, the share that is the mesh's own overhead, and how often its
-//! VCs changed path; with the CPU this process spent.
+//! moving together in a square of 20 m (by the movement model) so that each is introduced to
+//! its nearest neighbours, and setting their avatar 30 times a second; the session serves it
+//! to every neighbour. After a warm-up, each player's traffic is read from its node over a
+//! window: datagrams and bytes a second it sends and receives, the share that is the mesh's own
+//! overhead, and how often its VCs changed path; with the CPU this process spent, and what each
+//! player showed of its neighbours' avatars at the start and the end of the window.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use glam::Vec3;
 use shoal_control::auth::{HashCost, StoreAccounts};
 use shoal_control::core::CoreConfig;
 use shoal_control::limit::RateLimit;
 use shoal_control::server::{self, ServerConfig};
 use shoal_control::store::Store;
 use shoal_control::tls::ServerIdentity;
-use shoal_protocol::Identity;
 use shoal_protocol::control::RelayInfo;
-use shoal_sdk::{
-    Event, PlayerState, Session, SessionConfig, SessionEvent, SwitchReason, Traffic, Trust, VcEvent, VcKey,
-};
+use shoal_protocol::{Identity, NodeId};
+use shoal_sdk::avatar::movement::Mover;
+use shoal_sdk::{AvatarEvent, Event, Session, SessionConfig, SessionEvent, SwitchReason, Traffic, Trust, VcEvent};
 use tokio::sync::mpsc;
 
 use crate::procs::start_relay;
 
 /// What a crowd run measured, summed over the players.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct CrowdRun {
     /// Players.
     pub players: usize,
@@ -39,16 +40,35 @@ pub struct CrowdRun {
     pub sent: Traffic,
     /// What they received.
     pub received: Traffic,
-    /// Updates they sent and received over the window.
+    /// Avatar updates they sent and received over the window.
     pub messages_sent: u64,
     /// See `messages_sent`.
     pub messages_received: u64,
+    /// Avatar messages (updates and acks) they sent over the window, and their bytes: the
+    /// avatar payload of [`CrowdRun::sent`].
+    pub avatar_messages: u64,
+    /// See `avatar_messages`.
+    pub avatar_bytes: u64,
+    /// Per player at the end of the window: its neighbours, the neighbours whose avatar it
+    /// shows, and of those the ones shown somewhere else than at the window's start.
+    pub views: Vec<View>,
     /// Path changes on their VCs over the window because a path failed (silent, lossy, ...).
     pub path_changes: u64,
     /// Path changes over the window to a path that measured better.
     pub upgrades: u64,
     /// CPU seconds this process (players and control server) spent over the window.
     pub cpu_secs: f64,
+}
+
+/// What one player showed of its neighbours.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct View {
+    /// Neighbours introduced and not parted.
+    pub neighbours: usize,
+    /// Of them, those whose avatar is shown.
+    pub shown: usize,
+    /// Of those, the ones shown at least 10 cm from where they were at the window's start.
+    pub moved: usize,
 }
 
 /// CPU seconds this process has spent (user and system), from /proc.
@@ -83,13 +103,17 @@ fn sub(a: Traffic, b: Traffic) -> Traffic {
 }
 
 /// Counts a player kept while it ran.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone)]
 struct Tally {
     sent: u64,
     received: u64,
+    avatar_messages: u64,
+    avatar_bytes: u64,
     path_changes: u64,
     upgrades: u64,
     neighbours: usize,
+    /// Where each neighbour's avatar is shown now.
+    shown: BTreeMap<NodeId, Vec3>,
 }
 
 enum Ask {
@@ -97,25 +121,18 @@ enum Ask {
     Stop,
 }
 
-/// One player: signs in at `x`, sends to its neighbours every `every`, answers snapshots.
-async fn player(session: Session, every: Duration, mut asks: mpsc::UnboundedReceiver<Ask>) {
+/// One player: moves by `mover`, sets its avatar every `every`, answers snapshots.
+async fn player(session: Session, mut mover: Mover, every: Duration, mut asks: mpsc::UnboundedReceiver<Ask>) {
     let mut session = session;
     let mut tick = tokio::time::interval(every);
-    let mut vcs: BTreeSet<VcKey> = BTreeSet::new();
+    let mut neighbours = 0usize;
     let mut tally = Tally::default();
-    let update = [0x5au8; 20];
     loop {
         tokio::select! {
             ev = session.next() => match ev {
-                Some(SessionEvent::Introduced { vcs: opened, .. }) => {
-                    vcs.extend(opened.into_iter().filter(|k| k.vc.0 == 1));
-                }
-                Some(SessionEvent::Farewell { closed, .. }) => {
-                    for k in closed {
-                        vcs.remove(&k);
-                    }
-                }
-                Some(SessionEvent::Message(..)) => tally.received += 1,
+                Some(SessionEvent::Introduced { .. }) => neighbours += 1,
+                Some(SessionEvent::Farewell { .. }) => neighbours = neighbours.saturating_sub(1),
+                Some(SessionEvent::Avatar(AvatarEvent::Left(_))) => {}
                 Some(SessionEvent::Node(Event::Vc(_, VcEvent::PathChanged { reason, .. }))) => match reason {
                     SwitchReason::Initial => {}
                     SwitchReason::Better => tally.upgrades += 1,
@@ -124,18 +141,17 @@ async fn player(session: Session, every: Duration, mut asks: mpsc::UnboundedRece
                 Some(_) => {}
                 None => return,
             },
-            _ = tick.tick() => {
-                for &k in &vcs {
-                    if session.send(k, update.to_vec()).await.is_ok() {
-                        tally.sent += 1;
-                    }
-                }
-            }
+            _ = tick.tick() => session.set_avatar(mover.step(every.as_secs_f32())),
             a = asks.recv() => match a {
                 Some(Ask::Snapshot(tx)) => {
-                    tally.neighbours = vcs.len();
+                    tally.neighbours = neighbours;
+                    let c = session.avatar_counters().await;
+                    (tally.sent, tally.received) = (c.updates_sent, c.updates_received);
+                    (tally.avatar_messages, tally.avatar_bytes) = (c.messages_sent, c.bytes_sent);
+                    tally.shown =
+                        session.avatars(Instant::now()).await.into_iter().map(|(p, s)| (p, s.position)).collect();
                     let st = session.status().await.unwrap_or_default();
-                    let _ = tx.send((st.sent, st.received, tally));
+                    let _ = tx.send((st.sent, st.received, tally.clone()));
                 }
                 Some(Ask::Stop) | None => {
                     session.sign_out().await;
@@ -183,14 +199,11 @@ pub async fn crowd(dir: &Path, players: usize, warmup: Duration, window: Duratio
         let mut c = SessionConfig::new(server.addr, Trust::Pinned(fingerprint), &format!("p{i}"), "pw", id);
         c.mesh_bind = "127.0.0.1:0".parse().expect("address");
         let session = Session::start(c).await.expect("sign-in");
-        // Standing together, within everyone's radius.
-        let x = (i % 10) as f32;
-        let y = (i / 10) as f32;
-        session
-            .set_state(PlayerState { position: [x, y, 0.0], status: "playing".into(), ..Default::default() })
-            .expect("a small state fits a report");
+        // Together, within everyone's radius.
+        let mover = Mover::around(i as u64, Vec3::ZERO, 20.0);
+        session.set_avatar(mover.state());
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(player(session, every, rx));
+        tokio::spawn(player(session, mover, every, rx));
         handles.push(tx);
     }
     tokio::time::sleep(warmup).await;
@@ -205,24 +218,41 @@ pub async fn crowd(dir: &Path, players: usize, warmup: Duration, window: Duratio
             .collect();
         async move {
             let mut total = (Traffic::default(), Traffic::default(), Tally::default());
+            let mut each = Vec::new();
             for rx in asks {
                 if let Ok((s, r, t)) = rx.await {
                     total.0 = add(total.0, s);
                     total.1 = add(total.1, r);
                     total.2.sent += t.sent;
                     total.2.received += t.received;
+                    total.2.avatar_messages += t.avatar_messages;
+                    total.2.avatar_bytes += t.avatar_bytes;
                     total.2.path_changes += t.path_changes;
                     total.2.upgrades += t.upgrades;
                     total.2.neighbours += t.neighbours;
+                    each.push(t);
                 }
             }
-            total
+            (total.0, total.1, total.2, each)
         }
     };
-    let (s0, r0, t0) = snapshot(&handles).await;
+    let (s0, r0, t0, before) = snapshot(&handles).await;
     let (cpu0, wall0) = (cpu_secs(), Instant::now());
     tokio::time::sleep(window).await;
-    let (s1, r1, t1) = snapshot(&handles).await;
+    let (s1, r1, t1, after) = snapshot(&handles).await;
+    let views = before
+        .iter()
+        .zip(&after)
+        .map(|(b, a)| View {
+            neighbours: a.neighbours,
+            shown: a.shown.len(),
+            moved: a
+                .shown
+                .iter()
+                .filter(|(p, now)| b.shown.get(p).is_some_and(|was| was.distance(**now) > 0.1))
+                .count(),
+        })
+        .collect();
     let (cpu1, secs) = (cpu_secs(), wall0.elapsed().as_secs_f64());
     for h in &handles {
         let _ = h.send(Ask::Stop);
@@ -238,6 +268,9 @@ pub async fn crowd(dir: &Path, players: usize, warmup: Duration, window: Duratio
         received: sub(r1, r0),
         messages_sent: t1.sent - t0.sent,
         messages_received: t1.received - t0.received,
+        avatar_messages: t1.avatar_messages - t0.avatar_messages,
+        avatar_bytes: t1.avatar_bytes - t0.avatar_bytes,
+        views,
         path_changes: t1.path_changes - t0.path_changes,
         upgrades: t1.upgrades - t0.upgrades,
         cpu_secs: cpu1 - cpu0,

@@ -24,7 +24,7 @@ use shoal_mesh::clock::WallClock;
 use shoal_mesh::router::{Rate, Router, RouterConfig, Verdict};
 use shoal_mesh::wire::{Datagram, Kind};
 use shoal_protocol::{Identity, Roles, SignedTicket, TicketBody, TicketKind, UnixTime};
-use shoal_sdk::{Event, Node, NodeOutcome, SessionCore, SessionEvent};
+use shoal_sdk::{Event, Node, NodeOutcome, SessionCore, SessionEvent, VcKey};
 
 use self::control::ControlPlane;
 pub use self::control::{CONTROL_ADDR, ControlConfig, ControlStats};
@@ -571,6 +571,17 @@ impl Sim {
                 while let Some(e) = n.poll_event() {
                     busy = true;
                     s.handle_node_event(now, e);
+                }
+                // Messages on the avatar VC are the session's, as the tokio driver hands them.
+                if let Some(vc) = s.avatar_vc() {
+                    let peers: Vec<_> = s.avatar_mesh().map(|m| m.neighbours().collect()).unwrap_or_default();
+                    for peer in peers {
+                        let key = VcKey { peer, vc };
+                        while let Some(m) = n.recv(key) {
+                            busy = true;
+                            s.handle_avatar_message(now, peer, &m);
+                        }
+                    }
                 }
                 while let Some(c) = s.poll_command() {
                     busy = true;

@@ -5,14 +5,16 @@
 //! the core's farewells close them. Everything comes from the seed, so the same seed gives the
 //! same world.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
+use glam::Vec3;
 use rand::rngs::Xoshiro256PlusPlus;
 use rand::{RngExt, SeedableRng};
 use shoal_control::interest::{InterestConfig, InterestError};
 use shoal_protocol::NodeId;
-use shoal_sdk::{CloseReason, Event, PlayerState, SessionEvent, VcEvent, VcKey};
+use shoal_sdk::avatar::movement::Mover;
+use shoal_sdk::{AvatarConfig, AvatarEvent, CloseReason, Event, PlayerState, SessionEvent, VcEvent, VcKey};
 
 use crate::link::LinkConfig;
 use crate::sim::{ControlConfig, HostId, Sim};
@@ -43,7 +45,20 @@ pub struct WorldSpec {
     pub control: ControlConfig,
     /// How often sessions report.
     pub report_every: Duration,
+    /// Whether players serve avatars (moving by the movement model, one `set_avatar` a frame)
+    /// instead of walking between waypoints; their avatar VC then carries no test messages.
+    pub avatars: bool,
+    /// With avatars: players gather in this many clusters (0: spread over the world).
+    pub clusters: usize,
+    /// Side of a cluster's square.
+    pub cluster_side: f32,
+    /// With avatars: the first this many players lie, serving their avatar [`LIE`] metres
+    /// east of where they are while reporting where they are.
+    pub liars: usize,
 }
+
+/// How far east of the truth a lying player serves its avatar, metres.
+pub const LIE: f32 = 100.0;
 
 impl WorldSpec {
     /// `players` in a square sized so that a player has about [`DENSITY`] others within the
@@ -63,6 +78,23 @@ impl WorldSpec {
             link_latency: Duration::from_millis(20),
             control,
             report_every: Duration::from_secs(1),
+            avatars: false,
+            clusters: 0,
+            cluster_side: 40.0,
+            liars: 0,
+        }
+    }
+
+    /// `players` serving avatars at a 30 Hz game frame, gathered in clusters of about 20 (a
+    /// square of 40 m each, so that most players have the default 16 neighbours), with no
+    /// test messages on the reliable VCs but one every 5 s.
+    pub fn avatars(players: usize) -> WorldSpec {
+        WorldSpec {
+            avatars: true,
+            clusters: players.div_ceil(20),
+            frame: Duration::from_micros(33_333),
+            message_every: Duration::from_secs(5),
+            ..WorldSpec::new(players)
         }
     }
 
@@ -101,6 +133,66 @@ pub struct WorldStats {
     pub control_lost: u64,
     /// Refusals from the control server.
     pub refusals: u64,
+    /// Neighbours' avatars that appeared (one per introduction whose avatar came).
+    pub avatars_appeared: u64,
+    /// Avatars that appeared, or updates that came, from a player not introduced.
+    pub avatars_from_strangers: u64,
+    /// Avatars that left.
+    pub avatars_left: u64,
+}
+
+/// What players saw of each other's avatars, sampled every few frames.
+#[derive(Debug, Clone, Default)]
+pub struct AvatarStats {
+    /// From an introduction to the neighbour's avatar appearing, per introduction whose avatar
+    /// came.
+    pub appear_delays: Vec<Duration>,
+    /// Introductions older than the run's appearance bound whose avatar had not appeared.
+    pub never_appeared: u64,
+    /// Distance between a shown avatar and where that player was at the time shown, metres.
+    pub errors: Vec<f32>,
+    /// Age of the newest update a player holds from a neighbour within the near radius.
+    pub near_staleness: Vec<Duration>,
+    /// The same for farther neighbours.
+    pub far_staleness: Vec<Duration>,
+}
+
+impl AvatarStats {
+    /// The `q`-quantile (0 to 1) of `v`, sorting it; `None` when empty.
+    pub fn quantile<T: Copy + PartialOrd>(v: &mut [T], q: f64) -> Option<T> {
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+        let i = ((v.len() as f64 - 1.0) * q).round() as usize;
+        v.get(i).copied()
+    }
+}
+
+/// Where a player was: its positions over the last seconds, by time since its session's
+/// avatar clock started.
+#[derive(Debug, Default)]
+struct Trail {
+    points: VecDeque<(f64, Vec3)>,
+}
+
+/// Seconds of trail kept: more than any interpolation delay.
+const TRAIL_SECS: f64 = 3.0;
+
+impl Trail {
+    fn push(&mut self, t: f64, p: Vec3) {
+        self.points.push_back((t, p));
+        while self.points.front().is_some_and(|&(t0, _)| t - t0 > TRAIL_SECS) {
+            self.points.pop_front();
+        }
+    }
+
+    /// The position at `t`, between the two frames around it.
+    fn at(&self, t: f64) -> Option<Vec3> {
+        let i = self.points.iter().position(|&(ti, _)| ti >= t)?;
+        if i == 0 {
+            return (self.points[0].0 - t < 0.05).then_some(self.points[0].1);
+        }
+        let ((t0, a), (t1, b)) = (self.points[i - 1], self.points[i]);
+        Some(a.lerp(b, ((t - t0) / (t1 - t0)) as f32))
+    }
 }
 
 #[derive(Debug)]
@@ -113,6 +205,12 @@ struct Player {
     neighbours: BTreeMap<NodeId, Vec<VcKey>>,
     next_send: Instant,
     seq: u64,
+    /// With avatars: how it moves, where it was, and when its session's avatar clock started.
+    mover: Option<Mover>,
+    trail: Trail,
+    epoch: Instant,
+    /// Neighbours introduced whose avatar has not appeared yet, since when.
+    awaiting: BTreeMap<NodeId, Instant>,
 }
 
 /// N players moving in a world. See the module docs.
@@ -127,6 +225,8 @@ pub struct World {
     rng: Xoshiro256PlusPlus,
     stats: WorldStats,
     walking: bool,
+    avatar_stats: AvatarStats,
+    frames: u64,
 }
 
 impl World {
@@ -143,25 +243,71 @@ impl World {
         let mut players = Vec::with_capacity(spec.players);
         let mut index = BTreeMap::new();
         let now = sim.now();
+        // Cluster centres, away from the world's edges.
+        let centres: Vec<Vec3> = (0..spec.clusters)
+            .map(|_| Vec3::new(rng.random_range(0.2..0.8) * spec.side, 0.0, rng.random_range(0.2..0.8) * spec.side))
+            .collect();
         for i in 0..spec.players {
             let (account, password) = (format!("player{i}"), format!("password{i}"));
             sim.add_account(&account, &password);
-            let report_every = spec.report_every;
-            let host = sim.add_player(&account, &password, |c| c.report_every = report_every);
+            let (report_every, avatars) = (spec.report_every, spec.avatars);
+            let host = sim.add_player(&account, &password, |c| {
+                c.report_every = report_every;
+                c.avatars = avatars.then(AvatarConfig::default);
+            });
             let id = sim.node(host).id();
             index.insert(id, i);
             let mut place = || [rng.random_range(0.0..spec.side), rng.random_range(0.0..spec.side)];
             let (at, to) = (place(), place());
+            let mover = spec.avatars.then(|| match centres.get(i % spec.clusters.max(1)) {
+                Some(&c) => Mover::around(rng.random(), c, spec.cluster_side),
+                None => Mover::around(rng.random(), Vec3::new(at[0], 0.0, at[1]), spec.side),
+            });
             // Spread the players' sending over the interval.
             let next_send = now + spec.message_every.mul_f64(rng.random::<f64>());
-            players.push(Player { host, id, at, to, neighbours: BTreeMap::new(), next_send, seq: 0 });
+            players.push(Player {
+                host,
+                id,
+                at,
+                to,
+                neighbours: BTreeMap::new(),
+                next_send,
+                seq: 0,
+                mover,
+                trail: Trail::default(),
+                epoch: now,
+                awaiting: BTreeMap::new(),
+            });
         }
-        Ok(World { sim, spec, players, index, rng, stats: WorldStats::default(), walking: true })
+        Ok(World {
+            sim,
+            spec,
+            players,
+            index,
+            rng,
+            stats: WorldStats::default(),
+            walking: true,
+            avatar_stats: AvatarStats::default(),
+            frames: 0,
+        })
     }
 
     /// The spec it was built from.
     pub fn spec(&self) -> &WorldSpec {
         &self.spec
+    }
+
+    /// What players saw of each other's avatars so far; introductions still waiting for
+    /// their avatar count as never appeared once older than `bound`.
+    pub fn avatar_stats(&self, bound: Duration) -> AvatarStats {
+        let now = self.sim.now();
+        let waiting = self.players.iter().flat_map(|p| p.awaiting.values()).filter(|&&t| now - t > bound);
+        AvatarStats { never_appeared: waiting.count() as u64, ..self.avatar_stats.clone() }
+    }
+
+    /// Player `i`'s avatar now, with avatars.
+    pub fn avatar(&self, i: usize) -> Option<Vec3> {
+        self.players[i].mover.as_ref().map(|m| m.state().position)
     }
 
     /// Players stop (or start again) walking; they keep reporting and sending.
@@ -229,11 +375,28 @@ impl World {
     /// sends what is due and reads what arrived.
     fn frame(&mut self) {
         self.take_events();
+        self.frames += 1;
+        // Ten samples a second.
+        if self.spec.avatars && self.frames.is_multiple_of((100 / self.spec.frame.as_millis().max(1)).max(1) as u64) {
+            self.sample_avatars();
+        }
         let now = self.sim.now();
         let step = self.spec.speed * self.spec.frame.as_secs_f32();
         let size = self.spec.message_size.max(12);
+        let dt = self.spec.frame.as_secs_f32();
+        let avatar_vc = self.spec.avatars.then(|| AvatarConfig::default().vc);
         for (i, p) in self.players.iter_mut().enumerate() {
-            if self.walking {
+            if let Some(m) = &mut p.mover {
+                let s = if self.walking { m.step(dt) } else { m.state() };
+                p.at = [s.position.x, s.position.z];
+                p.trail.push(now.saturating_duration_since(p.epoch).as_secs_f64(), s.position);
+                let mut served = s;
+                if i < self.spec.liars {
+                    served.position.x += LIE;
+                }
+                // The report's position comes from the state set below, the truth.
+                self.sim.session_mut(p.host).set_avatar(now, served);
+            } else if self.walking {
                 let (dx, dz) = (p.to[0] - p.at[0], p.to[1] - p.at[1]);
                 let left = (dx * dx + dz * dz).sqrt();
                 if left <= step {
@@ -243,14 +406,14 @@ impl World {
                     p.at = [p.at[0] + dx / left * step, p.at[1] + dz / left * step];
                 }
             }
-            let state =
-                PlayerState { position: [p.at[0], 0.0, p.at[1]], status: "playing".into(), ..Default::default() };
+            let y = p.mover.as_ref().map_or(0.0, |m| m.state().position.y);
+            let state = PlayerState { position: [p.at[0], y, p.at[1]], status: "playing".into(), ..Default::default() };
             // A small state always fits a report.
             let _ = self.sim.session_mut(p.host).set_state(state);
             if now >= p.next_send {
                 p.next_send += self.spec.message_every;
                 let node = self.sim.node(p.host);
-                for key in p.neighbours.values().flatten() {
+                for key in p.neighbours.values().flatten().filter(|k| Some(k.vc) != avatar_vc) {
                     p.seq += 1;
                     match node.send(*key, message(i as u32, p.seq, size)) {
                         Ok(()) => self.stats.messages_sent += 1,
@@ -260,7 +423,7 @@ impl World {
                 self.sim.flush(p.host);
             }
             let node = self.sim.node(p.host);
-            for key in p.neighbours.values().flatten() {
+            for key in p.neighbours.values().flatten().filter(|k| Some(k.vc) != avatar_vc) {
                 while let Some(m) = node.recv(*key) {
                     let from = m.get(..4).and_then(|b| b.try_into().ok()).map(u32::from_be_bytes);
                     let sender = from.and_then(|f| self.index.get(&key.peer).filter(|&&s| s == f as usize));
@@ -274,12 +437,37 @@ impl World {
         }
     }
 
+    /// Compares what every player shows of its neighbours with where they were at the time
+    /// shown, and how old its newest update from each is.
+    fn sample_avatars(&mut self) {
+        let now = self.sim.now();
+        let near = AvatarConfig::default().rates.near;
+        for i in 0..self.players.len() {
+            let session = self.sim.session(self.players[i].host);
+            let Some(mesh) = session.avatar_mesh() else { continue };
+            let me = self.players[i].mover.as_ref().map(|m| m.state().position);
+            for (peer, at, _) in mesh.received() {
+                let Some(&j) = self.index.get(&peer).filter(|&&j| j >= self.spec.liars) else { continue };
+                let (Some(shown), Some(t)) = (mesh.avatar_of(peer, now), mesh.render_time_of(peer, now)) else {
+                    continue;
+                };
+                if let Some(truth) = self.players[j].trail.at(t) {
+                    self.avatar_stats.errors.push(shown.position.distance(truth));
+                }
+                let age = now.saturating_duration_since(at);
+                let close = me.is_some_and(|m| m.distance(shown.position) <= near);
+                if close { &mut self.avatar_stats.near_staleness } else { &mut self.avatar_stats.far_staleness }
+                    .push(age);
+            }
+        }
+    }
+
     fn take_events(&mut self) {
         let interest = self.spec.interest();
         // Both positions may be a report interval and the control plane's latency old.
         let stale = self.spec.report_every + self.spec.control.tick + 4 * self.spec.control.latency;
         let margin = 2.0 * self.spec.speed * stale.as_secs_f32();
-        for (_, host, e) in self.sim.take_session_events() {
+        for (at, host, e) in self.sim.take_session_events() {
             let Some(i) = self.player_of(host) else { continue };
             match e {
                 SessionEvent::Introduced { peer, vcs } => {
@@ -289,12 +477,31 @@ impl World {
                         self.stats.far_introductions += 1;
                     }
                     self.players[i].neighbours.insert(peer, vcs);
+                    if self.spec.avatars {
+                        self.players[i].awaiting.insert(peer, at);
+                    }
                 }
                 SessionEvent::Farewell { peer, closed } => {
                     self.stats.farewells += 1;
                     self.stats.vcs_closed += closed.len() as u64;
                     self.players[i].neighbours.remove(&peer);
+                    self.players[i].awaiting.remove(&peer);
                 }
+                SessionEvent::Avatar(AvatarEvent::Appeared(peer, _)) => {
+                    self.stats.avatars_appeared += 1;
+                    if let Some(since) = self.players[i].awaiting.remove(&peer) {
+                        self.avatar_stats.appear_delays.push(at - since);
+                    }
+                    if !self.players[i].neighbours.contains_key(&peer) {
+                        self.stats.avatars_from_strangers += 1;
+                    }
+                }
+                SessionEvent::Avatar(AvatarEvent::Updated(peer, _))
+                    if !self.players[i].neighbours.contains_key(&peer) =>
+                {
+                    self.stats.avatars_from_strangers += 1;
+                }
+                SessionEvent::Avatar(AvatarEvent::Left(_)) => self.stats.avatars_left += 1,
                 SessionEvent::Node(Event::Vc(_, VcEvent::Closed(reason)))
                     if !matches!(reason, CloseReason::Local | CloseReason::Peer) =>
                 {

@@ -859,6 +859,7 @@ fn report_for(i: usize) -> Report {
         game: vec![],
         links,
         lost: vec![],
+        observed: vec![],
     }
 }
 

@@ -38,6 +38,10 @@ use crate::store::{Character, ReportRow};
 /// A connection's handle, chosen by the driver.
 pub type ConnId = u64;
 
+/// How long accepted positions are kept to check observations against, and mismatches
+/// counted towards a quorum.
+pub const OBSERVE_WINDOW: Duration = Duration::from_secs(10);
+
 /// How the core behaves.
 #[derive(Debug, Clone)]
 pub struct CoreConfig {
@@ -56,6 +60,14 @@ pub struct CoreConfig {
     pub speed_slack: Duration,
     /// Flags after which a client is cut off.
     pub max_flags: u32,
+    /// Slack for comparing an avatar a neighbour observed with the served player's own
+    /// reports: the observation's and the reports' delivery, and the observer's interpolation.
+    /// A served position farther from every nearby report than [`CoreConfig::max_speed`]
+    /// allows over their time apart plus this is a mismatch.
+    pub observe_slack: Duration,
+    /// Distinct observers whose mismatches within [`OBSERVE_WINDOW`] flag the served player,
+    /// so that one lying observer cannot get an honest player flagged.
+    pub observe_quorum: usize,
     /// Failed sign-ins on one connection before it is closed.
     pub max_sign_in_failures: u32,
     /// Introductions.
@@ -78,6 +90,8 @@ impl Default for CoreConfig {
             max_speed: 20.0,
             speed_slack: Duration::from_millis(250),
             max_flags: 3,
+            observe_slack: Duration::from_secs(1),
+            observe_quorum: 2,
             max_sign_in_failures: 5,
             interest: InterestConfig::default(),
             relays: Vec::new(),
@@ -144,6 +158,15 @@ pub struct CoreCounters {
     pub unknown_builds: u64,
     /// Clients cut off for implausible reports.
     pub cut_off: u64,
+    /// Neighbours' avatars observers reported.
+    pub observations: u64,
+    /// Observations not taken: of a player that is not the observer's neighbour, not signed
+    /// in, or older than the position history.
+    pub observations_refused: u64,
+    /// Observations that disagree with the served player's own reports.
+    pub avatar_mismatches: u64,
+    /// Flags raised because a quorum of observers saw an avatar its player's reports deny.
+    pub avatar_flags: u64,
     /// Clients gone silent.
     pub lost: u64,
     /// Introductions sent (one per side).
@@ -171,8 +194,10 @@ pub struct PlayerState {
     pub observed: Option<SocketAddr>,
     /// The status word of its latest report.
     pub status: Option<String>,
-    /// Implausible reports so far.
+    /// Flags so far: implausible reports, and avatars served that the reports deny.
     pub flags: u32,
+    /// Whether it has been flagged at all.
+    pub flagged: bool,
     /// Current neighbours, hex node ids.
     pub neighbours: Vec<String>,
 }
@@ -246,6 +271,11 @@ struct Player {
     relay_rtts: FxHashMap<NodeId, u32>,
     /// Last accepted position, and when the server received the report that gave it.
     position: Option<(Vec3, Instant)>,
+    /// Accepted positions of the last [`OBSERVE_WINDOW`], oldest first, for cross-checks.
+    history: VecDeque<(Instant, Vec3)>,
+    /// Observers whose observations disagreed with the reports, and when, within
+    /// [`OBSERVE_WINDOW`].
+    mismatches: Vec<(NodeId, Instant)>,
     flags: u32,
     permit_expires: UnixTime,
     last_report: Option<Report>,
@@ -380,6 +410,7 @@ impl Core {
                 observed: p.observed,
                 status: p.last_report.as_ref().map(|r| r.status.clone()),
                 flags: p.flags,
+                flagged: p.flags > 0,
                 neighbours: self.interest.neighbours(node).map(hex).collect(),
             });
             for l in p.last_report.iter().flat_map(|r| &r.links) {

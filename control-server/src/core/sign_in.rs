@@ -146,6 +146,8 @@ impl Core {
             local: Vec::new(),
             relay_rtts: FxHashMap::default(),
             position: None,
+            history: std::collections::VecDeque::new(),
+            mismatches: Vec::new(),
             flags: 0,
             permit_expires: permit.body.expires_at,
             last_report: None,

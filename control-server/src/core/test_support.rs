@@ -77,6 +77,7 @@ pub(super) fn report(seq: u64, ms: u64, pos: [f32; 3]) -> ClientToControl {
         game: vec![],
         links: vec![],
         lost: vec![],
+        observed: vec![],
     }))
 }
 

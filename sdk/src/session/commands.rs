@@ -9,6 +9,7 @@
 use std::net::SocketAddr;
 use std::time::Instant;
 
+use renet::Bytes;
 use shoal_mesh::bind::Transmit;
 use shoal_mesh::wire::VcId;
 use shoal_protocol::{NodeId, SignedTicket};
@@ -41,6 +42,9 @@ pub enum NodeCommand {
     /// The session signs out: tell the relays to let go of our bindings. Answered with
     /// [`NodeOutcome::Unbind`].
     UnbindRelays,
+    /// Send these messages, each on its VC (the avatar mesh's updates and acks). Answered
+    /// with [`NodeOutcome::Sent`].
+    Send(Vec<(VcKey, Bytes)>),
 }
 
 /// What the node answers to a [`NodeCommand`] that asks for an answer.
@@ -64,6 +68,12 @@ pub enum NodeOutcome {
     Status(Box<NodeStatus>),
     /// Unbind datagrams for the relays, to send at once (the tokio driver has sent them).
     Unbind(Vec<Transmit>),
+    /// Of the messages a [`NodeCommand::Send`] asked for, how many the node refused (their VC
+    /// closed, or its queue full).
+    Sent {
+        /// Refused messages.
+        refused: u64,
+    },
 }
 
 impl NodeCommand {
@@ -95,6 +105,10 @@ impl NodeCommand {
             NodeCommand::RemovePeer(peer) => Some(NodeOutcome::Removed { peer, closed: node.remove_peer(now, peer) }),
             NodeCommand::Status => Some(NodeOutcome::Status(Box::new(NodeStatus::of(node, now)))),
             NodeCommand::UnbindRelays => Some(NodeOutcome::Unbind(node.endpoint().unbind_all())),
+            NodeCommand::Send(messages) => {
+                let refused = messages.into_iter().map(|(key, m)| node.send(key, m)).filter(Result::is_err).count();
+                Some(NodeOutcome::Sent { refused: refused as u64 })
+            }
         }
     }
 }

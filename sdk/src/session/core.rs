@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use rand::RngExt;
 use rand::rngs::Xoshiro256PlusPlus;
+use renet::Bytes;
 use shoal_mesh::clock::WallClock;
 use shoal_mesh::endpoint::Path;
 use shoal_mesh::wire::{Route, VcId};
@@ -16,6 +17,8 @@ use shoal_protocol::{NodeId, SignedTicket};
 
 use super::commands::{NodeCommand, NodeOutcome};
 use super::{PlayerState, SessionConfig, SessionEvent, StateError, check_state};
+use crate::avatar::{AvatarMesh, AvatarState, MeshCounters};
+use crate::frame::SEALED_OVERHEAD;
 use crate::node::{Event, PeerInfo, VcKey};
 use crate::profile::{Profile, ProfileConfig};
 use crate::vc::{CloseReason, VcEvent};
@@ -23,6 +26,11 @@ use crate::vc::{CloseReason, VcEvent};
 /// Direct addresses of a neighbour punched at once: its observed address and its first local
 /// ones. Each costs a burst of probes per attempt.
 const MAX_DIRECT_CANDIDATES: usize = 4;
+
+/// Bytes a realtime VC datagram carries besides an avatar message, for the upload budget: the
+/// mesh header, the sealed frame's type, packet number, item kind and tag, and renet's header
+/// of an unreliable packet with one message (type, sequence, channel, count, length).
+const AVATAR_HEADER_BYTES: usize = shoal_mesh::wire::HEADER_LEN + SEALED_OVERHEAD + 9;
 
 /// Names one control connection of a session, so that what a driver reports about a
 /// connection the session has given up on (a late handshake, the last messages of a lost
@@ -116,6 +124,8 @@ pub struct SessionCounters {
     pub links_trimmed: u64,
     /// Lost peers left out of reports so that they fit a frame.
     pub lost_trimmed: u64,
+    /// Avatar messages the node refused (their VC closed or its queue full).
+    pub avatar_sends_refused: u64,
 }
 
 /// Where the control link stands.
@@ -178,6 +188,12 @@ pub struct SessionCore {
     commands: VecDeque<NodeCommand>,
     events: VecDeque<SessionEvent>,
     pub(super) counters: SessionCounters,
+    /// Our avatar served to the neighbours and theirs shown, unless avatars are off.
+    pub(super) avatars: Option<AvatarMesh>,
+    /// When the avatar mesh is next due.
+    avatar_wake: Option<Instant>,
+    /// Per neighbour, the arrival of the newest of its avatars a report carried.
+    pub(super) observed_sent: BTreeMap<NodeId, Instant>,
 }
 
 impl SessionCore {
@@ -185,7 +201,11 @@ impl SessionCore {
     /// is waiting). `clock` gives the Unix time of key proofs and reports; `rng` draws the
     /// reconnect jitter.
     pub fn new(now: Instant, cfg: SessionConfig, clock: WallClock, rng: Xoshiro256PlusPlus) -> SessionCore {
+        let avatars = cfg.avatars.map(|a| AvatarMesh::new(a.codec, a.interp, a.rates, AVATAR_HEADER_BYTES, now));
         let mut core = SessionCore {
+            avatars,
+            avatar_wake: None,
+            observed_sent: BTreeMap::new(),
             backoff: cfg.reconnect_min,
             cfg,
             clock,
@@ -267,9 +287,83 @@ impl SessionCore {
         Ok(())
     }
 
+    /// The player's avatar from now on: served to every neighbour at the rate its distance
+    /// and the upload budget allow, and its position reported to the control server.
+    pub fn set_avatar(&mut self, now: Instant, state: AvatarState) {
+        self.state.position = state.position.to_array();
+        if let Some(m) = &mut self.avatars {
+            m.set_avatar(state);
+        }
+        self.wake_avatars(now);
+    }
+
+    /// The VC avatars travel on, if the session serves them: the driver hands every message
+    /// on it to [`SessionCore::handle_avatar_message`] instead of the game.
+    pub fn avatar_vc(&self) -> Option<VcId> {
+        self.cfg.avatars.map(|a| a.vc)
+    }
+
+    /// A message arrived from `peer` on the avatar VC.
+    pub fn handle_avatar_message(&mut self, now: Instant, peer: NodeId, msg: &[u8]) {
+        if let Some(m) = &mut self.avatars {
+            m.handle_message(now, peer, msg);
+        }
+        self.take_avatar_events();
+        self.wake_avatars(now);
+    }
+
+    /// Neighbour `peer`'s avatar as shown at `now` (interpolated a little behind the newest
+    /// update), once it has appeared.
+    pub fn avatar_of(&self, peer: NodeId, now: Instant) -> Option<AvatarState> {
+        self.avatars.as_ref()?.avatar_of(peer, now)
+    }
+
+    /// Every shown neighbour's avatar at `now`, in id order.
+    pub fn avatars(&self, now: Instant) -> Vec<(NodeId, AvatarState)> {
+        let Some(m) = &self.avatars else { return Vec::new() };
+        m.neighbours().filter_map(|p| Some((p, m.avatar_of(p, now)?))).collect()
+    }
+
+    /// The avatar mesh, when avatars are on: its counters and the rates it serves at.
+    pub fn avatar_mesh(&self) -> Option<&AvatarMesh> {
+        self.avatars.as_ref()
+    }
+
+    /// The avatar mesh's counters (zero when avatars are off).
+    pub fn avatar_counters(&self) -> MeshCounters {
+        self.avatars.as_ref().map(AvatarMesh::counters).unwrap_or_default()
+    }
+
+    /// Sends what the avatar mesh has due, and reads when it is next due.
+    fn serve_avatars(&mut self, now: Instant) {
+        let (Some(m), Some(vc)) = (&mut self.avatars, self.cfg.avatars.map(|a| a.vc)) else { return };
+        if self.phase == Phase::Stopped {
+            return;
+        }
+        let out: Vec<(VcKey, Bytes)> =
+            m.poll_messages(now).into_iter().map(|(peer, msg)| (VcKey { peer, vc }, Bytes::from(msg))).collect();
+        if !out.is_empty() {
+            self.commands.push_back(NodeCommand::Send(out));
+        }
+        self.wake_avatars(now);
+    }
+
+    fn wake_avatars(&mut self, now: Instant) {
+        let stopped = self.phase == Phase::Stopped;
+        self.avatar_wake = self.avatars.as_ref().filter(|_| !stopped).and_then(|m| m.poll_timeout(now));
+    }
+
+    fn take_avatar_events(&mut self) {
+        let Some(m) = &mut self.avatars else { return };
+        while let Some(e) = m.poll_event() {
+            self.events.push_back(SessionEvent::Avatar(e));
+        }
+    }
+
     /// Signs out: the relays are told to let go of our bindings, the control server is told
     /// goodbye, and the link is finished. Nothing more is attempted.
     pub fn sign_out(&mut self, _now: Instant) {
+        self.avatar_wake = None;
         self.commands.push_back(NodeCommand::UnbindRelays);
         match self.phase {
             Phase::Up { link } => {
@@ -395,8 +489,26 @@ impl SessionCore {
     /// The node's answer to a [`NodeCommand`].
     pub fn handle_node_outcome(&mut self, now: Instant, outcome: NodeOutcome) {
         match outcome {
-            NodeOutcome::Introduced { peer, vcs } => self.events.push_back(SessionEvent::Introduced { peer, vcs }),
-            NodeOutcome::Removed { peer, closed } => self.events.push_back(SessionEvent::Farewell { peer, closed }),
+            NodeOutcome::Introduced { peer, vcs } => {
+                if let (Some(m), Some(vc)) = (&mut self.avatars, self.cfg.avatars.map(|a| a.vc))
+                    && vcs.iter().any(|k| k.vc == vc)
+                {
+                    // Where the neighbour is, we learn from its first update; until then it is
+                    // served as a near one, so that it sees us at once.
+                    m.set_neighbour(now, peer, 0.0);
+                    self.wake_avatars(now);
+                }
+                self.events.push_back(SessionEvent::Introduced { peer, vcs });
+            }
+            NodeOutcome::Removed { peer, closed } => {
+                if let Some(m) = &mut self.avatars {
+                    m.remove_neighbour(peer);
+                    self.take_avatar_events();
+                    self.wake_avatars(now);
+                }
+                self.events.push_back(SessionEvent::Farewell { peer, closed });
+            }
+            NodeOutcome::Sent { refused } => self.counters.avatar_sends_refused += refused,
             NodeOutcome::Status(status) => {
                 self.status_pending = false;
                 if let Phase::Up { link } = self.phase {
@@ -407,8 +519,12 @@ impl SessionCore {
         }
     }
 
-    /// Runs what is due: the next attempt after a backoff, an attempt's timeout, a report.
+    /// Runs what is due: the next attempt after a backoff, an attempt's timeout, a report,
+    /// avatar updates and acks.
     pub fn handle_timeout(&mut self, now: Instant) {
+        if self.avatar_wake.is_some_and(|t| t <= now) {
+            self.serve_avatars(now);
+        }
         match self.phase {
             Phase::Waiting { retry_at } if retry_at <= now => self.start_attempt(now),
             Phase::Connecting { deadline, .. } if deadline <= now => {
@@ -431,12 +547,13 @@ impl SessionCore {
     /// When [`SessionCore::handle_timeout`] is next due.
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Instant> {
-        match self.phase {
+        let link = match self.phase {
             Phase::Waiting { retry_at } => Some(retry_at),
             Phase::Connecting { deadline, .. } => Some(deadline),
             Phase::Up { .. } => self.next_report,
             Phase::Stopped => None,
-        }
+        };
+        link.into_iter().chain(self.avatar_wake).min()
     }
 
     /// The next thing to do on the control link.

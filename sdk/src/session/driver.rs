@@ -14,17 +14,21 @@ use shoal_mesh::clock::WallClock;
 use shoal_protocol::NodeId;
 use shoal_protocol::control::ControlToClient;
 use tokio::net::UdpSocket;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::{JoinError, JoinHandle};
 
 use super::{
     LinkCommand, LinkId, NodeCommand, PlayerState, SessionConfig, SessionCore, SessionError, SessionEvent,
     StartFailure, StateError, check_state,
 };
+use crate::avatar::{AvatarState, MeshCounters};
 use crate::driver::{Client, ClientEvent, NodeHandle};
 
 enum Cmd {
     SetState(PlayerState),
+    SetAvatar(AvatarState),
+    Avatars(Instant, oneshot::Sender<Vec<(NodeId, AvatarState)>>),
+    AvatarCounters(oneshot::Sender<MeshCounters>),
     SignOut,
 }
 
@@ -83,6 +87,29 @@ impl Session {
         check_state(&state)?;
         let _ = self.cmds.send(Cmd::SetState(state));
         Ok(())
+    }
+
+    /// The player's avatar from now on (call it every game tick): served to every neighbour
+    /// at the rate its distance and the upload budget allow, and its position reported to the
+    /// control server. Neighbours' avatars come as [`SessionEvent::Avatar`] events and from
+    /// [`Session::avatars`].
+    pub fn set_avatar(&self, state: AvatarState) {
+        let _ = self.cmds.send(Cmd::SetAvatar(state));
+    }
+
+    /// Every shown neighbour's avatar as drawn at `at` (interpolated a little behind the
+    /// newest update), in id order; empty once the session has stopped.
+    pub async fn avatars(&self, at: Instant) -> Vec<(NodeId, AvatarState)> {
+        let (tx, rx) = oneshot::channel();
+        let _ = self.cmds.send(Cmd::Avatars(at, tx));
+        rx.await.unwrap_or_default()
+    }
+
+    /// The avatar mesh's counters (zero once the session has stopped).
+    pub async fn avatar_counters(&self) -> MeshCounters {
+        let (tx, rx) = oneshot::channel();
+        let _ = self.cmds.send(Cmd::AvatarCounters(tx));
+        rx.await.unwrap_or_default()
     }
 
     /// The next event; `None` once the session has stopped.
@@ -242,7 +269,11 @@ impl Task {
                         self.core.handle_node_event(Instant::now(), e);
                     }
                     Some(ClientEvent::Message(k, m)) => {
-                        let _ = self.events.send(SessionEvent::Message(k, m));
+                        if self.core.avatar_vc() == Some(k.vc) {
+                            self.core.handle_avatar_message(Instant::now(), k.peer, &m);
+                        } else {
+                            let _ = self.events.send(SessionEvent::Message(k, m));
+                        }
                     }
                     None => return,
                 },
@@ -251,6 +282,13 @@ impl Task {
                     Some(Cmd::SetState(s)) => {
                         // Checked by Session::set_state already.
                         let _ = self.core.set_state(s);
+                    }
+                    Some(Cmd::SetAvatar(s)) => self.core.set_avatar(Instant::now(), s),
+                    Some(Cmd::Avatars(at, tx)) => {
+                        let _ = tx.send(self.core.avatars(at));
+                    }
+                    Some(Cmd::AvatarCounters(tx)) => {
+                        let _ = tx.send(self.core.avatar_counters());
                     }
                     Some(Cmd::SignOut) | None => {
                         self.core.sign_out(Instant::now());

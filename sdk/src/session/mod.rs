@@ -40,6 +40,7 @@ use shoal_mesh::wire::VcId;
 use shoal_protocol::control::{ClientToControl, MAX_CONTROL_FRAME, Refusal, Report};
 use shoal_protocol::{Identity, NodeId};
 
+use crate::avatar::{AvatarEvent, CodecConfig, InterpConfig, Quantizer, RateConfig};
 use crate::node::{Event, VcKey};
 use crate::profile::Profile;
 
@@ -82,6 +83,36 @@ pub struct SessionConfig {
     pub reconnect_min: Duration,
     /// Longest wait between attempts.
     pub reconnect_max: Duration,
+    /// How the player's avatar is served to its neighbours and theirs shown; `None` for a
+    /// session without avatars (its realtime VC is then the game's alone).
+    pub avatars: Option<AvatarConfig>,
+}
+
+/// How a session serves its avatar ([`SessionCore::set_avatar`]) to every neighbour and shows
+/// theirs.
+///
+/// Avatars travel on one VC with every neighbour, [`AvatarConfig::vc`]: by default the
+/// realtime VC (1) the introductions open. The session takes every message on it; a game
+/// that wants unreliable messages of its own opens another realtime VC for them.
+#[derive(Debug, Clone, Copy)]
+pub struct AvatarConfig {
+    /// The VC avatars travel on (default 1, the realtime one).
+    pub vc: VcId,
+    /// The zone's bounds and resolutions (every player of a zone must use the same).
+    pub codec: Quantizer,
+    /// How neighbours' avatars are shown.
+    pub interp: InterpConfig,
+    /// Rates by distance, and the upload budget.
+    pub rates: RateConfig,
+}
+
+impl Default for AvatarConfig {
+    fn default() -> Self {
+        // The default codec is valid by construction (see the avatar tests).
+        let codec = Quantizer::new(CodecConfig::default())
+            .unwrap_or_else(|e| unreachable!("default avatar codec invalid: {e}"));
+        AvatarConfig { vc: VcId(1), codec, interp: InterpConfig::default(), rates: RateConfig::default() }
+    }
 }
 
 impl SessionConfig {
@@ -102,6 +133,7 @@ impl SessionConfig {
             connect_timeout: Duration::from_secs(5),
             reconnect_min: Duration::from_millis(250),
             reconnect_max: Duration::from_secs(10),
+            avatars: Some(AvatarConfig::default()),
         }
     }
 }
@@ -152,6 +184,8 @@ pub enum SessionEvent {
     /// The control server refused something. After a refusal that ends the session
     /// (credentials, implausible reports, unknown build) the session stops reconnecting.
     Refused(Refusal),
+    /// A neighbour's avatar appeared, moved or left.
+    Avatar(AvatarEvent),
 }
 
 /// Why a session could not start.
@@ -206,6 +240,7 @@ fn state_report(state: &PlayerState, build_hash: [u8; 32]) -> ClientToControl {
         game: state.game.clone(),
         links: Vec::new(),
         lost: Vec::new(),
+        observed: Vec::new(),
     }))
 }
 

@@ -5,13 +5,16 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use shoal_protocol::control::{ClientToControl, LinkReport, MAX_CONTROL_FRAME, Report};
+use shoal_protocol::control::{ClientToControl, LinkReport, MAX_CONTROL_FRAME, ObservedAvatar, Report};
 use shoal_protocol::{NodeId, codec};
 
 use super::core::{LinkCommand, LinkId, SessionCore};
 use super::encoded_len;
 use crate::driver::NodeStatus;
 use crate::path::PathKind;
+
+/// Most neighbours' avatars one report carries.
+const MAX_OBSERVED: usize = 64;
 
 impl SessionCore {
     /// Sends the relays' round trips (when they changed) and a report, from the node's
@@ -35,6 +38,7 @@ impl SessionCore {
             game: self.state.game.clone(),
             links: self.links(status),
             lost: std::mem::take(&mut self.lost).into_iter().collect(),
+            observed: self.observations(now),
         };
         let msg = self.fit(report);
         self.counters.reports += 1;
@@ -63,12 +67,32 @@ impl SessionCore {
                 } else if let Some(p) = r.lost.pop() {
                     len = len.saturating_sub(node_len(&p));
                     self.counters.lost_trimmed += 1;
+                } else if let Some(o) = r.observed.pop() {
+                    len = len.saturating_sub(codec::encode(&o).map_or(0, |f| f.len() - 1));
                 } else {
                     break;
                 }
             }
         }
         msg
+    }
+
+    /// The newest avatar of each neighbour that arrived since the last report, for the
+    /// control server's cross-check, at most [`MAX_OBSERVED`].
+    fn observations(&mut self, now: Instant) -> Vec<ObservedAvatar> {
+        let Some(mesh) = &self.avatars else { return Vec::new() };
+        let mut out = Vec::new();
+        for (peer, at, state) in mesh.received() {
+            if out.len() == MAX_OBSERVED || self.observed_sent.get(&peer).is_some_and(|&t| t >= at) {
+                continue;
+            }
+            self.observed_sent.insert(peer, at);
+            let age_ms = now.saturating_duration_since(at).as_millis().min(u32::MAX.into()) as u32;
+            out.push(ObservedAvatar { peer, age_ms, position: state.position.to_array() });
+        }
+        let neighbours: Vec<NodeId> = mesh.neighbours().collect();
+        self.observed_sent.retain(|p, _| neighbours.contains(p));
+        out
     }
 
     fn clock_ms(&self, now: Instant) -> u64 {

@@ -1,0 +1,26 @@
+//! Avatars on real sockets: 20 sessions, a control server and a relay process on loopback,
+//! each player moving and setting its avatar 30 times a second through the public API.
+
+#![allow(clippy::expect_used)]
+
+use std::time::Duration;
+
+use shoal_tests::crowd::crowd;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_sessions_on_real_sockets_see_their_neighbours_avatars_move() {
+    let dir = std::env::temp_dir().join(format!("shoal-crowd-avatars-{}", std::process::id()));
+    let run = crowd(&dir, 20, Duration::from_secs(4), Duration::from_secs(3)).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    eprintln!("{:?}", run.views);
+    assert_eq!(run.views.len(), 20, "{run:?}");
+    for (i, v) in run.views.iter().enumerate() {
+        // Twenty players within 20 m of each other; the first to come fill their 16 slots, so
+        // the last have fewer.
+        assert!(v.neighbours >= 1, "player {i}: {v:?}");
+        assert_eq!(v.shown, v.neighbours, "player {i} does not show every neighbour: {v:?}");
+        // Players idle now and then; some of a player's neighbours moved in three seconds.
+        assert!(v.moved >= 1 && v.moved * 3 >= v.shown, "player {i}: {v:?}");
+    }
+    assert!(run.messages_received * 10 >= run.messages_sent * 9, "{run:?}");
+}
