@@ -194,6 +194,11 @@ impl SessionKeys {
         pn
     }
 
+    /// The highest packet number opened so far.
+    pub fn highest_received(&self) -> Option<u64> {
+        self.replay.highest
+    }
+
     /// Checks that `pn` is new, authenticates and decrypts `buf` (ciphertext and tag) in place,
     /// and returns the plaintext. A frame that fails leaves the window untouched.
     pub fn open<'a>(&mut self, pn: u64, aad: [u8; AAD_LEN], buf: &'a mut [u8]) -> Result<&'a [u8], CryptoError> {

@@ -11,7 +11,24 @@
 //!           4 close (reason u8)
 //!           5 candidates (seq u32, count u8, addresses)   6 candidates ack (seq u32)
 //!           9 confirm (nothing: proof that the sender holds the keys)
+//!          10 message, to the end of the plaintext (the last item)
+//!          11 message with a length [len u16][message] (any item but the last)
+//!          12 short id (u32): send to me in the short form under this id
+//! short   (the datagram itself, on a direct path, in place of the mesh header and a sealed
+//!          frame's first 9 bytes)
+//!         [0x81][short id 4][packet number, low 16 bits][ciphertext][tag 16]
 //! ```
+//! Messages of an unreliable VC small enough for one frame travel as message items, not
+//! through renet: nothing is resent or reordered for them, so renet's sequence numbers,
+//! channel and counts would only cost bytes. The packet number orders them (latest wins).
+//!
+//! The short form is what an established direct VC sends once the peer has told it, in a
+//! sealed short-id item, the 4-byte id its node knows the VC by: 23 bytes of headers above
+//! UDP where a sealed frame in a mesh datagram takes 50. The receiver finds the VC by the id
+//! and takes the full packet number as the one nearest above the highest it has seen with
+//! those low 16 bits, as QUIC does; the tag is computed over the same additional data as the
+//! long form's (with the full packet number and both node ids), so a wrong guess or a
+//! forged id fails authentication.
 //! The tag of a sealed frame covers its first 9 bytes and the mesh header's source,
 //! destination and VC id, so a relay can neither read a frame nor move it to another VC.
 //!
@@ -181,6 +198,10 @@ pub enum Inner<'a> {
     /// Nothing but proof that the sender holds the keys: sent once they are agreed, so the
     /// other side stops repeating its hello even on a VC that has nothing to say.
     Confirm,
+    /// One message of an unreliable VC, outside renet.
+    Message(&'a [u8]),
+    /// The id the sender's node knows this VC by: short-form datagrams to it carry it.
+    ShortId(u32),
 }
 
 /// Longest a lazy ping's answer waits for a frame to ride on.
@@ -242,6 +263,9 @@ impl Candidates {
     }
 }
 
+/// Renet's type byte for an ack-only packet.
+pub(crate) const RENET_ACK: u8 = 4;
+
 /// Item kind of a renet packet that runs to the end of the plaintext.
 pub const KIND_RENET: u8 = 1;
 const KIND_PING: u8 = 2;
@@ -252,6 +276,16 @@ const KIND_CANDIDATES_ACK: u8 = 6;
 const KIND_RENET_PART: u8 = 7;
 const KIND_PING_LAZY: u8 = 8;
 const KIND_CONFIRM: u8 = 9;
+const KIND_MESSAGE: u8 = 10;
+const KIND_MESSAGE_PART: u8 = 11;
+const KIND_SHORT_ID: u8 = 12;
+
+/// First byte of a short-form datagram: no mesh header starts with it (its version bit is
+/// set), so relays and the mesh layer refuse it as an unknown version.
+pub const SHORT: u8 = 0x81;
+/// Bytes of a short-form datagram before its ciphertext: the marker, the short id and the
+/// low 16 bits of the packet number.
+pub const SHORT_HEADER_LEN: usize = 7;
 
 /// Bytes a ping item takes.
 pub const PING_ITEM_LEN: usize = 5;
@@ -291,6 +325,13 @@ impl<'a> Inner<'a> {
             }
             KIND_CANDIDATES_ACK => Ok((Inner::CandidatesAck(u32_at(1)?), 5)),
             KIND_CONFIRM => Ok((Inner::Confirm, 1)),
+            KIND_MESSAGE => Ok((Inner::Message(&p[1..]), p.len())),
+            KIND_MESSAGE_PART => {
+                let b: [u8; 2] = p.get(1..3).and_then(|s| s.try_into().ok()).ok_or(truncated)?;
+                let len = 3 + usize::from(u16::from_be_bytes(b));
+                Ok((Inner::Message(p.get(3..len).ok_or(truncated)?), len))
+            }
+            KIND_SHORT_ID => Ok((Inner::ShortId(u32_at(1)?), 5)),
             other => Err(FrameError::UnknownKind(other)),
         }
     }
@@ -328,6 +369,30 @@ impl<'a> Inner<'a> {
                 out.extend_from_slice(&seq.to_be_bytes());
             }
             Inner::Confirm => out.push(KIND_CONFIRM),
+            Inner::Message(m) if last => {
+                out.push(KIND_MESSAGE);
+                out.extend_from_slice(m);
+            }
+            Inner::Message(m) => {
+                out.push(KIND_MESSAGE_PART);
+                // Messages are at most a datagram long, far below u16::MAX.
+                out.extend_from_slice(&(m.len().min(usize::from(u16::MAX)) as u16).to_be_bytes());
+                out.extend_from_slice(&m[..m.len().min(usize::from(u16::MAX))]);
+            }
+            Inner::ShortId(id) => {
+                out.push(KIND_SHORT_ID);
+                out.extend_from_slice(&id.to_be_bytes());
+            }
+        }
+    }
+
+    /// Whether the item carries the game's data: a message, or a renet packet other than an
+    /// ack.
+    pub fn is_data(&self) -> bool {
+        match self {
+            Inner::Renet(p) => p.first() != Some(&RENET_ACK),
+            Inner::Message(_) => true,
+            _ => false,
         }
     }
 
@@ -341,6 +406,8 @@ impl<'a> Inner<'a> {
             Inner::Candidates(c) => 6 + c.addrs().count() * wire::ADDR_LEN,
             Inner::CandidatesAck(_) => 5,
             Inner::Confirm => 1,
+            Inner::Message(m) => m.len() + if last { 1 } else { 3 },
+            Inner::ShortId(_) => 5,
         }
     }
 }
@@ -396,7 +463,7 @@ mod tests {
     }
 
     fn inner_strategy() -> impl Strategy<Value = (u8, u32, u64, u16, Vec<u8>)> {
-        (0u8..8, any::<u32>(), any::<u64>(), any::<u16>(), proptest::collection::vec(any::<u8>(), 0..64))
+        (0u8..10, any::<u32>(), any::<u64>(), any::<u16>(), proptest::collection::vec(any::<u8>(), 0..64))
     }
 
     fn make<'a>((k, id, d, h, payload): &'a (u8, u32, u64, u16, Vec<u8>)) -> Inner<'a> {
@@ -411,6 +478,8 @@ mod tests {
             5 => Inner::Candidates(Candidates::new(*id, &[v4, v6, v4, v6])),
             6 => Inner::CandidatesAck(*id),
             7 if d % 2 == 0 => Inner::Confirm,
+            8 => Inner::Message(payload),
+            9 => Inner::ShortId(*id),
             _ => Inner::Candidates(Candidates::new(*id, &[v6])),
         }
     }
@@ -469,7 +538,9 @@ mod tests {
         assert_eq!(one(&[KIND_PONG, 0, 0, 0, 1, 0]), Err(FrameError::Truncated { kind: KIND_PONG, len: 6 }));
         assert_eq!(one(&[KIND_CLOSE]), Err(FrameError::Truncated { kind: KIND_CLOSE, len: 1 }));
         assert_eq!(one(&[KIND_RENET_PART, 0, 5, 1, 2]), Err(FrameError::Truncated { kind: KIND_RENET_PART, len: 5 }));
-        assert_eq!(one(&[10]), Err(FrameError::UnknownKind(10)));
+        assert_eq!(one(&[KIND_MESSAGE_PART, 0, 5, 1]), Err(FrameError::Truncated { kind: KIND_MESSAGE_PART, len: 4 }));
+        assert_eq!(one(&[KIND_SHORT_ID, 0, 1]), Err(FrameError::Truncated { kind: KIND_SHORT_ID, len: 3 }));
+        assert_eq!(one(&[13]), Err(FrameError::UnknownKind(13)));
         assert_eq!(one(&[]), Err(FrameError::Empty));
         // A good ping followed by garbage: nothing of the frame is taken.
         assert_eq!(one(&[KIND_PING, 0, 0, 0, 1, 42]), Err(FrameError::UnknownKind(42)));

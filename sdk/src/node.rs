@@ -21,7 +21,8 @@ use shoal_mesh::endpoint::{Endpoint, EndpointEvent, Envelope, Path, Received};
 use shoal_mesh::wire::{MAX_DATAGRAM, VcId};
 use shoal_protocol::{Identity, NodeId, PublicKey, SignedTicket};
 
-use crate::frame::Frame;
+use crate::crypto::TAG_LEN;
+use crate::frame::{Frame, SEALED, SHORT, SHORT_HEADER_LEN};
 use crate::path::{PathId, PathSet};
 use crate::peer::Peer;
 use crate::profile::Profile;
@@ -86,6 +87,9 @@ pub enum Event {
 pub struct NodeCounters {
     /// Hellos from nodes we were not introduced to.
     pub unknown_peer: u64,
+    /// Short-form datagrams too short to hold a sealed frame, or for a short id no VC of
+    /// ours holds.
+    pub unknown_short: u64,
     /// Frames for a VC that does not exist and that are not a hello.
     pub unknown_vc: u64,
     /// Relayed frames that came from an address other than the route's relay.
@@ -178,6 +182,9 @@ pub struct Node {
     counters: NodeCounters,
     sent: Traffic,
     received: Traffic,
+    /// Our VCs by the short id the peers send short-form datagrams to.
+    short_ids: BTreeMap<u32, VcKey>,
+    next_short: u32,
 }
 
 impl Node {
@@ -194,7 +201,58 @@ impl Node {
             counters: NodeCounters::default(),
             sent: Traffic::default(),
             received: Traffic::default(),
+            short_ids: BTreeMap::new(),
+            next_short: 0,
         }
+    }
+
+    /// Gives the VC `key` a short id of its own (dropping the one a VC it replaced held): the
+    /// VC tells the peer, whose direct frames then come in the short form.
+    fn assign_short_id(&mut self, key: VcKey, replaced: Option<u32>) {
+        if let Some(old) = replaced {
+            self.short_ids.remove(&old);
+        }
+        let Some(vc) = self.vcs.get_mut(&key) else { return };
+        // Ids are handed out in turn, skipping those in use; a node holds far fewer VCs than
+        // there are ids.
+        loop {
+            self.next_short = self.next_short.wrapping_add(1);
+            if !self.short_ids.contains_key(&self.next_short) {
+                break;
+            }
+        }
+        self.short_ids.insert(self.next_short, key);
+        vc.set_short_id(self.next_short);
+    }
+
+    /// A short-form datagram (see [`crate::frame`]): the VC its id names takes it as a sealed
+    /// frame that came directly from `from`.
+    fn on_short(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
+        let header = bytes.get(..SHORT_HEADER_LEN).filter(|_| bytes.len() >= SHORT_HEADER_LEN + 1 + TAG_LEN);
+        let key = header.and_then(|h| self.short_ids.get(&u32::from_be_bytes([h[1], h[2], h[3], h[4]])).copied());
+        let (Some(h), Some(key)) = (header, key) else {
+            self.counters.unknown_short += 1;
+            self.received.count(bytes.len(), false, 0);
+            return;
+        };
+        let (Some(vc), Some(p)) = (self.vcs.get_mut(&key), self.peers.get_mut(&key.peer)) else {
+            self.counters.unknown_short += 1;
+            self.received.count(bytes.len(), false, 0);
+            return;
+        };
+        let pn = expand_pn(vc.highest_received_pn(), u16::from_be_bytes([h[5], h[6]]));
+        let mut frame = Vec::with_capacity(bytes.len() + 2);
+        frame.push(SEALED);
+        frame.extend_from_slice(&pn.to_be_bytes());
+        frame.extend_from_slice(&bytes[SHORT_HEADER_LEN..]);
+        let seen = vc.handle_frame(now, &mut p.paths, Path::Direct(from), None, &mut frame);
+        if seen.genuine {
+            p.heard = Some(now);
+            vc.on_short_received();
+        }
+        self.received.count(bytes.len(), seen.carries_data, seen.riding);
+        self.drain_vc(now, key);
+        self.sync_peer(now, key.peer);
     }
 
     /// Our node id.
@@ -288,7 +346,8 @@ impl Node {
             return Err(NodeError::TooMany(peer));
         }
         let v = VirtualConnection::new(now, self.identity.clone(), self.clock, p.key, vc, profile)?;
-        self.vcs.insert(key, v);
+        let replaced = self.vcs.insert(key, v).and_then(|old| old.short_id());
+        self.assign_short_id(key, replaced);
         Ok(key)
     }
 
@@ -300,6 +359,12 @@ impl Node {
     pub fn send(&mut self, key: VcKey, message: impl Into<Bytes>) -> Result<(), NodeError> {
         let vc = self.vcs.get_mut(&key).ok_or(NodeError::UnknownVc(key))?;
         Ok(vc.send(message.into())?)
+    }
+
+    /// Bytes of headers a frame on the VC's primary path carries above UDP besides its items
+    /// (see [`VirtualConnection::header_bytes`]), for upload budgets.
+    pub fn header_bytes(&self, key: VcKey) -> Option<usize> {
+        self.vcs.get(&key)?.header_bytes(&self.peers.get(&key.peer)?.paths)
     }
 
     /// The next message on a VC.
@@ -348,6 +413,10 @@ impl Node {
 
     /// Handles one received datagram.
     pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
+        if bytes.first() == Some(&SHORT) {
+            self.on_short(now, from, bytes);
+            return;
+        }
         self.endpoint.handle_datagram(now, from, bytes);
         let before = self.received;
         self.drain_endpoint(now);
@@ -377,6 +446,8 @@ impl Node {
             }
             !v.is_closed()
         });
+        let vcs = &self.vcs;
+        self.short_ids.retain(|_, k| vcs.contains_key(k));
     }
 
     /// Runs what is due for one peer: its paths' timers and pings, then its VCs (all of them
@@ -592,6 +663,7 @@ impl Node {
         p.heard = Some(now);
         let vc = self.vcs.entry(key).or_insert(vc);
         vc.handle_checked_hello(now, &p.paths, path, h);
+        self.assign_short_id(key, None);
         self.drain_vc(now, key);
         self.sync_peer(now, key.peer);
     }
@@ -600,6 +672,20 @@ impl Node {
         let (Some(vc), Some(p)) = (self.vcs.get_mut(&key), self.peers.get_mut(&key.peer)) else { return };
         let mut buf = [0u8; MAX_DATAGRAM];
         while let Some(t) = vc.poll_transmit() {
+            if let (Path::Direct(to), Some(short), Some((&SEALED, rest))) =
+                (t.path, vc.short_peer(), t.frame.split_first())
+                && rest.len() >= 8
+            {
+                // The short form: the peer's id for the VC and the packet number's low 16
+                // bits in place of the mesh header and the frame's type and packet number.
+                let mut bytes = Vec::with_capacity(SHORT_HEADER_LEN + rest.len() - 8);
+                bytes.push(SHORT);
+                bytes.extend_from_slice(&short.to_be_bytes());
+                bytes.extend_from_slice(&rest[6..]);
+                self.sent.count(bytes.len(), t.carries_data, t.riding);
+                self.transmits.push_back(Transmit { to, bytes });
+                continue;
+            }
             let env = Envelope { destination: key.peer, path: t.path, vc: key.vc, trace: t.trace };
             match self.endpoint.encode_data(now, &env, &t.frame, &mut buf) {
                 Ok((to, len)) => {
@@ -615,5 +701,20 @@ impl Node {
         while let Some(e) = vc.poll_event() {
             self.events.push_back(Event::Vc(key, e));
         }
+    }
+}
+
+/// The full packet number a short-form datagram's low 16 bits stand for: the one nearest the
+/// next expected (one past `highest`) with those bits, as QUIC decodes its packet numbers.
+fn expand_pn(highest: Option<u64>, low: u16) -> u64 {
+    const WINDOW: u64 = 1 << 16;
+    let expected = highest.map_or(0, |h| h.saturating_add(1));
+    let candidate = (expected & !(WINDOW - 1)) | u64::from(low);
+    if candidate.saturating_add(WINDOW / 2) <= expected {
+        candidate.saturating_add(WINDOW)
+    } else if candidate > expected.saturating_add(WINDOW / 2) && candidate >= WINDOW {
+        candidate - WINDOW
+    } else {
+        candidate
     }
 }

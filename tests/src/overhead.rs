@@ -59,6 +59,13 @@ pub struct OverheadRun {
 }
 
 impl OverheadRun {
+    /// Bytes above UDP in each datagram the player sent with a `payload`-byte message, on
+    /// average, besides what rode along (pings, pongs, acks): the headers an update pays.
+    pub fn header_bytes_per_datagram(&self, payload: u64) -> f64 {
+        let s = &self.sent;
+        (s.data_bytes - s.riding_bytes) as f64 / s.data_datagrams.max(1) as f64 - payload as f64
+    }
+
     /// Overhead bytes (sent and received) per second per neighbour, in kbit/s.
     pub fn kbps_per_neighbour(&self) -> f64 {
         let bytes = (self.sent.overhead() + self.received.overhead()) as f64;

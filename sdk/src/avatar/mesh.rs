@@ -75,6 +75,8 @@ struct Neighbour {
     ack_due: Option<Instant>,
     /// The newest state decoded from it, and when it arrived: what observers report.
     last: Option<(Instant, AvatarState)>,
+    /// Bytes of headers a datagram to it carries besides the message, as its path costs now.
+    header_bytes: Option<usize>,
 }
 
 /// One player's avatar mesh. See the module docs.
@@ -144,8 +146,17 @@ impl AvatarMesh {
             shown: false,
             ack_due: None,
             last: None,
+            header_bytes: None,
         });
         self.schedule.set_distance(peer, distance);
+    }
+
+    /// A datagram to `peer` carries `bytes` of headers besides the message on its path now
+    /// (the short form's on an established direct path, more when relayed).
+    pub fn set_header_bytes(&mut self, peer: NodeId, bytes: usize) {
+        if let Some(n) = self.neighbours.get_mut(&peer) {
+            n.header_bytes = Some(bytes);
+        }
     }
 
     /// `peer` is no longer a neighbour: its avatar leaves.
@@ -236,7 +247,7 @@ impl AvatarMesh {
             if msg[0] == 0 {
                 continue;
             }
-            let wire = msg.len() + self.header_bytes + IP_UDP;
+            let wire = msg.len() + n.header_bytes.unwrap_or(self.header_bytes) + IP_UDP;
             if update {
                 self.schedule.sent(peer, wire);
             } else {

@@ -73,6 +73,9 @@ pub enum NodeOutcome {
     Sent {
         /// Refused messages.
         refused: u64,
+        /// Per peer sent to, the bytes of headers a datagram on that VC's path carries above
+        /// UDP besides the message ([`Node::header_bytes`]), for the upload budget.
+        headers: Vec<(NodeId, usize)>,
     },
 }
 
@@ -106,8 +109,13 @@ impl NodeCommand {
             NodeCommand::Status => Some(NodeOutcome::Status(Box::new(NodeStatus::of(node, now)))),
             NodeCommand::UnbindRelays => Some(NodeOutcome::Unbind(node.endpoint().unbind_all())),
             NodeCommand::Send(messages) => {
-                let refused = messages.into_iter().map(|(key, m)| node.send(key, m)).filter(Result::is_err).count();
-                Some(NodeOutcome::Sent { refused: refused as u64 })
+                let mut refused = 0;
+                let mut headers = Vec::with_capacity(messages.len());
+                for (key, m) in messages {
+                    refused += u64::from(node.send(key, m).is_err());
+                    headers.extend(node.header_bytes(key).map(|h| (key.peer, h)));
+                }
+                Some(NodeOutcome::Sent { refused, headers })
             }
         }
     }

@@ -27,10 +27,10 @@ use crate::vc::{CloseReason, VcEvent};
 /// ones. Each costs a burst of probes per attempt.
 const MAX_DIRECT_CANDIDATES: usize = 4;
 
-/// Bytes a realtime VC datagram carries besides an avatar message, for the upload budget: the
-/// mesh header, the sealed frame's type, packet number, item kind and tag, and renet's header
-/// of an unreliable packet with one message (type, sequence, channel, count, length).
-const AVATAR_HEADER_BYTES: usize = shoal_mesh::wire::HEADER_LEN + SEALED_OVERHEAD + 9;
+/// Bytes a realtime VC datagram is taken to carry besides an avatar message, for the upload
+/// budget, until the node says what the neighbour's path costs: a sealed frame with a message
+/// item in a mesh datagram on a direct path.
+const AVATAR_HEADER_BYTES: usize = shoal_mesh::wire::HEADER_LEN + SEALED_OVERHEAD;
 
 /// Names one control connection of a session, so that what a driver reports about a
 /// connection the session has given up on (a late handshake, the last messages of a lost
@@ -508,7 +508,15 @@ impl SessionCore {
                 }
                 self.events.push_back(SessionEvent::Farewell { peer, closed });
             }
-            NodeOutcome::Sent { refused } => self.counters.avatar_sends_refused += refused,
+            NodeOutcome::Sent { refused, headers } => {
+                self.counters.avatar_sends_refused += refused;
+                if let Some(m) = &mut self.avatars {
+                    for (peer, bytes) in headers {
+                        // And the message item's kind byte.
+                        m.set_header_bytes(peer, bytes + 1);
+                    }
+                }
+            }
             NodeOutcome::Status(status) => {
                 self.status_pending = false;
                 if let Phase::Up { link } = self.phase {

@@ -168,6 +168,10 @@ impl VirtualConnection {
                 self.renet_at = now;
                 self.newest_renet = None;
                 self.confirmed = false;
+                // The peer's VC is a new one: its node knows it by another id, if any yet.
+                self.short_peer = None;
+                self.short_confirmed = false;
+                self.outbox.clear();
                 self.events.push_back(VcEvent::Reset);
             }
             None => {}

@@ -41,7 +41,11 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// with the peer, for this long.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(15);
 /// Renet's type byte for an ack-only packet, which needs no ack of its own soon.
-const RENET_ACK_PACKET: u8 = 4;
+const RENET_ACK_PACKET: u8 = crate::frame::RENET_ACK;
+/// Messages that arrived outside renet and wait for the game, at most; past this the
+/// newest are dropped (and counted stale): an unreliable VC's reader that falls this far
+/// behind wants the latest state, not a backlog.
+const MAX_INBOX: usize = 1024;
 /// Direct candidates a peer's advertisements may add to a VC (see
 /// [`crate::path::MAX_LEARNED_PATHS`], which bounds every learned path).
 pub const MAX_ADVERTISED_PATHS: usize = crate::path::MAX_LEARNED_PATHS;
@@ -242,8 +246,21 @@ pub struct VirtualConnection {
     ack_due: bool,
     /// Paced profiles: when the last ack-only packet left.
     acked_at: Option<Instant>,
-    /// Highest packet number of a renet packet processed: for latest-wins delivery.
+    /// Highest packet number of a renet packet or message processed: for latest-wins
+    /// delivery.
     newest_renet: Option<u64>,
+    /// Unreliable VCs: messages waiting for the next flush, outside renet.
+    outbox: VecDeque<Bytes>,
+    /// Messages that arrived outside renet, for [`VirtualConnection::recv`].
+    inbox: VecDeque<Bytes>,
+    /// The id our node knows this VC by, for the peer's short-form datagrams.
+    short_local: Option<u32>,
+    /// The id the peer's node knows this VC by: direct frames to it go in the short form.
+    short_peer: Option<u32>,
+    /// The peer sent us a short-form datagram: it has our id, which need not be told again.
+    short_confirmed: bool,
+    /// When our id last rode on a frame.
+    short_told_at: Option<Instant>,
     last_heard: Instant,
     /// Pongs waiting for a frame going their way.
     held_pongs: Vec<HeldPong>,
@@ -312,6 +329,12 @@ impl VirtualConnection {
             ack_due: false,
             acked_at: None,
             newest_renet: None,
+            outbox: VecDeque::new(),
+            inbox: VecDeque::new(),
+            short_local: None,
+            short_peer: None,
+            short_confirmed: false,
+            short_told_at: None,
             last_heard: now,
             held_pongs: Vec::new(),
             advert: advert::AdvertState::default(),
@@ -359,6 +382,48 @@ impl VirtualConnection {
     /// Whether it paces its sending per path (the bandwidth profiles).
     pub fn paced(&self) -> bool {
         self.profile.policy == Policy::Widest
+    }
+
+    /// Our node knows this VC by `id`: the peer is told, so that it can send to us in the
+    /// short form.
+    pub fn set_short_id(&mut self, id: u32) {
+        self.short_local = Some(id);
+    }
+
+    /// The id our node knows this VC by.
+    pub fn short_id(&self) -> Option<u32> {
+        self.short_local
+    }
+
+    /// The id the peer's node knows this VC by, once it told us: frames on a direct path go
+    /// to it in the short form.
+    pub fn short_peer(&self) -> Option<u32> {
+        self.short_peer
+    }
+
+    /// Bytes of headers a sealed frame on the primary path carries above UDP, besides its
+    /// items: the short form's on a direct path once the peer's id is known, else the mesh
+    /// header (with the route) and the sealed frame's type, packet number and tag.
+    pub fn header_bytes(&self, paths: &PathSet) -> Option<usize> {
+        let path = paths.path(*self.sel.sending().first()?)?;
+        Some(match path {
+            Path::Direct(_) if self.short_peer.is_some() => frame::SHORT_HEADER_LEN + crate::crypto::TAG_LEN,
+            Path::Direct(_) => shoal_mesh::wire::HEADER_LEN + frame::SEALED_OVERHEAD - 1,
+            Path::Relayed(r) => {
+                shoal_mesh::wire::HEADER_LEN + r.len() * shoal_mesh::wire::ROUTE_ENTRY_LEN + frame::SEALED_OVERHEAD - 1
+            }
+        })
+    }
+
+    /// A short-form frame from the peer authenticated: it has our id.
+    pub fn on_short_received(&mut self) {
+        self.short_confirmed = true;
+    }
+
+    /// The highest packet number an authenticated frame from the peer carried, if any: what
+    /// a short-form datagram's 16 bits are read against.
+    pub fn highest_received_pn(&self) -> Option<u64> {
+        self.keys.as_ref().and_then(SessionKeys::highest_received)
     }
 
     /// The peer's candidate `id` now names another path: forget what this VC knew of it.
@@ -442,9 +507,10 @@ impl VirtualConnection {
                         }
                         seen.genuine = true;
                         for i in items.clone() {
-                            match i {
-                                Inner::Renet(p) if p.first() != Some(&RENET_ACK_PACKET) => seen.carries_data = true,
-                                other => seen.riding += other.wire_len(false),
+                            if i.is_data() {
+                                seen.carries_data = true;
+                            } else {
+                                seen.riding += i.wire_len(false);
                             }
                         }
                         if !seen.carries_data {
@@ -471,9 +537,7 @@ impl VirtualConnection {
                             && self.profile.redundancy
                             && let Some(id) = id
                             && let Ok(plain) = keys.open_duplicate(pn, aad, &mut bytes[9..])
-                            && frame::parse_items(plain).is_ok_and(|mut items| {
-                                items.any(|i| matches!(i, Inner::Renet(p) if p.first() != Some(&RENET_ACK_PACKET)))
-                            })
+                            && frame::parse_items(plain).is_ok_and(|mut items| items.any(|i| i.is_data()))
                         {
                             self.sel.on_data_received(id, len);
                         }
@@ -539,6 +603,8 @@ impl VirtualConnection {
     ) {
         match item {
             Inner::Renet(packet) => self.on_renet(now, id, pn, len, packet),
+            Inner::Message(m) => self.on_message(id, pn, len, m),
+            Inner::ShortId(short) => self.short_peer = Some(short),
             Inner::Ping { id: ping, urgent } => self.on_ping(now, paths, path, id, ping, urgent),
             Inner::Pong { ping, held_us, delivered } => {
                 let Some(id) = id else { return };
@@ -556,6 +622,24 @@ impl VirtualConnection {
             Inner::Candidates(c) => self.on_candidates(now, paths, path, &c),
             Inner::CandidatesAck(seq) => self.advert.acked(seq),
             Inner::Confirm => {}
+        }
+    }
+
+    /// A message outside renet: an unreliable VC's, so the latest wins (or, with redundant
+    /// copies, every first copy counts).
+    fn on_message(&mut self, id: Option<PathId>, pn: u64, len: usize, m: &[u8]) {
+        if let Some(id) = id {
+            self.sel.on_data_received(id, len);
+        }
+        if !self.profile.redundancy && self.newest_renet.is_some_and(|n| pn < n) {
+            self.counters.stale += 1;
+            return;
+        }
+        self.newest_renet = Some(self.newest_renet.map_or(pn, |n| n.max(pn)));
+        if self.inbox.len() < MAX_INBOX {
+            self.inbox.push_back(Bytes::copy_from_slice(m));
+        } else {
+            self.counters.stale += 1;
         }
     }
 
@@ -691,6 +775,7 @@ impl VirtualConnection {
     /// messages, or an ack owed. An idle VC does not tick.
     fn needs_tick(&self) -> bool {
         !self.backlog.is_empty()
+            || !self.outbox.is_empty()
             || self.ack_due
             || (self.profile.is_reliable() && self.renet.channel_available_memory(CHANNEL) < self.profile.max_buffered)
     }

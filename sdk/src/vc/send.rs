@@ -34,6 +34,14 @@ pub(crate) const MAX_PLAINTEXT: usize = wire::MAX_DATAGRAM
     - frame::SEALED_OVERHEAD;
 /// Pongs held at once; past this the oldest goes at once.
 const MAX_HELD_PONGS: usize = 32;
+/// Largest message an unreliable VC sends as a message item, outside renet; larger ones go
+/// through renet, which splits them. Room is left for the measurement riding with it.
+pub(crate) const MAX_MESSAGE_ITEM: usize = 1024;
+/// Messages an unreliable VC holds while it has no path to send them on; past this the
+/// oldest is dropped (and counted stale): latest wins.
+const MAX_OUTBOX: usize = 64;
+/// How often a VC tells the peer the id its node knows it by, until the peer uses it.
+const SHORT_ID_EVERY: Duration = Duration::from_secs(1);
 
 impl VirtualConnection {
     pub(super) fn push(&mut self, t: VcTransmit) {
@@ -76,15 +84,29 @@ impl VirtualConnection {
             return Err(VcSendError::Full { limit: self.profile.max_buffered });
         }
         self.counters.messages_sent += 1;
+        self.flush_now = true;
+        if !self.profile.is_reliable() && !self.paced() && message.len() <= MAX_MESSAGE_ITEM {
+            // Sent whole at the flush this call brings forward: it waits only while there is
+            // no path.
+            if self.outbox.len() >= MAX_OUTBOX {
+                self.outbox.pop_front();
+                self.counters.stale += 1;
+            }
+            self.outbox.push_back(message);
+            return Ok(());
+        }
         self.backlog_bytes += message.len();
         self.backlog.push_back(message);
-        self.flush_now = true;
         self.pull_ok = true;
         Ok(())
     }
 
     /// The next message from the peer.
     pub fn recv(&mut self) -> Option<Bytes> {
+        if let Some(m) = self.inbox.pop_front() {
+            self.counters.messages_received += 1;
+            return Some(m);
+        }
         if self.renet.is_disconnected() {
             return None;
         }
@@ -123,6 +145,17 @@ impl VirtualConnection {
         }
     }
 
+    /// Our short id, when the peer should be told it again: it rides on any frame, until the
+    /// peer sends in the short form.
+    fn short_rider(&mut self, now: Instant) -> Option<Inner<'static>> {
+        let short = self.short_local.filter(|_| !self.short_confirmed)?;
+        if self.short_told_at.is_some_and(|t| now < t + SHORT_ID_EVERY) {
+            return None;
+        }
+        self.short_told_at = Some(now);
+        Some(Inner::ShortId(short))
+    }
+
     /// The pongs held for `path`, as items, taken out of the hold.
     fn take_pongs(&mut self, now: Instant, path: Path) -> Vec<Inner<'static>> {
         let mut out = Vec::new();
@@ -152,6 +185,7 @@ impl VirtualConnection {
             if let Some(ping) = p.id.and_then(|id| paths.take_echo_ping(now, id)) {
                 items.push(Inner::Ping { id: ping, urgent: false });
             }
+            items.extend(self.short_rider(now));
             self.seal_control(&[p.path], true, &items);
         }
     }
@@ -169,6 +203,7 @@ impl VirtualConnection {
         }
         let mut items = vec![Inner::Ping { id: ping, urgent }];
         items.extend(self.take_pongs(now, path));
+        items.extend(self.short_rider(now));
         self.seal_control(&[path], true, &items);
     }
 
@@ -216,10 +251,13 @@ impl VirtualConnection {
             self.finish(CloseReason::Protocol(format!("{reason}")));
             return;
         }
-        let (acks, data): (Vec<_>, Vec<_>) = packets.into_iter().partition(|p| p.first() == Some(&RENET_ACK_PACKET));
+        let (acks, packets): (Vec<_>, Vec<_>) = packets.into_iter().partition(|p| p.first() == Some(&RENET_ACK_PACKET));
         // Unreliable profiles resend nothing, so acks would only cost: none go. Reliable ones
         // ack what came since the last ack, with the data when there is some.
-        let acks = if self.profile.is_reliable() && (self.ack_due || !data.is_empty()) { acks } else { Vec::new() };
+        let acks = if self.profile.is_reliable() && (self.ack_due || !packets.is_empty()) { acks } else { Vec::new() };
+        let messages: Vec<Bytes> = self.outbox.drain(..).collect();
+        let data: Vec<Inner<'_>> =
+            messages.iter().map(|m| Inner::Message(m)).chain(packets.iter().map(|p| Inner::Renet(p))).collect();
         if data.is_empty() && acks.is_empty() {
             return;
         }
@@ -231,9 +269,9 @@ impl VirtualConnection {
             for &(id, _) in &to {
                 paths.on_data_sent(now, id);
             }
-            for p in data.iter().chain(&acks) {
-                let carries_data = p.first() != Some(&RENET_ACK_PACKET);
-                let Some(frame) = self.seal(&[Inner::Renet(p)]) else { return };
+            for item in data.iter().copied().chain(acks.iter().map(|p| Inner::Renet(p))) {
+                let carries_data = item.is_data();
+                let Some(frame) = self.seal(&[item]) else { return };
                 for &(id, path) in &to {
                     if carries_data {
                         self.sel.on_data_sent(id, frame.len());
@@ -254,19 +292,17 @@ impl VirtualConnection {
         }
         let pongs = self.take_pongs(now, path);
         riders.extend(pongs);
+        riders.extend(self.short_rider(now));
         riders.extend(acks.iter().map(Vec::as_slice).map(Inner::Renet));
-        // Pack: the riders first, then as many data packets as fit; a packet that does not
-        // fit starts the next frame.
+        // Pack: the riders first, then as many data items as fit; an item that does not fit
+        // starts the next frame.
         let mut frames: Vec<(Vec<Inner<'_>>, usize)> = Vec::new();
         let mut cur: Vec<Inner<'_>> = riders;
         let mut riding: usize = cur.iter().map(|i| i.wire_len(false)).sum();
         let mut size = riding;
-        for p in &data {
-            let item = Inner::Renet(p);
+        for item in data {
             let len = item.wire_len(false);
-            if size + len > MAX_PLAINTEXT
-                && cur.iter().any(|i| matches!(i, Inner::Renet(q) if q.first() != Some(&RENET_ACK_PACKET)))
-            {
+            if size + len > MAX_PLAINTEXT && cur.iter().any(Inner::is_data) {
                 frames.push((std::mem::take(&mut cur), riding));
                 riding = 0;
                 size = 0;
@@ -278,8 +314,7 @@ impl VirtualConnection {
             frames.push((cur, riding));
         }
         for (items, riding) in frames {
-            let carries_data =
-                items.iter().any(|i| matches!(i, Inner::Renet(q) if q.first() != Some(&RENET_ACK_PACKET)));
+            let carries_data = items.iter().any(Inner::is_data);
             let trace = items.iter().any(|i| matches!(i, Inner::Ping { .. } | Inner::Pong { .. }));
             let Some(frame) = self.seal(&items) else { return };
             if carries_data {
