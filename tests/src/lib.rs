@@ -4,6 +4,7 @@
 //! throughput harness ([`throughput`]), and the daemons tests start as processes ([`procs`]), and
 //! real NAT in Linux network namespaces ([`netns`]).
 
+pub mod avatars;
 pub mod crowd;
 pub mod link;
 pub mod nat;

@@ -1,0 +1,163 @@
+//! Avatar figures: what the codec spends per update on the movement model, and what a crowd
+//! of players serving avatars in the simulator puts on the wire and shows.
+
+use std::time::{Duration, Instant};
+
+use shoal_sdk::Traffic;
+use shoal_sdk::avatar::movement::Mover;
+use shoal_sdk::avatar::{Ack, AvatarState, CodecConfig, ConfigError, Decoder, Encoder, Quantizer};
+
+use crate::link::{LinkConfig, Loss};
+use crate::overhead::IP_UDP_HEADERS;
+use crate::world::{AvatarStats, World, WorldSpec};
+
+/// Bits per avatar update on the movement model, beside postcard-encoded full states.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CodecBits {
+    /// Updates of moving avatars: median and 99th percentile, bits.
+    pub moving_p50: usize,
+    /// See `moving_p50`.
+    pub moving_p99: usize,
+    /// Updates of avatars standing still.
+    pub idle_p50: usize,
+    /// See `idle_p50`.
+    pub idle_p99: usize,
+    /// Mean over all updates.
+    pub mean: f64,
+    /// Mean of the same states as postcard full states (position, orientation, velocity as
+    /// `f32` arrays, the animation id).
+    pub postcard_mean: f64,
+}
+
+fn percentile(v: &mut [usize], p: f64) -> usize {
+    v.sort_unstable();
+    v.get(((v.len().max(1) - 1) as f64 * p) as usize).copied().unwrap_or(0)
+}
+
+/// `players` moving for `secs` by the movement model, each served at 30 Hz on the 60 Hz avatar
+/// clock to one receiver whose acks come one update later (a 33 ms RTT).
+pub fn codec_bits(players: u64, secs: u32) -> Result<CodecBits, ConfigError> {
+    let q = Quantizer::new(CodecConfig::default())?;
+    let (mut moving, mut idle, mut postcard) = (Vec::new(), Vec::new(), 0usize);
+    for seed in 0..players {
+        let mut m = Mover::new(seed, 400.0);
+        let (mut enc, mut dec) = (Encoder::new(q), Decoder::new(q));
+        let mut pending: Option<Ack> = None;
+        for i in 0..30 * secs {
+            let s: AvatarState = m.step(1.0 / 30.0);
+            let (_, bytes) = enc.encode(2 * i, &s);
+            let _ = dec.decode(&bytes);
+            if let Some(a) = dec.ack().and_then(|a| pending.replace(a)) {
+                enc.on_ack(a);
+            }
+            let bits = bytes.len() * 8;
+            if s.velocity.length() > 0.01 {
+                moving.push(bits)
+            } else {
+                idle.push(bits)
+            }
+            let full = (s.position.to_array(), s.orientation.to_array(), s.velocity.to_array(), s.anim);
+            postcard += postcard::to_allocvec(&full).map_or(0, |v| v.len() * 8);
+        }
+    }
+    let n = (moving.len() + idle.len()).max(1) as f64;
+    let total: usize = moving.iter().chain(&idle).sum();
+    Ok(CodecBits {
+        moving_p50: percentile(&mut moving, 0.5),
+        moving_p99: percentile(&mut moving, 0.99),
+        idle_p50: percentile(&mut idle, 0.5),
+        idle_p99: percentile(&mut idle, 0.99),
+        mean: total as f64 / n,
+        postcard_mean: postcard as f64 / n,
+    })
+}
+
+/// What a crowd serving avatars did over a measured window.
+#[derive(Debug, Clone, Default)]
+pub struct AvatarRun {
+    /// Players.
+    pub players: usize,
+    /// Simulated seconds measured (after the warm-up).
+    pub secs: f64,
+    /// Wall-clock seconds the simulator took per simulated second, warm-up included.
+    pub wall_per_sim_s: f64,
+    /// Per player: kbit/s sent on the wire (UDP payload and IPv4/UDP headers), sorted.
+    pub upload_kbps: Vec<f64>,
+    /// Per player: of that, the avatar messages' own bytes (updates and acks), kbit/s.
+    pub payload_kbps: Vec<f64>,
+    /// Per player: the rest (headers, measurement, keepalives, the reliable VC's upkeep),
+    /// kbit/s.
+    pub overhead_kbps: Vec<f64>,
+    /// Per player: the rest, per neighbour, kbit/s.
+    pub overhead_kbps_per_neighbour: Vec<f64>,
+    /// Bits per avatar message on the wire's payload, on average.
+    pub bits_per_message: f64,
+    /// Neighbours per player at the end, on average.
+    pub neighbours: f64,
+    /// What players showed of each other, over the whole run.
+    pub stats: AvatarStats,
+}
+
+/// `players` in clusters serving avatars over 20 ms links with 2 % bursty loss: `warmup`,
+/// then `secs` measured.
+///
+/// # Errors
+/// When the world's interest settings are refused.
+pub fn avatar_run(
+    seed: u64,
+    players: usize,
+    warmup: Duration,
+    secs: Duration,
+) -> Result<AvatarRun, shoal_control::interest::InterestError> {
+    let started = Instant::now();
+    let mut world = World::new(seed, WorldSpec::avatars(players))?;
+    let loss = Loss::GilbertElliott { good_to_bad: 0.005, bad_to_good: 0.25, loss_good: 0.0, loss_bad: 1.0 };
+    world.sim.set_default_link(LinkConfig::latency(Duration::from_millis(20)).with_loss(loss));
+    world.run_for(warmup);
+    let snapshot = |w: &mut World| -> Vec<(Traffic, u64, u64)> {
+        (0..w.len())
+            .map(|i| {
+                let h = w.host(i);
+                let c = w.sim.session(h).avatar_counters();
+                (w.sim.node(h).traffic().0, c.bytes_sent, c.messages_sent)
+            })
+            .collect()
+    };
+    let before = snapshot(&mut world);
+    world.run_for(secs);
+    let after = snapshot(&mut world);
+    let wall_per_sim_s = started.elapsed().as_secs_f64() / (warmup + secs).as_secs_f64();
+    let s = secs.as_secs_f64();
+    let kbps = |bytes: u64| bytes as f64 * 8.0 / 1000.0 / s;
+    let mut run = AvatarRun { players, secs: s, wall_per_sim_s, ..AvatarRun::default() };
+    let (mut bytes, mut messages, mut neighbours) = (0u64, 0u64, 0usize);
+    for (i, ((t0, b0, m0), (t1, b1, m1))) in before.iter().zip(&after).enumerate() {
+        let datagrams = (t1.data_datagrams + t1.overhead_datagrams) - (t0.data_datagrams + t0.overhead_datagrams);
+        let wire =
+            (t1.data_bytes + t1.overhead_bytes) - (t0.data_bytes + t0.overhead_bytes) + IP_UDP_HEADERS * datagrams;
+        let payload = b1 - b0;
+        let n = world.neighbours(i).count();
+        neighbours += n;
+        bytes += payload;
+        messages += m1 - m0;
+        run.upload_kbps.push(kbps(wire));
+        run.payload_kbps.push(kbps(payload));
+        run.overhead_kbps.push(kbps(wire - payload));
+        if n > 0 {
+            run.overhead_kbps_per_neighbour.push(kbps(wire - payload) / n as f64);
+        }
+    }
+    for v in [&mut run.upload_kbps, &mut run.payload_kbps, &mut run.overhead_kbps, &mut run.overhead_kbps_per_neighbour]
+    {
+        v.sort_by(f64::total_cmp);
+    }
+    run.bits_per_message = bytes as f64 * 8.0 / messages.max(1) as f64;
+    run.neighbours = neighbours as f64 / players.max(1) as f64;
+    run.stats = world.avatar_stats(Duration::from_secs(2));
+    Ok(run)
+}
+
+/// The `q`-quantile of sorted `v` (0 when empty).
+pub fn quantile(v: &[f64], q: f64) -> f64 {
+    v.get(((v.len().max(1) - 1) as f64 * q).round() as usize).copied().unwrap_or(0.0)
+}
