@@ -94,6 +94,15 @@ pub struct AvatarRun {
     pub bits_per_message: f64,
     /// Neighbours per player at the end, on average.
     pub neighbours: f64,
+    /// Datagrams a second a player sent, on average: those that carried messages and those
+    /// that did not (pings, pongs, acks, keepalives on their own).
+    pub data_dps: f64,
+    /// See `data_dps`.
+    pub overhead_dps: f64,
+    /// Bytes (UDP payload) of each, on average per datagram.
+    pub data_bytes: f64,
+    /// See `data_bytes`.
+    pub overhead_bytes: f64,
     /// What players showed of each other, over the whole run.
     pub stats: AvatarStats,
 }
@@ -131,11 +140,16 @@ pub fn avatar_run(
     let kbps = |bytes: u64| bytes as f64 * 8.0 / 1000.0 / s;
     let mut run = AvatarRun { players, secs: s, wall_per_sim_s, ..AvatarRun::default() };
     let (mut bytes, mut messages, mut neighbours) = (0u64, 0u64, 0usize);
+    let mut sum = Traffic::default();
     for (i, ((t0, b0, m0), (t1, b1, m1))) in before.iter().zip(&after).enumerate() {
         let datagrams = (t1.data_datagrams + t1.overhead_datagrams) - (t0.data_datagrams + t0.overhead_datagrams);
         let wire =
             (t1.data_bytes + t1.overhead_bytes) - (t0.data_bytes + t0.overhead_bytes) + IP_UDP_HEADERS * datagrams;
         let payload = b1 - b0;
+        sum.data_datagrams += t1.data_datagrams - t0.data_datagrams;
+        sum.overhead_datagrams += t1.overhead_datagrams - t0.overhead_datagrams;
+        sum.data_bytes += t1.data_bytes - t0.data_bytes;
+        sum.overhead_bytes += t1.overhead_bytes - t0.overhead_bytes;
         let n = world.neighbours(i).count();
         neighbours += n;
         bytes += payload;
@@ -153,6 +167,11 @@ pub fn avatar_run(
     }
     run.bits_per_message = bytes as f64 * 8.0 / messages.max(1) as f64;
     run.neighbours = neighbours as f64 / players.max(1) as f64;
+    let per_player = |x: u64| x as f64 / players.max(1) as f64 / s;
+    run.data_dps = per_player(sum.data_datagrams);
+    run.overhead_dps = per_player(sum.overhead_datagrams);
+    run.data_bytes = sum.data_bytes as f64 / sum.data_datagrams.max(1) as f64;
+    run.overhead_bytes = sum.overhead_bytes as f64 / sum.overhead_datagrams.max(1) as f64;
     run.stats = world.avatar_stats(Duration::from_secs(2));
     Ok(run)
 }

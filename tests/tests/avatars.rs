@@ -83,3 +83,72 @@ fn a_lying_player_is_flagged_and_honest_ones_under_loss_are_not() {
     }
     assert!(k.refusals <= 1, "{k:?}");
 }
+
+/// 41 players standing within 40 m, the control server allowing 40 neighbours each: every
+/// player serves 40, and still sends no more than its budget, the nearest at the full rate.
+#[test]
+fn forty_neighbours_stay_within_the_upload_budget_and_the_nearest_get_the_full_rate() {
+    let mut spec = WorldSpec { clusters: 1, cluster_side: 28.0, ..WorldSpec::avatars(41) };
+    spec.control.core.interest.max_neighbours = 40;
+    let mut world = World::new(31, spec).expect("a valid world");
+    world.run_for(Duration::from_secs(8));
+    let h = world.host(0);
+    let before = (world.sim.node(h).traffic().0, world.sim.now());
+    let nearest =
+        |w: &World| (1..w.len()).min_by(|&a, &b| w.distance(0, a).total_cmp(&w.distance(0, b))).expect("others");
+    let j = nearest(&world);
+    let sends_before = world.sim.session(h).avatar_mesh().expect("avatars").schedule().sends(world.node_id(j));
+    world.run_for(Duration::from_secs(4));
+    assert_eq!(world.neighbours(0).count(), 40);
+    let (after, now) = (world.sim.node(h).traffic().0, world.sim.now());
+    let secs = (now - before.1).as_secs_f64();
+    let datagrams =
+        after.data_datagrams + after.overhead_datagrams - before.0.data_datagrams - before.0.overhead_datagrams;
+    let bytes = after.data_bytes + after.overhead_bytes - before.0.data_bytes - before.0.overhead_bytes;
+    let kbps = (bytes + 28 * datagrams) as f64 * 8.0 / 1000.0 / secs;
+    // Everything the player sent, on the wire, within 5 % of the 96 kbit/s budget.
+    assert!(kbps <= 96.0 * 1.05, "player 0 sent {kbps:.1} kbit/s to 40 neighbours");
+    let mesh = world.sim.session(h).avatar_mesh().expect("avatars");
+    let rate = (mesh.schedule().sends(world.node_id(j)) - sends_before) as f64 / secs;
+    // The nearest neighbour (if it stayed the nearest) got about 30 updates a second.
+    if nearest(&world) == j {
+        assert!(rate >= 25.0, "the nearest neighbour got {rate:.1} updates/s ({kbps:.1} kbit/s in all)");
+    }
+    // Nobody starves.
+    for n in mesh.neighbours() {
+        assert!(mesh.schedule().rate(n).is_some_and(|r| r >= 0.5 * 0.9), "{n} served at {:?}", mesh.schedule().rate(n));
+    }
+}
+
+/// Two players whose direct path is cut move on a relayed path; the relay it goes through
+/// crashes. The receiver's view keeps moving (extrapolated, then from updates on the other
+/// relay) and stays close to where the player really was.
+#[test]
+fn a_relay_crash_mid_movement_keeps_the_avatar_moving_within_a_bound() {
+    let spec = WorldSpec { clusters: 1, cluster_side: 20.0, ..WorldSpec::avatars(2) };
+    let mut world = World::new(41, spec).expect("a valid world");
+    let (a, b) = (world.host(0), world.host(1));
+    world.sim.partition(a, b, true);
+    world.run_for(Duration::from_secs(8));
+    let key = shoal_sdk::VcKey { peer: world.node_id(1), vc: shoal_sdk::VcId(1) };
+    let now = world.sim.now();
+    let path = world.sim.node(a).stats(now, key).and_then(|s| s.path).expect("a path").path;
+    let shoal_sdk::Path::Relayed(route) = path else { panic!("the direct path is cut, yet {path:?}") };
+    let relay = (0..world.spec().relays)
+        .map(shoal_tests::sim::HostId)
+        .find(|&r| world.sim.relay_id(r) == route.relays()[0])
+        .expect("the relay is one of the world's");
+    let seen = world.avatar_stats(Duration::from_secs(2)).errors.len();
+    world.sim.crash(relay);
+    world.run_for(Duration::from_secs(4));
+    let mut after: Vec<f32> = world.avatar_stats(Duration::from_secs(2)).errors[seen..].to_vec();
+    assert!(after.len() >= 60, "{} samples after the crash", after.len());
+    let worst = AvatarStats::quantile(&mut after, 1.0).expect("samples");
+    // Running (5.5 m/s) through 250 ms of extrapolation and the hold until failover.
+    assert!(worst < 3.0, "shown up to {worst} m from the truth after the crash");
+    let k = world.stats();
+    assert_eq!((k.vcs_lost, k.avatars_left), (0, 0), "{k:?}");
+    let now = world.sim.now();
+    let path = world.sim.node(a).stats(now, key).and_then(|s| s.path).expect("a path").path;
+    assert_ne!(path, shoal_sdk::Path::Relayed(route), "still on the crashed relay");
+}

@@ -159,6 +159,12 @@ impl AvatarMesh {
         }
     }
 
+    /// The node has sent `wire_bytes` in all so far, counted on the wire (see
+    /// [`Scheduler::observe_upload`]).
+    pub fn observe_upload(&mut self, wire_bytes: u64) {
+        self.schedule.observe_upload(wire_bytes);
+    }
+
     /// `peer` is no longer a neighbour: its avatar leaves.
     pub fn remove_neighbour(&mut self, peer: NodeId) {
         if let Some(n) = self.neighbours.remove(&peer) {

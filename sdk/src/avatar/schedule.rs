@@ -70,10 +70,16 @@ pub struct Scheduler {
     credit: f64,
     /// What an update costs before one was sent: headers and a full state.
     default_cost_bits: f64,
-    /// Bits of messages without an update (acks) since `side_since`, and the rate they ran
-    /// at over the last full second: the rates are fitted to what the budget leaves.
+    /// The current window (about a second, from `side_since`): bits of updates and of
+    /// messages without one (acks) sent in it, and the node's whole upload at its start and
+    /// as last observed ([`Scheduler::observe_upload`]), in wire bytes.
+    update_bits: f64,
     side_bits: f64,
     side_since: Option<Instant>,
+    upload_start: Option<u64>,
+    upload_now: Option<u64>,
+    /// What went out besides updates over the last window, bits a second: the rates are
+    /// fitted to what the budget leaves.
     side_bps: f64,
 }
 
@@ -88,8 +94,11 @@ impl Scheduler {
             last_tick: None,
             credit: 0.0,
             default_cost_bits,
+            update_bits: 0.0,
             side_bits: 0.0,
             side_since: None,
+            upload_start: None,
+            upload_now: None,
             side_bps: 0.0,
         }
     }
@@ -121,7 +130,17 @@ impl Scheduler {
             // A running estimate: deltas vary, and a full state now and then is part of it.
             s.cost_bits = s.cost_bits * 0.8 + wire_bytes as f64 * 8.0 * 0.2;
         }
+        self.update_bits += wire_bytes as f64 * 8.0;
         self.dirty = true;
+    }
+
+    /// The node has sent `wire_bytes` in all so far (UDP payload and 28 bytes of headers per
+    /// datagram, every VC and the relays' upkeep included). Told this, the scheduler fits
+    /// updates to what the budget leaves after everything else the player sends, measured,
+    /// rather than after the acks it sent alone: so the player's whole upload stays within the
+    /// budget while the rest takes no more than three quarters of it.
+    pub fn observe_upload(&mut self, wire_bytes: u64) {
+        self.upload_now = Some(wire_bytes);
     }
 
     /// A message without an update (an ack that could not wait) took `wire_bytes` on the
@@ -132,10 +151,10 @@ impl Scheduler {
         self.side_bits += wire_bytes as f64 * 8.0;
     }
 
-    /// What updates may spend: the budget less what acks took over the last second (they
-    /// are never left more than half of it).
+    /// What updates may spend: the budget less what went out besides them over the last
+    /// window; never less than a quarter of it.
     fn update_budget(&self) -> f64 {
-        (self.cfg.budget_bps - self.side_bps).max(self.cfg.budget_bps / 2.0)
+        (self.cfg.budget_bps - self.side_bps).max(self.cfg.budget_bps / 4.0)
     }
 
     /// The rate `peer` is served at, updates a second, as of the last [`Scheduler::tick`].
@@ -207,9 +226,14 @@ impl Scheduler {
         let since = *self.side_since.get_or_insert(now);
         let window = now.saturating_duration_since(since).as_secs_f64();
         if window >= 1.0 {
-            self.side_bps = self.side_bits / window;
+            self.side_bps = match (self.upload_start, self.upload_now) {
+                (Some(a), Some(b)) => ((b.saturating_sub(a)) as f64 * 8.0 - self.update_bits).max(0.0) / window,
+                _ => self.side_bits / window,
+            };
+            self.update_bits = 0.0;
             self.side_bits = 0.0;
             self.side_since = Some(now);
+            self.upload_start = self.upload_now;
             self.dirty = true;
         }
         // Fitted once a tick, however many distances and costs changed since.

@@ -76,6 +76,9 @@ pub enum NodeOutcome {
         /// Per peer sent to, the bytes of headers a datagram on that VC's path carries above
         /// UDP besides the message ([`Node::header_bytes`]), for the upload budget.
         headers: Vec<(NodeId, usize)>,
+        /// Everything the node has sent so far, on the wire: UDP payload and 28 bytes of
+        /// IPv4/UDP headers per datagram.
+        upload: u64,
     },
 }
 
@@ -115,7 +118,10 @@ impl NodeCommand {
                     refused += u64::from(node.send(key, m).is_err());
                     headers.extend(node.header_bytes(key).map(|h| (key.peer, h)));
                 }
-                Some(NodeOutcome::Sent { refused, headers })
+                let (sent, _) = node.traffic();
+                let datagrams = sent.data_datagrams + sent.overhead_datagrams;
+                let upload = sent.data_bytes + sent.overhead_bytes + 28 * datagrams;
+                Some(NodeOutcome::Sent { refused, headers, upload })
             }
         }
     }

@@ -508,9 +508,10 @@ impl SessionCore {
                 }
                 self.events.push_back(SessionEvent::Farewell { peer, closed });
             }
-            NodeOutcome::Sent { refused, headers } => {
+            NodeOutcome::Sent { refused, headers, upload } => {
                 self.counters.avatar_sends_refused += refused;
                 if let Some(m) = &mut self.avatars {
+                    m.observe_upload(upload);
                     for (peer, bytes) in headers {
                         // And the message item's kind byte.
                         m.set_header_bytes(peer, bytes + 1);

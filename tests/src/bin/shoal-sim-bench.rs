@@ -793,9 +793,13 @@ fn avatars(populations: &[usize], secs: u64, seed: u64) -> ExitCode {
             r.bits_per_message,
             r.wall_per_sim_s,
         );
+        println!(
+            "         per player: {:.0} datagrams/s with messages ({:.1} B each), {:.0}/s without ({:.1} B each)",
+            r.data_dps, r.data_bytes, r.overhead_dps, r.overhead_bytes
+        );
         ok &= r.stats.never_appeared == 0;
         json.push(format!(
-            "\"upload_kbps_p50_{n}\":{:.1},\"upload_kbps_p99_{n}\":{:.1},\"payload_kbps_p99_{n}\":{:.1},             \"overhead_kbps_p99_{n}\":{:.1},\"overhead_kbps_per_neighbour_{n}\":{ovh:.2},             \"near_staleness_p99_ms_{n}\":{near:.0},\"far_staleness_p99_ms_{n}\":{far:.0},             \"interp_error_p99_m_{n}\":{err:.3},\"appear_p99_ms_{n}\":{appear:.0},             \"bits_per_message_{n}\":{:.1},\"neighbours_{n}\":{:.1},\"sim_wall_s_per_sim_s_{n}\":{:.2}",
+            "\"upload_kbps_p50_{n}\":{:.1},\"upload_kbps_p99_{n}\":{:.1},\"payload_kbps_p99_{n}\":{:.1},\"overhead_kbps_p99_{n}\":{:.1},\"overhead_kbps_per_neighbour_{n}\":{ovh:.2},\"near_staleness_p99_ms_{n}\":{near:.0},\"far_staleness_p99_ms_{n}\":{far:.0},\"interp_error_p99_m_{n}\":{err:.3},\"appear_p99_ms_{n}\":{appear:.0},\"bits_per_message_{n}\":{:.1},\"neighbours_{n}\":{:.1},\"sim_wall_s_per_sim_s_{n}\":{:.2}",
             q(&r.upload_kbps, 0.5),
             q(&r.upload_kbps, 0.99),
             q(&r.payload_kbps, 0.99),
