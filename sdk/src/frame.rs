@@ -303,11 +303,7 @@ impl<'a> Inner<'a> {
         };
         match kind {
             KIND_RENET => Ok((Inner::Renet(&p[1..]), p.len())),
-            KIND_RENET_PART => {
-                let b: [u8; 2] = p.get(1..3).and_then(|s| s.try_into().ok()).ok_or(truncated)?;
-                let len = 3 + usize::from(u16::from_be_bytes(b));
-                Ok((Inner::Renet(p.get(3..len).ok_or(truncated)?), len))
-            }
+            KIND_RENET_PART => read_part(p, truncated).map(|(b, len)| (Inner::Renet(b), len)),
             KIND_PING | KIND_PING_LAZY => {
                 Ok((Inner::Ping { id: u32_at(1)?, urgent: kind == KIND_PING }, PING_ITEM_LEN))
             }
@@ -326,11 +322,7 @@ impl<'a> Inner<'a> {
             KIND_CANDIDATES_ACK => Ok((Inner::CandidatesAck(u32_at(1)?), 5)),
             KIND_CONFIRM => Ok((Inner::Confirm, 1)),
             KIND_MESSAGE => Ok((Inner::Message(&p[1..]), p.len())),
-            KIND_MESSAGE_PART => {
-                let b: [u8; 2] = p.get(1..3).and_then(|s| s.try_into().ok()).ok_or(truncated)?;
-                let len = 3 + usize::from(u16::from_be_bytes(b));
-                Ok((Inner::Message(p.get(3..len).ok_or(truncated)?), len))
-            }
+            KIND_MESSAGE_PART => read_part(p, truncated).map(|(b, len)| (Inner::Message(b), len)),
             KIND_SHORT_ID => Ok((Inner::ShortId(u32_at(1)?), 5)),
             other => Err(FrameError::UnknownKind(other)),
         }
@@ -339,16 +331,7 @@ impl<'a> Inner<'a> {
     /// Appends the item to `out`; `last` says whether another item follows.
     fn write_item(&self, out: &mut Vec<u8>, last: bool) {
         match self {
-            Inner::Renet(p) if last => {
-                out.push(KIND_RENET);
-                out.extend_from_slice(p);
-            }
-            Inner::Renet(p) => {
-                out.push(KIND_RENET_PART);
-                // Renet packets are at most a datagram long, far below u16::MAX.
-                out.extend_from_slice(&(p.len().min(usize::from(u16::MAX)) as u16).to_be_bytes());
-                out.extend_from_slice(&p[..p.len().min(usize::from(u16::MAX))]);
-            }
+            Inner::Renet(p) => write_body(out, if last { KIND_RENET } else { KIND_RENET_PART }, p),
             Inner::Ping { id, urgent } => {
                 out.push(if *urgent { KIND_PING } else { KIND_PING_LAZY });
                 out.extend_from_slice(&id.to_be_bytes());
@@ -369,16 +352,7 @@ impl<'a> Inner<'a> {
                 out.extend_from_slice(&seq.to_be_bytes());
             }
             Inner::Confirm => out.push(KIND_CONFIRM),
-            Inner::Message(m) if last => {
-                out.push(KIND_MESSAGE);
-                out.extend_from_slice(m);
-            }
-            Inner::Message(m) => {
-                out.push(KIND_MESSAGE_PART);
-                // Messages are at most a datagram long, far below u16::MAX.
-                out.extend_from_slice(&(m.len().min(usize::from(u16::MAX)) as u16).to_be_bytes());
-                out.extend_from_slice(&m[..m.len().min(usize::from(u16::MAX))]);
-            }
+            Inner::Message(m) => write_body(out, if last { KIND_MESSAGE } else { KIND_MESSAGE_PART }, m),
             Inner::ShortId(id) => {
                 out.push(KIND_SHORT_ID);
                 out.extend_from_slice(&id.to_be_bytes());
@@ -410,6 +384,28 @@ impl<'a> Inner<'a> {
             Inner::ShortId(_) => 5,
         }
     }
+}
+
+/// Appends a renet packet or a message as item `kind`: to the end of the plaintext, or with
+/// a length first (the part kinds).
+fn write_body(out: &mut Vec<u8>, kind: u8, body: &[u8]) {
+    out.push(kind);
+    if matches!(kind, KIND_RENET_PART | KIND_MESSAGE_PART) {
+        // Packets and messages are at most a datagram long, far below u16::MAX.
+        let len = body.len().min(usize::from(u16::MAX));
+        out.extend_from_slice(&(len as u16).to_be_bytes());
+        out.extend_from_slice(&body[..len]);
+    } else {
+        out.extend_from_slice(body);
+    }
+}
+
+/// Reads a part item at the start of `p` (kind, length u16, body): the body and the bytes
+/// the item took.
+fn read_part(p: &[u8], truncated: FrameError) -> Result<(&[u8], usize), FrameError> {
+    let b: [u8; 2] = p.get(1..3).and_then(|s| s.try_into().ok()).ok_or(truncated)?;
+    let len = 3 + usize::from(u16::from_be_bytes(b));
+    Ok((p.get(3..len).ok_or(truncated)?, len))
 }
 
 /// Appends the plaintext of a frame holding `items`, in order, to `out`.

@@ -90,6 +90,10 @@ pub struct AvatarRun {
     pub overhead_kbps: Vec<f64>,
     /// Per player: the rest, per neighbour, kbit/s.
     pub overhead_kbps_per_neighbour: Vec<f64>,
+    /// Per player, per neighbour: measurement and upkeep alone, as `shoal-sim-bench overhead`
+    /// counts it (datagrams without a message, with their IPv4/UDP headers, and the bytes that
+    /// ride in the ones with), kbit/s: the rest less each update's own headers.
+    pub upkeep_kbps_per_neighbour: Vec<f64>,
     /// Bits per avatar message on the wire's payload, on average.
     pub bits_per_message: f64,
     /// Neighbours per player at the end, on average.
@@ -159,6 +163,10 @@ pub fn avatar_run(
         run.overhead_kbps.push(kbps(wire - payload));
         if n > 0 {
             run.overhead_kbps_per_neighbour.push(kbps(wire - payload) / n as f64);
+            let lone = t1.overhead_bytes - t0.overhead_bytes
+                + IP_UDP_HEADERS * (t1.overhead_datagrams - t0.overhead_datagrams);
+            let riding = t1.riding_bytes - t0.riding_bytes;
+            run.upkeep_kbps_per_neighbour.push(kbps(lone + riding) / n as f64);
         }
     }
     for v in [&mut run.upload_kbps, &mut run.payload_kbps, &mut run.overhead_kbps, &mut run.overhead_kbps_per_neighbour]

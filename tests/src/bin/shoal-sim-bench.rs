@@ -41,9 +41,9 @@
 //! JSON line holding the worst figure over the neighbour counts of each case.
 //!
 //! `crowd` (real sockets and real time, not the simulator): a control server and a relay
-//! process on loopback and `--players` players through the public `Session` API, standing
-//! together, each sending a 20-byte update 30 times a second on the realtime VC to every
-//! neighbour it is introduced to. Reports per player the datagrams and bytes a second it sends
+//! process on loopback and `--players` players through the public `Session` API, moving
+//! together in a 20 m square and setting their avatar 30 times a second, which the session
+//! serves to every neighbour it is introduced to. Reports per player the datagrams and bytes a second it sends
 //! and receives, the mesh's own share of them per neighbour, the path changes, and the CPU the
 //! process (players and control server) spent. Ends with one JSON line.
 //!
@@ -793,13 +793,15 @@ fn avatars(populations: &[usize], secs: u64, seed: u64) -> ExitCode {
             r.bits_per_message,
             r.wall_per_sim_s,
         );
+        let upkeep = r.upkeep_kbps_per_neighbour.iter().sum::<f64>() / r.upkeep_kbps_per_neighbour.len().max(1) as f64;
         println!(
-            "         per player: {:.0} datagrams/s with messages ({:.1} B each), {:.0}/s without ({:.1} B each)",
+            "         per player: {:.0} datagrams/s with messages ({:.1} B each), {:.0}/s without ({:.1} B each); \
+             measurement and upkeep {upkeep:.2} kbit/s per neighbour",
             r.data_dps, r.data_bytes, r.overhead_dps, r.overhead_bytes
         );
         ok &= r.stats.never_appeared == 0;
         json.push(format!(
-            "\"upload_kbps_p50_{n}\":{:.1},\"upload_kbps_p99_{n}\":{:.1},\"payload_kbps_p99_{n}\":{:.1},\"overhead_kbps_p99_{n}\":{:.1},\"overhead_kbps_per_neighbour_{n}\":{ovh:.2},\"near_staleness_p99_ms_{n}\":{near:.0},\"far_staleness_p99_ms_{n}\":{far:.0},\"interp_error_p99_m_{n}\":{err:.3},\"appear_p99_ms_{n}\":{appear:.0},\"bits_per_message_{n}\":{:.1},\"neighbours_{n}\":{:.1},\"sim_wall_s_per_sim_s_{n}\":{:.2}",
+            "\"upload_kbps_p50_{n}\":{:.1},\"upload_kbps_p99_{n}\":{:.1},\"payload_kbps_p99_{n}\":{:.1},\"overhead_kbps_p99_{n}\":{:.1},\"overhead_kbps_per_neighbour_{n}\":{ovh:.2},\"near_staleness_p99_ms_{n}\":{near:.0},\"far_staleness_p99_ms_{n}\":{far:.0},\"interp_error_p99_m_{n}\":{err:.3},\"appear_p99_ms_{n}\":{appear:.0},\"upkeep_kbps_per_neighbour_{n}\":{upkeep:.2},\"bits_per_message_{n}\":{:.1},\"neighbours_{n}\":{:.1},\"sim_wall_s_per_sim_s_{n}\":{:.2}",
             q(&r.upload_kbps, 0.5),
             q(&r.upload_kbps, 0.99),
             q(&r.payload_kbps, 0.99),
