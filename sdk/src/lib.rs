@@ -23,7 +23,7 @@ pub mod vc;
 
 pub use avatar::{AvatarEvent, AvatarState};
 pub use driver::{Client, ClientError, ClientEvent, NodeHandle, NodeStatus};
-pub use node::{Event, MAX_VCS_PER_PEER, Node, NodeCounters, NodeError, PeerInfo, Traffic, VcKey};
+pub use node::{Event, IP_UDP_HEADERS, MAX_VCS_PER_PEER, Node, NodeCounters, NodeError, PeerInfo, Traffic, VcKey};
 pub use path::{PathId, PathInfo, PathKind, PathStats, SwitchReason};
 pub use profile::{Delivery, Policy, Profile, ProfileConfig};
 pub use session::{

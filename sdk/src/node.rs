@@ -128,7 +128,15 @@ pub struct Traffic {
     pub overhead_bytes: u64,
 }
 
+/// Bytes of IPv4 and UDP headers around every datagram, for what a node puts on the wire.
+pub const IP_UDP_HEADERS: u64 = 28;
+
 impl Traffic {
+    /// Bytes on the wire: UDP payload and [`IP_UDP_HEADERS`] per datagram.
+    pub fn on_the_wire(&self) -> u64 {
+        self.data_bytes + self.overhead_bytes + IP_UDP_HEADERS * (self.data_datagrams + self.overhead_datagrams)
+    }
+
     /// Bytes that are not payload: whole overhead datagrams and what rides on data.
     pub fn overhead(&self) -> u64 {
         self.overhead_bytes + self.riding_bytes

@@ -29,11 +29,6 @@ pub struct CodecBits {
     pub postcard_mean: f64,
 }
 
-fn percentile(v: &mut [usize], p: f64) -> usize {
-    v.sort_unstable();
-    v.get(((v.len().max(1) - 1) as f64 * p) as usize).copied().unwrap_or(0)
-}
-
 /// `players` moving for `secs` by the movement model, each served at 30 Hz on the 60 Hz avatar
 /// clock to one receiver whose acks come one update later (a 33 ms RTT).
 pub fn codec_bits(players: u64, secs: u32) -> Result<CodecBits, ConfigError> {
@@ -63,10 +58,10 @@ pub fn codec_bits(players: u64, secs: u32) -> Result<CodecBits, ConfigError> {
     let n = (moving.len() + idle.len()).max(1) as f64;
     let total: usize = moving.iter().chain(&idle).sum();
     Ok(CodecBits {
-        moving_p50: percentile(&mut moving, 0.5),
-        moving_p99: percentile(&mut moving, 0.99),
-        idle_p50: percentile(&mut idle, 0.5),
-        idle_p99: percentile(&mut idle, 0.99),
+        moving_p50: AvatarStats::quantile(&mut moving, 0.5).unwrap_or(0),
+        moving_p99: AvatarStats::quantile(&mut moving, 0.99).unwrap_or(0),
+        idle_p50: AvatarStats::quantile(&mut idle, 0.5).unwrap_or(0),
+        idle_p99: AvatarStats::quantile(&mut idle, 0.99).unwrap_or(0),
         mean: total as f64 / n,
         postcard_mean: postcard as f64 / n,
     })
@@ -81,7 +76,7 @@ pub struct AvatarRun {
     pub secs: f64,
     /// Wall-clock seconds the simulator took per simulated second, warm-up included.
     pub wall_per_sim_s: f64,
-    /// Per player: kbit/s sent on the wire (UDP payload and IPv4/UDP headers), sorted.
+    /// Per player: kbit/s sent on the wire (UDP payload and IPv4/UDP headers).
     pub upload_kbps: Vec<f64>,
     /// Per player: of that, the avatar messages' own bytes (updates and acks), kbit/s.
     pub payload_kbps: Vec<f64>,
@@ -146,9 +141,7 @@ pub fn avatar_run(
     let (mut bytes, mut messages, mut neighbours) = (0u64, 0u64, 0usize);
     let mut sum = Traffic::default();
     for (i, ((t0, b0, m0), (t1, b1, m1))) in before.iter().zip(&after).enumerate() {
-        let datagrams = (t1.data_datagrams + t1.overhead_datagrams) - (t0.data_datagrams + t0.overhead_datagrams);
-        let wire =
-            (t1.data_bytes + t1.overhead_bytes) - (t0.data_bytes + t0.overhead_bytes) + IP_UDP_HEADERS * datagrams;
+        let wire = t1.on_the_wire() - t0.on_the_wire();
         let payload = b1 - b0;
         sum.data_datagrams += t1.data_datagrams - t0.data_datagrams;
         sum.overhead_datagrams += t1.overhead_datagrams - t0.overhead_datagrams;
@@ -169,10 +162,6 @@ pub fn avatar_run(
             run.upkeep_kbps_per_neighbour.push(kbps(lone + riding) / n as f64);
         }
     }
-    for v in [&mut run.upload_kbps, &mut run.payload_kbps, &mut run.overhead_kbps, &mut run.overhead_kbps_per_neighbour]
-    {
-        v.sort_by(f64::total_cmp);
-    }
     run.bits_per_message = bytes as f64 * 8.0 / messages.max(1) as f64;
     run.neighbours = neighbours as f64 / players.max(1) as f64;
     let per_player = |x: u64| x as f64 / players.max(1) as f64 / s;
@@ -182,9 +171,4 @@ pub fn avatar_run(
     run.overhead_bytes = sum.overhead_bytes as f64 / sum.overhead_datagrams.max(1) as f64;
     run.stats = world.avatar_stats(Duration::from_secs(2));
     Ok(run)
-}
-
-/// The `q`-quantile of sorted `v` (0 when empty).
-pub fn quantile(v: &[f64], q: f64) -> f64 {
-    v.get(((v.len().max(1) - 1) as f64 * q).round() as usize).copied().unwrap_or(0.0)
 }

@@ -21,8 +21,7 @@ use shoal_sdk::{Event, PeerInfo, Profile, SwitchReason, Traffic, VcEvent, VcKey}
 use crate::link::LinkConfig;
 use crate::sim::{HostId, Sim};
 
-/// Bytes IPv4 and UDP add to every datagram.
-pub const IP_UDP_HEADERS: u64 = 28;
+pub use shoal_sdk::IP_UDP_HEADERS;
 
 /// Which way messages flow during the measurement.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -102,10 +102,7 @@ fn forty_neighbours_stay_within_the_upload_budget_and_the_nearest_get_the_full_r
     assert_eq!(world.neighbours(0).count(), 40);
     let (after, now) = (world.sim.node(h).traffic().0, world.sim.now());
     let secs = (now - before.1).as_secs_f64();
-    let datagrams =
-        after.data_datagrams + after.overhead_datagrams - before.0.data_datagrams - before.0.overhead_datagrams;
-    let bytes = after.data_bytes + after.overhead_bytes - before.0.data_bytes - before.0.overhead_bytes;
-    let kbps = (bytes + 28 * datagrams) as f64 * 8.0 / 1000.0 / secs;
+    let kbps = (after.on_the_wire() - before.0.on_the_wire()) as f64 * 8.0 / 1000.0 / secs;
     // Everything the player sent, on the wire, within 5 % of the 96 kbit/s budget.
     assert!(kbps <= 96.0 * 1.05, "player 0 sent {kbps:.1} kbit/s to 40 neighbours");
     let mesh = world.sim.session(h).avatar_mesh().expect("avatars");

@@ -158,17 +158,16 @@ impl Core {
             let at = now.checked_sub(age).unwrap_or(now);
             // The reports just before and just after the observation.
             let after = p.history.iter().position(|&(t, _)| t >= at).unwrap_or(p.history.len());
-            let near = p.history.range(after.saturating_sub(1)..(after + 1).min(p.history.len()));
-            let mut checked = false;
-            let consistent = near.into_iter().any(|&(t, reported)| {
-                checked = true;
-                let apart = if t > at { t - at } else { at - t };
-                reported.distance(pos) <= max_speed * (apart + slack).as_secs_f32()
-            });
-            if !checked {
+            let mut near = p.history.range(after.saturating_sub(1)..(after + 1).min(p.history.len())).peekable();
+            if near.peek().is_none() {
+                // No accepted report to compare with.
                 self.counters.observations_refused += 1;
                 continue;
             }
+            let consistent = near.any(|&(t, reported)| {
+                let apart = if t > at { t - at } else { at - t };
+                reported.distance(pos) <= max_speed * (apart + slack).as_secs_f32()
+            });
             if consistent {
                 continue;
             }

@@ -26,7 +26,7 @@ const HAS_ACK: u8 = 1;
 const NEED_FULL: u8 = 2;
 const HAS_UPDATE: u8 = 4;
 /// IPv4 and UDP headers, counted against the budget for every datagram.
-const IP_UDP: usize = 28;
+const IP_UDP: usize = crate::node::IP_UDP_HEADERS as usize;
 /// How long an ack waits for an update of ours to ride on before it goes alone. A datagram's
 /// headers cost far more than an ack, so acks ride on updates: to a neighbour served at the
 /// floor rate one goes at least every half second, which keeps the sender's baselines well

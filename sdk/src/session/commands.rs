@@ -118,10 +118,7 @@ impl NodeCommand {
                     refused += u64::from(node.send(key, m).is_err());
                     headers.extend(node.header_bytes(key).map(|h| (key.peer, h)));
                 }
-                let (sent, _) = node.traffic();
-                let datagrams = sent.data_datagrams + sent.overhead_datagrams;
-                let upload = sent.data_bytes + sent.overhead_bytes + 28 * datagrams;
-                Some(NodeOutcome::Sent { refused, headers, upload })
+                Some(NodeOutcome::Sent { refused, headers, upload: node.traffic().0.on_the_wire() })
             }
         }
     }

@@ -78,7 +78,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use shoal_sdk::{PathKind, Profile};
-use shoal_tests::avatars::{self, avatar_run, codec_bits};
+use shoal_tests::avatars::{avatar_run, codec_bits};
 use shoal_tests::netns::{self, NatMode};
 use shoal_tests::overhead::{Flow, OverheadRun, overhead};
 use shoal_tests::punch::{Front, PairLinks, PairRun, direct_possible, nat_pair};
@@ -779,17 +779,17 @@ fn avatars(populations: &[usize], secs: u64, seed: u64) -> ExitCode {
         let far = ms(AvatarStats::quantile(&mut r.stats.far_staleness, 0.99));
         let err = AvatarStats::quantile(&mut r.stats.errors, 0.99).map_or(f64::NAN, f64::from);
         let appear = ms(AvatarStats::quantile(&mut r.stats.appear_delays, 0.99));
-        let q = avatars::quantile;
+        let q = |v: &mut Vec<f64>, p: f64| AvatarStats::quantile(v, p).unwrap_or(0.0);
         let ovh = r.overhead_kbps_per_neighbour.iter().sum::<f64>() / r.overhead_kbps_per_neighbour.len().max(1) as f64;
         println!(
             "{n:>8} {:>11.1} {:>8.1}/{:<8.1} {:>8.1}/{:<8.1} {:>8.1}/{:<8.1} {ovh:>13.2} {near:>14.0} {far:>14.0} {err:>13.3} {:>13.1} {:>12.2}",
             r.neighbours,
-            q(&r.upload_kbps, 0.5),
-            q(&r.upload_kbps, 0.99),
-            q(&r.payload_kbps, 0.5),
-            q(&r.payload_kbps, 0.99),
-            q(&r.overhead_kbps, 0.5),
-            q(&r.overhead_kbps, 0.99),
+            q(&mut r.upload_kbps, 0.5),
+            q(&mut r.upload_kbps, 0.99),
+            q(&mut r.payload_kbps, 0.5),
+            q(&mut r.payload_kbps, 0.99),
+            q(&mut r.overhead_kbps, 0.5),
+            q(&mut r.overhead_kbps, 0.99),
             r.bits_per_message,
             r.wall_per_sim_s,
         );
@@ -802,10 +802,10 @@ fn avatars(populations: &[usize], secs: u64, seed: u64) -> ExitCode {
         ok &= r.stats.never_appeared == 0;
         json.push(format!(
             "\"upload_kbps_p50_{n}\":{:.1},\"upload_kbps_p99_{n}\":{:.1},\"payload_kbps_p99_{n}\":{:.1},\"overhead_kbps_p99_{n}\":{:.1},\"overhead_kbps_per_neighbour_{n}\":{ovh:.2},\"near_staleness_p99_ms_{n}\":{near:.0},\"far_staleness_p99_ms_{n}\":{far:.0},\"interp_error_p99_m_{n}\":{err:.3},\"appear_p99_ms_{n}\":{appear:.0},\"upkeep_kbps_per_neighbour_{n}\":{upkeep:.2},\"bits_per_message_{n}\":{:.1},\"neighbours_{n}\":{:.1},\"sim_wall_s_per_sim_s_{n}\":{:.2}",
-            q(&r.upload_kbps, 0.5),
-            q(&r.upload_kbps, 0.99),
-            q(&r.payload_kbps, 0.99),
-            q(&r.overhead_kbps, 0.99),
+            q(&mut r.upload_kbps, 0.5),
+            q(&mut r.upload_kbps, 0.99),
+            q(&mut r.payload_kbps, 0.99),
+            q(&mut r.overhead_kbps, 0.99),
             r.bits_per_message,
             r.neighbours,
             r.wall_per_sim_s,
