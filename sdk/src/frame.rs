@@ -183,8 +183,9 @@ pub enum Inner<'a> {
     Pong {
         /// The ping answered.
         ping: u32,
-        /// Microseconds the answer waited for a frame to ride on; not part of the path's RTT.
-        held_us: u16,
+        /// How long the answer waited for a frame to ride on, in units of [`HELD_UNIT`]; not
+        /// part of the path's RTT.
+        held: u16,
         /// Data bytes received over the path so far.
         delivered: u64,
     },
@@ -204,8 +205,20 @@ pub enum Inner<'a> {
     ShortId(u32),
 }
 
-/// Longest a lazy ping's answer waits for a frame to ride on.
-pub const PONG_HOLD: std::time::Duration = std::time::Duration::from_millis(40);
+/// Longest a lazy ping's answer waits for a frame to ride on. A lazy ping samples the RTT of a
+/// path the peer's data already shows alive, or keeps a quiet one open: nothing waits on its
+/// answer, and one that went alone would cost a datagram. Long enough for a neighbour served
+/// at the avatar floor (2 Hz) to carry it with its next update.
+pub const PONG_HOLD: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// The unit of a pong's hold time on the wire: 16 µs, so that a `u16` spans [`PONG_HOLD`]
+/// (up to 1.05 s) at a resolution far below any RTT.
+pub const HELD_UNIT: std::time::Duration = std::time::Duration::from_micros(16);
+
+/// `held` as it goes in a pong: in [`HELD_UNIT`]s, saturating.
+pub fn held_units(held: std::time::Duration) -> u16 {
+    (held.as_micros() / HELD_UNIT.as_micros()).min(u128::from(u16::MAX)) as u16
+}
 
 /// Most addresses one [`Inner::Candidates`] carries.
 pub const MAX_ADVERTISED: usize = 4;
@@ -311,7 +324,7 @@ impl<'a> Inner<'a> {
                 let h: [u8; 2] = p.get(5..7).and_then(|s| s.try_into().ok()).ok_or(truncated)?;
                 let d: [u8; 8] = p.get(7..15).and_then(|s| s.try_into().ok()).ok_or(truncated)?;
                 let pong =
-                    Inner::Pong { ping: u32_at(1)?, held_us: u16::from_be_bytes(h), delivered: u64::from_be_bytes(d) };
+                    Inner::Pong { ping: u32_at(1)?, held: u16::from_be_bytes(h), delivered: u64::from_be_bytes(d) };
                 Ok((pong, PONG_ITEM_LEN))
             }
             KIND_CLOSE => Ok((Inner::Close(*p.get(1).ok_or(truncated)?), 2)),
@@ -336,10 +349,10 @@ impl<'a> Inner<'a> {
                 out.push(if *urgent { KIND_PING } else { KIND_PING_LAZY });
                 out.extend_from_slice(&id.to_be_bytes());
             }
-            Inner::Pong { ping, held_us, delivered } => {
+            Inner::Pong { ping, held, delivered } => {
                 out.push(KIND_PONG);
                 out.extend_from_slice(&ping.to_be_bytes());
-                out.extend_from_slice(&held_us.to_be_bytes());
+                out.extend_from_slice(&held.to_be_bytes());
                 out.extend_from_slice(&delivered.to_be_bytes());
             }
             Inner::Close(r) => out.extend_from_slice(&[KIND_CLOSE, *r]),
@@ -468,7 +481,7 @@ mod tests {
         match k {
             0 => Inner::Renet(payload),
             1 => Inner::Ping { id: *id, urgent: d % 2 == 0 },
-            2 => Inner::Pong { ping: *id, held_us: *h, delivered: *d },
+            2 => Inner::Pong { ping: *id, held: *h, delivered: *d },
             3 => Inner::Close(*id as u8),
             4 => Inner::Candidates(Candidates::new(*id, &[])),
             5 => Inner::Candidates(Candidates::new(*id, &[v4, v6, v4, v6])),
@@ -560,7 +573,7 @@ mod tests {
         let ack = [4u8, 1, 2];
         let items = [
             Inner::Ping { id: 9, urgent: false },
-            Inner::Pong { ping: 3, held_us: 1200, delivered: 10 },
+            Inner::Pong { ping: 3, held: 75, delivered: 10 },
             Inner::Renet(&ack),
             Inner::Renet(&data),
         ];

@@ -20,12 +20,13 @@ pub(super) const LOSS_MIN_SAMPLES: u32 = 8;
 /// We send data on a path if the last data frame left within this.
 pub(super) const FLOW_WINDOW: Duration = Duration::from_millis(500);
 /// A path is fed while the peer's data has come over it at least [`FED_MIN_GAPS`] times in a
-/// row at most this far apart, the last within [`FED_WINDOW`]. Long enough for a neighbour
+/// row at most this far apart (one gap up to twice as long, a lost frame, does not break the
+/// row once it is long enough), the last within [`FED_WINDOW`]. Long enough for a neighbour
 /// that serves us its avatar at the 2 Hz floor: its updates are the path's liveness, where
 /// pinging it every half RTT would have it answer with a pong of its own each time (in an
 /// avatar crowd, most of the mesh's traffic).
 pub(super) const FED_MAX_GAP: Duration = Duration::from_millis(600);
-pub(super) const FED_WINDOW: Duration = Duration::from_secs(1);
+pub(super) const FED_WINDOW: Duration = Duration::from_millis(1200);
 pub(super) const FED_MIN_GAPS: usize = 8;
 /// Pings older than this count as lost even before the RTT is known.
 pub(super) const PING_GIVE_UP: Duration = Duration::from_secs(1);

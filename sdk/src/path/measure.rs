@@ -37,6 +37,7 @@ use super::candidate::{
 };
 use super::punch::{self, PUNCH_INTERVAL, PUNCH_PROBES};
 use super::{PathId, Punch};
+use crate::frame::PONG_HOLD;
 
 /// Bounds of the ping interval of a path data flows out on.
 const FAST_MIN: Duration = Duration::from_millis(10);
@@ -292,8 +293,11 @@ impl PathSet {
             c.paused = false;
             if let Some(last) = c.initiative {
                 let gap = now.saturating_duration_since(last);
-                if gap > FED_MAX_GAP {
+                if gap > FED_MAX_GAP * 2 || (gap > FED_MAX_GAP && c.gaps.len() < FED_MIN_GAPS) {
                     c.gaps.clear();
+                } else if gap > FED_MAX_GAP {
+                    // One frame lost from a steady flow: the flow goes on, and the gap is not
+                    // what its rate promises (the silence before it was checked).
                 } else {
                     if c.gaps.len() >= FED_MIN_GAPS {
                         c.gaps.pop_front();
@@ -337,6 +341,8 @@ impl PathSet {
     /// to ride on. Returns the RTT it measured, unless the ping had been counted lost (then the
     /// loss is undone and the RTT kept, but nothing is returned).
     pub fn on_pong(&mut self, now: Instant, id: PathId, ping: u32, held: Duration) -> Option<Duration> {
+        // No answer waits longer than that; a peer claiming more would shrink its RTT.
+        let held = held.min(PONG_HOLD);
         let c = self.get_mut(id)?;
         let Some(at) = c.pings.iter().position(|p| p.id == ping) else {
             // A pong that came after its ping was counted lost: not a loss after all, and an
@@ -495,6 +501,11 @@ impl PathSet {
             }
             (c.loss * n as f32 - 1.0).max(0.0) / n as f32
         })
+    }
+
+    /// Whether enough pings went over `id` for [`PathSet::loss`] to say anything.
+    pub fn loss_known(&self, id: PathId) -> bool {
+        self.get(id).is_some_and(|c| c.samples >= LOSS_MIN_SAMPLES)
     }
 
     /// Loss over the last few pings, for telling a lossy path from a dead one.

@@ -28,8 +28,10 @@ const TAMPER_WINDOW: Duration = Duration::from_secs(2);
 pub const ABANDON_FOR: Duration = Duration::from_secs(60);
 /// A better path must stay better this long (or ten RTTs, if longer) before the VC moves.
 const HOLD: Duration = Duration::from_secs(1);
-/// A path left for a fault must answer this long before it may take the traffic back.
-pub const PROBATION: Duration = Duration::from_secs(5);
+/// A path left for a fault must wait this long (or twenty RTTs, if longer) before it may take
+/// the traffic back. Short enough that a loss burst that passed for an outage costs a couple of
+/// seconds on the second-best path, not the rest of the session.
+pub const PROBATION: Duration = Duration::from_secs(2);
 
 /// What this VC alone knows of a candidate.
 #[derive(Debug, Default, Clone)]
@@ -288,8 +290,9 @@ impl Selector {
                 first
             }
             Some(cur) => {
-                let why_leave =
-                    forced.or_else(|| self.is_dead(now, paths, cur)).or_else(|| self.breaks_criteria(paths, cur));
+                let dead = forced.or_else(|| self.is_dead(now, paths, cur));
+                let alive = dead.is_none();
+                let why_leave = dead.or_else(|| self.breaks_criteria(paths, cur));
                 // Loss on a path that has just delivered forgeries is tampering: frames are
                 // being altered, and the losses are the ones that did not even parse as ours.
                 let why_leave = match why_leave {
@@ -299,9 +302,19 @@ impl Selector {
                 let best = self.preferred(paths, &ranked, cur);
                 match (why_leave, best) {
                     (Some(why), Some(best)) if best != cur => {
-                        // Leave a failing path only for one that does not fail the same way.
-                        let better = self.breaks_criteria(paths, best).is_none()
-                            || matches!(why, SwitchReason::Silent(_) | SwitchReason::Tampering);
+                        // Leave a failing path only for one that does not fail the same way; a
+                        // path that still answers but loses too much, only for one measured to
+                        // lose less (loss comes in bursts, and a candidate pinged a few times
+                        // has lost nothing yet).
+                        let measured_better = match why {
+                            SwitchReason::Lossy(_) if alive => {
+                                paths.loss_known(best) && paths.loss(best) < paths.loss(cur)
+                            }
+                            _ => true,
+                        };
+                        let better = measured_better
+                            && (self.breaks_criteria(paths, best).is_none()
+                                || matches!(why, SwitchReason::Silent(_) | SwitchReason::Tampering));
                         if better {
                             if why == SwitchReason::Tampering && !self.is_abandoned(now, cur) {
                                 let failures = self.slot_ref(cur).map_or(0, |s| s.tamper.len() as u32);

@@ -364,3 +364,31 @@ fn a_path_the_peer_sends_on_gets_fresh_rtt_samples_from_our_answers_to_its_pings
     let rtt = paths.typical_rtt(direct).unwrap();
     assert!(rtt < 5 * MS, "the direct path still looks {rtt:?} long");
 }
+
+#[test]
+fn a_lossy_path_is_left_only_for_one_measured_to_lose_less() {
+    let mut s = Side::new(Profile::realtime(false), &[relayed(&[1]), direct()]);
+    s.sending = true;
+    let t0 = s.now;
+    // The direct path loses one ping in ten (never long enough to fall silent); the relay
+    // loses none, but as a spare it is pinged every 20 s.
+    let net = |id: PathId, t: Duration| match id.0 {
+        0 => Some(60 * MS),
+        _ => (!(t.as_millis() / 10).is_multiple_of(10)).then_some(20 * MS),
+    };
+    s.run(t0, Duration::from_secs(1), net);
+    assert_eq!(s.sel.sending(), &[PathId(1)]);
+    s.changes();
+    // Past the profile's 5 %, but the relay's few answers say nothing of its loss yet.
+    s.run(t0, Duration::from_secs(10), net);
+    assert!(s.paths.loss(PathId(1)) > 0.05, "{}", s.paths.loss(PathId(1)));
+    assert!(!s.paths.loss_known(PathId(0)));
+    assert_eq!(s.changes(), vec![], "left a 10 % path for one never measured");
+    assert_eq!(s.sel.sending(), &[PathId(1)]);
+    // Once the relay has answered enough pings, it is the better path.
+    s.run(t0, Duration::from_secs(200), net);
+    assert!(s.paths.loss_known(PathId(0)));
+    let ev = s.changes();
+    assert!(matches!(ev.first(), Some(PathEvent::Changed { reason: SwitchReason::Lossy(_), .. })), "{ev:?}");
+    assert_eq!(s.sel.sending(), &[PathId(0)]);
+}

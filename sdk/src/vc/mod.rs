@@ -606,9 +606,9 @@ impl VirtualConnection {
             Inner::Message(m) => self.on_message(id, pn, len, m),
             Inner::ShortId(short) => self.short_peer = Some(short),
             Inner::Ping { id: ping, urgent } => self.on_ping(now, paths, path, id, ping, urgent),
-            Inner::Pong { ping, held_us, delivered } => {
+            Inner::Pong { ping, held, delivered } => {
                 let Some(id) = id else { return };
-                let held = Duration::from_micros(u64::from(held_us));
+                let held = frame::HELD_UNIT * u32::from(held);
                 let Some(rtt) = paths.on_pong(now, id, ping, held) else { return };
                 let srtt = paths.srtt(id).unwrap_or(rtt);
                 if let Some(p) = self.pacers.get_mut(usize::from(id.0)) {

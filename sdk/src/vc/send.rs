@@ -164,9 +164,9 @@ impl VirtualConnection {
             if p.path != path {
                 return true;
             }
-            let held = now.saturating_duration_since(p.received).as_micros().min(u128::from(u16::MAX)) as u16;
+            let held = frame::held_units(now.saturating_duration_since(p.received));
             let delivered = p.id.map_or(0, |id| sel.delivered(id));
-            out.push(Inner::Pong { ping: p.ping, held_us: held, delivered });
+            out.push(Inner::Pong { ping: p.ping, held, delivered });
             false
         });
         out
