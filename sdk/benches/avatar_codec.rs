@@ -1,6 +1,7 @@
-//! Encoding and decoding avatar updates, ns per update, on the movement model: 100 players
-//! moving for a minute, each served at 30 Hz on a 60 Hz avatar clock to one receiver whose
-//! acks arrive one update later (a 33 ms RTT). Before measuring it prints the bits per update
+//! Encoding and decoding avatar updates, ns per update, on the recorded trace
+//! (`tests/fixtures/avatars-100x300s.trace`: 100 players of the movement model for five
+//! minutes at 30 Hz; the first minute of each is measured), each served at 30 Hz on a 60 Hz
+//! avatar clock to one receiver whose acks arrive one update later (a 33 ms RTT). Before measuring it prints the bits per update
 //! it sees, moving and idle, beside the same states as postcard-encoded full states.
 
 #![allow(clippy::unwrap_used, missing_docs)]
@@ -9,20 +10,15 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use shoal_sdk::avatar::movement::Mover;
-use shoal_sdk::avatar::{Ack, AvatarState, CodecConfig, Decoder, Encoder, Quantizer};
+use shoal_sdk::avatar::{Ack, AvatarState, CodecConfig, Decoder, Encoder, Quantizer, Trace};
 
-const PLAYERS: u64 = 100;
+const TRACE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/avatars-100x300s.trace");
 const UPDATES: usize = 30 * 60;
 
-/// Every player's states, one per update.
+/// Every player's states, one per update: the first minute of the trace.
 fn traces() -> Vec<Vec<AvatarState>> {
-    (0..PLAYERS)
-        .map(|seed| {
-            let mut m = Mover::new(seed, 400.0);
-            (0..UPDATES).map(|_| m.step(1.0 / 30.0)).collect()
-        })
-        .collect()
+    let trace = Trace::from_bytes(&std::fs::read(TRACE).unwrap()).unwrap();
+    (0..trace.players()).map(|p| trace.player(p).iter().take(UPDATES).copied().collect()).collect()
 }
 
 /// One player's updates encoded in turn, with acks one update behind.
@@ -79,7 +75,7 @@ fn bench(c: &mut Criterion) {
     );
 
     let mut g = c.benchmark_group("avatar_codec");
-    g.throughput(Throughput::Elements(PLAYERS * UPDATES as u64));
+    g.throughput(Throughput::Elements(traces.iter().map(|t| t.len() as u64).sum()));
     g.sample_size(10).measurement_time(Duration::from_secs(10));
     g.bench_function("encode", |b| {
         b.iter_custom(|iters| {

@@ -4,14 +4,13 @@
 use std::time::{Duration, Instant};
 
 use shoal_sdk::Traffic;
-use shoal_sdk::avatar::movement::Mover;
-use shoal_sdk::avatar::{Ack, AvatarState, CodecConfig, ConfigError, Decoder, Encoder, Quantizer};
+use shoal_sdk::avatar::{Ack, CodecConfig, ConfigError, Decoder, Encoder, Quantizer, Trace};
 
 use crate::link::{LinkConfig, Loss};
 use crate::overhead::IP_UDP_HEADERS;
-use crate::world::{AvatarStats, World, WorldSpec};
+use crate::world::{AvatarStats, World, WorldSpec, WorldStats};
 
-/// Bits per avatar update on the movement model, beside postcard-encoded full states.
+/// Bits per avatar update on a recorded trace, beside postcard-encoded full states.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct CodecBits {
     /// Updates of moving avatars: median and 99th percentile, bits.
@@ -29,18 +28,16 @@ pub struct CodecBits {
     pub postcard_mean: f64,
 }
 
-/// `players` moving for `secs` by the movement model, each served at 30 Hz on the 60 Hz avatar
-/// clock to one receiver whose acks come one update later (a 33 ms RTT).
-pub fn codec_bits(players: u64, secs: u32) -> Result<CodecBits, ConfigError> {
+/// Every player of `trace`, each served at 30 Hz on the 60 Hz avatar clock to one receiver
+/// whose acks come one update later (a 33 ms RTT).
+pub fn codec_bits(trace: &Trace) -> Result<CodecBits, ConfigError> {
     let q = Quantizer::new(CodecConfig::default())?;
     let (mut moving, mut idle, mut postcard) = (Vec::new(), Vec::new(), 0usize);
-    for seed in 0..players {
-        let mut m = Mover::new(seed, 400.0);
+    for p in 0..trace.players() {
         let (mut enc, mut dec) = (Encoder::new(q), Decoder::new(q));
         let mut pending: Option<Ack> = None;
-        for i in 0..30 * secs {
-            let s: AvatarState = m.step(1.0 / 30.0);
-            let (_, bytes) = enc.encode(2 * i, &s);
+        for (i, s) in trace.player(p).iter().enumerate() {
+            let (_, bytes) = enc.encode(2 * i as u32, s);
             let _ = dec.decode(&bytes);
             if let Some(a) = dec.ack().and_then(|a| pending.replace(a)) {
                 enc.on_ack(a);
@@ -82,13 +79,14 @@ pub struct AvatarRun {
     pub payload_kbps: Vec<f64>,
     /// Per player: the rest (headers, measurement, keepalives, the reliable VC's upkeep),
     /// kbit/s.
-    pub overhead_kbps: Vec<f64>,
+    pub rest_kbps: Vec<f64>,
     /// Per player: the rest, per neighbour, kbit/s.
+    pub rest_kbps_per_neighbour: Vec<f64>,
+    /// Per player, per neighbour: the mesh's overhead, measurement and upkeep, as
+    /// `shoal-sim-bench overhead` counts it (datagrams without a message, with their IPv4/UDP
+    /// headers, and the bytes that ride in the ones with), kbit/s: the rest less each update's
+    /// own headers.
     pub overhead_kbps_per_neighbour: Vec<f64>,
-    /// Per player, per neighbour: measurement and upkeep alone, as `shoal-sim-bench overhead`
-    /// counts it (datagrams without a message, with their IPv4/UDP headers, and the bytes that
-    /// ride in the ones with), kbit/s: the rest less each update's own headers.
-    pub upkeep_kbps_per_neighbour: Vec<f64>,
     /// Bits per avatar message on the wire's payload, on average.
     pub bits_per_message: f64,
     /// Neighbours per player at the end, on average.
@@ -104,6 +102,8 @@ pub struct AvatarRun {
     pub overhead_bytes: f64,
     /// What players showed of each other, over the whole run.
     pub stats: AvatarStats,
+    /// The world's own account of the run: sign-ins, introductions, avatars appeared.
+    pub world: WorldStats,
 }
 
 /// `players` in clusters serving avatars over 20 ms links with 2 % bursty loss: `warmup`,
@@ -153,13 +153,13 @@ pub fn avatar_run(
         messages += m1 - m0;
         run.upload_kbps.push(kbps(wire));
         run.payload_kbps.push(kbps(payload));
-        run.overhead_kbps.push(kbps(wire - payload));
+        run.rest_kbps.push(kbps(wire - payload));
         if n > 0 {
-            run.overhead_kbps_per_neighbour.push(kbps(wire - payload) / n as f64);
+            run.rest_kbps_per_neighbour.push(kbps(wire - payload) / n as f64);
             let lone = t1.overhead_bytes - t0.overhead_bytes
                 + IP_UDP_HEADERS * (t1.overhead_datagrams - t0.overhead_datagrams);
             let riding = t1.riding_bytes - t0.riding_bytes;
-            run.upkeep_kbps_per_neighbour.push(kbps(lone + riding) / n as f64);
+            run.overhead_kbps_per_neighbour.push(kbps(lone + riding) / n as f64);
         }
     }
     run.bits_per_message = bytes as f64 * 8.0 / messages.max(1) as f64;
@@ -170,5 +170,6 @@ pub fn avatar_run(
     run.data_bytes = sum.data_bytes as f64 / sum.data_datagrams.max(1) as f64;
     run.overhead_bytes = sum.overhead_bytes as f64 / sum.overhead_datagrams.max(1) as f64;
     run.stats = world.avatar_stats(Duration::from_secs(2));
+    run.world = world.stats();
     Ok(run)
 }

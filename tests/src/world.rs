@@ -151,8 +151,13 @@ pub struct AvatarStats {
     pub never_appeared: u64,
     /// Distance between a shown avatar and where that player was at the time shown, metres.
     pub errors: Vec<f32>,
-    /// Age of the newest update a player holds from a neighbour within the near radius.
+    /// Age of the newest update a player holds from a near neighbour: one that serves it at
+    /// the full rate (within the near radius while the budget allows; in a crowd, the
+    /// nearest ones the budget affords).
     pub near_staleness: Vec<Duration>,
+    /// The same for a neighbour within the near radius that the budget has it serve below
+    /// the full rate, nearer ones taking it.
+    pub crowded_staleness: Vec<Duration>,
     /// The same for farther neighbours.
     pub far_staleness: Vec<Duration>,
 }
@@ -441,8 +446,9 @@ impl World {
     /// shown, and how old its newest update from each is.
     fn sample_avatars(&mut self) {
         let now = self.sim.now();
-        let near = AvatarConfig::default().rates.near;
+        let rates = AvatarConfig::default().rates;
         for i in 0..self.players.len() {
+            let id = self.node_id(i);
             let session = self.sim.session(self.players[i].host);
             let Some(mesh) = session.avatar_mesh() else { continue };
             let me = self.players[i].mover.as_ref().map(|m| m.state().position);
@@ -455,9 +461,15 @@ impl World {
                     self.avatar_stats.errors.push(shown.position.distance(truth));
                 }
                 let age = now.saturating_duration_since(at);
-                let close = me.is_some_and(|m| m.distance(shown.position) <= near);
-                if close { &mut self.avatar_stats.near_staleness } else { &mut self.avatar_stats.far_staleness }
-                    .push(age);
+                let full = self.sim.session(self.players[j].host).avatar_mesh().and_then(|m| m.schedule().rate(id));
+                let stats = &mut self.avatar_stats;
+                if full.is_some_and(|r| r >= rates.full_hz) {
+                    stats.near_staleness.push(age);
+                } else if me.is_some_and(|m| m.distance(shown.position) <= rates.near) {
+                    stats.crowded_staleness.push(age);
+                } else {
+                    stats.far_staleness.push(age);
+                }
             }
         }
     }

@@ -6,6 +6,8 @@
 
 use std::time::Duration;
 
+use shoal_sdk::avatar::Trace;
+use shoal_tests::avatars::{avatar_run, codec_bits};
 use shoal_tests::link::{LinkConfig, Loss};
 use shoal_tests::world::{AvatarStats, World, WorldSpec, WorldStats};
 
@@ -26,15 +28,19 @@ fn crowd(seed: u64, players: usize, loss: Loss, secs: u64, liars: usize) -> Worl
 /// 2 % bursty loss. The benchmark (`shoal-sim-bench avatars`) runs 200 and 1,000.
 #[test]
 fn a_crowd_in_clusters_sees_its_neighbours_move_through_bursty_loss() {
-    let world = crowd(11, 60, bursty_loss(), 60, 0);
-    let k = world.stats();
+    let mut r = avatar_run(11, 60, Duration::from_secs(5), Duration::from_secs(55)).expect("a valid world");
+    let k = &r.world;
     assert_eq!((k.signed_in, k.refusals, k.control_lost), (60, 0, 0), "{k:?}");
     assert!(k.introductions >= 60 * 10, "{k:?}");
-    // Every introduced neighbour's avatar appears, within a second of the introduction.
-    let mut a = world.avatar_stats(Duration::from_secs(2));
+    // Every introduced neighbour's avatar appears: 99 % within a second of the introduction,
+    // all within two (the handshake, a far neighbour's first update at the 2 Hz floor, and a
+    // burst of loss that takes it).
+    let a = &mut r.stats;
     assert_eq!(a.never_appeared, 0);
-    let appear = AvatarStats::quantile(&mut a.appear_delays, 1.0).expect("avatars appeared");
-    assert!(appear <= Duration::from_millis(1500), "an avatar took {appear:?} to appear");
+    let appear = AvatarStats::quantile(&mut a.appear_delays, 0.99).expect("avatars appeared");
+    let slowest = AvatarStats::quantile(&mut a.appear_delays, 1.0).expect("avatars appeared");
+    assert!(appear <= Duration::from_secs(1), "p99 of avatars took {appear:?} to appear");
+    assert!(slowest <= Duration::from_secs(2), "an avatar took {slowest:?} to appear");
     assert_eq!(k.avatars_appeared, k.introductions, "{k:?}");
     // Nobody shows an avatar from a player it was not introduced to.
     assert_eq!(k.avatars_from_strangers, 0, "{k:?}");
@@ -42,11 +48,20 @@ fn a_crowd_in_clusters_sees_its_neighbours_move_through_bursty_loss() {
     // 5.5 m/s, jumping, through bursts of loss).
     let err = AvatarStats::quantile(&mut a.errors, 0.99).expect("samples");
     assert!(a.errors.len() > 100_000 && err < 0.6, "p99 error {err} m over {} samples", a.errors.len());
-    // No neighbour goes unserved: the newest update held is under a second old (p99), near
-    // or far.
+    // Near neighbours (served at the full rate) hold an update under 150 ms old, 99 % of
+    // the time, through bursts of four lost datagrams; nobody else waits a second.
     let near = AvatarStats::quantile(&mut a.near_staleness, 0.99).expect("near samples");
+    let crowded = AvatarStats::quantile(&mut a.crowded_staleness, 0.99).unwrap_or_default();
     let far = AvatarStats::quantile(&mut a.far_staleness, 0.99).expect("far samples");
-    assert!(near < Duration::from_secs(1) && far < Duration::from_millis(1500), "staleness p99 {near:?} {far:?}");
+    assert!(near <= Duration::from_millis(150), "near staleness p99 {near:?}");
+    assert!(crowded < Duration::from_secs(1) && far < Duration::from_secs(1), "staleness p99 {crowded:?} {far:?}");
+    // Measurement and upkeep (datagrams without a message, and what rides on the others)
+    // stay within 2 kbit/s per neighbour: pongs wait for an update going the same way.
+    let upkeep = r.overhead_kbps_per_neighbour.iter().sum::<f64>() / r.overhead_kbps_per_neighbour.len() as f64;
+    assert!(upkeep <= 2.0, "measurement and upkeep {upkeep:.2} kbit/s per neighbour");
+    // Everyone's whole upload holds to the 96 kbit/s budget over the minute.
+    let most = r.upload_kbps.iter().copied().fold(0.0, f64::max);
+    assert!(most <= 96.0 * 1.05, "a player sent {most:.1} kbit/s");
 }
 
 #[test]
@@ -148,4 +163,16 @@ fn a_relay_crash_mid_movement_keeps_the_avatar_moving_within_a_bound() {
     let now = world.sim.now();
     let path = world.sim.node(a).stats(now, key).and_then(|s| s.path).expect("a path").path;
     assert_ne!(path, shoal_sdk::Path::Relayed(route), "still on the crashed relay");
+}
+
+/// The recorded trace the codec's benchmarks read (100 players of the movement model for five
+/// minutes at 30 Hz): it loads whole, and the codec spends no more than its targets on it.
+#[test]
+fn the_recorded_trace_loads_and_the_codec_meets_its_targets_on_it() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/avatars-100x300s.trace");
+    let trace = Trace::from_bytes(&std::fs::read(path).expect("the fixture")).expect("a trace");
+    assert_eq!((trace.players(), trace.frames(), trace.hz()), (100, 9000, 30));
+    let bits = codec_bits(&trace).expect("the default codec");
+    assert!(bits.moving_p50 <= 64 && bits.idle_p50 <= 8, "{bits:?}");
+    assert!(bits.postcard_mean > 8.0 * bits.mean, "{bits:?}");
 }

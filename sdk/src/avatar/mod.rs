@@ -6,7 +6,8 @@
 //! that baseline on by its velocity (see [`codec`] for the bits); [`Interpolator`] shows a
 //! neighbour's avatar smoothly from the updates that reach us; [`Scheduler`] decides whom
 //! to serve each tick, by distance inside an upload budget; [`movement`] moves simulated
-//! players for tests and benchmarks.
+//! players for tests and benchmarks, and [`trace`] records avatars into a compact file that
+//! benchmarks replay.
 
 mod bits;
 pub mod codec;
@@ -17,6 +18,7 @@ mod quant;
 pub mod schedule;
 #[cfg(test)]
 mod tests;
+pub mod trace;
 
 use glam::{Quat, Vec3};
 
@@ -25,6 +27,7 @@ pub use self::interp::{InterpConfig, Interpolator};
 pub use self::mesh::{AvatarEvent, AvatarMesh, MeshCounters};
 pub use self::quant::{CodecConfig, ConfigError, Quantized, Quantizer, Rotation};
 pub use self::schedule::{RateConfig, Scheduler};
+pub use self::trace::{Trace, TraceError};
 
 /// What a player's avatar looks like at one moment.
 #[derive(Debug, Clone, Copy, PartialEq)]

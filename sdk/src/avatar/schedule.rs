@@ -5,8 +5,11 @@
 //! serving everyone at those rates would send more than [`RateConfig::budget_bps`] (counted on
 //! the wire: what a datagram carries plus its IPv4/UDP headers), the farthest neighbours' rates
 //! come down first, to the floor; then, farthest first again, to a quarter of it; and only
-//! then everyone's together. A priority accumulator
-//! per neighbour turns rates into sends: each tick adds rate × elapsed, a neighbour is due at
+//! then everyone's together. In a crowd the near radius thus shrinks to the nearest the
+//! budget can serve at the full rate. The budget is a ceiling on the node's whole upload:
+//! updates get what the rest of its traffic left over the last second, less a little
+//! headroom, less any overspend to repay. A priority accumulator per neighbour turns rates
+//! into sends: each tick adds rate × elapsed, a neighbour is due at
 //! 1, and when the budget allows fewer sends than are due the most overdue go first, so a far
 //! neighbour is delayed, never starved.
 //!
@@ -17,6 +20,15 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use shoal_protocol::NodeId;
+
+/// How much nearer than its distance a neighbour served at the full rate counts when the
+/// budget decides whom to cut, metres.
+const KEEP_MARGIN: f32 = 3.0;
+
+/// The share of the budget updates leave for what the last window did not foresee (a burst
+/// of handshakes when a crowd comes into view, the peers' checks of a path): the budget is a
+/// ceiling, so updates aim a little below it.
+const HEADROOM: f64 = 0.04;
 
 /// The least share of the floor rate a neighbour keeps while nearer ones still get more.
 const STARVE_SHARE: f32 = 0.25;
@@ -81,6 +93,12 @@ pub struct Scheduler {
     /// What went out besides updates over the last window, bits a second: the rates are
     /// fitted to what the budget leaves.
     side_bps: f64,
+    /// Budget overspent over the windows so far (zero or negative), bits: the next window's
+    /// updates repay it (an overspend comes from a burst of handshakes, say, that the last
+    /// window's rest did not foresee), so the upload holds to the budget over time and not
+    /// only window by window. At most two seconds' budget of debt; what is left unspent is
+    /// not saved up, since the budget is a ceiling.
+    balance: f64,
 }
 
 impl Scheduler {
@@ -100,6 +118,7 @@ impl Scheduler {
             upload_start: None,
             upload_now: None,
             side_bps: 0.0,
+            balance: 0.0,
         }
     }
 
@@ -152,9 +171,10 @@ impl Scheduler {
     }
 
     /// What updates may spend: the budget less what went out besides them over the last
-    /// window; never less than a quarter of it.
+    /// window, less any overspend still to repay; never less than a quarter of it.
     fn update_budget(&self) -> f64 {
-        (self.cfg.budget_bps - self.side_bps).max(self.cfg.budget_bps / 4.0)
+        let b = self.cfg.budget_bps;
+        (b * (1.0 - HEADROOM) - self.side_bps + self.balance).max(b / 4.0)
     }
 
     /// The rate `peer` is served at, updates a second, as of the last [`Scheduler::tick`].
@@ -182,6 +202,13 @@ impl Scheduler {
 
     /// Fits the rates to the budget: the farthest come down to the floor first, then all.
     fn rebalance(&mut self) {
+        // Who is cut first: the farthest, but one served at the full rate counts as
+        // [`KEEP_MARGIN`] nearer, so that two neighbours at about the same distance do not
+        // trade the full rate and the floor every time one steps past the other.
+        let full = self.cfg.full_hz;
+        let order = |s: &Slot| s.distance - if s.rate >= full { KEEP_MARGIN } else { 0.0 };
+        let mut far: Vec<NodeId> = self.slots.keys().copied().collect();
+        far.sort_by(|a, b| order(&self.slots[b]).total_cmp(&order(&self.slots[a])).then(a.cmp(b)));
         let wanted: Vec<(NodeId, f32)> = self.slots.iter().map(|(&p, s)| (p, self.wanted(s.distance))).collect();
         for (p, w) in &wanted {
             if let Some(s) = self.slots.get_mut(p) {
@@ -195,8 +222,6 @@ impl Scheduler {
         if excess <= 0.0 {
             return;
         }
-        let mut far: Vec<NodeId> = self.slots.keys().copied().collect();
-        far.sort_by(|a, b| self.slots[b].distance.total_cmp(&self.slots[a].distance).then(a.cmp(b)));
         // Farthest first down to the floor; if that is not enough, farthest first again down
         // to a quarter of it, so that the nearest keep their rate longest.
         for level in [self.cfg.floor_hz, self.cfg.floor_hz * STARVE_SHARE] {
@@ -226,10 +251,13 @@ impl Scheduler {
         let since = *self.side_since.get_or_insert(now);
         let window = now.saturating_duration_since(since).as_secs_f64();
         if window >= 1.0 {
-            self.side_bps = match (self.upload_start, self.upload_now) {
-                (Some(a), Some(b)) => ((b.saturating_sub(a)) as f64 * 8.0 - self.update_bits).max(0.0) / window,
-                _ => self.side_bits / window,
+            let total = match (self.upload_start, self.upload_now) {
+                (Some(a), Some(b)) => (b.saturating_sub(a) as f64 * 8.0).max(self.update_bits),
+                _ => self.update_bits + self.side_bits,
             };
+            self.side_bps = (total - self.update_bits) / window;
+            let budget = self.cfg.budget_bps;
+            self.balance = (self.balance + budget * window - total).clamp(-2.0 * budget, 0.0);
             self.update_bits = 0.0;
             self.side_bits = 0.0;
             self.side_since = Some(now);

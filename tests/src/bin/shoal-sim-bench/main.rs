@@ -56,13 +56,18 @@
 //!
 //! `avatars`: what serving avatars costs and shows. The headers an update pays on an
 //! established direct VC (the overhead star, updates one way at 30 Hz); the codec's bits per
-//! update on the movement model (100 players for a minute) beside the same states as postcard
-//! full states; then, for each population (200 and 1,000 by default), players in clusters of
-//! about 20 serving their avatars over 20 ms links with 2 % bursty loss, measured after a
-//! warm-up: each player's upload on the wire split into avatar payload and the rest, the rest
-//! per neighbour, the age of the newest update held from near (within 15 m) and far
-//! neighbours, how far shown avatars were from where their players were, and the
-//! simulator's wall time per simulated second. Ends with one JSON line.
+//! update on the recorded trace (`tests/fixtures/avatars-100x300s.trace`: 100 players for
+//! five minutes at 30 Hz) beside the same states as postcard full states; then, for each
+//! population (200 and 1,000 by default), players in clusters of about 20 serving their
+//! avatars over 20 ms links with 2 % bursty loss, measured after a warm-up: each player's
+//! upload on the wire split into avatar payload and the rest, the rest per neighbour, the age
+//! of the newest update held from near neighbours (those serving at the full rate: within
+//! 15 m while the budget allows, the nearest it affords in a crowd), from the others within
+//! 15 m and from the far ones, how far shown avatars were from where their players were, and
+//! the simulator's wall time per simulated second. Ends with one JSON line.
+//!
+//! `record-trace`: records the movement model's players (seeds 0, 1, …, in a 400 m square)
+//! into a trace file; with its defaults it rewrites the fixture `avatars` reads.
 //!
 //! `loopback` (real sockets and real time, not the simulator): one Reliable VC between two
 //! nodes on loopback over the direct path, its sender keeping the VC's buffer full, beside
@@ -71,6 +76,7 @@
 //! of overhead per message of each, and the ratio. Runs alternate, and each figure is the
 //! median of the rounds. Ends with one JSON line.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -78,13 +84,14 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use shoal_sdk::{PathKind, Profile};
-use shoal_tests::avatars::{avatar_run, codec_bits};
 use shoal_tests::netns::{self, NatMode};
 use shoal_tests::overhead::{Flow, OverheadRun, overhead};
 use shoal_tests::punch::{Front, PairLinks, PairRun, direct_possible, nat_pair};
 use shoal_tests::scenario::{BULK_PATHS, BulkRun, Failover, bulk_transfer, relay_crash_failover};
 use shoal_tests::throughput::{self, Contender, Offer};
-use shoal_tests::world::{AvatarStats, World, WorldSpec};
+use shoal_tests::world::{World, WorldSpec};
+
+mod avatars;
 
 #[derive(Parser, Debug)]
 #[command(name = "shoal-sim-bench", about = "Figures from Shoal's deterministic network simulator")]
@@ -164,6 +171,21 @@ enum Cmd {
         /// The simulator's seed.
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// The recorded trace the codec's bits are measured on.
+        #[arg(long, default_value = avatars::TRACE)]
+        trace: PathBuf,
+    },
+    /// Records the movement model's players into a trace file (the codec's fixture).
+    RecordTrace {
+        /// Players.
+        #[arg(long, default_value_t = 100)]
+        players: u16,
+        /// Seconds, at 30 frames a second.
+        #[arg(long, default_value_t = 300)]
+        secs: u32,
+        /// Where to write it.
+        #[arg(long, default_value = avatars::TRACE)]
+        out: PathBuf,
     },
     /// VC throughput on loopback against renet over plain UDP.
     Loopback {
@@ -223,7 +245,8 @@ fn main() -> ExitCode {
         Cmd::Overhead { secs, seed } => overhead_bench(seed, secs),
         Cmd::Crowd { players, secs } => crowd_bench(players, secs),
         Cmd::Sessions { players, secs, seed } => sessions(&players, secs, seed),
-        Cmd::Avatars { players, secs, seed } => avatars(&players, secs, seed),
+        Cmd::Avatars { players, secs, seed, trace } => avatars::avatars(&players, secs, seed, &trace),
+        Cmd::RecordTrace { players, secs, out } => avatars::record_trace(players, secs, &out),
     }
 }
 
@@ -726,95 +749,6 @@ fn sessions(populations: &[usize], secs: u64, seed: u64) -> ExitCode {
         ));
     }
     println!("{{\"seed\":{seed},\"sim_secs\":{secs},\"runs\":[{}]}}", runs.join(","));
-    if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE }
-}
-
-fn avatars(populations: &[usize], secs: u64, seed: u64) -> ExitCode {
-    let star = overhead(seed, 4, Flow::Out { hz: 30 }, Duration::from_secs(10), Duration::from_secs(10));
-    let header = star.header_bytes_per_datagram(20);
-    println!("headers per update on an established direct VC: {header:.1} bytes above UDP");
-    let bits = match codec_bits(100, 60) {
-        Ok(b) => b,
-        Err(e) => {
-            eprintln!("codec: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let ratio = bits.postcard_mean / bits.mean;
-    println!(
-        "codec bits per update: moving p50 {} p99 {}, idle p50 {} p99 {}; mean {:.1} against {:.1} as postcard ({ratio:.1}x)",
-        bits.moving_p50, bits.moving_p99, bits.idle_p50, bits.idle_p99, bits.mean, bits.postcard_mean
-    );
-    println!(
-        "{:>8} {:>11} {:>17} {:>17} {:>17} {:>13} {:>14} {:>14} {:>13} {:>13} {:>12}",
-        "players",
-        "neighbours",
-        "upload p50/p99",
-        "payload p50/p99",
-        "overhead p50/p99",
-        "ovh/neighbour",
-        "stale near p99",
-        "stale far p99",
-        "error p99 m",
-        "bits/message",
-        "wall s/sim s"
-    );
-    let mut json = vec![
-        format!("\"header_bytes_per_datagram\":{header:.1}"),
-        format!("\"bits_moving_p50\":{},\"bits_moving_p99\":{}", bits.moving_p50, bits.moving_p99),
-        format!("\"bits_idle_p50\":{},\"bits_idle_p99\":{}", bits.idle_p50, bits.idle_p99),
-        format!("\"postcard_ratio\":{ratio:.2}"),
-    ];
-    let mut ok = header <= 28.0;
-    for &n in populations {
-        let mut r = match avatar_run(seed, n, Duration::from_secs(5), Duration::from_secs(secs)) {
-            Ok(r) => r,
-            Err(e) => {
-                eprintln!("building the world: {e}");
-                return ExitCode::FAILURE;
-            }
-        };
-        let ms = |d: Option<Duration>| d.map_or(f64::NAN, |d| d.as_secs_f64() * 1e3);
-        let near = ms(AvatarStats::quantile(&mut r.stats.near_staleness, 0.99));
-        let far = ms(AvatarStats::quantile(&mut r.stats.far_staleness, 0.99));
-        let err = AvatarStats::quantile(&mut r.stats.errors, 0.99).map_or(f64::NAN, f64::from);
-        let appear = ms(AvatarStats::quantile(&mut r.stats.appear_delays, 0.99));
-        let q = |v: &mut Vec<f64>, p: f64| AvatarStats::quantile(v, p).unwrap_or(0.0);
-        let ovh = r.overhead_kbps_per_neighbour.iter().sum::<f64>() / r.overhead_kbps_per_neighbour.len().max(1) as f64;
-        println!(
-            "{n:>8} {:>11.1} {:>8.1}/{:<8.1} {:>8.1}/{:<8.1} {:>8.1}/{:<8.1} {ovh:>13.2} {near:>14.0} {far:>14.0} {err:>13.3} {:>13.1} {:>12.2}",
-            r.neighbours,
-            q(&mut r.upload_kbps, 0.5),
-            q(&mut r.upload_kbps, 0.99),
-            q(&mut r.payload_kbps, 0.5),
-            q(&mut r.payload_kbps, 0.99),
-            q(&mut r.overhead_kbps, 0.5),
-            q(&mut r.overhead_kbps, 0.99),
-            r.bits_per_message,
-            r.wall_per_sim_s,
-        );
-        let upkeep = r.upkeep_kbps_per_neighbour.iter().sum::<f64>() / r.upkeep_kbps_per_neighbour.len().max(1) as f64;
-        println!(
-            "         per player: {:.0} datagrams/s with messages ({:.1} B each), {:.0}/s without ({:.1} B each); \
-             measurement and upkeep {upkeep:.2} kbit/s per neighbour",
-            r.data_dps, r.data_bytes, r.overhead_dps, r.overhead_bytes
-        );
-        ok &= r.stats.never_appeared == 0;
-        json.push(format!(
-            "\"upload_kbps_p50_{n}\":{:.1},\"upload_kbps_p99_{n}\":{:.1},\"payload_kbps_p99_{n}\":{:.1},\"overhead_kbps_p99_{n}\":{:.1},\"overhead_kbps_per_neighbour_{n}\":{ovh:.2},\"near_staleness_p99_ms_{n}\":{near:.0},\"far_staleness_p99_ms_{n}\":{far:.0},\"interp_error_p99_m_{n}\":{err:.3},\"appear_p99_ms_{n}\":{appear:.0},\"upkeep_kbps_per_neighbour_{n}\":{upkeep:.2},\"bits_per_message_{n}\":{:.1},\"neighbours_{n}\":{:.1},\"sim_wall_s_per_sim_s_{n}\":{:.2}",
-            q(&mut r.upload_kbps, 0.5),
-            q(&mut r.upload_kbps, 0.99),
-            q(&mut r.payload_kbps, 0.99),
-            q(&mut r.overhead_kbps, 0.99),
-            r.bits_per_message,
-            r.neighbours,
-            r.wall_per_sim_s,
-        ));
-        if n == populations.iter().copied().max().unwrap_or(n) {
-            json.push(format!("\"overhead_kbps_per_neighbour\":{ovh:.2},\"interp_error_p99_m\":{err:.3}"));
-        }
-    }
-    println!("{{\"seed\":{seed},\"sim_secs\":{secs},{}}}", json.join(","));
     if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE }
 }
 
