@@ -96,7 +96,7 @@ pub struct Scheduler {
     /// Budget overspent over the windows so far (zero or negative), bits: the next window's
     /// updates repay it (an overspend comes from a burst of handshakes, say, that the last
     /// window's rest did not foresee), so the upload holds to the budget over time and not
-    /// only window by window. At most two seconds' budget of debt; what is left unspent is
+    /// only window by window. At most a second's budget of debt; what is left unspent is
     /// not saved up, since the budget is a ceiling.
     balance: f64,
 }
@@ -257,7 +257,7 @@ impl Scheduler {
             };
             self.side_bps = (total - self.update_bits) / window;
             let budget = self.cfg.budget_bps;
-            self.balance = (self.balance + budget * window - total).clamp(-2.0 * budget, 0.0);
+            self.balance = (self.balance + budget * window - total).clamp(-budget, 0.0);
             self.update_bits = 0.0;
             self.side_bits = 0.0;
             self.side_since = Some(now);
