@@ -293,17 +293,16 @@ impl PathSet {
             c.paused = false;
             if let Some(last) = c.initiative {
                 let gap = now.saturating_duration_since(last);
-                if gap > FED_MAX_GAP * 2 || (gap > FED_MAX_GAP && c.gaps.len() < FED_MIN_GAPS) {
-                    c.gaps.clear();
-                } else if gap > FED_MAX_GAP {
-                    // One frame lost from a steady flow: the flow goes on, and the gap is not
-                    // what its rate promises (the silence before it was checked).
-                } else {
+                if gap <= FED_MAX_GAP {
                     if c.gaps.len() >= FED_MIN_GAPS {
                         c.gaps.pop_front();
                     }
                     c.gaps.push_back(gap);
+                } else if gap > FED_MAX_GAP * 2 || c.gaps.len() < FED_MIN_GAPS {
+                    c.gaps.clear();
                 }
+                // Otherwise one frame was lost from a steady flow: the flow goes on, and the
+                // gap is not what its rate promises (the silence in it was checked).
             }
             c.initiative = Some(now);
         }
