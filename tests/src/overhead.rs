@@ -38,6 +38,15 @@ pub enum Flow {
         /// Updates a second.
         hz: u32,
     },
+    /// The player sends every neighbour `hz` updates a second, and they send it `back_hz`
+    /// (in an avatar crowd, neighbours whose upload budget serves the player at the floor
+    /// rate while it serves them at the full one).
+    Uneven {
+        /// Updates a second from the player.
+        hz: u32,
+        /// Updates a second back from each neighbour.
+        back_hz: u32,
+    },
 }
 
 /// One measurement.
@@ -153,16 +162,25 @@ impl Star {
     fn run(&mut self, d: Duration, flow: Flow) -> u64 {
         let every = match flow {
             Flow::Idle => d,
-            Flow::Both { hz } | Flow::Out { hz } => Duration::from_secs(1) / hz.max(1),
+            Flow::Both { hz } | Flow::Out { hz } | Flow::Uneven { hz, .. } => Duration::from_secs(1) / hz.max(1),
+        };
+        // Every how many of the player's updates each neighbour sends one back.
+        let back_every = match flow {
+            Flow::Idle | Flow::Out { .. } => None,
+            Flow::Both { .. } => Some(1),
+            Flow::Uneven { hz, back_hz } => Some((hz / back_hz.max(1)).max(1)),
         };
         let update = [0x5au8; 20];
         let mut got = 0;
+        let mut tick = 0u32;
         let (player, neighbours, realtime) = (self.player, self.neighbours.clone(), self.realtime.clone());
         self.sim.run_with(d, every, |sim| {
             if flow != Flow::Idle {
+                let back = back_every.is_some_and(|k| tick.is_multiple_of(k));
+                tick = tick.wrapping_add(1);
                 for (&h, &(to_h, to_p)) in neighbours.iter().zip(&realtime) {
                     let _ = sim.node(player).send(to_h, update.to_vec());
-                    if matches!(flow, Flow::Both { .. }) {
+                    if back {
                         let _ = sim.node(h).send(to_p, update.to_vec());
                     }
                 }

@@ -25,6 +25,21 @@ fn an_idle_neighbour_costs_under_half_a_kilobit_and_a_flowing_one_under_two() {
     }
 }
 
+/// A neighbour that serves the player once a second while the player serves it 30 times
+/// (its upload budget is shorter) answers the player's checks of the path at most five
+/// times a second, not once per update: under 3 kbit/s on the wire, where 30 pongs a second
+/// cost it 17.
+#[test]
+fn a_neighbour_that_streams_back_slowly_pays_little_for_the_players_checks() {
+    for seed in 0..2 {
+        let run = overhead(seed, 4, Flow::Uneven { hz: 30, back_hz: 1 }, 10 * SECS, 10 * SECS);
+        assert!(run.kbps_per_neighbour_on_the_wire() <= 3.0, "seed {seed}: {run:?}");
+        assert!(run.datagrams_per_neighbour() <= 6.0, "seed {seed}: {run:?}");
+        assert!(run.messages_in >= 4 * 9, "seed {seed}: {run:?}");
+        assert_eq!(run.path_changes, 0, "seed {seed}: {run:?}");
+    }
+}
+
 /// Once a direct VC is established, an update goes in the short form: 23 bytes of headers
 /// (marker, short id, packet number, tag) and a message item's kind byte above UDP, where the
 /// mesh header and a sealed frame took 50 and renet's packet 9 more.

@@ -42,6 +42,14 @@ use crate::frame::PONG_HOLD;
 /// Bounds of the ping interval of a path data flows out on.
 const FAST_MIN: Duration = Duration::from_millis(10);
 const FAST_MAX: Duration = Duration::from_millis(100);
+/// The shortest ping interval of a path we send on that the peer's data does not feed while
+/// the peer streams to us too, more slowly or over another path: each ping draws a pong the
+/// peer sends alone, and a neighbour short of upload should not spend more on our checks than
+/// on its own stream to us. Five a second still finds a dead path within a quarter of a second
+/// or so.
+const ANSWERED_MIN: Duration = Duration::from_millis(200);
+/// The peer streams to us if its data came at most this long before ours went.
+const PEER_STREAMS: Duration = Duration::from_secs(3);
 /// Ping interval of a path the peer's frames feed: RTT samples only.
 const SAMPLE: Duration = Duration::from_secs(1);
 /// Ping interval of a path in use with no data either way.
@@ -422,12 +430,23 @@ impl PathSet {
             Mode::Fast => {
                 let half = c.srtt.map_or(FAST_MIN, |s| s / 2).clamp(FAST_MIN, FAST_MAX);
                 // No more often than we send: a slow stream does not need fast failover.
-                half.max(c.sent_gap.unwrap_or_default().min(KEEPALIVE))
+                let fast = half.max(c.sent_gap.unwrap_or_default().min(KEEPALIVE));
+                if self.peer_streams(c) { fast.max(ANSWERED_MIN) } else { fast }
             }
             Mode::Fed => SAMPLE,
             Mode::Idle => KEEPALIVE.mul_f64(defer),
             Mode::Spare => SPARE.mul_f64(defer),
         }
+    }
+
+    /// Whether the peer's own data has come to us (on any path) lately, as of our last data
+    /// on `c`: a neighbour whose upload budget serves us more slowly than we serve it.
+    fn peer_streams(&self, c: &Candidate) -> bool {
+        let (Some(ours), Some(theirs)) = (c.sent_data, self.candidates.iter().filter_map(|o| o.initiative).max())
+        else {
+            return false;
+        };
+        ours.saturating_duration_since(theirs) <= PEER_STREAMS
     }
 
     /// How long silence on `c` is normal in `mode`, counted from the time returned with it.
@@ -552,7 +571,11 @@ impl PathSet {
             return None;
         }
         let interval = self.interval(c, mode);
-        if now + interval / 2 < c.next_ping {
+        // Early by up to half an interval: a ping on a frame that goes anyway is cheaper than
+        // one on its own later. Not when its answer must go alone for a peer that streams to us
+        // (see [`ANSWERED_MIN`]): early, it would draw more of them.
+        let early = if mode == Mode::Fast && self.peer_streams(c) { Duration::ZERO } else { interval / 2 };
+        if now + early < c.next_ping {
             return None;
         }
         let urgent = mode == Mode::Fast;

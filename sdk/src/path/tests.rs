@@ -392,3 +392,64 @@ fn a_lossy_path_is_left_only_for_one_measured_to_lose_less() {
     assert!(matches!(ev.first(), Some(PathEvent::Changed { reason: SwitchReason::Lossy(_), .. })), "{ev:?}");
     assert_eq!(s.sel.sending(), &[PathId(0)]);
 }
+
+/// A path we serve a peer over at 30 Hz, answered after 40 ms, while the peer's own data comes
+/// back every `peer_gap` (if at all), for 10 s; then the path dies. Returns the pings in those
+/// 10 s and how long after the death the path stopped counting as usable.
+fn serving_at_30_hz(peer_gap: Option<Duration>) -> (u64, Duration) {
+    let t0 = Instant::now();
+    let mut now = t0;
+    let mut paths = PathSet::new(true);
+    let relay = paths.introduce(now, relayed(&[1])).unwrap();
+    paths.set_armed(true);
+    paths.set_in_use(now, |_| true, |_| false);
+    let death = now + Duration::from_secs(10);
+    let (mut next_data, mut next_peer) = (now, now);
+    let mut pongs: Vec<(Instant, u32)> = Vec::new();
+    let mut pings = 0;
+    while now < death + Duration::from_secs(2) {
+        now += MS;
+        let alive = now < death;
+        let mut sent = Vec::new();
+        if now >= next_data {
+            next_data = now + 33 * MS;
+            paths.on_data_sent(now, relay);
+            sent.extend(paths.take_ping(now, relay).map(|(id, _)| id));
+        }
+        if let Some(gap) = peer_gap
+            && now >= next_peer
+            && alive
+        {
+            next_peer = now + gap;
+            paths.on_frame(now, relay, true);
+        }
+        paths.handle_timeout(now);
+        sent.extend(std::iter::from_fn(|| paths.poll_ping()).map(|p| p.id));
+        if alive {
+            pings += sent.len() as u64;
+            pongs.extend(sent.into_iter().map(|id| (now + 40 * MS, id)));
+        }
+        for (_, id) in pongs.extract_if(.., |(at, _)| *at <= now) {
+            paths.on_frame(now, relay, false);
+            paths.on_pong(now, relay, id, Duration::ZERO);
+        }
+        if !alive && !paths.usable(now, relay) {
+            return (pings, now - death);
+        }
+    }
+    (pings, Duration::MAX)
+}
+
+/// Every ping on a path the peer's data does not feed draws a pong the peer sends alone. A
+/// peer with nothing to send us pays that for our fast failover; one that streams to us, more
+/// slowly than we serve it (its upload budget serves its farther neighbours less), is not made
+/// to answer 30 times a second, and a dead path is still found within a third of a second.
+#[test]
+fn a_peer_that_streams_to_us_slowly_is_pinged_five_times_a_second_not_at_our_rate() {
+    let (alone, found) = serving_at_30_hz(None);
+    assert!(alone >= 250, "a one-way stream is pinged at its rate: {alone} in 10 s");
+    assert!(found <= 150 * MS, "found dead after {found:?}");
+    let (streaming, found) = serving_at_30_hz(Some(700 * MS));
+    assert!((40..=55).contains(&streaming), "{streaming} pings in 10 s");
+    assert!(found <= 330 * MS, "found dead after {found:?}");
+}

@@ -89,17 +89,28 @@ pub(super) fn make_hello(
 }
 
 impl VirtualConnection {
-    /// Sends the hello on every candidate path, so the fastest one delivers it first.
+    /// Sends the hello for a round of the key exchange (the first, or a retry).
     pub(super) fn send_hellos(&mut self, now: Instant, paths: &PathSet) {
+        let to = self.hello_paths(now, paths);
+        self.hello_rounds = self.hello_rounds.wrapping_add(1);
         let bytes = frame::write_hello(&self.my_hello.0, &self.my_hello.1);
-        for id in paths.ids() {
-            if self.sel.is_abandoned(now, id) {
-                continue;
-            }
-            if let Some(path) = paths.path(id) {
-                self.push(VcTransmit { path, trace: false, frame: bytes.clone(), carries_data: false, riding: 0 });
-            }
+        for path in to {
+            self.push(VcTransmit { path, trace: false, frame: bytes.clone(), carries_data: false, riding: 0 });
         }
+    }
+
+    /// Where this round's hello goes: one relayed path (the introduction's best first, the
+    /// next one at each retry) and every direct candidate. The relay gets the VC going at
+    /// once and the direct candidates take over when they answer, as on every other frame;
+    /// the other relayed paths are spares, measured once the keys agree. A hello on every
+    /// path would multiply what each introduction costs by the relays (a player in a moving
+    /// crowd is introduced to someone every few seconds), and a relay that is down costs one
+    /// retry.
+    fn hello_paths(&self, now: Instant, paths: &PathSet) -> Vec<Path> {
+        let live = paths.ids().filter(|&id| !self.sel.is_abandoned(now, id)).filter_map(|id| paths.path(id));
+        let (relayed, direct): (Vec<Path>, Vec<Path>) = live.partition(|p| matches!(p, Path::Relayed(_)));
+        let relay = (!relayed.is_empty()).then(|| relayed[self.hello_rounds as usize % relayed.len()]);
+        relay.into_iter().chain(direct).collect()
     }
 
     /// Handles a hello; returns whether it was genuine and the peer is still waiting for ours
@@ -180,11 +191,15 @@ impl VirtualConnection {
             Ok(k) => {
                 self.keys = Some(k);
                 self.peer_hello = Some(h);
-                self.send_hellos(now, paths);
-                // Behind each hello, proof that we hold the keys, so the peer's VC is confirmed
-                // even if this one has nothing to send for a while.
-                let to: Vec<_> =
-                    paths.ids().filter(|&id| !self.sel.is_abandoned(now, id)).filter_map(|id| paths.path(id)).collect();
+                // Our hello back the way the peer's came, which just worked (our earlier ones
+                // may have come before the peer knew us), and behind it proof that we hold
+                // the keys, so the peer's VC is confirmed even if this one has nothing to send
+                // for a while. Our retries cover the loss of either.
+                let to = from.map_or_else(|| self.hello_paths(now, paths), |p| vec![p]);
+                let bytes = frame::write_hello(&self.my_hello.0, &self.my_hello.1);
+                for &path in &to {
+                    self.push(VcTransmit { path, trace: false, frame: bytes.clone(), carries_data: false, riding: 0 });
+                }
                 self.seal_control(&to, false, &[Inner::Confirm]);
                 self.hello_next = now + self.hello_backoff;
                 if let State::Handshaking { .. } = self.state {

@@ -15,6 +15,8 @@
 mod advert;
 mod handshake;
 mod send;
+#[cfg(test)]
+mod tests;
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -230,6 +232,8 @@ pub struct VirtualConnection {
     confirmed: bool,
     hello_next: Instant,
     hello_backoff: Duration,
+    /// Hello rounds sent: each retry tries the next relayed path.
+    hello_rounds: u32,
     renet: RenetClient,
     renet_at: Instant,
     next_tick: Instant,
@@ -319,6 +323,7 @@ impl VirtualConnection {
             // The first handle_timeout sends the hello.
             hello_next: now,
             hello_backoff: handshake::HELLO_RETRY,
+            hello_rounds: 0,
             renet_at: now,
             next_tick: now,
             flush_now: false,

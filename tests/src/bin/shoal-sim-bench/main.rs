@@ -302,7 +302,12 @@ fn crowd_bench(players: usize, secs: u64) -> ExitCode {
 fn overhead_bench(seed: u64, secs: u64) -> ExitCode {
     let warmup = Duration::from_secs(20);
     let window = Duration::from_secs(secs);
-    let cases = [("idle", Flow::Idle), ("flowing", Flow::Both { hz: 30 }), ("one_way", Flow::Out { hz: 30 })];
+    let cases = [
+        ("idle", Flow::Idle),
+        ("flowing", Flow::Both { hz: 30 }),
+        ("one_way", Flow::Out { hz: 30 }),
+        ("uneven", Flow::Uneven { hz: 30, back_hz: 1 }),
+    ];
     println!(
         "{:<9} {:>10} {:>14} {:>14} {:>16} {:>14} {:>12}",
         "case", "neighbours", "kbit/s per nb", "on the wire", "datagrams/s/nb", "payload kbit/s", "path changes"
