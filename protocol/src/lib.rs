@@ -9,7 +9,9 @@ pub mod control;
 pub mod framing;
 pub mod identity;
 pub mod profile;
+pub mod subscription;
 pub mod ticket;
 
 pub use identity::{Identity, NodeId, PublicKey, RandomnessError, Signature, SignatureError};
+pub use subscription::{Group, SignedSubscription, StreamId, SubscriptionBody, SubscriptionError};
 pub use ticket::{Roles, SignedTicket, TicketBody, TicketError, TicketKind, UnixTime, VerifiedTicket};
