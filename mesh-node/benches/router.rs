@@ -31,6 +31,7 @@ fn router(now: Instant) -> (Router, SocketAddr, Header, Route) {
         notices: lots,
         max_bindings: 1 << 20,
         cookie_secret: [3; 32],
+        fanout: shoal_mesh::fanout::FanoutConfig::default(),
     };
     let mut r = Router::new(cfg, WallClock::new(now, T0 * 1_000_000), now);
     // 10,000 bound nodes, so lookups hit a realistically sized table.

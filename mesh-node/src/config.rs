@@ -23,6 +23,8 @@
 //! bind_verifications_per_sec = 2000
 //! notices_per_sec = 1000
 //! max_bindings = 100000
+//! max_group_members = 512
+//! max_groups = 65536
 //! ```
 
 use std::net::SocketAddr;
@@ -35,6 +37,7 @@ use shoal_protocol::ticket::TICKET_LEN;
 use shoal_protocol::{Identity, PublicKey, Roles, SignedTicket, TicketKind, UnixTime};
 
 use crate::driver::relay::RelayOptions;
+use crate::fanout::FanoutConfig;
 use crate::router::{Rate, RouterConfig};
 
 /// The file as written.
@@ -111,6 +114,10 @@ pub struct Limits {
     pub notices_per_sec: f64,
     /// Most nodes bound at once.
     pub max_bindings: usize,
+    /// Most members of one fan-out group: the copies one published datagram may become.
+    pub max_group_members: usize,
+    /// Most fan-out groups held at once.
+    pub max_groups: usize,
 }
 
 impl Default for Limits {
@@ -122,6 +129,8 @@ impl Default for Limits {
             bind_verifications_per_sec: 2_000.0,
             notices_per_sec: 1_000.0,
             max_bindings: 100_000,
+            max_group_members: FanoutConfig::default().max_members,
+            max_groups: FanoutConfig::default().max_groups,
         }
     }
 }
@@ -246,6 +255,9 @@ impl RelayFile {
         if l.max_bindings == 0 {
             return Err(invalid("limits.max_bindings", "must be > 0"));
         }
+        if l.max_group_members == 0 || l.max_groups == 0 {
+            return Err(invalid("limits.max_group_members", "fan-out limits must be > 0"));
+        }
         let mut cookie_secret = [0; 32];
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut cookie_secret)
             .map_err(|_| invalid("key_file", "no system randomness for the cookie secret"))?;
@@ -259,6 +271,7 @@ impl RelayFile {
             notices: Rate { per_sec: notices, burst: notices.max(1.0) },
             max_bindings: l.max_bindings,
             cookie_secret,
+            fanout: FanoutConfig { max_members: l.max_group_members, max_groups: l.max_groups },
         };
         Ok(RelaySettings {
             listen: self.listen,

@@ -19,13 +19,13 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use rustc_hash::FxHashMap;
-use shoal_protocol::{Identity, NodeId, SignedTicket};
+use shoal_protocol::{Identity, NodeId, SignedSubscription, SignedTicket};
 
 use crate::bind::{BindClient, MappingLife, Transmit};
 use crate::clock::WallClock;
 use crate::wire::{
-    self, Datagram, EmitError, Header, Kind, MAX_DATAGRAM, MAX_ROUTE, Notice, PROBE_ID_LEN, Route, TRACE_ORIGIN_LEN,
-    TRACE_SLOT_LEN, TraceSlot, VcId,
+    self, Datagram, EmitError, Header, Kind, MAX_DATAGRAM, MAX_ROUTE, Notice, PROBE_ID_LEN, Route, SubscribeAck,
+    TRACE_ORIGIN_LEN, TRACE_SLOT_LEN, TraceSlot, VcId,
 };
 
 /// How long a probe waits for its ack.
@@ -202,6 +202,15 @@ pub enum EndpointEvent {
     ProbeLost {
         /// Probe id.
         id: u64,
+    },
+    /// A copy of a publisher's stream, fanned out by the relay that holds our subscription.
+    Published(Received),
+    /// A relay answered our subscribe: we are a member of the group, left it, or why not.
+    Subscription {
+        /// The relay.
+        relay: NodeId,
+        /// Its answer.
+        ack: SubscribeAck,
     },
     /// A relay dropped something of ours and said why. Unauthenticated: a hint.
     Notice {
@@ -392,6 +401,51 @@ impl Endpoint {
         Ok(())
     }
 
+    /// The address of the relay `relay`, if we are bound to it.
+    fn bound_relay(&self, relay: NodeId) -> Result<SocketAddr, SendError> {
+        self.first_hop(&Path::Relayed(Route::new(&[relay]).unwrap_or_default()))
+    }
+
+    /// Presents `subscription` to the relay it names (which must hold our binding), to join
+    /// its group, or with `leave` to leave it. The answer comes as
+    /// [`EndpointEvent::Subscription`].
+    pub fn subscribe(&mut self, now: Instant, subscription: &SignedSubscription, leave: bool) -> Result<(), SendError> {
+        let relay = subscription.body.relay;
+        let to = self.bound_relay(relay)?;
+        let h = Header { kind: Kind::Subscribe, source: self.node_id(), destination: relay, vc: VcId(0), trace: false };
+        let mut buf = vec![0; MAX_DATAGRAM];
+        let len = wire::emit(&mut buf, &h, &Route::DIRECT, 0, &subscription.encode())?;
+        buf.truncate(len);
+        if leave {
+            wire::set_unbind(&mut buf);
+        }
+        self.note_sent(now, to);
+        self.transmits.push_back(Transmit { to, bytes: buf });
+        Ok(())
+    }
+
+    /// Queues `payload` for the fan-out group of our `stream` at `relay`: the relay copies it
+    /// to every member the control server subscribed.
+    pub fn publish(
+        &mut self,
+        now: Instant,
+        relay: NodeId,
+        stream: u16,
+        trace: bool,
+        payload: &[u8],
+    ) -> Result<(), SendError> {
+        let to = self.bound_relay(relay)?;
+        let route = Route::new(&[relay]).unwrap_or_default();
+        let h =
+            Header { kind: Kind::Publish, source: self.node_id(), destination: relay, vc: VcId(stream.into()), trace };
+        let mut buf = vec![0; MAX_DATAGRAM];
+        let len = wire::emit(&mut buf, &h, &route, self.clock.stamp_us(now), payload)?;
+        buf.truncate(len);
+        self.note_sent(now, to);
+        self.transmits.push_back(Transmit { to, bytes: buf });
+        Ok(())
+    }
+
     /// Queues a probe of `path` to `destination`; its report comes as
     /// [`EndpointEvent::ProbeDone`] or [`EndpointEvent::ProbeLost`]. Returns the probe id.
     pub fn probe(&mut self, now: Instant, destination: NodeId, path: &Path) -> Result<u64, SendError> {
@@ -420,6 +474,10 @@ impl Endpoint {
             return;
         };
         let me = self.node_id();
+        if d.kind() == Kind::Publish {
+            self.take_copy(from, &d, bytes.len(), now);
+            return;
+        }
         if d.destination() != me || d.hop() != d.route_len() {
             self.counters.not_for_us += 1;
             return;
@@ -480,8 +538,40 @@ impl Endpoint {
                 }
                 Err(_) => self.counters.malformed += 1,
             },
-            Kind::BindRequest | Kind::BindProof => self.counters.unexpected += 1,
+            Kind::SubscribeAck => match SubscribeAck::read(d.body()) {
+                Ok(ack) if self.relays.iter().any(|r| r.relay() == from && r.relay_id() == Some(d.source())) => {
+                    self.events.push_back(EndpointEvent::Subscription { relay: d.source(), ack });
+                }
+                Ok(_) => self.counters.unexpected += 1,
+                Err(_) => self.counters.malformed += 1,
+            },
+            Kind::BindRequest | Kind::BindProof | Kind::Subscribe | Kind::Publish => self.counters.unexpected += 1,
         }
+    }
+
+    /// A copy from a fan-out group: taken only from the bound relay its route ends with, which
+    /// checked the publisher's binding and our subscription, and addressed to that relay's
+    /// group (a publish names the relay as its destination, so one buffer serves every copy).
+    fn take_copy(&mut self, from: SocketAddr, d: &Datagram<'_>, datagram_len: usize, now: Instant) {
+        let route = d.route();
+        if d.hop() != d.route_len() || route.relays().last() != Some(&d.destination()) {
+            self.counters.not_for_us += 1;
+            return;
+        }
+        if !self.came_from_last_hop(d, from) {
+            self.counters.misrouted += 1;
+            return;
+        }
+        let arrival = self.clock.stamp_us(now);
+        self.events.push_back(EndpointEvent::Published(Received {
+            source: d.source(),
+            vc: d.vc(),
+            route,
+            from,
+            trace: Trace::read(d, arrival),
+            payload: d.body().to_vec(),
+            datagram_len,
+        }));
     }
 
     /// Whether a datagram that crossed relays came from the relay its route ends with, at the

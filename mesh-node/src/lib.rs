@@ -9,6 +9,7 @@ pub mod clock;
 pub mod config;
 pub mod driver;
 pub mod endpoint;
+pub mod fanout;
 pub mod metrics;
 pub mod router;
 pub mod wire;

@@ -10,7 +10,7 @@ pub use shoal_link::exposition;
 use std::fmt;
 
 use crate::router::{IDLE_EXPIRY, ParseErrorKind, UnbindRefusal};
-use crate::wire::BindRefusal;
+use crate::wire::{BindRefusal, SubscribeStatus};
 
 /// Why the relay dropped a datagram. Each has its own counter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -43,6 +43,10 @@ pub enum DropReason {
     NoticeReceived,
     /// A reply could not be built (cannot happen with valid lengths; counted to be sure).
     Internal,
+    /// A publish for a group with no members here.
+    NoGroup,
+    /// A subscribe was refused (see the subscribe answer counters).
+    SubscribeRefused,
 }
 
 const PARSE_KINDS: [ParseErrorKind; 6] = [
@@ -56,7 +60,7 @@ const PARSE_KINDS: [ParseErrorKind; 6] = [
 
 impl DropReason {
     /// Every reason, for exposition.
-    pub const ALL: [DropReason; 19] = [
+    pub const ALL: [DropReason; 21] = [
         DropReason::Malformed(PARSE_KINDS[0]),
         DropReason::Malformed(PARSE_KINDS[1]),
         DropReason::Malformed(PARSE_KINDS[2]),
@@ -76,6 +80,8 @@ impl DropReason {
         DropReason::NoticeReceived,
         DropReason::Internal,
         DropReason::UnbindRefused,
+        DropReason::NoGroup,
+        DropReason::SubscribeRefused,
     ];
 
     fn index(self) -> usize {
@@ -94,6 +100,8 @@ impl DropReason {
             DropReason::NoticeReceived => 16,
             DropReason::Internal => 17,
             DropReason::UnbindRefused => 18,
+            DropReason::NoGroup => 19,
+            DropReason::SubscribeRefused => 20,
         }
     }
 
@@ -119,6 +127,8 @@ impl DropReason {
             DropReason::NoticeReceived => "notice_received",
             DropReason::Internal => "internal",
             DropReason::UnbindRefused => "unbind_refused",
+            DropReason::NoGroup => "no_group",
+            DropReason::SubscribeRefused => "subscribe_refused",
         }
     }
 }
@@ -136,6 +146,20 @@ fn refusal_label(r: BindRefusal) -> &'static str {
     }
 }
 
+fn subscribe_label(s: SubscribeStatus) -> &'static str {
+    match s {
+        SubscribeStatus::Member => "member",
+        SubscribeStatus::Left => "left",
+        SubscribeStatus::NotBound => "not_bound",
+        SubscribeStatus::WrongRelay => "wrong_relay",
+        SubscribeStatus::WrongSubscriber => "wrong_subscriber",
+        SubscribeStatus::Expired => "expired",
+        SubscribeStatus::Forged => "forged",
+        SubscribeStatus::GroupFull => "group_full",
+        SubscribeStatus::TooManyGroups => "too_many_groups",
+    }
+}
+
 fn unbind_refusal_label(r: UnbindRefusal) -> &'static str {
     match r {
         UnbindRefusal::NotBound => "not_bound",
@@ -143,6 +167,17 @@ fn unbind_refusal_label(r: UnbindRefusal) -> &'static str {
         UnbindRefusal::BadPermit => "bad_permit",
         UnbindRefusal::BadProof => "bad_proof",
     }
+}
+
+/// The relay's state now, for the gauges.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Gauges {
+    /// Nodes bound.
+    pub bindings: usize,
+    /// Fan-out groups with members.
+    pub groups: usize,
+    /// Memberships across them.
+    pub members: usize,
 }
 
 /// Upper bounds, in microseconds, of the per-hop latency histogram buckets.
@@ -199,6 +234,13 @@ pub struct Counters {
     pub unbinds: u64,
     /// Bindings dropped after the relay heard nothing from them for [`IDLE_EXPIRY`].
     pub idle_expired: u64,
+    /// Datagrams publishers sent to their groups here.
+    pub published: u64,
+    /// Copies of them sent to members.
+    pub copies: u64,
+    /// Copies not sent because their publisher was past its rate limit.
+    pub copies_rate_limited: u64,
+    subscribes: [u64; SubscribeStatus::ALL.len()],
     drops: [u64; DropReason::ALL.len()],
     refusals: [u64; BindRefusal::ALL.len()],
     unbind_refusals: [u64; UnbindRefusal::ALL.len()],
@@ -227,6 +269,16 @@ impl Counters {
         self.refusals[r as usize - 1]
     }
 
+    /// Counts an answer to a subscribe.
+    pub fn subscribe_answered(&mut self, s: SubscribeStatus) {
+        self.subscribes[s as usize] += 1;
+    }
+
+    /// Subscribes answered with `s`.
+    pub fn subscribes(&self, s: SubscribeStatus) -> u64 {
+        self.subscribes[s as usize]
+    }
+
     /// Counts a refused unbind.
     pub fn unbind_refused(&mut self, r: UnbindRefusal) {
         self.unbind_refusals[r as usize] += 1;
@@ -248,6 +300,12 @@ impl Counters {
         self.sources_over_cap += other.sources_over_cap;
         self.unbinds += other.unbinds;
         self.idle_expired += other.idle_expired;
+        self.published += other.published;
+        self.copies += other.copies;
+        self.copies_rate_limited += other.copies_rate_limited;
+        for (a, b) in self.subscribes.iter_mut().zip(other.subscribes) {
+            *a += b;
+        }
         for (a, b) in self.unbind_refusals.iter_mut().zip(other.unbind_refusals) {
             *a += b;
         }
@@ -260,9 +318,9 @@ impl Counters {
         self.hop_latency.add(&other.hop_latency);
     }
 
-    /// Writes every relay metric, with `bindings` nodes bound now (for a collector; see
-    /// [`exposition`]).
-    pub fn encode(&self, bindings: usize, e: &mut exposition::DescriptorEncoder<'_>) -> fmt::Result {
+    /// Writes every relay metric, with `now` (nodes bound, groups and memberships held) for
+    /// the gauges (for a collector; see [`exposition`]).
+    pub fn encode(&self, now: Gauges, e: &mut exposition::DescriptorEncoder<'_>) -> fmt::Result {
         use exposition::{counter, gauge, histogram, labelled_counters};
         counter(e, "shoal_relay_forwarded_packets_total", "Datagrams forwarded.", self.forwarded_packets)?;
         counter(e, "shoal_relay_forwarded_bytes_total", "Bytes forwarded.", self.forwarded_bytes)?;
@@ -285,7 +343,24 @@ impl Counters {
         labelled_counters(e, "shoal_relay_bind_refused_total", "Bind proofs refused, by reason.", "reason", refusals)?;
         let refusals = UnbindRefusal::ALL.map(|r| (unbind_refusal_label(r), self.unbind_refusals(r)));
         labelled_counters(e, "shoal_relay_unbind_refused_total", "Unbinds refused, by reason.", "reason", refusals)?;
-        gauge(e, "shoal_relay_bindings", "Nodes currently bound.", bindings as u64)?;
+        gauge(e, "shoal_relay_bindings", "Nodes currently bound.", now.bindings as u64)?;
+        counter(
+            e,
+            "shoal_relay_published_total",
+            "Datagrams publishers sent to their fan-out groups.",
+            self.published,
+        )?;
+        counter(e, "shoal_relay_copies_total", "Copies of published datagrams sent to group members.", self.copies)?;
+        counter(
+            e,
+            "shoal_relay_copies_rate_limited_total",
+            "Copies not sent because their publisher was past its rate limit.",
+            self.copies_rate_limited,
+        )?;
+        let answers = SubscribeStatus::ALL.map(|s| (subscribe_label(s), self.subscribes(s)));
+        labelled_counters(e, "shoal_relay_subscribes_total", "Subscribes answered, by status.", "status", answers)?;
+        gauge(e, "shoal_relay_groups", "Fan-out groups with members.", now.groups as u64)?;
+        gauge(e, "shoal_relay_group_members", "Memberships across fan-out groups.", now.members as u64)?;
         let h = &self.hop_latency;
         let buckets: Vec<(f64, u64)> = HOP_BUCKETS_US.iter().map(|us| *us as f64 / 1e6).zip(h.buckets).collect();
         histogram(
@@ -310,7 +385,7 @@ mod tests {
 
     impl Collector for Snapshot {
         fn encode(&self, mut e: DescriptorEncoder<'_>) -> fmt::Result {
-            self.0.encode(3, &mut e)
+            self.0.encode(Gauges { bindings: 3, groups: 1, members: 2 }, &mut e)
         }
     }
 
@@ -334,6 +409,9 @@ mod tests {
             "shoal_relay_bind_refused_total{reason=\"full\"} 1",
             "# TYPE shoal_relay_bindings gauge",
             "shoal_relay_bindings 3",
+            "shoal_relay_groups 1",
+            "shoal_relay_group_members 2",
+            "shoal_relay_subscribes_total{status=\"forged\"} 0",
             "# TYPE shoal_relay_hop_latency_seconds histogram",
             "shoal_relay_hop_latency_seconds_bucket{le=\"2.5e-05\"} 1",
             "shoal_relay_hop_latency_seconds_bucket{le=\"0.25\"} 1",
@@ -345,6 +423,6 @@ mod tests {
         // Every family has its HELP and TYPE.
         let families = text.lines().filter(|l| l.starts_with("# TYPE")).count();
         assert_eq!(families, text.lines().filter(|l| l.starts_with("# HELP")).count());
-        assert_eq!(families, 14);
+        assert_eq!(families, 20);
     }
 }

@@ -20,14 +20,18 @@ use std::time::{Duration, Instant};
 
 use ring::hmac;
 use rustc_hash::FxHashMap;
-use shoal_protocol::{Identity, NodeId, PublicKey, Roles, SignedTicket, TicketError, TicketKind, UnixTime};
+use shoal_protocol::{
+    Group, Identity, NodeId, PublicKey, Roles, SignedSubscription, SignedTicket, StreamId, SubscriptionError,
+    TicketError, TicketKind, UnixTime,
+};
 
 use crate::bind::{BindClient, KEEPALIVE_MAX, Transmit};
 use crate::clock::WallClock;
+use crate::fanout::{FanoutConfig, Groups};
 use crate::metrics::{Counters, DropReason};
 use crate::wire::{
-    self, BindAck, BindProof, BindRefusal, COOKIE_LEN, Challenge, Datagram, Header, Kind, Notice, NoticeCode,
-    ParseError, Route, VcId,
+    self, BindAck, BindProof, BindRefusal, COOKIE_LEN, Challenge, Datagram, Header, Kind, MAX_STREAM, Notice,
+    NoticeCode, ParseError, Route, SUBSCRIBE_ACK_BODY_LEN, SubscribeAck, SubscribeStatus, VcId,
 };
 
 /// How long a bind challenge's cookie stays valid.
@@ -120,6 +124,8 @@ pub struct RouterConfig {
     pub max_bindings: usize,
     /// Secret for bind cookies. Every worker of one relay must share it.
     pub cookie_secret: [u8; 32],
+    /// Bounds on fan-out groups.
+    pub fanout: FanoutConfig,
 }
 
 /// What the driver does with the datagram it passed in.
@@ -138,6 +144,9 @@ pub enum Verdict {
     /// The router took the datagram for itself (a peer relay's answer to our bind); nothing
     /// to send now, but drain [`Router::poll_transmit`].
     Consumed,
+    /// Send the (stamped) buffer, unchanged, to every address [`Router::copies_for`] gives
+    /// for this group: a publisher's datagram fanned out.
+    FanOut(Group),
 }
 
 /// Something the driver or operator may want to know about.
@@ -167,6 +176,25 @@ pub enum RouterEvent {
         addr: SocketAddr,
         /// The challenge time of the binding it released.
         challenge_at: u64,
+    },
+    /// A node joined a group (or renewed its membership) until `expires_at` (Unix seconds).
+    /// With several workers the driver hands this to the others' [`Router::apply_membership`].
+    Joined {
+        /// The group.
+        group: Group,
+        /// The member.
+        node: NodeId,
+        /// Where it is reached.
+        addr: SocketAddr,
+        /// When its subscription lapses, in Unix seconds.
+        expires_at: u64,
+    },
+    /// A node left a group.
+    Left {
+        /// The group.
+        group: Group,
+        /// The member that left.
+        node: NodeId,
     },
     /// This relay's binding to a peer relay was acknowledged.
     PeerBound {
@@ -247,6 +275,8 @@ pub struct Router {
     next_sweep: Instant,
     /// Whether this router binds to peer relays (one worker per relay does).
     peer_owner: bool,
+    /// Fan-out groups and their members.
+    groups: Groups,
 }
 
 impl Router {
@@ -269,6 +299,7 @@ impl Router {
             counters: Counters::default(),
             next_sweep: now + Duration::from_secs(1),
             peer_owner: true,
+            groups: Groups::new(cfg.fanout),
             cfg,
         }
     }
@@ -302,6 +333,27 @@ impl Router {
     /// Number of nodes bound here.
     pub fn bindings(&self) -> usize {
         self.by_node.len()
+    }
+
+    /// Fan-out groups held, and memberships across them.
+    pub fn groups(&self) -> (usize, usize) {
+        (self.groups.len(), self.groups.member_count())
+    }
+
+    /// Where the copies go of a datagram [`Verdict::FanOut`] named `group` for.
+    pub fn copies_for(&self, group: &Group) -> &[SocketAddr] {
+        self.groups.addrs(group)
+    }
+
+    /// Adopts a membership another worker of this relay admitted (see [`RouterEvent::Joined`]).
+    pub fn apply_membership(&mut self, now: Instant, group: Group, node: NodeId, addr: SocketAddr, expires_at: u64) {
+        let lapses = now + Duration::from_secs(expires_at.saturating_sub(self.clock.unix_secs(now)));
+        let _ = self.groups.join(group, node, addr, lapses);
+    }
+
+    /// Drops a membership another worker of this relay released (see [`RouterEvent::Left`]).
+    pub fn apply_leave(&mut self, group: Group, node: NodeId) {
+        self.groups.leave(group, node);
     }
 
     /// Where a bound node is reached.
@@ -398,6 +450,8 @@ impl Router {
                 keep
             });
             self.counters.idle_expired += idle;
+            let by_addr = &self.by_addr;
+            self.groups.sweep(now, |node, addr| by_addr.get(&addr).is_some_and(|b| b.node == node && b.expires > now));
             let (pr, br) = (self.cfg.source_packets, self.cfg.source_bytes);
             self.buckets.retain(|_, (p, b)| !(p.is_full(&pr, now) && b.is_full(&br, now)));
         }
@@ -415,6 +469,12 @@ impl Router {
                 self.counters.forwarded_bytes += buf.len() as u64;
             }
             Verdict::Reply(_) => self.counters.replies += 1,
+            Verdict::FanOut(group) => {
+                let copies = self.groups.addrs(&group).len() as u64;
+                self.counters.published += 1;
+                self.counters.copies += copies;
+                self.counters.forwarded_bytes += buf.len() as u64 * copies;
+            }
             Verdict::Consumed => {}
             Verdict::Drop(reason) => self.counters.drop(reason),
             Verdict::DropWithNotice(reason, _) => {
@@ -426,10 +486,11 @@ impl Router {
     }
 
     fn decide(&mut self, now: Instant, from: SocketAddr, buf: &mut [u8]) -> Verdict {
-        let hot = match Datagram::parse(buf) {
-            Ok(d) if d.kind().is_routed() => Hot::read(&d, self.id),
+        let (hot, publish) = match Datagram::parse(buf) {
+            Ok(d) if d.kind().is_routed() => (Hot::read(&d, self.id), (d.kind() == Kind::Publish).then(|| d.vc())),
             Ok(d) => {
                 return match d.kind() {
+                    Kind::Subscribe => self.subscribe(now, from, buf),
                     Kind::BindRequest => self.challenge(now, from, buf),
                     Kind::BindProof if d.unbind() => self.release(now, from, buf),
                     Kind::BindProof => self.accept_proof(now, from, buf),
@@ -439,7 +500,10 @@ impl Router {
             }
             Err(e) => return Verdict::Drop(DropReason::Malformed(ParseErrorKind::of(&e))),
         };
-        self.forward(now, from, buf, hot)
+        match publish {
+            Some(stream) => self.fan_out(now, from, buf, hot, stream),
+            None => self.forward(now, from, buf, hot),
+        }
     }
 
     /// The hot path: every check on the fields read once, then stamp in place.
@@ -492,6 +556,121 @@ impl Router {
         }
         wire::stamp_and_advance(buf, self.tag, stamp);
         Verdict::Forward(next)
+    }
+
+    /// A publisher's datagram for its group here: the publisher's binding checked as for data,
+    /// every copy charged to its rate limit, then stamped once for all the copies.
+    fn fan_out(&mut self, now: Instant, from: SocketAddr, buf: &mut [u8], d: Hot, stream: VcId) -> Verdict {
+        let Some(binding) = self.by_addr.get_mut(&from) else {
+            return self.refuse(now, buf, DropReason::NotBound, NoticeCode::NotBound);
+        };
+        if binding.expires <= now {
+            return self.refuse(now, buf, DropReason::PermitExpired, NoticeCode::PermitExpired);
+        }
+        binding.heard = now;
+        if d.source != binding.node || d.hop != 0 {
+            return Verdict::Drop(DropReason::SourceMismatch);
+        }
+        // A publish names this relay as its only hop and as its destination (so that one
+        // buffer serves every member).
+        if d.route_len != 1 || !d.on_route || d.next_hop != self.id {
+            return Verdict::Drop(DropReason::NotOnRoute);
+        }
+        if stream.0 > MAX_STREAM {
+            return Verdict::Drop(DropReason::Malformed(ParseErrorKind::Field));
+        }
+        let group = Group { publisher: d.source, stream: StreamId(stream.0 as u16) };
+        let copies = self.groups.members(now, &group).len();
+        if copies == 0 {
+            return Verdict::Drop(DropReason::NoGroup);
+        }
+        let (pr, br) = (self.cfg.source_packets, self.cfg.source_bytes);
+        let (packets, bytes) =
+            self.buckets.entry(d.source).or_insert_with(|| (TokenBucket::new(&pr, now), TokenBucket::new(&br, now)));
+        let n = copies as f64;
+        if !packets.take(&pr, now, n) || !bytes.take(&br, now, buf.len() as f64 * n) {
+            self.counters.copies_rate_limited += copies as u64;
+            return Verdict::Drop(DropReason::RateLimited);
+        }
+        wire::stamp_and_advance(buf, self.tag, self.clock.stamp_us(now));
+        Verdict::FanOut(group)
+    }
+
+    /// A node presents a subscription (or leaves a group): answered with its status, in a
+    /// reply smaller than the request. Refusals are counted, and answered within the notice
+    /// budget.
+    fn subscribe(&mut self, now: Instant, from: SocketAddr, buf: &mut [u8]) -> Verdict {
+        let Ok(d) = Datagram::parse(buf) else { return Verdict::Drop(DropReason::Internal) };
+        let (node, leave) = (d.source(), d.unbind());
+        let decoded = SignedSubscription::decode(d.body());
+        let (publisher, stream) = decoded.map_or((NodeId([0; 8]), 0), |s| (s.body.publisher, s.body.stream.0));
+        let status = match self.check_subscription(now, from, node, decoded, leave) {
+            Ok(s) => s,
+            Err(None) => return Verdict::Drop(DropReason::BindRateLimited),
+            Err(Some(s)) => s,
+        };
+        self.counters.subscribe_answered(status);
+        let refused = !matches!(status, SubscribeStatus::Member | SubscribeStatus::Left);
+        if refused && !self.notice_bucket.take(&self.cfg.notices, now, 1.0) {
+            return Verdict::Drop(DropReason::SubscribeRefused);
+        }
+        let mut body = [0; SUBSCRIBE_ACK_BODY_LEN];
+        SubscribeAck { status, stream, publisher }.write(&mut body);
+        match self.write_reply(buf, Kind::SubscribeAck, node, VcId(0), &body) {
+            Verdict::Reply(n) if refused => Verdict::DropWithNotice(DropReason::SubscribeRefused, n),
+            v => v,
+        }
+    }
+
+    /// Every check on a subscribe, cheapest first: the sender's binding, the subscription's
+    /// layout, relay, subscriber and validity, the signature budget (`Err(None)` when spent),
+    /// the signature; then the group's room. A leave needs no signature: it comes from the
+    /// member's own binding.
+    fn check_subscription(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        node: NodeId,
+        sub: Result<SignedSubscription, SubscriptionError>,
+        leave: bool,
+    ) -> Result<SubscribeStatus, Option<SubscribeStatus>> {
+        let bound = self.by_addr.get(&from).is_some_and(|b| b.node == node && b.expires > now);
+        if !bound {
+            return Err(Some(SubscribeStatus::NotBound));
+        }
+        let sub = sub.map_err(|_| Some(SubscribeStatus::Forged))?;
+        let b = sub.body;
+        let now_secs = self.clock.unix_secs(now);
+        if b.relay != self.id {
+            return Err(Some(SubscribeStatus::WrongRelay));
+        }
+        if b.subscriber != node {
+            return Err(Some(SubscribeStatus::WrongSubscriber));
+        }
+        if leave {
+            if self.groups.leave(b.group(), node) {
+                self.events.push_back(RouterEvent::Left { group: b.group(), node });
+            }
+            return Ok(SubscribeStatus::Left);
+        }
+        if now_secs >= b.expires_at.0 {
+            return Err(Some(SubscribeStatus::Expired));
+        }
+        if !self.bind_bucket.take(&self.cfg.bind_verifications, now, 1.0) {
+            return Err(None);
+        }
+        sub.verify(&self.cfg.control_key, self.id, node, UnixTime(now_secs)).map_err(|e| {
+            Some(match e {
+                SubscriptionError::Expired { .. } | SubscriptionError::NotYetValid { .. } => SubscribeStatus::Expired,
+                SubscriptionError::WrongRelay { .. } => SubscribeStatus::WrongRelay,
+                SubscriptionError::WrongSubscriber { .. } => SubscribeStatus::WrongSubscriber,
+                _ => SubscribeStatus::Forged,
+            })
+        })?;
+        let lapses = now + Duration::from_secs(b.expires_at.0 - now_secs);
+        self.groups.join(b.group(), node, from, lapses).map_err(Some)?;
+        self.events.push_back(RouterEvent::Joined { group: b.group(), node, addr: from, expires_at: b.expires_at.0 });
+        Ok(SubscribeStatus::Member)
     }
 
     /// How many sources get a rate limit of their own: the nodes bound here plus those peer
@@ -825,6 +1004,7 @@ mod tests {
             notices: lots,
             max_bindings,
             cookie_secret: [3; 32],
+            fanout: crate::fanout::FanoutConfig::default(),
         };
         (Router::new(cfg, clock, now), control, now, clock)
     }

@@ -6,6 +6,7 @@
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 
 use shoal_protocol::identity::{NODE_ID_LEN, SIGNATURE_LEN};
+use shoal_protocol::subscription::SUBSCRIPTION_LEN;
 use shoal_protocol::ticket::TICKET_LEN;
 use shoal_protocol::{NodeId, Signature};
 
@@ -42,13 +43,23 @@ pub const ADDR_LEN: usize = 19;
 pub const NOTICE_BODY_LEN: usize = 4;
 /// Bytes of a probe id.
 pub const PROBE_ID_LEN: usize = 8;
+/// Bytes of a subscribe acknowledgement body: status (1), reserved (1), stream (2), publisher
+/// (8).
+pub const SUBSCRIBE_ACK_BODY_LEN: usize = 4 + NODE_ID_LEN;
+/// Streams are 16-bit; a publish datagram carries its stream in the VC field.
+pub const MAX_STREAM: u32 = u16::MAX as u32;
 
 // No handshake reply is larger than the datagram it answers: a relay cannot amplify.
-const _: () = assert!(CHALLENGE_BODY_LEN <= BIND_REQUEST_BODY_LEN && BIND_ACK_BODY_LEN <= BIND_PROOF_BODY_LEN);
+const _: () = assert!(
+    CHALLENGE_BODY_LEN <= BIND_REQUEST_BODY_LEN
+        && BIND_ACK_BODY_LEN <= BIND_PROOF_BODY_LEN
+        && SUBSCRIBE_ACK_BODY_LEN <= SUBSCRIPTION_LEN
+);
 
 const FLAG_TRACE: u8 = 0b0000_0001;
 /// On a [`Kind::BindProof`]: release the binding this proof's challenge made (an unbind). On a
-/// [`Kind::BindAck`]: the binding was released. No other kind carries it.
+/// [`Kind::BindAck`]: the binding was released. On a [`Kind::Subscribe`]: leave the group. No
+/// other kind carries it.
 const FLAG_UNBIND: u8 = 0b0000_0010;
 const KNOWN_FLAGS: u8 = FLAG_TRACE | FLAG_UNBIND;
 
@@ -72,19 +83,30 @@ pub enum Kind {
     BindProof = 18,
     /// The relay accepted the binding; carries the address it saw.
     BindAck = 19,
+    /// A publisher's datagram for a fan-out group: the relay its route names copies it to
+    /// every member of the group (the publisher, the stream in the VC field).
+    Publish = 5,
+    /// A node presents a subscription to the relay it names, to join a group; with the
+    /// unbind flag, it leaves the group.
+    Subscribe = 20,
+    /// The relay's answer to a subscribe: member, or why not.
+    SubscribeAck = 21,
 }
 
 impl Kind {
     /// Every kind, in wire order.
-    pub const ALL: [Kind; 8] = [
+    pub const ALL: [Kind; 11] = [
         Kind::Data,
         Kind::Probe,
         Kind::ProbeAck,
         Kind::Notice,
+        Kind::Publish,
         Kind::BindRequest,
         Kind::BindChallenge,
         Kind::BindProof,
         Kind::BindAck,
+        Kind::Subscribe,
+        Kind::SubscribeAck,
     ];
 
     fn from_u8(b: u8) -> Option<Kind> {
@@ -94,19 +116,21 @@ impl Kind {
     /// Kinds that travel over a source route through relays. The others are between a node
     /// and the relay it talks to and always have an empty route.
     pub fn is_routed(self) -> bool {
-        matches!(self, Kind::Data | Kind::Probe | Kind::ProbeAck)
+        matches!(self, Kind::Data | Kind::Probe | Kind::ProbeAck | Kind::Publish)
     }
 
     /// Smallest body this kind may carry.
     fn min_body(self) -> usize {
         match self {
-            Kind::Data => 0,
+            Kind::Data | Kind::Publish => 0,
             Kind::Probe | Kind::ProbeAck => PROBE_ID_LEN,
             Kind::Notice => NOTICE_BODY_LEN,
             Kind::BindRequest => BIND_REQUEST_BODY_LEN,
             Kind::BindChallenge => CHALLENGE_BODY_LEN,
             Kind::BindProof => BIND_PROOF_BODY_LEN,
             Kind::BindAck => BIND_ACK_BODY_LEN,
+            Kind::Subscribe => SUBSCRIPTION_LEN,
+            Kind::SubscribeAck => SUBSCRIBE_ACK_BODY_LEN,
         }
     }
 }
@@ -328,7 +352,8 @@ impl<'a> Datagram<'a> {
         }
         let routed_ok = kind.is_routed() || (l.route_len == 0 && !l.trace);
         let probe_ok = !matches!(kind, Kind::Probe | Kind::ProbeAck) || l.trace;
-        let unbind_ok = bytes[2] & FLAG_UNBIND == 0 || matches!(kind, Kind::BindProof | Kind::BindAck);
+        let unbind_ok =
+            bytes[2] & FLAG_UNBIND == 0 || matches!(kind, Kind::BindProof | Kind::BindAck | Kind::Subscribe);
         if !routed_ok || !probe_ok || !unbind_ok {
             return Err(ParseError::BadShape(kind));
         }
@@ -577,7 +602,8 @@ pub const UNBIND_CONTEXT: &[u8] = b"shoal/unbind/v1";
 /// Marks an emitted [`Kind::BindProof`] as an unbind, or a [`Kind::BindAck`] as the answer to
 /// one. Other kinds are left as they are (the flag would not parse on them).
 pub fn set_unbind(datagram: &mut [u8]) {
-    if datagram.len() >= HEADER_LEN && (datagram[1] == Kind::BindProof as u8 || datagram[1] == Kind::BindAck as u8) {
+    let flaggable = [Kind::BindProof as u8, Kind::BindAck as u8, Kind::Subscribe as u8];
+    if datagram.len() >= HEADER_LEN && flaggable.contains(&datagram[1]) {
         datagram[2] |= FLAG_UNBIND;
     }
 }
@@ -641,6 +667,77 @@ impl BindAck {
     /// Reads it from a body of at least [`BIND_ACK_BODY_LEN`] bytes (checked by parse).
     pub fn read(body: &[u8]) -> Result<BindAck, ParseError> {
         Ok(BindAck { expires_at: u64_at(body, 0), observed: read_addr(&body[8..])? })
+    }
+}
+
+/// A relay's answer to a subscribe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum SubscribeStatus {
+    /// The node is a member of the group until its subscription expires.
+    Member = 0,
+    /// The node left the group (the answer to a leave).
+    Left = 1,
+    /// The sender's address holds no binding of the node the subscription names.
+    NotBound = 2,
+    /// Made for another relay.
+    WrongRelay = 3,
+    /// Presented by a node other than its subscriber.
+    WrongSubscriber = 4,
+    /// Expired, or issued in the future.
+    Expired = 5,
+    /// Not the control server's signature, or an unknown layout.
+    Forged = 6,
+    /// The group holds as many members as the relay allows.
+    GroupFull = 7,
+    /// The relay holds as many groups as it allows.
+    TooManyGroups = 8,
+}
+
+impl SubscribeStatus {
+    /// Every status, in wire order.
+    pub const ALL: [SubscribeStatus; 9] = [
+        SubscribeStatus::Member,
+        SubscribeStatus::Left,
+        SubscribeStatus::NotBound,
+        SubscribeStatus::WrongRelay,
+        SubscribeStatus::WrongSubscriber,
+        SubscribeStatus::Expired,
+        SubscribeStatus::Forged,
+        SubscribeStatus::GroupFull,
+        SubscribeStatus::TooManyGroups,
+    ];
+}
+
+/// The body of a [`Kind::SubscribeAck`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SubscribeAck {
+    /// Member, or why not.
+    pub status: SubscribeStatus,
+    /// The stream the subscribe named.
+    pub stream: u16,
+    /// Its publisher.
+    pub publisher: NodeId,
+}
+
+impl SubscribeAck {
+    /// Writes the body into `out` (at least [`SUBSCRIBE_ACK_BODY_LEN`] bytes).
+    pub fn write(&self, out: &mut [u8]) {
+        out[0] = self.status as u8;
+        out[1] = 0;
+        out[2..4].copy_from_slice(&self.stream.to_be_bytes());
+        out[4..SUBSCRIBE_ACK_BODY_LEN].copy_from_slice(&self.publisher.0);
+    }
+
+    /// Reads a body the parser has sized.
+    pub fn read(body: &[u8]) -> Result<SubscribeAck, ParseError> {
+        let status = SubscribeStatus::ALL
+            .into_iter()
+            .find(|s| *s as u8 == body[0])
+            .ok_or(ParseError::InvalidField("subscribe status"))?;
+        let mut publisher = [0; NODE_ID_LEN];
+        publisher.copy_from_slice(&body[4..SUBSCRIBE_ACK_BODY_LEN]);
+        Ok(SubscribeAck { status, stream: u16::from_be_bytes([body[2], body[3]]), publisher: NodeId(publisher) })
     }
 }
 
@@ -780,7 +877,13 @@ mod tests {
     /// A valid body for `kind` over `route_len` relays.
     fn body_for(kind: Kind, route_len: usize, fill: u8) -> Vec<u8> {
         let mut body = match kind {
-            Kind::Data => vec![fill; 40],
+            Kind::Data | Kind::Publish => vec![fill; 40],
+            Kind::Subscribe => vec![fill; SUBSCRIPTION_LEN],
+            Kind::SubscribeAck => {
+                let mut b = vec![0; SUBSCRIBE_ACK_BODY_LEN];
+                SubscribeAck { status: SubscribeStatus::GroupFull, stream: 7, publisher: id(fill) }.write(&mut b);
+                b
+            }
             Kind::Probe | Kind::ProbeAck => vec![fill; probe_body_len(route_len)],
             Kind::Notice => {
                 let mut b = vec![0; NOTICE_BODY_LEN];
@@ -812,7 +915,8 @@ mod tests {
         fn every_kind_round_trips(kind_i in 0usize..Kind::ALL.len(), route in any_route(), src in any::<[u8; 8]>(),
                                   dst in any::<[u8; 8]>(), vc in any::<u32>(), origin in any::<u32>(), fill in any::<u8>()) {
             let kind = Kind::ALL[kind_i];
-            let (route, trace) = if kind.is_routed() { (route, kind != Kind::Data || fill % 2 == 0) } else { (Route::DIRECT, false) };
+            let optional_trace = matches!(kind, Kind::Data | Kind::Publish);
+            let (route, trace) = if kind.is_routed() { (route, !optional_trace || fill % 2 == 0) } else { (Route::DIRECT, false) };
             let h = Header { kind, source: NodeId(src), destination: NodeId(dst), vc: VcId(vc), trace };
             let body = body_for(kind, route.len(), fill);
             let bytes = emit_vec(&h, &route, origin, &body);
@@ -829,11 +933,16 @@ mod tests {
                 Kind::BindAck => prop_assert_eq!(BindAck::read(d.body()).unwrap().expires_at, 77),
                 Kind::BindChallenge => prop_assert_eq!(Challenge::read(d.body()).cookie, [fill; COOKIE_LEN]),
                 Kind::BindProof => prop_assert_eq!(BindProof::read(d.body()).permit.len(), TICKET_LEN),
+                Kind::SubscribeAck => prop_assert_eq!(
+                    SubscribeAck::read(d.body()).unwrap(),
+                    SubscribeAck { status: SubscribeStatus::GroupFull, stream: 7, publisher: id(fill) }
+                ),
                 _ => {}
             }
             // Truncated at every byte: an error, never a panic.
             for len in 0..bytes.len() {
-                prop_assert!(Datagram::parse(&bytes[..len]).is_err() || (kind == Kind::Data && len >= bytes.len() - body.len()));
+                let body_free = matches!(kind, Kind::Data | Kind::Publish) && len >= bytes.len() - body.len();
+                prop_assert!(Datagram::parse(&bytes[..len]).is_err() || body_free);
             }
         }
 
@@ -941,8 +1050,9 @@ mod tests {
         let b = emit_vec(&h, &Route::DIRECT, 0, &[0; 10]);
         assert!(matches!(Datagram::parse(&b), Err(ParseError::ShortBody { kind: Kind::BindRequest, .. })));
         assert!(Route::new(&[id(1); 5]).is_none());
-        // The unbind flag belongs to bind proofs and acks only; set_unbind leaves others be.
-        for kind in Kind::ALL.into_iter().filter(|k| !matches!(k, Kind::BindProof | Kind::BindAck)) {
+        // The unbind flag belongs to bind proofs and acks and to subscribes (a leave) only;
+        // set_unbind leaves others be.
+        for kind in Kind::ALL.into_iter().filter(|k| !matches!(k, Kind::BindProof | Kind::BindAck | Kind::Subscribe)) {
             let route = if kind.is_routed() { Route::new(&[id(10)]).unwrap() } else { Route::DIRECT };
             let h = Header { kind, source: id(1), destination: id(2), vc: VcId(0), trace: kind.is_routed() };
             let mut b = emit_vec(&h, &route, 0, &body_for(kind, route.len(), 0));

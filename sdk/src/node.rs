@@ -579,7 +579,13 @@ impl Node {
                     }
                 }
                 EndpointEvent::RelayLost { relay, addr } => self.events.push_back(Event::RelayLost { relay, addr }),
-                EndpointEvent::ProbeDone(_) | EndpointEvent::ProbeLost { .. } | EndpointEvent::Notice { .. } => {}
+                // The node subscribes to no fan-out group: a copy or an answer is a relay's
+                // mistake, and the endpoint vouches for nothing in it that we need.
+                EndpointEvent::ProbeDone(_)
+                | EndpointEvent::ProbeLost { .. }
+                | EndpointEvent::Notice { .. }
+                | EndpointEvent::Published(_)
+                | EndpointEvent::Subscription { .. } => {}
             }
         }
     }

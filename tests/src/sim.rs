@@ -224,6 +224,7 @@ impl Sim {
             notices: Rate { per_sec: 1000.0, burst: 100.0 },
             max_bindings: 10_000,
             cookie_secret: self.rng.random(),
+            fanout: shoal_mesh::fanout::FanoutConfig::default(),
         };
         let router = Router::new(cfg.clone(), self.clock(), self.now);
         let addr = self.next_addr();
@@ -637,14 +638,23 @@ impl Sim {
         self.stats.delivered += 1;
         let mut bytes = f.bytes;
         let mut out: Option<(SocketAddr, usize)> = None;
+        // A fan-out's members but the last, which `out` takes with the buffer itself.
+        let mut copies: Vec<SocketAddr> = Vec::new();
         let tamper = self.hosts[i].tamper;
         match &mut self.hosts[i].core {
             Core::Node(n) => n.handle_datagram(now, f.from, &bytes),
             Core::Relay(r) => match r.handle_datagram(now, f.from, &mut bytes) {
                 Verdict::Forward(to) => out = Some((to, bytes.len())),
                 Verdict::Reply(len) | Verdict::DropWithNotice(_, len) => out = Some((f.from, len)),
+                Verdict::FanOut(group) => {
+                    copies.extend_from_slice(r.copies_for(&group));
+                    out = copies.pop().map(|to| (to, bytes.len()));
+                }
                 Verdict::Drop(_) | Verdict::Consumed => {}
             },
+        }
+        for to in copies {
+            self.send(i, to, bytes.clone());
         }
         if let Some((to, len)) = out {
             bytes.truncate(len);

@@ -55,6 +55,7 @@ fn start_relay(control: &Identity, peers: Vec<std::net::SocketAddr>) -> anyhow::
         notices: Rate { per_sec: 100.0, burst: 20.0 },
         max_bindings: 64,
         cookie_secret: secret,
+        fanout: shoal_mesh::fanout::FanoutConfig::default(),
     };
     let sockets = bind_reuseport("127.0.0.1:0".parse()?, 1, 1 << 20)?;
     Ok(Relay::spawn(sockets, RelayOptions { router, peers })?)

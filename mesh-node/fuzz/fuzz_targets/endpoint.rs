@@ -78,6 +78,7 @@ fn fixture() -> &'static Fixture {
             notices: lots,
             max_bindings: 16,
             cookie_secret: [2; 32],
+            fanout: shoal_mesh::fanout::FanoutConfig::default(),
         };
         let start = base + Duration::from_secs(1);
         let node_permit = permit(&node, Roles::CLIENT);

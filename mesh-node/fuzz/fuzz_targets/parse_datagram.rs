@@ -67,7 +67,7 @@ fn check_datagram(data: &[u8], d: &Datagram<'_>) {
     }
     assert_eq!(d.unbind(), data[2] & 0b10 != 0);
     if d.unbind() {
-        assert!(matches!(kind, Kind::BindProof | Kind::BindAck), "{kind:?} with the unbind flag");
+        assert!(matches!(kind, Kind::BindProof | Kind::BindAck | Kind::Subscribe), "{kind:?} with the unbind flag");
     }
 
     // Header fields at their fixed offsets.
@@ -101,7 +101,9 @@ fn check_datagram(data: &[u8], d: &Datagram<'_>) {
     assert!(body_at <= data.len());
     assert_eq!(d.body(), &data[body_at..]);
     let min_body = match kind {
-        Kind::Data => 0,
+        Kind::Data | Kind::Publish => 0,
+        Kind::Subscribe => shoal_protocol::subscription::SUBSCRIPTION_LEN,
+        Kind::SubscribeAck => wire::SUBSCRIBE_ACK_BODY_LEN,
         // A probe carries room for the ack's echo of its trace, so the ack is never larger.
         Kind::Probe | Kind::ProbeAck => wire::probe_body_len(route_len),
         Kind::Notice => wire::NOTICE_BODY_LEN,
@@ -117,7 +119,23 @@ fn check_datagram(data: &[u8], d: &Datagram<'_>) {
 fn check_body(d: &Datagram<'_>) {
     let body = d.body();
     match d.kind() {
-        Kind::Data => {}
+        Kind::Data | Kind::Publish => {}
+        Kind::Subscribe => {
+            // Untrusted bytes: decoding and verifying must not panic, and what decodes encodes
+            // back to the same bytes.
+            if let Ok(s) = shoal_protocol::SignedSubscription::decode(body) {
+                assert_eq!(s.encode()[..], body[..shoal_protocol::subscription::SUBSCRIPTION_LEN]);
+                let key = shoal_protocol::Identity::from_seed([1; 32]).public_key();
+                let _ = s.verify(&key, s.body.relay, s.body.subscriber, shoal_protocol::UnixTime(0));
+            }
+        }
+        Kind::SubscribeAck => {
+            if let Ok(a) = wire::SubscribeAck::read(body) {
+                let mut out = [0; wire::SUBSCRIBE_ACK_BODY_LEN];
+                a.write(&mut out);
+                assert_eq!(wire::SubscribeAck::read(&out), Ok(a));
+            }
+        }
         Kind::Probe => {
             let _ = wire::probe_id(body);
         }

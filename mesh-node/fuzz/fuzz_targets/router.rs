@@ -67,6 +67,7 @@ fn fixture() -> &'static Fixture {
             notices: lots,
             max_bindings: 16,
             cookie_secret: [2; 32],
+            fanout: shoal_mesh::fanout::FanoutConfig::default(),
         };
         let base = Instant::now();
         let client = Identity::from_seed([3; 32]);
@@ -172,7 +173,11 @@ fn deliver(router: &mut Router, now: Instant, from: SocketAddr, data: &[u8]) {
                 Ok(r) => r,
                 Err(e) => panic!("reply does not parse: {e}"),
             };
-            assert!(matches!(r.kind(), Kind::BindChallenge | Kind::BindAck), "reply of kind {:?}", r.kind());
+            assert!(
+                matches!(r.kind(), Kind::BindChallenge | Kind::BindAck | Kind::SubscribeAck),
+                "reply of kind {:?}",
+                r.kind()
+            );
             assert!(!r.unbind() || r.kind() == Kind::BindAck, "an unbind flag on a {:?}", r.kind());
             assert_eq!(r.source(), router.id());
         }
@@ -182,8 +187,15 @@ fn deliver(router: &mut Router, now: Instant, from: SocketAddr, data: &[u8]) {
                 Ok(r) => r,
                 Err(e) => panic!("notice does not parse: {e}"),
             };
-            assert_eq!(r.kind(), Kind::Notice);
-            assert!(Notice::read(r.body()).is_ok(), "notice body does not read");
+            match r.kind() {
+                Kind::Notice => assert!(Notice::read(r.body()).is_ok(), "notice body does not read"),
+                Kind::SubscribeAck => assert!(wire::SubscribeAck::read(r.body()).is_ok(), "refusal does not read"),
+                k => panic!("a refusal of kind {k:?}"),
+            }
+        }
+        Verdict::FanOut(group) => {
+            // Nobody in this fixture presents a subscription that verifies: no group exists.
+            panic!("fanned out to {:?} members of {group:?}", router.copies_for(&group).len());
         }
         Verdict::Forward(to) => {
             assert!(to == CLIENT || to == PEER, "forward to unknown {to}");

@@ -274,6 +274,7 @@ fn run(hop: Hop, size: usize, args: &Args) -> anyhow::Result<RunResult> {
                 notices: Rate { per_sec: 1000.0, burst: 100.0 },
                 max_bindings: 1024,
                 cookie_secret: [7; 32],
+                fanout: shoal_mesh::fanout::FanoutConfig::default(),
             };
             let r = Relay::spawn(
                 bind_reuseport("127.0.0.1:0".parse()?, 1, 16 << 20)?,

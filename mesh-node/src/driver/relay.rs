@@ -17,12 +17,12 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
-use shoal_protocol::{NodeId, Roles, SignedTicket};
+use shoal_protocol::{Group, NodeId, Roles, SignedTicket};
 
 use crate::clock::WallClock;
 use crate::driver::batch::{BATCH, Batch};
 use crate::metrics::exposition::{Collector, DescriptorEncoder};
-use crate::metrics::{Counters, DropReason};
+use crate::metrics::{Counters, DropReason, Gauges};
 use crate::router::{Router, RouterConfig, RouterEvent, Verdict};
 use crate::wire::Kind;
 
@@ -48,7 +48,7 @@ pub struct RelayOptions {
 /// Counters and gauges the workers publish, read by `/metrics` and by benchmarks.
 #[derive(Debug, Default)]
 pub struct RelayStats {
-    workers: Vec<Mutex<(Counters, usize)>>,
+    workers: Vec<Mutex<(Counters, Gauges)>>,
     tids: Mutex<Vec<i32>>,
     /// Peer relays holding our binding, with their round-trip times (from the worker that
     /// owns peer binds).
@@ -69,7 +69,14 @@ impl RelayStats {
 
     /// Nodes bound (as seen by the worker that sees most).
     pub fn bindings(&self) -> usize {
-        self.workers.iter().filter_map(|w| w.lock().ok().map(|w| w.1)).max().unwrap_or(0)
+        self.gauges().bindings
+    }
+
+    /// Bindings, groups and memberships (each as seen by the worker that sees most).
+    pub fn gauges(&self) -> Gauges {
+        let all: Vec<Gauges> = self.workers.iter().filter_map(|w| w.lock().ok().map(|w| w.1)).collect();
+        let max = |f: fn(&Gauges) -> usize| all.iter().map(f).max().unwrap_or(0);
+        Gauges { bindings: max(|g| g.bindings), groups: max(|g| g.groups), members: max(|g| g.members) }
     }
 
     /// Peer relays holding our binding: id, address, round-trip time.
@@ -86,7 +93,7 @@ impl RelayStats {
 /// What `/metrics` reads: the workers' latest snapshots, summed at each scrape.
 impl Collector for RelayStats {
     fn encode(&self, mut e: DescriptorEncoder<'_>) -> std::fmt::Result {
-        self.counters().encode(self.bindings(), &mut e)
+        self.counters().encode(self.gauges(), &mut e)
     }
 }
 
@@ -95,6 +102,10 @@ enum WorkerMsg {
     Bound { node: NodeId, roles: Roles, addr: SocketAddr, expires_at: u64, challenge_at: u64 },
     /// A binding another worker released on its node's unbind.
     Unbound { node: NodeId, addr: SocketAddr, challenge_at: u64 },
+    /// A membership another worker admitted.
+    Joined { group: Group, node: NodeId, addr: SocketAddr, expires_at: u64 },
+    /// A membership another worker released.
+    Left { group: Group, node: NodeId },
     /// A peer relay's bind reply that reached a worker that does not own peer binds.
     PeerReply { from: SocketAddr, bytes: Vec<u8> },
     /// Bind to a peer relay (sent to the worker that owns peer binds).
@@ -156,7 +167,7 @@ impl Relay {
         let id = opts.router.identity.node_id();
         let n = sockets.len();
         let stats = Arc::new(RelayStats {
-            workers: (0..n).map(|_| Mutex::new((Counters::default(), 0))).collect(),
+            workers: (0..n).map(|_| Mutex::new((Counters::default(), Gauges::default()))).collect(),
             tids: Mutex::new(Vec::new()),
             peers: Mutex::new(Vec::new()),
         });
@@ -303,6 +314,18 @@ impl Worker {
                 Verdict::Reply(n) | Verdict::DropWithNotice(_, n) => {
                     batch.queue(i, n, from);
                 }
+                Verdict::FanOut(group) => {
+                    // Every copy points at the one received buffer; a full queue goes out first.
+                    let mut failed = 0;
+                    for &to in self.router.copies_for(&group) {
+                        if !batch.queue(i, len, to) {
+                            let queued = batch.queued();
+                            failed += queued - batch.send(fd).unwrap_or(0);
+                            batch.queue(i, len, to);
+                        }
+                    }
+                    self.router.counters_mut().send_failures += failed as u64;
+                }
                 Verdict::Drop(_) | Verdict::Consumed => {}
             }
         }
@@ -320,6 +343,10 @@ impl Worker {
                 self.router.apply_binding(now, node, roles, addr, expires_at, challenge_at);
             }
             WorkerMsg::Unbound { node, addr, challenge_at } => self.router.apply_unbinding(node, addr, challenge_at),
+            WorkerMsg::Joined { group, node, addr, expires_at } => {
+                self.router.apply_membership(now, group, node, addr, expires_at);
+            }
+            WorkerMsg::Left { group, node } => self.router.apply_leave(group, node),
             WorkerMsg::PeerReply { from, mut bytes } => {
                 let _ = self.router.handle_datagram(now, from, &mut bytes);
                 self.drain(sock);
@@ -349,6 +376,10 @@ impl Worker {
                     tracing::debug!(%node, %addr, "unbound");
                     self.tell_others(|| WorkerMsg::Unbound { node, addr, challenge_at });
                 }
+                RouterEvent::Joined { group, node, addr, expires_at } => {
+                    self.tell_others(|| WorkerMsg::Joined { group, node, addr, expires_at });
+                }
+                RouterEvent::Left { group, node } => self.tell_others(|| WorkerMsg::Left { group, node }),
                 RouterEvent::PeerBound { addr, peer } => tracing::info!(%peer, %addr, "bound to peer relay"),
             }
         }
@@ -368,7 +399,8 @@ impl Worker {
         if let Some(slot) = self.stats.workers.get(self.idx)
             && let Ok(mut s) = slot.lock()
         {
-            *s = (self.router.counters().clone(), self.router.bindings());
+            let (groups, members) = self.router.groups();
+            *s = (self.router.counters().clone(), Gauges { bindings: self.router.bindings(), groups, members });
         }
         if self.idx == 0
             && let Ok(mut p) = self.stats.peers.lock()
