@@ -13,9 +13,11 @@ use std::time::{Duration, Instant};
 
 use shoal_mesh::driver::endpoint::MeshEndpoint;
 use shoal_mesh::endpoint::{Envelope, Path as MeshPath};
-use shoal_mesh::wire::{self, Header, Kind, Route, VcId};
+use shoal_mesh::wire::{self, Header, Kind, Route, SubscribeStatus, VcId};
 use shoal_protocol::identity::to_hex;
-use shoal_protocol::{Identity, NodeId, Roles, SignedTicket, TicketBody, TicketKind, UnixTime};
+use shoal_protocol::{
+    Identity, NodeId, Roles, SignedTicket, StreamId, SubscriptionBody, TicketBody, TicketKind, UnixTime,
+};
 
 const BIN: &str = env!("CARGO_BIN_EXE_shoal-mesh-node");
 
@@ -210,6 +212,76 @@ async fn two_relays_forward_both_ways_and_refuse_an_unbound_sender() {
         };
         assert!(status.success(), "{status}");
     }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// One publisher, 50 subscribers and a forger, all bound to one relay process with two
+/// workers: every subscriber gets every published datagram (whichever worker admitted it),
+/// the forged subscription is refused with its reason, and the forger gets no copy.
+#[tokio::test]
+async fn a_relay_process_fans_a_publisher_out_to_50_subscribers_and_refuses_a_forgery() {
+    let dir = temp_dir("fanout");
+    let control = Identity::from_seed([100; 32]);
+    let relay = start_relay(&dir, "fan", &control, 13, &[]);
+    let bind = |seed: u8| {
+        let id = Identity::from_seed([seed; 32]);
+        let p = permit(&control, &id, Roles::CLIENT);
+        async move {
+            let mut e = MeshEndpoint::bind("127.0.0.1:0".parse().unwrap(), id, p).await.unwrap();
+            e.attach_relay(relay.mesh, Duration::from_secs(5)).await.unwrap();
+            e
+        }
+    };
+    let mut publisher = bind(1).await;
+    let subscription = |subscriber: NodeId, signer: &Identity| {
+        SubscriptionBody {
+            subscriber,
+            publisher: publisher.node_id(),
+            stream: StreamId(1),
+            relay: relay.node,
+            issued_at: UnixTime(unix_now()),
+            expires_at: UnixTime(unix_now() + 60),
+        }
+        .sign(signer)
+    };
+    let mut subscribers = Vec::new();
+    for seed in 10..60 {
+        let mut e = bind(seed).await;
+        let ack = e.subscribe(&subscription(e.node_id(), &control), false, Duration::from_secs(5)).await.unwrap();
+        assert_eq!(ack.status, SubscribeStatus::Member);
+        subscribers.push(e);
+    }
+    let mut forger = bind(99).await;
+    let forged = subscription(forger.node_id(), &Identity::from_seed([66; 32]));
+    let ack = forger.subscribe(&forged, false, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(ack.status, SubscribeStatus::Forged);
+    // Each worker learns the memberships the other admitted.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while metric(&scrape(relay.metrics), "shoal_relay_group_members") < 50 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for i in 0..10u8 {
+        publisher.publish(relay.node, 1, &[i; 40]).await.unwrap();
+    }
+    for (k, s) in subscribers.iter_mut().enumerate() {
+        let mut got: Vec<u8> = Vec::new();
+        for _ in 0..10 {
+            let rx = s.recv_published(Duration::from_secs(2)).await.unwrap_or_else(|e| panic!("subscriber {k}: {e}"));
+            assert_eq!((rx.source, rx.vc, rx.payload.len()), (publisher.node_id(), VcId(1), 40));
+            got.push(rx.payload[0]);
+        }
+        got.sort_unstable();
+        assert_eq!(got, (0..10).collect::<Vec<u8>>(), "subscriber {k}");
+    }
+    assert!(forger.recv_published(Duration::from_millis(200)).await.is_err(), "the forger got a copy");
+    let text = scrape(relay.metrics);
+    assert!(metric(&text, "shoal_relay_copies_total") >= 500, "{text}");
+    assert!(metric(&text, "shoal_relay_published_total") >= 10);
+    assert_eq!(metric(&text, "shoal_relay_subscribes_total{status=\"forged\"}"), 1);
+    assert_eq!(metric(&text, "shoal_relay_subscribes_total{status=\"member\"}"), 50);
+    assert_eq!(metric(&text, "shoal_relay_groups"), 1);
+    drop(relay);
     let _ = std::fs::remove_dir_all(&dir);
 }
 

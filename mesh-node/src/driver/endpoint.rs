@@ -7,12 +7,12 @@ use std::io;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use shoal_protocol::{Identity, NodeId, SignedTicket};
+use shoal_protocol::{Identity, NodeId, SignedSubscription, SignedTicket};
 
 use crate::clock::WallClock;
 use crate::driver::batch::BUF_LEN;
 use crate::endpoint::{Endpoint, EndpointEvent, Envelope, Path, ProbeReport, Received, SendError};
-use crate::wire::MAX_DATAGRAM;
+use crate::wire::{MAX_DATAGRAM, SubscribeAck};
 
 /// Why an endpoint call failed.
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +89,41 @@ impl MeshEndpoint {
     pub async fn recv(&mut self, timeout: Duration) -> Result<Received, MeshError> {
         self.wait_for(timeout, |e| match e {
             EndpointEvent::Received(r) => Some(r.clone()),
+            _ => None,
+        })
+        .await
+    }
+
+    /// Presents `subscription` to the relay it names (to join its fan-out group, or with
+    /// `leave` to leave it) and waits for the relay's answer.
+    pub async fn subscribe(
+        &mut self,
+        subscription: &SignedSubscription,
+        leave: bool,
+        timeout: Duration,
+    ) -> Result<SubscribeAck, MeshError> {
+        let relay = subscription.body.relay;
+        self.core.subscribe(Instant::now(), subscription, leave)?;
+        self.flush().await?;
+        self.wait_for(timeout, |e| match e {
+            EndpointEvent::Subscription { relay: r, ack } if *r == relay => Some(*ack),
+            _ => None,
+        })
+        .await
+    }
+
+    /// Publishes `payload` on our `stream` through `relay`, which copies it to the group's
+    /// members.
+    pub async fn publish(&mut self, relay: NodeId, stream: u16, payload: &[u8]) -> Result<(), MeshError> {
+        self.core.publish(Instant::now(), relay, stream, false, payload)?;
+        self.flush().await?;
+        Ok(())
+    }
+
+    /// Waits for the next copy from a fan-out group we are a member of.
+    pub async fn recv_published(&mut self, timeout: Duration) -> Result<Received, MeshError> {
+        self.wait_for(timeout, |e| match e {
+            EndpointEvent::Published(r) => Some(r.clone()),
             _ => None,
         })
         .await
