@@ -11,6 +11,12 @@
 //!
 //! Ends with one JSON line: `{"relay_ns_per_dgram":…, "raw_ns_per_dgram":…, "ratio":…,
 //! "p99_hop_us":…, "loss":…, …}`, the worst case over payload sizes.
+//!
+//! With `--fanout 10,100` it measures fan-out instead: one publisher bound to the relay and N
+//! subscribers, each on its own socket with a subscription the control key signed; the
+//! publisher sends `rate / N` datagrams a second, so the relay sends `rate` copies, and the
+//! worker's CPU time per copy is set against the raw forwarder's per datagram at `rate` in the
+//! same run. Ends with `{"fanout_copy_ratio_10":…, "fanout_copy_ratio_100":…, …}`.
 
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
@@ -25,8 +31,10 @@ use shoal_mesh::driver::batch::{BATCH, Batch, bind_reuseport};
 use shoal_mesh::driver::relay::{Relay, RelayOptions};
 use shoal_mesh::endpoint::{Endpoint, EndpointEvent, Envelope, Path};
 use shoal_mesh::router::{Rate, RouterConfig};
-use shoal_mesh::wire::{HEADER_LEN, ROUTE_ENTRY_LEN, Route, VcId};
-use shoal_protocol::{Identity, Roles, SignedTicket, TicketBody, TicketKind, UnixTime};
+use shoal_mesh::wire::{HEADER_LEN, ROUTE_ENTRY_LEN, Route, SubscribeStatus, VcId};
+use shoal_protocol::{
+    Identity, Roles, SignedSubscription, SignedTicket, StreamId, SubscriptionBody, TicketBody, TicketKind, UnixTime,
+};
 
 #[derive(Parser, Debug)]
 #[command(name = "shoal-relay-bench", about = "Relay CPU and latency per datagram against a raw batched forwarder")]
@@ -43,6 +51,10 @@ struct Args {
     /// Runs per path and size; the median run (by CPU per datagram) is reported.
     #[arg(long, default_value_t = 3)]
     runs: usize,
+    /// Instead: fan-out groups of these sizes, one publisher copied to N subscribers, against
+    /// the raw forwarder at the same number of datagrams sent a second.
+    #[arg(long, value_delimiter = ',')]
+    fanout: Vec<usize>,
 }
 
 /// Sequence number (8) and send time in ns since the run's start (8) lead every payload.
@@ -347,6 +359,181 @@ fn run(hop: Hop, size: usize, args: &Args) -> anyhow::Result<RunResult> {
     })
 }
 
+/// Presents `sub` over a blocking socket until the relay answers.
+fn subscribe_blocking(sock: &UdpSocket, ep: &mut Endpoint, sub: &SignedSubscription) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut buf = [0u8; 2048];
+    while Instant::now() < deadline {
+        ep.subscribe(Instant::now(), sub, false)?;
+        while let Some(t) = ep.poll_transmit() {
+            sock.send_to(&t.bytes, t.to)?;
+        }
+        if let Ok((n, from)) = sock.recv_from(&mut buf) {
+            ep.handle_datagram(Instant::now(), from, &buf[..n]);
+        }
+        while let Some(e) = ep.poll_event() {
+            if let EndpointEvent::Subscription { ack, .. } = e {
+                if ack.status == SubscribeStatus::Member {
+                    return Ok(());
+                }
+                bail!("subscription refused: {:?}", ack.status);
+            }
+        }
+    }
+    bail!("the relay never answered a subscription")
+}
+
+/// Receives copies on every subscriber socket until `stop` and a quiet period; returns how many.
+fn fanout_sink(socks: Vec<UdpSocket>, stop: Arc<AtomicBool>) -> u64 {
+    let mut b = Batch::new();
+    let mut received = 0u64;
+    let mut quiet_since: Option<Instant> = None;
+    loop {
+        let mut got = 0;
+        for s in &socks {
+            if let Ok(n) = b.recv(s.as_raw_fd()) {
+                got += n;
+            }
+        }
+        received += got as u64;
+        if got > 0 {
+            quiet_since = None;
+            continue;
+        }
+        if stop.load(Ordering::Relaxed) {
+            let since = *quiet_since.get_or_insert_with(Instant::now);
+            if since.elapsed() > Duration::from_millis(100) {
+                return received;
+            }
+        }
+        std::thread::sleep(Duration::from_micros(50));
+    }
+}
+
+/// One publisher fanned out to `n` subscribers: the relay worker's CPU time per copy.
+fn fanout_run(n: usize, size: usize, args: &Args) -> anyhow::Result<RunResult> {
+    let publishes = (args.rate as f64 * args.secs / n as f64) as u64;
+    let control = Identity::generate()?;
+    let me = Identity::generate()?;
+    let unlimited = Rate { per_sec: 1e12, burst: 1e12 };
+    let cfg = RouterConfig {
+        permit: Some(permit(&control, &me, Roles::RELAY)),
+        identity: me,
+        control_key: control.public_key(),
+        source_packets: unlimited,
+        source_bytes: unlimited,
+        bind_verifications: unlimited,
+        notices: Rate { per_sec: 1000.0, burst: 100.0 },
+        max_bindings: 4096,
+        cookie_secret: [7; 32],
+        fanout: shoal_mesh::fanout::FanoutConfig::default(),
+    };
+    let r = Relay::spawn(
+        bind_reuseport("127.0.0.1:0".parse()?, 1, 16 << 20)?,
+        RelayOptions { router: cfg, peers: vec![] },
+    )?;
+    let send_sock = udp("127.0.0.1:0")?;
+    let p = Identity::generate()?;
+    let mut ep = Endpoint::new(p.clone(), permit(&control, &p, Roles::CLIENT), WallClock::system());
+    bind_blocking(&send_sock, &mut ep, r.local_addr())?;
+    let mut socks = Vec::with_capacity(n);
+    for _ in 0..n {
+        let sock = udp("127.0.0.1:0")?;
+        let id = Identity::generate()?;
+        let mut e = Endpoint::new(id.clone(), permit(&control, &id, Roles::CLIENT), WallClock::system());
+        bind_blocking(&sock, &mut e, r.local_addr())?;
+        let sub = SubscriptionBody {
+            subscriber: id.node_id(),
+            publisher: p.node_id(),
+            stream: StreamId(1),
+            relay: r.node_id(),
+            issued_at: UnixTime(unix_now()),
+            expires_at: UnixTime(unix_now() + 3600),
+        }
+        .sign(&control);
+        subscribe_blocking(&sock, &mut e, &sub)?;
+        sock.set_nonblocking(true)?;
+        socks.push(sock);
+    }
+    let payload = vec![0x5au8; size.max(STAMP_LEN)];
+    ep.publish(Instant::now(), r.node_id(), 1, true, &payload)?;
+    let template = ep.poll_transmit().context("no publish")?.bytes;
+    let stamp_at = template.len() - payload.len();
+    let tid = *r.stats().worker_tids().first().context("relay worker never started")?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop_sink = stop.clone();
+    let sink_thread = std::thread::spawn(move || fanout_sink(socks, stop_sink));
+    let start = Instant::now() + Duration::from_millis(50);
+    let cpu0 = thread_cpu_ns(tid)?;
+    let copies0 = r.stats().counters().copies;
+    let load = Load { to: r.local_addr(), template, stamp_at, origin_at: Some(HEADER_LEN + ROUTE_ENTRY_LEN) };
+    let sent = send_paced(&send_sock, &load, args.rate / n as u64, publishes, start);
+    std::thread::sleep(Duration::from_millis(300));
+    let cpu1 = thread_cpu_ns(tid)?;
+    stop.store(true, Ordering::Relaxed);
+    let received = sink_thread.join().map_err(|_| anyhow::anyhow!("sink panicked"))?;
+    // The workers publish their counters every 100 ms.
+    std::thread::sleep(Duration::from_millis(150));
+    let copies = r.stats().counters().copies - copies0;
+    r.shutdown();
+    if copies == 0 {
+        bail!("the relay sent no copies");
+    }
+    Ok(RunResult {
+        sent: sent * n as u64,
+        received,
+        duplicates: 0,
+        cpu_ns_per_dgram: (cpu1 - cpu0) as f64 / copies as f64,
+        p50_us: f64::NAN,
+        p99_us: f64::NAN,
+    })
+}
+
+/// `--fanout`: each group size against the raw forwarder at the same datagrams a second.
+fn fanout_main(args: &Args) -> anyhow::Result<()> {
+    println!(
+        "shoal-relay-bench --fanout: {} copies/s for {} s, sizes {:?}, median of {} runs",
+        args.rate, args.secs, args.sizes, args.runs
+    );
+    println!("| size B | path | datagrams out | loss | CPU ns per datagram out |");
+    println!("|---|---|---|---|---|");
+    let mut json = Vec::new();
+    for &size in &args.sizes {
+        let raw = median_run(Hop::Raw, size, args)?;
+        let loss = |r: &RunResult| 1.0 - r.received as f64 / r.sent.max(1) as f64;
+        println!(
+            "| {size} | raw mmsg forwarder | {} | {:.4}% | {:.0} |",
+            raw.sent,
+            loss(&raw) * 100.0,
+            raw.cpu_ns_per_dgram
+        );
+        for &n in &args.fanout {
+            let mut runs = Vec::new();
+            for _ in 0..args.runs.max(1) {
+                runs.push(fanout_run(n, size, args)?);
+            }
+            runs.sort_by(|a, b| a.cpu_ns_per_dgram.total_cmp(&b.cpu_ns_per_dgram));
+            let f = runs[runs.len() / 2].clone();
+            let ratio = f.cpu_ns_per_dgram / raw.cpu_ns_per_dgram;
+            println!(
+                "| {size} | shoal relay, 1 → {n} | {} | {:.4}% | {:.0} ({ratio:.3}x raw) |",
+                f.sent,
+                loss(&f) * 100.0,
+                f.cpu_ns_per_dgram
+            );
+            json.push(format!("\"fanout_copy_ratio_{n}_{size}\":{ratio:.3}"));
+            json.push(format!("\"fanout_ns_per_copy_{n}_{size}\":{:.0}", f.cpu_ns_per_dgram));
+            json.push(format!("\"fanout_loss_{n}_{size}\":{:.6}", loss(&f)));
+            if size == args.sizes[0] {
+                json.push(format!("\"fanout_copy_ratio_{n}\":{ratio:.3}"));
+            }
+        }
+        json.push(format!("\"raw_ns_per_dgram_{size}\":{:.0}", raw.cpu_ns_per_dgram));
+    }
+    println!("{{{},\"rate\":{}}}", json.join(","), args.rate);
+    Ok(())
+}
+
 fn median_run(hop: Hop, size: usize, args: &Args) -> anyhow::Result<RunResult> {
     let mut runs = Vec::with_capacity(args.runs);
     for _ in 0..args.runs.max(1) {
@@ -358,6 +545,9 @@ fn median_run(hop: Hop, size: usize, args: &Args) -> anyhow::Result<RunResult> {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if !args.fanout.is_empty() {
+        return fanout_main(&args);
+    }
     println!(
         "shoal-relay-bench: {} datagrams/s for {} s, sizes {:?}, median of {} runs",
         args.rate, args.secs, args.sizes, args.runs
