@@ -90,6 +90,9 @@ pub enum ClientToControl {
     },
     /// Round-trip times to relays it measured, microseconds.
     RelayRtts(Vec<(NodeId, u32)>),
+    /// The key that seals the player's published stream (relay fan-out), for the server to
+    /// give its watchers. A new key replaces the old one.
+    StreamKey([u8; 32]),
     /// The periodic report.
     Report(Box<Report>),
     /// Nothing to say; the connection is alive.
@@ -169,6 +172,21 @@ pub struct Introduction {
     pub profiles: Vec<(u32, [u8; 16])>,
 }
 
+/// What a watcher needs to receive a player's published stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WatchGrant {
+    /// The publisher.
+    pub publisher: NodeId,
+    /// Its long-term key.
+    pub publisher_key: PublicKey,
+    /// The relay that fans its stream out; the watcher binds to it if it is not yet.
+    pub relay: RelayInfo,
+    /// The subscription to present there (a `SignedSubscription`'s bytes).
+    pub subscription: Vec<u8>,
+    /// The key that seals the stream, once the publisher has given one.
+    pub stream_key: Option<[u8; 32]>,
+}
+
 /// From the control server to a player's client.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum ControlToClient {
@@ -191,6 +209,18 @@ pub enum ControlToClient {
     Farewell(NodeId),
     /// A fresh relay permit, before the old one lapses.
     Permit(Vec<u8>),
+    /// Receive a player's published stream through its relay (or keep receiving it: the same
+    /// grant again, renewed before its subscription lapses, or with a new key).
+    Watch(Box<WatchGrant>),
+    /// Stop receiving this player's stream.
+    Unwatch(NodeId),
+    /// How many players watch ours, and the relay to publish to; none means stop publishing.
+    Audience {
+        /// Watchers now.
+        watchers: u32,
+        /// Where to publish.
+        relay: Option<RelayInfo>,
+    },
     /// The message or client was refused; the server may close the connection after this.
     Refused(Refusal),
 }

@@ -25,6 +25,9 @@ const SUBSCRIPTION_CONTEXT: &[u8] = b"shoal/subscription/v1";
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
 pub struct StreamId(pub u16);
 
+/// The stream a player's avatar is published on.
+pub const AVATAR_STREAM: StreamId = StreamId(0);
+
 /// A fan-out group: what a relay copies to its members.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Group {

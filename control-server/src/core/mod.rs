@@ -21,6 +21,7 @@ mod reports;
 mod sign_in;
 #[cfg(test)]
 mod test_support;
+mod watching;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
@@ -34,6 +35,7 @@ use shoal_protocol::{Identity, NodeId, PublicKey, UnixTime};
 
 use crate::interest::{Interest, InterestConfig, InterestError};
 use crate::store::{Character, ReportRow};
+use crate::watch::{WatchConfig, Watchers};
 
 /// A connection's handle, chosen by the driver.
 pub type ConnId = u64;
@@ -78,6 +80,11 @@ pub struct CoreConfig {
     pub profiles: Vec<(u32, ProfileConfig)>,
     /// Build hashes clients may run; empty accepts any.
     pub builds: Vec<[u8; 32]>,
+    /// Who watches whom through relay fan-out beyond the neighbours; `None` turns watching
+    /// off.
+    pub watch: Option<WatchConfig>,
+    /// Subscriptions for watchers last this long; they are renewed when a third is left.
+    pub subscription_ttl: Duration,
 }
 
 impl Default for CoreConfig {
@@ -97,6 +104,8 @@ impl Default for CoreConfig {
             relays: Vec::new(),
             profiles: Vec::new(),
             builds: Vec::new(),
+            watch: None,
+            subscription_ttl: Duration::from_secs(60),
         }
     }
 }
@@ -179,6 +188,12 @@ pub struct CoreCounters {
     pub relays_refused: u64,
     /// Connections closed because they did not read what the server sent them.
     pub overflowed: u64,
+    /// Watch grants sent: new, renewed, or with a new stream key.
+    pub watch_grants: u64,
+    /// Watches withdrawn.
+    pub unwatches: u64,
+    /// Watches not granted because no relay was registered.
+    pub watch_no_relay: u64,
 }
 
 /// One player in the live-state API.
@@ -279,6 +294,8 @@ struct Player {
     flags: u32,
     permit_expires: UnixTime,
     last_report: Option<Report>,
+    /// The key that seals its published stream, once it gave one.
+    stream_key: Option<[u8; 32]>,
 }
 
 #[derive(Debug)]
@@ -328,6 +345,12 @@ pub struct Core {
     conns: FxHashMap<ConnId, Conn>,
     by_node: FxHashMap<NodeId, ConnId>,
     interest: Interest,
+    /// The watch set, when watching is on.
+    watchers: Option<Watchers>,
+    /// Grants in force, by (watcher, publisher).
+    grants: FxHashMap<(NodeId, NodeId), watching::Grant>,
+    /// What each publisher was last told of its audience: watchers and relay.
+    audiences: FxHashMap<NodeId, (u32, Option<NodeId>)>,
     /// The relay map, keyed and ordered by node id.
     relays: BTreeMap<NodeId, RelayEntry>,
     outputs: VecDeque<Output>,
@@ -356,6 +379,9 @@ impl Core {
             .collect();
         Ok(Core {
             interest: Interest::new(cfg.interest)?,
+            watchers: cfg.watch.map(Watchers::new).transpose()?,
+            grants: FxHashMap::default(),
+            audiences: FxHashMap::default(),
             relays,
             cfg,
             identity,
@@ -476,6 +502,13 @@ impl Core {
                 self.by_node.remove(&node);
                 self.interest.remove(node);
                 self.drain_interest();
+                if let Some(w) = &mut self.watchers {
+                    w.remove(node);
+                    self.grants.retain(|(w, p), _| *w != node && *p != node);
+                    self.audiences.remove(&node);
+                    // A removal only ends watches: nothing is granted, so no time is needed.
+                    self.drain_watch(UnixTime(0));
+                }
             }
         }
     }
@@ -545,6 +578,12 @@ impl Core {
         self.renew_relay_permits(unix);
         self.interest.tick();
         self.drain_interest();
+        if let Some(w) = &mut self.watchers {
+            let interest = &self.interest;
+            w.tick(|a, b| interest.neighbours(a).any(|n| n == b));
+            self.drain_watch(unix);
+            self.renew_grants(unix);
+        }
     }
 
     /// Permits are renewed when this much of their life is left.

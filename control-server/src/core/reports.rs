@@ -35,6 +35,12 @@ impl Core {
             ClientToControl::RelayRtts(rtts) => {
                 p.relay_rtts = rtts.into_iter().take(32).collect();
             }
+            ClientToControl::StreamKey(key) => {
+                let node = p.key.node_id();
+                if p.stream_key.replace(key) != Some(key) {
+                    self.on_stream_key(unix, node);
+                }
+            }
             ClientToControl::Report(mut report) => {
                 self.counters.reports += 1;
                 if !self.cfg.builds.is_empty() && !self.cfg.builds.contains(&report.build_hash) {
@@ -106,6 +112,9 @@ impl Core {
                 // A plausible position is finite, all the interest set checks.
                 if plausible && let Err(e) = self.interest.update(node, pos) {
                     tracing::warn!(%node, "position not taken for introductions: {e}");
+                }
+                if plausible && let Some(w) = &mut self.watchers {
+                    let _ = w.update(node, pos);
                 }
                 if cut {
                     self.cut_off(conn);

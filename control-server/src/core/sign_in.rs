@@ -151,6 +151,7 @@ impl Core {
             flags: 0,
             permit_expires: permit.body.expires_at,
             last_report: None,
+            stream_key: None,
         }));
         self.by_node.insert(node, conn);
         self.counters.signed_in += 1;

@@ -682,7 +682,12 @@ impl SessionCore {
                 }
                 self.events.push_back(SessionEvent::Refused(r));
             }
-            ControlToClient::Welcome { .. } => self.counters.unexpected += 1,
+            // The session neither publishes nor watches through relay fan-out yet; a server
+            // with watching on sends these, and they are counted and dropped.
+            ControlToClient::Welcome { .. }
+            | ControlToClient::Watch(_)
+            | ControlToClient::Unwatch(_)
+            | ControlToClient::Audience { .. } => self.counters.unexpected += 1,
         }
     }
 
