@@ -4,7 +4,9 @@
 use std::time::{Duration, Instant};
 
 use shoal_sdk::Traffic;
-use shoal_sdk::avatar::{Ack, CodecConfig, ConfigError, Decoder, Encoder, Quantizer, Trace};
+use shoal_sdk::avatar::{
+    Ack, CodecConfig, ConfigError, Decoder, Encoder, Quantizer, StreamDecoder, StreamEncoder, Trace,
+};
 
 use crate::link::{LinkConfig, Loss};
 use crate::overhead::IP_UDP_HEADERS;
@@ -62,6 +64,48 @@ pub fn codec_bits(trace: &Trace) -> Result<CodecBits, ConfigError> {
         mean: total as f64 / n,
         postcard_mean: postcard as f64 / n,
     })
+}
+
+/// Bits per update on `trace`, each player sent at `hz` (a divisor of the trace's rate) as a
+/// published stream (key states every [`shoal_sdk::avatar::stream::KEY_EVERY`] ticks, no acknowledgements) and as the
+/// pairwise codec with acks one update later; both without loss. Returns (stream, pairwise),
+/// each as (mean, p50, p99) over moving avatars' updates.
+///
+/// # Errors
+/// When the default codec configuration is refused, or `hz` does not divide the trace's rate.
+pub fn stream_bits(trace: &Trace, hz: u32) -> Result<[(f64, usize, usize); 2], ConfigError> {
+    let q = Quantizer::new(CodecConfig::default())?;
+    let every = (u32::from(trace.hz()) / hz.max(1)).max(1) as usize;
+    let t0 = Instant::now();
+    let (mut stream, mut pairwise) = (Vec::new(), Vec::new());
+    for p in 0..trace.players() {
+        let (mut se, mut sd) = (StreamEncoder::new(q), StreamDecoder::new(q));
+        let (mut enc, mut dec) = (Encoder::new(q), Decoder::new(q));
+        let mut pending: Option<Ack> = None;
+        for (i, s) in trace.player(p).iter().enumerate().step_by(every) {
+            // Ticks of the 60 Hz avatar clock, as the session stamps them.
+            let tick = 2 * i as u32;
+            let moving = s.velocity.length() > 0.01;
+            let (_, bytes) = se.encode(tick, s);
+            let _ = sd.decode(t0 + Duration::from_millis(33 * i as u64), &bytes);
+            if moving {
+                stream.push(bytes.len() * 8);
+            }
+            let (_, bytes) = enc.encode(tick, s);
+            let _ = dec.decode(&bytes);
+            if let Some(a) = dec.ack().and_then(|a| pending.replace(a)) {
+                enc.on_ack(a);
+            }
+            if moving {
+                pairwise.push(bytes.len() * 8);
+            }
+        }
+    }
+    let sum = |v: &mut Vec<usize>| {
+        let mean = v.iter().sum::<usize>() as f64 / v.len().max(1) as f64;
+        (mean, AvatarStats::quantile(v, 0.5).unwrap_or(0), AvatarStats::quantile(v, 0.99).unwrap_or(0))
+    };
+    Ok([sum(&mut stream), sum(&mut pairwise)])
 }
 
 /// What a crowd serving avatars did over a measured window.

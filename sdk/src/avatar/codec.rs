@@ -99,6 +99,11 @@ impl Encoder {
         self.counters
     }
 
+    /// The tick of the last update encoded, whatever its form.
+    pub fn last_tick(&self) -> Option<u32> {
+        self.last
+    }
+
     /// The receiver's ack.
     pub fn on_ack(&mut self, ack: Ack) {
         let Some(&(newest, _)) = self.sent.back() else { return };

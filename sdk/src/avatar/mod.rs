@@ -5,7 +5,9 @@
 //! updates, each delta-encoded against the last state the receiver acknowledged after moving
 //! that baseline on by its velocity (see [`codec`] for the bits); [`Interpolator`] shows a
 //! neighbour's avatar smoothly from the updates that reach us; [`Scheduler`] decides whom
-//! to serve each tick, by distance inside an upload budget; [`movement`] moves simulated
+//! to serve each tick, by distance inside an upload budget; [`stream`] carries a player's
+//! states to the watchers a relay fans them out to, sealed and without acknowledgements;
+//! [`movement`] moves simulated
 //! players for tests and benchmarks, and [`trace`] records avatars into a compact file that
 //! benchmarks replay.
 
@@ -16,6 +18,7 @@ pub mod mesh;
 pub mod movement;
 mod quant;
 pub mod schedule;
+pub mod stream;
 #[cfg(test)]
 mod tests;
 pub mod trace;
@@ -27,6 +30,7 @@ pub use self::interp::{InterpConfig, Interpolator};
 pub use self::mesh::{AvatarEvent, AvatarMesh, MeshCounters};
 pub use self::quant::{CodecConfig, ConfigError, Quantized, Quantizer, Rotation};
 pub use self::schedule::{RateConfig, Scheduler};
+pub use self::stream::{StreamDecoder, StreamEncoder, StreamError, StreamOpener, StreamSealer};
 pub use self::trace::{Trace, TraceError};
 
 /// What a player's avatar looks like at one moment.

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use shoal_sdk::avatar::Trace;
 use shoal_sdk::avatar::movement::Mover;
-use shoal_tests::avatars::{avatar_run, codec_bits};
+use shoal_tests::avatars::{avatar_run, codec_bits, stream_bits};
 use shoal_tests::overhead::{Flow, overhead};
 use shoal_tests::world::AvatarStats;
 
@@ -16,6 +16,36 @@ pub(crate) const TRACE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/av
 fn read_trace(path: &Path) -> Result<Trace, String> {
     let bytes = std::fs::read(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
     Trace::from_bytes(&bytes).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// `shoal-sim-bench stream-codec`: the published stream's bits beside the pairwise codec's.
+pub(crate) fn stream_codec(rates: &[u32], trace: &Path) -> ExitCode {
+    let trace = match read_trace(trace) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!("bits per moving avatar update on the trace ({} players), no loss:", trace.players());
+    println!("{:>6} {:>24} {:>24} {:>8}", "Hz", "stream mean/p50/p99", "pairwise mean/p50/p99", "ratio");
+    let mut json = Vec::new();
+    for &hz in rates {
+        let [(sm, s50, s99), (pm, p50, p99)] = match stream_bits(&trace, hz) {
+            Ok(b) => b,
+            Err(e) => {
+                eprintln!("codec: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let ratio = sm / pm;
+        println!("{hz:>6} {:>24} {:>24} {ratio:>8.2}", format!("{sm:.1}/{s50}/{s99}"), format!("{pm:.1}/{p50}/{p99}"));
+        json.push(format!(
+            "\"stream_bits_mean_{hz}hz\":{sm:.1},\"stream_bits_p50_{hz}hz\":{s50},\"stream_bits_p99_{hz}hz\":{s99},\"pairwise_bits_mean_{hz}hz\":{pm:.1},\"pairwise_bits_p50_{hz}hz\":{p50},\"stream_over_pairwise_{hz}hz\":{ratio:.2}"
+        ));
+    }
+    println!("{{{}}}", json.join(","));
+    ExitCode::SUCCESS
 }
 
 /// Records `players` movers (seeds 0, 1, …) for `secs` at 30 Hz into `out`.

@@ -176,6 +176,16 @@ enum Cmd {
         trace: PathBuf,
     },
     /// Records the movement model's players into a trace file (the codec's fixture).
+    /// The published stream's codec (key states, no acknowledgements) beside the pairwise
+    /// one, on the recorded trace.
+    StreamCodec {
+        /// Updates a second each is sent at (the trace is 30 Hz; this must divide it).
+        #[arg(long, value_delimiter = ',', default_values_t = [30u32, 10, 5])]
+        hz: Vec<u32>,
+        /// The recorded trace.
+        #[arg(long, default_value = avatars::TRACE)]
+        trace: PathBuf,
+    },
     RecordTrace {
         /// Players.
         #[arg(long, default_value_t = 100)]
@@ -247,6 +257,7 @@ fn main() -> ExitCode {
         Cmd::Sessions { players, secs, seed } => sessions(&players, secs, seed),
         Cmd::Avatars { players, secs, seed, trace } => avatars::avatars(&players, secs, seed, &trace),
         Cmd::RecordTrace { players, secs, out } => avatars::record_trace(players, secs, &out),
+        Cmd::StreamCodec { hz, trace } => avatars::stream_codec(&hz, &trace),
     }
 }
 
