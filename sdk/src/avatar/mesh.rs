@@ -1,5 +1,6 @@
 //! One player's side of the avatar mesh: serving its avatar to its neighbours and showing
-//! theirs.
+//! theirs, and, beyond them, publishing it for watchers through a relay and showing the
+//! players it watches.
 //!
 //! Sans-IO. The game sets its avatar each tick ([`AvatarMesh::set_avatar`]); the session
 //! adds and removes neighbours as the control server introduces and dismisses them, with
@@ -15,12 +16,14 @@ use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use shoal_protocol::NodeId;
+use shoal_protocol::subscription::AVATAR_STREAM;
 
 use super::AvatarState;
 use super::codec::{Ack, DecodeError, Decoder, Encoder};
 use super::interp::{InterpConfig, Interpolator};
 use super::quant::Quantizer;
 use super::schedule::{RateConfig, Scheduler};
+use super::stream::{StreamDecoder, StreamEncoder, StreamOpener, StreamSealer};
 
 const HAS_ACK: u8 = 1;
 const NEED_FULL: u8 = 2;
@@ -63,6 +66,46 @@ pub struct MeshCounters {
     pub messages_sent: u64,
     /// See `messages_sent`.
     pub bytes_sent: u64,
+    /// Updates published to our relay for watchers.
+    pub published: u64,
+    /// Updates decoded from the players we watch.
+    pub watched_received: u64,
+    /// Published datagrams refused: not sealed by the publisher's key, replayed, from a
+    /// player we do not watch, or not decodable.
+    pub watched_refused: u64,
+    /// Published updates waiting for a key state (one was lost, or we just began watching).
+    pub watched_waiting: u64,
+}
+
+/// Where and how we publish our avatar for watchers.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Publishing {
+    /// Our node id (the stream is sealed to it).
+    pub me: NodeId,
+    /// The relay that fans the stream out.
+    pub relay: NodeId,
+    /// The key that seals it, as given to the control server.
+    pub key: [u8; 32],
+    /// Updates a second.
+    pub hz: f32,
+}
+
+#[derive(Debug)]
+struct Publication {
+    to: Publishing,
+    encoder: StreamEncoder,
+    sealer: StreamSealer,
+    next: Instant,
+}
+
+/// A player we watch through its relay.
+#[derive(Debug)]
+struct Watched {
+    key: [u8; 32],
+    opener: StreamOpener,
+    decoder: StreamDecoder,
+    view: Interpolator,
+    shown: bool,
 }
 
 #[derive(Debug)]
@@ -93,6 +136,8 @@ pub struct AvatarMesh {
     /// Bytes of headers a datagram on a realtime VC carries besides the message, for the
     /// budget.
     header_bytes: usize,
+    publication: Option<Publication>,
+    watched: BTreeMap<NodeId, Watched>,
 }
 
 impl AvatarMesh {
@@ -117,6 +162,8 @@ impl AvatarMesh {
             events: VecDeque::new(),
             counters: MeshCounters::default(),
             header_bytes,
+            publication: None,
+            watched: BTreeMap::new(),
         }
     }
 
@@ -169,7 +216,8 @@ impl AvatarMesh {
     pub fn remove_neighbour(&mut self, peer: NodeId) {
         if let Some(n) = self.neighbours.remove(&peer) {
             self.schedule.remove(peer);
-            if n.shown {
+            // A player we still watch stays shown, from its stream.
+            if n.shown && !self.watched.get(&peer).is_some_and(|w| w.shown) {
                 self.events.push_back(AvatarEvent::Left(peer));
             }
         }
@@ -186,18 +234,20 @@ impl AvatarMesh {
     /// without.
     #[must_use]
     pub fn poll_timeout(&self, now: Instant) -> Option<Instant> {
+        let publish = self.publication.as_ref().filter(|_| self.avatar.is_some()).map(|p| p.next.max(now));
         // Nothing to serve and no ack owed: nothing to do until an input.
         if self.avatar.is_none() && self.neighbours.values().all(|n| n.ack_due.is_none()) {
             return None;
         }
         if self.neighbours.is_empty() {
-            return None;
+            return publish;
         }
         // In whole nanoseconds, rounded up, so that the next tick is never `now` itself.
         let hz = u128::from(self.q.config().tick_hz);
         let next = (u128::from(self.tick(now)) + 1) * 1_000_000_000;
         let ns = u64::try_from(next.div_ceil(hz)).unwrap_or(u64::MAX);
-        Some(self.epoch + Duration::from_nanos(ns))
+        let tick = self.epoch + Duration::from_nanos(ns);
+        Some(publish.map_or(tick, |p| p.min(tick)))
     }
 
     /// The neighbours, in id order.
@@ -299,7 +349,9 @@ impl AvatarMesh {
                 let at = d.tick as f64 / f64::from(self.q.config().tick_hz);
                 n.view.push(now, at, d.state);
                 n.last = Some((now, d.state));
-                self.events.push_back(if n.shown {
+                let watched = self.watched.get(&peer).is_some_and(|w| w.shown);
+                self.events.push_back(if n.shown || watched {
+                    n.shown = true;
                     AvatarEvent::Updated(peer, d.state)
                 } else {
                     n.shown = true;
@@ -317,17 +369,117 @@ impl AvatarMesh {
     /// The time on `peer`'s avatar clock (seconds from its start) that its avatar as shown at
     /// `now` stands for, once it has appeared: what tests compare against where it really was.
     pub fn render_time_of(&self, peer: NodeId, now: Instant) -> Option<f64> {
-        let n = self.neighbours.get(&peer).filter(|n| n.shown)?;
-        n.view.render_at(now)
+        match self.neighbours.get(&peer).filter(|n| n.shown) {
+            Some(n) => n.view.render_at(now),
+            None => self.watched.get(&peer).filter(|w| w.shown)?.view.render_at(now),
+        }
     }
 
     /// Neighbour `peer`'s avatar as shown at `now`, once it has appeared.
     pub fn avatar_of(&self, peer: NodeId, now: Instant) -> Option<AvatarState> {
-        let n = self.neighbours.get(&peer)?;
-        if !n.shown {
+        // A neighbour's direct updates come faster than its stream: they win while both do.
+        match self.neighbours.get(&peer).filter(|n| n.shown) {
+            Some(n) => n.view.state_at(now),
+            None => self.watched.get(&peer).filter(|w| w.shown)?.view.state_at(now),
+        }
+    }
+
+    /// Starts publishing our avatar for watchers as `to` says, changes where, or with `None`
+    /// stops. A new key starts a new stream (a key state first); a new relay keeps it.
+    pub fn set_publishing(&mut self, now: Instant, to: Option<Publishing>) {
+        let Some(to) = to else {
+            self.publication = None;
+            return;
+        };
+        match &mut self.publication {
+            Some(p) if p.to.key == to.key && p.to.me == to.me => p.to = to,
+            _ => {
+                self.publication = Some(Publication {
+                    to,
+                    encoder: StreamEncoder::new(self.q),
+                    sealer: StreamSealer::new(&to.key, to.me, AVATAR_STREAM),
+                    next: now,
+                });
+            }
+        }
+    }
+
+    /// The sealed update to publish now, and the relay to publish it to, when one is due.
+    pub fn poll_publish(&mut self, now: Instant) -> Option<(NodeId, Vec<u8>)> {
+        let tick = self.tick(now);
+        let state = self.avatar?;
+        let p = self.publication.as_mut()?;
+        if now < p.next {
             return None;
         }
-        n.view.state_at(now)
+        let every = Duration::from_secs_f64(1.0 / f64::from(p.to.hz.max(0.1)));
+        // On schedule, but never a burst to catch up after a pause.
+        p.next = (p.next + every).max(now);
+        let (_, plain) = p.encoder.encode(tick, &state);
+        self.counters.published += 1;
+        Some((p.to.relay, p.sealer.seal(&plain)))
+    }
+
+    /// Starts watching `publisher`'s stream sealed with `key` (or takes its new key).
+    pub fn watch(&mut self, now: Instant, publisher: NodeId, key: [u8; 32]) {
+        let (q, interp) = (self.q, self.interp);
+        let w = self.watched.entry(publisher).or_insert_with(|| Watched {
+            key,
+            opener: StreamOpener::new(&key, publisher, AVATAR_STREAM),
+            decoder: StreamDecoder::new(q),
+            view: Interpolator::new(interp, now),
+            shown: false,
+        });
+        if w.key != key {
+            w.key = key;
+            w.opener = StreamOpener::new(&key, publisher, AVATAR_STREAM);
+            w.decoder = StreamDecoder::new(q);
+        }
+    }
+
+    /// Stops watching `publisher`: its avatar leaves, unless it is a neighbour now.
+    pub fn unwatch(&mut self, publisher: NodeId) {
+        if let Some(w) = self.watched.remove(&publisher)
+            && w.shown
+            && !self.neighbours.get(&publisher).is_some_and(|n| n.shown)
+        {
+            self.events.push_back(AvatarEvent::Left(publisher));
+        }
+    }
+
+    /// The players we watch, in id order.
+    pub fn watched(&self) -> impl Iterator<Item = NodeId> + '_ {
+        self.watched.keys().copied()
+    }
+
+    /// A copy of `publisher`'s stream the relay fanned out to us.
+    pub fn handle_published(&mut self, now: Instant, publisher: NodeId, sealed: &[u8]) {
+        let Some(w) = self.watched.get_mut(&publisher) else {
+            self.counters.watched_refused += 1;
+            return;
+        };
+        let Ok(plain) = w.opener.open(sealed) else {
+            self.counters.watched_refused += 1;
+            return;
+        };
+        match w.decoder.decode(now, &plain) {
+            Ok(d) => {
+                self.counters.watched_received += 1;
+                let at = d.tick as f64 / f64::from(self.q.config().tick_hz);
+                w.view.push(now, at, d.state);
+                let neighbour = self.neighbours.get(&publisher).is_some_and(|n| n.shown);
+                if !w.shown {
+                    w.shown = true;
+                    if !neighbour {
+                        self.events.push_back(AvatarEvent::Appeared(publisher, d.state));
+                    }
+                } else if !neighbour {
+                    self.events.push_back(AvatarEvent::Updated(publisher, d.state));
+                }
+            }
+            Err(DecodeError::MissingBaseline { .. } | DecodeError::NoState) => self.counters.watched_waiting += 1,
+            Err(_) => self.counters.watched_refused += 1,
+        }
     }
 
     /// The next event.
@@ -432,5 +584,84 @@ mod tests {
         assert_eq!(a.counters().malformed, 5);
         assert_eq!(a.avatar_of(b_id, t0), None);
         assert_eq!(a.poll_event(), None);
+    }
+
+    /// A publisher seen by three watchers through a relay (here, a copy each), one of them
+    /// losing every fifth copy: each sees it appear and move close to the truth; copies from
+    /// a player nobody watches, or not sealed by its key, change nothing; a watch that ends
+    /// takes the avatar away, unless the player became a neighbour meanwhile.
+    #[test]
+    fn watchers_see_a_published_avatar_move_and_only_what_its_key_sealed() {
+        let t0 = Instant::now();
+        let (p_id, relay) = (NodeId([1; 8]), NodeId([9; 8]));
+        let key = [7u8; 32];
+        let mut publisher = mesh(t0);
+        publisher.set_publishing(t0, Some(Publishing { me: p_id, relay, key, hz: 5.0 }));
+        let mut watchers: Vec<AvatarMesh> = (0..3).map(|_| mesh(t0)).collect();
+        for w in &mut watchers {
+            w.watch(t0, p_id, key);
+        }
+        let mut mover = Mover::new(3, 100.0);
+        let mut truth: Vec<(f64, AvatarState)> = Vec::new();
+        let mut errors = Vec::new();
+        let mut copies = 0u32;
+        for k in 0..60 * 10u32 {
+            let now = t0 + MS * (k * 1000 / 60);
+            let s = mover.step(1.0 / 60.0);
+            publisher.set_avatar(s);
+            truth.push((f64::from(k) / 60.0, s));
+            if let Some((to, sealed)) = publisher.poll_publish(now) {
+                assert_eq!(to, relay);
+                copies += 1;
+                for (i, w) in watchers.iter_mut().enumerate() {
+                    if i == 2 && copies.is_multiple_of(5) {
+                        continue;
+                    }
+                    w.handle_published(now + 30 * MS, p_id, &sealed);
+                }
+            }
+            if k > 120 && k % 10 == 0 {
+                for w in &watchers {
+                    let (Some(at), Some(shown)) = (w.render_time_of(p_id, now), w.avatar_of(p_id, now)) else {
+                        panic!("not shown at {k}")
+                    };
+                    let i = ((at * 60.0).round() as usize).min(truth.len() - 1);
+                    errors.push(shown.position.distance(truth[i].1.position));
+                }
+            }
+        }
+        // Five a second for ten seconds.
+        assert!((49..=51).contains(&copies), "{copies}");
+        for w in &mut watchers {
+            let ev: Vec<AvatarEvent> = std::iter::from_fn(|| w.poll_event()).collect();
+            assert!(matches!(ev.first(), Some(AvatarEvent::Appeared(p, _)) if *p == p_id), "{ev:?}");
+            assert!(ev.len() >= 40);
+        }
+        errors.sort_by(f32::total_cmp);
+        let p99 = errors[errors.len() * 99 / 100];
+        assert!(p99 < 1.5, "p99 error {p99} m at 5 Hz");
+        // A copy under another key, and one from a player not watched: refused, counted.
+        let mut forged = StreamSealer::new(&[8; 32], p_id, AVATAR_STREAM);
+        let w = &mut watchers[0];
+        let before = w.counters();
+        w.handle_published(t0, p_id, &forged.seal(&[0; 8]));
+        w.handle_published(t0, NodeId([5; 8]), &forged.seal(&[0; 8]));
+        assert_eq!(w.counters().watched_refused, before.watched_refused + 2);
+        assert_eq!(w.counters().watched_received, before.watched_received);
+        // The publisher becomes watcher 0's neighbour and its direct updates show it; the
+        // watch then ends without the avatar leaving.
+        let now = t0 + Duration::from_secs(10);
+        w.set_neighbour(now, p_id, 20.0);
+        let mut direct = Encoder::new(w.q);
+        let (_, update) = direct.encode(600, &truth[599].1);
+        let mut msg = vec![HAS_UPDATE];
+        msg.extend_from_slice(&update);
+        w.handle_message(now, p_id, &msg);
+        w.unwatch(p_id);
+        let ev: Vec<AvatarEvent> = std::iter::from_fn(|| w.poll_event()).collect();
+        assert!(matches!(&ev[..], [AvatarEvent::Updated(p, _)] if *p == p_id), "{ev:?}");
+        // Watcher 1's watch ends while the player is nobody's neighbour: it leaves.
+        watchers[1].unwatch(p_id);
+        assert_eq!(watchers[1].poll_event(), Some(AvatarEvent::Left(p_id)));
     }
 }

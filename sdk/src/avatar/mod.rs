@@ -27,7 +27,7 @@ use glam::{Quat, Vec3};
 
 pub use self::codec::{Ack, DecodeError, Decoded, Decoder, DecoderCounters, Encoder, EncoderCounters, Form, MAX_AGE};
 pub use self::interp::{InterpConfig, Interpolator};
-pub use self::mesh::{AvatarEvent, AvatarMesh, MeshCounters};
+pub use self::mesh::{AvatarEvent, AvatarMesh, MeshCounters, Publishing};
 pub use self::quant::{CodecConfig, ConfigError, Quantized, Quantizer, Rotation};
 pub use self::schedule::{RateConfig, Scheduler};
 pub use self::stream::{StreamDecoder, StreamEncoder, StreamError, StreamOpener, StreamSealer};
