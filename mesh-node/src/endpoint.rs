@@ -434,16 +434,31 @@ impl Endpoint {
         trace: bool,
         payload: &[u8],
     ) -> Result<(), SendError> {
+        let mut buf = vec![0; MAX_DATAGRAM];
+        let (to, len) = self.encode_publish(now, relay, stream, trace, payload, &mut buf)?;
+        buf.truncate(len);
+        self.transmits.push_back(Transmit { to, bytes: buf });
+        Ok(())
+    }
+
+    /// Writes a publish datagram into `buf` without queueing it (see [`Endpoint::publish`]);
+    /// returns where to send it and its length.
+    pub fn encode_publish(
+        &mut self,
+        now: Instant,
+        relay: NodeId,
+        stream: u16,
+        trace: bool,
+        payload: &[u8],
+        buf: &mut [u8],
+    ) -> Result<(SocketAddr, usize), SendError> {
         let to = self.bound_relay(relay)?;
         let route = Route::new(&[relay]).unwrap_or_default();
         let h =
             Header { kind: Kind::Publish, source: self.node_id(), destination: relay, vc: VcId(stream.into()), trace };
-        let mut buf = vec![0; MAX_DATAGRAM];
-        let len = wire::emit(&mut buf, &h, &route, self.clock.stamp_us(now), payload)?;
-        buf.truncate(len);
+        let len = wire::emit(buf, &h, &route, self.clock.stamp_us(now), payload)?;
         self.note_sent(now, to);
-        self.transmits.push_back(Transmit { to, bytes: buf });
-        Ok(())
+        Ok((to, len))
     }
 
     /// Queues a probe of `path` to `destination`; its report comes as

@@ -17,9 +17,10 @@ use std::time::Instant;
 use renet::Bytes;
 use shoal_mesh::bind::Transmit;
 use shoal_mesh::clock::WallClock;
+use shoal_mesh::endpoint::SendError;
 use shoal_mesh::endpoint::{Endpoint, EndpointEvent, Envelope, Path, Received};
-use shoal_mesh::wire::{MAX_DATAGRAM, VcId};
-use shoal_protocol::{Identity, NodeId, PublicKey, SignedTicket};
+use shoal_mesh::wire::{MAX_DATAGRAM, SubscribeAck, VcId};
+use shoal_protocol::{Identity, NodeId, PublicKey, SignedSubscription, SignedTicket};
 
 use crate::crypto::TAG_LEN;
 use crate::frame::{Frame, SEALED, SHORT, SHORT_HEADER_LEN};
@@ -79,6 +80,22 @@ pub enum Event {
         relay: NodeId,
         /// Its address.
         addr: SocketAddr,
+    },
+    /// A copy of a stream we subscribed to, from the relay that fans it out.
+    Published {
+        /// The publisher (vouched for by the relay, which checked its binding).
+        publisher: NodeId,
+        /// Its stream.
+        stream: u16,
+        /// The (sealed) payload.
+        payload: Vec<u8>,
+    },
+    /// A relay answered a subscription we presented.
+    Subscription {
+        /// The relay.
+        relay: NodeId,
+        /// Its answer.
+        ack: SubscribeAck,
     },
 }
 
@@ -552,6 +569,24 @@ impl Node {
         self.endpoint.poll_timeout().into_iter().chain(peers).chain(vcs).min()
     }
 
+    /// Presents `subscription` to the relay it names (which must hold our binding), or with
+    /// `leave` leaves its group; the answer comes as [`Event::Subscription`].
+    pub fn subscribe(&mut self, now: Instant, subscription: &SignedSubscription, leave: bool) -> Result<(), SendError> {
+        self.endpoint.subscribe(now, subscription, leave)?;
+        self.drain_endpoint(now);
+        Ok(())
+    }
+
+    /// Publishes `payload` on our `stream` through `relay`, which copies it to its members.
+    /// Counted as data: it is the game's.
+    pub fn publish(&mut self, now: Instant, relay: NodeId, stream: u16, payload: &[u8]) -> Result<(), SendError> {
+        let mut buf = [0u8; MAX_DATAGRAM];
+        let (to, len) = self.endpoint.encode_publish(now, relay, stream, true, payload, &mut buf)?;
+        self.sent.count(len, true, 0);
+        self.transmits.push_back(Transmit { to, bytes: buf[..len].to_vec() });
+        Ok(())
+    }
+
     /// The next datagram to send.
     #[must_use]
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
@@ -579,13 +614,13 @@ impl Node {
                     }
                 }
                 EndpointEvent::RelayLost { relay, addr } => self.events.push_back(Event::RelayLost { relay, addr }),
-                // The node subscribes to no fan-out group: a copy or an answer is a relay's
-                // mistake, and the endpoint vouches for nothing in it that we need.
-                EndpointEvent::ProbeDone(_)
-                | EndpointEvent::ProbeLost { .. }
-                | EndpointEvent::Notice { .. }
-                | EndpointEvent::Published(_)
-                | EndpointEvent::Subscription { .. } => {}
+                EndpointEvent::Published(r) => {
+                    self.received.count(r.datagram_len, true, 0);
+                    let (publisher, stream) = (r.source, r.vc.0 as u16);
+                    self.events.push_back(Event::Published { publisher, stream, payload: r.payload });
+                }
+                EndpointEvent::Subscription { relay, ack } => self.events.push_back(Event::Subscription { relay, ack }),
+                EndpointEvent::ProbeDone(_) | EndpointEvent::ProbeLost { .. } | EndpointEvent::Notice { .. } => {}
             }
         }
     }

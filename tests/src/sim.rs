@@ -359,6 +359,18 @@ impl Sim {
         }
     }
 
+    /// Relay `r`'s counters.
+    ///
+    /// # Panics
+    /// If `r` is not a relay: a scenario bug.
+    #[allow(clippy::panic)]
+    pub fn relay_counters(&self, r: HostId) -> shoal_mesh::metrics::Counters {
+        match &self.hosts[r.0].core {
+            Core::Relay(router) => router.counters().clone(),
+            Core::Node(_) => panic!("host {r:?} is not a relay"),
+        }
+    }
+
     /// A relay's node id.
     pub fn relay_id(&self, h: HostId) -> shoal_protocol::NodeId {
         match &self.hosts[h.0].core {

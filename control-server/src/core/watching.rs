@@ -21,15 +21,16 @@ pub(super) struct Grant {
 }
 
 impl Core {
-    /// Where `publisher` publishes: its nearest registered relay.
+    /// Where `publisher` publishes: its nearest relay, a registered one first (as for
+    /// introductions, a configured relay that has not registered is still offered when no
+    /// other is).
     fn publish_relay(&self, publisher: NodeId) -> Option<RelayInfo> {
         let p = self.signed_in(publisher)?;
         self.relays
             .iter()
-            .filter(|(_, r)| r.conn.is_some())
-            .map(|(&id, r)| (p.relay_rtts.get(&id).copied().unwrap_or(u32::MAX), id, r.addr))
+            .map(|(&id, r)| (r.conn.is_none(), p.relay_rtts.get(&id).copied().unwrap_or(u32::MAX), id, r.addr))
             .min()
-            .map(|(rtt, id, addr)| RelayInfo { id, addr, rtt_us: rtt })
+            .map(|(_, rtt, id, addr)| RelayInfo { id, addr, rtt_us: rtt })
     }
 
     /// Signs and sends `watcher` its grant for `publisher` through `relay`.

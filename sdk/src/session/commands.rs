@@ -12,7 +12,7 @@ use std::time::Instant;
 use renet::Bytes;
 use shoal_mesh::bind::Transmit;
 use shoal_mesh::wire::VcId;
-use shoal_protocol::{NodeId, SignedTicket};
+use shoal_protocol::{NodeId, SignedSubscription, SignedTicket};
 
 use crate::driver::NodeStatus;
 use crate::node::{Node, NodeError, PeerInfo, VcKey};
@@ -45,6 +45,20 @@ pub enum NodeCommand {
     /// Send these messages, each on its VC (the avatar mesh's updates and acks). Answered
     /// with [`NodeOutcome::Sent`].
     Send(Vec<(VcKey, Bytes)>),
+    /// Present this subscription to the relay it names, to receive a watched player's stream
+    /// (presented again when that relay binds us, if it had not yet).
+    Subscribe(SignedSubscription),
+    /// Leave the group this subscription joined.
+    Unsubscribe(SignedSubscription),
+    /// Publish our stream's next update through `relay`.
+    Publish {
+        /// The relay.
+        relay: NodeId,
+        /// Our stream.
+        stream: u16,
+        /// The sealed update.
+        payload: Vec<u8>,
+    },
 }
 
 /// What the node answers to a [`NodeCommand`] that asks for an answer.
@@ -111,6 +125,25 @@ impl NodeCommand {
             NodeCommand::RemovePeer(peer) => Some(NodeOutcome::Removed { peer, closed: node.remove_peer(now, peer) }),
             NodeCommand::Status => Some(NodeOutcome::Status(Box::new(NodeStatus::of(node, now)))),
             NodeCommand::UnbindRelays => Some(NodeOutcome::Unbind(node.endpoint().unbind_all())),
+            NodeCommand::Subscribe(sub) => {
+                // Not bound to that relay yet: the session presents it again once it is.
+                if let Err(e) = node.subscribe(now, &sub, false) {
+                    tracing::debug!("subscription to {} not presented yet: {e}", sub.body.publisher);
+                }
+                None
+            }
+            NodeCommand::Unsubscribe(sub) => {
+                if let Err(e) = node.subscribe(now, &sub, true) {
+                    tracing::debug!("leave of {} not sent: {e}", sub.body.publisher);
+                }
+                None
+            }
+            NodeCommand::Publish { relay, stream, payload } => {
+                if let Err(e) = node.publish(now, relay, stream, &payload) {
+                    tracing::debug!("publish through {relay} failed: {e}");
+                }
+                None
+            }
             NodeCommand::Send(messages) => {
                 let mut refused = 0;
                 let mut headers = Vec::with_capacity(messages.len());

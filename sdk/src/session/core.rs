@@ -11,13 +11,14 @@ use rand::rngs::Xoshiro256PlusPlus;
 use renet::Bytes;
 use shoal_mesh::clock::WallClock;
 use shoal_mesh::endpoint::Path;
-use shoal_mesh::wire::{Route, VcId};
-use shoal_protocol::control::{ClientToControl, ControlToClient, Introduction, KeyProof, Refusal};
-use shoal_protocol::{NodeId, SignedTicket};
+use shoal_mesh::wire::{Route, SubscribeStatus, VcId};
+use shoal_protocol::control::{ClientToControl, ControlToClient, Introduction, KeyProof, Refusal, WatchGrant};
+use shoal_protocol::subscription::AVATAR_STREAM;
+use shoal_protocol::{Identity, NodeId, SignedSubscription, SignedTicket};
 
 use super::commands::{NodeCommand, NodeOutcome};
 use super::{PlayerState, SessionConfig, SessionEvent, StateError, check_state};
-use crate::avatar::{AvatarMesh, AvatarState, MeshCounters};
+use crate::avatar::{AvatarMesh, AvatarState, MeshCounters, Publishing};
 use crate::frame::SEALED_OVERHEAD;
 use crate::node::{Event, PeerInfo, VcKey};
 use crate::profile::{Profile, ProfileConfig};
@@ -116,6 +117,10 @@ pub struct SessionCounters {
     pub bad_welcomes: u64,
     /// Renewed permits that could not be read, dropped.
     pub bad_permits: u64,
+    /// Watch grants whose subscription did not read or was not for us and that player.
+    pub bad_grants: u64,
+    /// Subscriptions a relay refused.
+    pub subscriptions_refused: u64,
     /// Profiles in introductions that could not be read, skipped.
     pub bad_profiles: u64,
     /// States refused by [`SessionCore::set_state`]: their reports would not fit a frame.
@@ -194,6 +199,23 @@ pub struct SessionCore {
     avatar_wake: Option<Instant>,
     /// Per neighbour, the arrival of the newest of its avatars a report carried.
     pub(super) observed_sent: BTreeMap<NodeId, Instant>,
+    /// The key our published stream is sealed with, given to the control server at each
+    /// welcome for our watchers.
+    stream_key: [u8; 32],
+    /// Per watched player, the subscription its grant gave, the relay's address, and whether
+    /// the relay took it: presented again whenever that relay binds us, and at each report
+    /// until taken (a subscribe may be lost).
+    subscriptions: BTreeMap<NodeId, (SignedSubscription, SocketAddr, bool)>,
+}
+
+/// The key a session seals its published stream with: the SHA-256 of our signature over the
+/// time the session started, so that only we could have made it, and a new session has a new
+/// one, with no randomness to draw (the simulator replays sessions exactly).
+fn stream_key(identity: &Identity, unix_us: u64) -> [u8; 32] {
+    let sig = identity.sign(b"shoal/stream-key/v1", &unix_us.to_be_bytes());
+    let mut key = [0; 32];
+    key.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, &sig.0).as_ref());
+    key
 }
 
 impl SessionCore {
@@ -206,6 +228,8 @@ impl SessionCore {
             avatars,
             avatar_wake: None,
             observed_sent: BTreeMap::new(),
+            stream_key: stream_key(&cfg.identity, clock.unix_us(now)),
+            subscriptions: BTreeMap::new(),
             backoff: cfg.reconnect_min,
             cfg,
             clock,
@@ -345,6 +369,9 @@ impl SessionCore {
         if !out.is_empty() {
             self.commands.push_back(NodeCommand::Send(out));
         }
+        while let Some((relay, payload)) = m.poll_publish(now) {
+            self.commands.push_back(NodeCommand::Publish { relay, stream: AVATAR_STREAM.0, payload });
+        }
         self.wake_avatars(now);
     }
 
@@ -438,6 +465,10 @@ impl SessionCore {
                         self.commands.push_back(NodeCommand::SetPermit(permit));
                         self.commands.extend(relays.iter().map(|r| NodeCommand::AddRelay(r.addr)));
                         self.check_in(link);
+                        if self.avatars.is_some() {
+                            let msg = ClientToControl::StreamKey(self.stream_key);
+                            self.transmits.push_back(LinkCommand::Send { link, msg });
+                        }
                         if std::mem::replace(&mut self.signed_in_once, true) {
                             self.events.push_back(SessionEvent::ControlRestored);
                         }
@@ -454,16 +485,38 @@ impl SessionCore {
                     _ => self.counters.unexpected += 1,
                 }
             }
-            Phase::Up { link: current } if current == link => self.on_control(msg),
+            Phase::Up { link: current } if current == link => self.on_control(now, msg),
             _ => self.counters.stale += 1,
         }
     }
 
     /// Something happened at the node. The session re-emits it as [`SessionEvent::Node`]
     /// after taking what it needs: relays' views of our address, and VCs lost.
-    pub fn handle_node_event(&mut self, _now: Instant, event: Event) {
+    pub fn handle_node_event(&mut self, now: Instant, event: Event) {
         match &event {
+            Event::Published { publisher, payload, .. } => {
+                if let Some(m) = &mut self.avatars {
+                    m.handle_published(now, *publisher, payload);
+                }
+                self.take_avatar_events();
+                // Every copy would be an event: the avatar events say what the game needs.
+                return;
+            }
+            Event::Subscription { ack, .. } => match ack.status {
+                SubscribeStatus::Member => {
+                    if let Some(s) = self.subscriptions.get_mut(&ack.publisher) {
+                        s.2 = true;
+                    }
+                }
+                SubscribeStatus::Left => {}
+                _ => self.counters.subscriptions_refused += 1,
+            },
             Event::RelayBound { addr, observed, .. } => {
+                // The relay holds no subscription of ours yet (first bind, or it restarted).
+                for (sub, _, taken) in self.subscriptions.values_mut().filter(|(_, a, _)| a == addr) {
+                    *taken = false;
+                    self.commands.push_back(NodeCommand::Subscribe(*sub));
+                }
                 if self.note_observed(*addr, *observed)
                     && let Phase::Up { link } = self.phase
                 {
@@ -550,6 +603,9 @@ impl SessionCore {
                 self.commands.push_back(NodeCommand::Status);
             }
             self.next_report = Some(now + self.cfg.report_every);
+            for (sub, ..) in self.subscriptions.values().filter(|s| !s.2) {
+                self.commands.push_back(NodeCommand::Subscribe(*sub));
+            }
         }
     }
 
@@ -658,7 +714,7 @@ impl SessionCore {
         true
     }
 
-    fn on_control(&mut self, msg: ControlToClient) {
+    fn on_control(&mut self, now: Instant, msg: ControlToClient) {
         match msg {
             ControlToClient::Introduce(intro) => self.introduce(*intro),
             ControlToClient::Farewell(peer) => self.commands.push_back(NodeCommand::RemovePeer(peer)),
@@ -682,13 +738,52 @@ impl SessionCore {
                 }
                 self.events.push_back(SessionEvent::Refused(r));
             }
-            // The session neither publishes nor watches through relay fan-out yet; a server
-            // with watching on sends these, and they are counted and dropped.
-            ControlToClient::Welcome { .. }
-            | ControlToClient::Watch(_)
-            | ControlToClient::Unwatch(_)
-            | ControlToClient::Audience { .. } => self.counters.unexpected += 1,
+            ControlToClient::Watch(grant) => self.on_watch(now, &grant),
+            ControlToClient::Unwatch(publisher) => {
+                if let Some(m) = &mut self.avatars {
+                    m.unwatch(publisher);
+                }
+                self.take_avatar_events();
+                if let Some((sub, ..)) = self.subscriptions.remove(&publisher) {
+                    self.commands.push_back(NodeCommand::Unsubscribe(sub));
+                }
+            }
+            ControlToClient::Audience { watchers, relay } => {
+                let me = self.cfg.identity.node_id();
+                let (key, hz) = (self.stream_key, self.cfg.avatars.map_or(0.0, |a| a.watch_hz));
+                if let Some(r) = &relay {
+                    self.commands.push_back(NodeCommand::AddRelay(r.addr));
+                }
+                let to = relay.filter(|_| watchers > 0).map(|r| Publishing { me, relay: r.id, key, hz });
+                if let Some(m) = &mut self.avatars {
+                    m.set_publishing(now, to);
+                }
+                self.wake_avatars(now);
+            }
+            ControlToClient::Welcome { .. } => self.counters.unexpected += 1,
         }
+    }
+
+    /// A grant to watch a player through its relay: bind there, present the subscription,
+    /// and show what comes. A grant that is not ours, or that does not read, is counted.
+    fn on_watch(&mut self, now: Instant, grant: &WatchGrant) {
+        let me = self.cfg.identity.node_id();
+        let sub = match SignedSubscription::decode(&grant.subscription) {
+            Ok(s)
+                if s.body.subscriber == me && s.body.publisher == grant.publisher && s.body.relay == grant.relay.id =>
+            {
+                s
+            }
+            _ => {
+                self.counters.bad_grants += 1;
+                return;
+            }
+        };
+        let (Some(m), Some(key)) = (&mut self.avatars, grant.stream_key) else { return };
+        m.watch(now, grant.publisher, key);
+        self.commands.push_back(NodeCommand::AddRelay(grant.relay.addr));
+        self.commands.push_back(NodeCommand::Subscribe(sub));
+        self.subscriptions.insert(grant.publisher, (sub, grant.relay.addr, false));
     }
 
     fn introduce(&mut self, intro: Introduction) {

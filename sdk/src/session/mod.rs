@@ -104,6 +104,9 @@ pub struct AvatarConfig {
     pub interp: InterpConfig,
     /// Rates by distance, and the upload budget.
     pub rates: RateConfig,
+    /// Updates a second published for watchers beyond the neighbours, when anyone watches
+    /// (default 5).
+    pub watch_hz: f32,
 }
 
 impl Default for AvatarConfig {
@@ -111,7 +114,13 @@ impl Default for AvatarConfig {
         // The default codec is valid by construction (see the avatar tests).
         let codec = Quantizer::new(CodecConfig::default())
             .unwrap_or_else(|e| unreachable!("default avatar codec invalid: {e}"));
-        AvatarConfig { vc: VcId(1), codec, interp: InterpConfig::default(), rates: RateConfig::default() }
+        AvatarConfig {
+            vc: VcId(1),
+            codec,
+            interp: InterpConfig::default(),
+            rates: RateConfig::default(),
+            watch_hz: 5.0,
+        }
     }
 }
 

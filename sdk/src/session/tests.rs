@@ -164,10 +164,12 @@ fn signs_in_with_a_key_proof_then_binds_checks_in_and_reports_on_schedule() {
         out.commands[1..],
         [NodeCommand::AddRelay(addr("198.51.100.7:7000")), NodeCommand::AddRelay(addr("198.51.100.8:7000"))]
     );
+    // The check-in, and the key our published stream is sealed with, for our watchers.
     assert_eq!(
-        out.sent(),
-        vec![&ClientToControl::CheckIn { local: vec![addr("192.168.1.5:4000")], mesh_port: 4000, reflexive: None }]
+        out.sent()[0],
+        &ClientToControl::CheckIn { local: vec![addr("192.168.1.5:4000")], mesh_port: 4000, reflexive: None }
     );
+    assert!(matches!(out.sent()[1..], [ClientToControl::StreamKey(_)]), "{out:?}");
     assert!(out.events.is_empty(), "the first sign-in is no restoration: {:?}", out.events);
 
     // A report at once, then one a second; each carries the state and the link stats, with
@@ -227,7 +229,7 @@ fn a_lost_link_resumes_with_the_ticket_and_falls_back_to_the_credentials_when_it
     c.handle_message(retry, LinkId(2), welcome(&[]));
     let out = drain(&mut c);
     assert_eq!(out.events, vec![SessionEvent::ControlRestored]);
-    assert!(matches!(out.sent()[..], [ClientToControl::CheckIn { .. }]), "{out:?}");
+    assert!(matches!(out.sent()[..], [ClientToControl::CheckIn { .. }, ClientToControl::StreamKey(_)]), "{out:?}");
     let k = c.counters();
     assert_eq!((k.attempts, k.welcomes, k.resumed, k.fallbacks, k.lost), (2, 2, 0, 1, 1));
 }
