@@ -274,24 +274,7 @@ fn run(hop: Hop, size: usize, args: &Args) -> anyhow::Result<RunResult> {
             (fwd_addr, payload.clone(), 0, None, Some(rx.recv()?))
         }
         Hop::Relay => {
-            let me = Identity::generate()?;
-            let unlimited = Rate { per_sec: 1e12, burst: 1e12 };
-            let cfg = RouterConfig {
-                permit: Some(permit(&control, &me, Roles::RELAY)),
-                identity: me,
-                control_key: control.public_key(),
-                source_packets: unlimited,
-                source_bytes: unlimited,
-                bind_verifications: Rate { per_sec: 1000.0, burst: 100.0 },
-                notices: Rate { per_sec: 1000.0, burst: 100.0 },
-                max_bindings: 1024,
-                cookie_secret: [7; 32],
-                fanout: shoal_mesh::fanout::FanoutConfig::default(),
-            };
-            let r = Relay::spawn(
-                bind_reuseport("127.0.0.1:0".parse()?, 1, 16 << 20)?,
-                RelayOptions { router: cfg, peers: vec![] },
-            )?;
+            let r = spawn_relay(&control)?;
             let (a, b) = (Identity::generate()?, Identity::generate()?);
             let mut ea = Endpoint::new(a.clone(), permit(&control, &a, Roles::CLIENT), WallClock::system());
             let mut eb = Endpoint::new(b.clone(), permit(&control, &b, Roles::CLIENT), WallClock::system());
@@ -359,6 +342,25 @@ fn run(hop: Hop, size: usize, args: &Args) -> anyhow::Result<RunResult> {
     })
 }
 
+/// One relay worker on loopback that trusts `control`, with no rate limits in the way.
+fn spawn_relay(control: &Identity) -> anyhow::Result<Relay> {
+    let me = Identity::generate()?;
+    let unlimited = Rate { per_sec: 1e12, burst: 1e12 };
+    let cfg = RouterConfig {
+        permit: Some(permit(control, &me, Roles::RELAY)),
+        identity: me,
+        control_key: control.public_key(),
+        source_packets: unlimited,
+        source_bytes: unlimited,
+        bind_verifications: unlimited,
+        notices: Rate { per_sec: 1000.0, burst: 100.0 },
+        max_bindings: 4096,
+        cookie_secret: [7; 32],
+        fanout: shoal_mesh::fanout::FanoutConfig::default(),
+    };
+    Ok(Relay::spawn(bind_reuseport("127.0.0.1:0".parse()?, 1, 16 << 20)?, RelayOptions { router: cfg, peers: vec![] })?)
+}
+
 /// Presents `sub` over a blocking socket until the relay answers.
 fn subscribe_blocking(sock: &UdpSocket, ep: &mut Endpoint, sub: &SignedSubscription) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -414,24 +416,7 @@ fn fanout_sink(socks: Vec<UdpSocket>, stop: Arc<AtomicBool>) -> u64 {
 fn fanout_run(n: usize, size: usize, args: &Args) -> anyhow::Result<RunResult> {
     let publishes = (args.rate as f64 * args.secs / n as f64) as u64;
     let control = Identity::generate()?;
-    let me = Identity::generate()?;
-    let unlimited = Rate { per_sec: 1e12, burst: 1e12 };
-    let cfg = RouterConfig {
-        permit: Some(permit(&control, &me, Roles::RELAY)),
-        identity: me,
-        control_key: control.public_key(),
-        source_packets: unlimited,
-        source_bytes: unlimited,
-        bind_verifications: unlimited,
-        notices: Rate { per_sec: 1000.0, burst: 100.0 },
-        max_bindings: 4096,
-        cookie_secret: [7; 32],
-        fanout: shoal_mesh::fanout::FanoutConfig::default(),
-    };
-    let r = Relay::spawn(
-        bind_reuseport("127.0.0.1:0".parse()?, 1, 16 << 20)?,
-        RelayOptions { router: cfg, peers: vec![] },
-    )?;
+    let r = spawn_relay(&control)?;
     let send_sock = udp("127.0.0.1:0")?;
     let p = Identity::generate()?;
     let mut ep = Endpoint::new(p.clone(), permit(&control, &p, Roles::CLIENT), WallClock::system());
