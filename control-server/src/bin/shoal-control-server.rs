@@ -17,6 +17,7 @@ use shoal_control::limit::RateLimit;
 use shoal_control::server::{self, ServerConfig};
 use shoal_control::store::Store;
 use shoal_control::tls::ServerIdentity;
+use shoal_control::watch::WatchConfig;
 use shoal_link::daemon::{load_or_create_key, shutdown_signal};
 use shoal_protocol::NodeId;
 use shoal_protocol::control::RelayInfo;
@@ -80,6 +81,9 @@ struct ControlFile {
     /// Introductions.
     #[serde(default)]
     interest: Option<InterestFile>,
+    /// Watching beyond the neighbours through relay fan-out; off without it.
+    #[serde(default)]
+    watch: Option<WatchFile>,
     /// Relays clients may use.
     #[serde(default)]
     relays: Vec<RelayFile>,
@@ -124,6 +128,21 @@ struct InterestFile {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct WatchFile {
+    view_radius: f32,
+    leave_radius: f32,
+    max_watched: usize,
+    /// Seconds a watcher's subscription lasts (renewed when a third is left).
+    #[serde(default = "default_subscription_secs")]
+    subscription_secs: u64,
+}
+
+fn default_subscription_secs() -> u64 {
+    60
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RelayFile {
     /// Node id, 16 hex digits.
     node: String,
@@ -147,6 +166,16 @@ impl ControlFile {
             max_neighbours: i.max_neighbours,
         });
         interest.validate().context("[interest]")?;
+        let watch = self.watch.as_ref().map(|w| WatchConfig {
+            view_radius: w.view_radius,
+            leave_radius: w.leave_radius,
+            max_watched: w.max_watched,
+        });
+        if let Some(w) = &watch {
+            w.validate().context("[watch]")?;
+        }
+        let subscription_ttl = Duration::from_secs(self.watch.as_ref().map_or(60, |w| w.subscription_secs));
+        anyhow::ensure!(subscription_ttl >= Duration::from_secs(3), "[watch]: subscription_secs must be at least 3");
         let rate_limit = self
             .limits
             .as_ref()
@@ -158,7 +187,15 @@ impl ControlFile {
             anyhow::ensure!(profiles.iter().all(|(vc, _)| *vc != p.vc), "[[profiles]]: VC {} is listed twice", p.vc);
             profiles.push((p.vc, p.profile.clone()));
         }
-        let core = CoreConfig { relays, interest, profiles, max_speed: self.max_speed, ..CoreConfig::default() };
+        let core = CoreConfig {
+            relays,
+            interest,
+            profiles,
+            max_speed: self.max_speed,
+            watch,
+            subscription_ttl,
+            ..CoreConfig::default()
+        };
         Ok((core, rate_limit))
     }
 }
@@ -337,6 +374,7 @@ mod tests {
         let file: ControlFile = toml::from_str(&block).unwrap_or_else(|e| panic!("{e}\n{block}"));
         let (core, limit) = file.core().unwrap();
         assert_eq!((core.relays.len(), core.profiles.len()), (1, 2));
+        assert_eq!(core.watch, Some(WatchConfig::default()));
         assert_eq!(limit, RateLimit { per_s: 20.0, burst: 40.0 });
     }
 
@@ -351,5 +389,8 @@ mod tests {
         assert!(toml::from_str::<ControlFile>(&misspelled).is_err());
         let e = parse("[limits]\nmessages_per_s = 0\nburst = 10\n").unwrap_err();
         assert!(format!("{e:#}").contains("[limits]"), "{e:#}");
+        let e = parse("[watch]\nview_radius = 150.0\nleave_radius = 100.0\nmax_watched = 8\n").unwrap_err();
+        assert!(format!("{e:#}").contains("[watch]"), "{e:#}");
+        assert!(parse("").unwrap().0.watch.is_none());
     }
 }
