@@ -6,6 +6,7 @@
 //! A publisher publishes to the registered relay it measured nearest (the first configured
 //! one while it has measured none); its watchers bind to that relay.
 
+use rustc_hash::FxHashMap;
 use shoal_protocol::control::{ControlToClient, RelayInfo, WatchGrant};
 use shoal_protocol::subscription::AVATAR_STREAM;
 use shoal_protocol::{NodeId, SubscriptionBody, UnixTime};
@@ -109,19 +110,24 @@ impl Core {
         }
     }
 
-    /// Renews grants whose subscriptions have a third of their life left (on the relay the
-    /// publisher publishes to now, which may have changed), and grants the watch events
-    /// missed for want of a relay.
+    /// Renews grants whose subscriptions have a third of their life left, grants again at
+    /// once those whose publisher now publishes to another relay (a nearer one measured, or
+    /// its relay gone), and grants the watch events missed for want of a relay.
     pub(super) fn renew_grants(&mut self, unix: UnixTime) {
         let Some(w) = &self.watchers else { return };
         let before = self.cfg.subscription_ttl.as_secs() / 3;
         let mut due: Vec<(NodeId, NodeId)> = Vec::new();
         let mut players: Vec<NodeId> = self.by_node.keys().copied().collect();
         players.sort_unstable();
+        let mut relay_of: FxHashMap<NodeId, Option<NodeId>> = FxHashMap::default();
         for &watcher in &players {
             for publisher in w.watched_by(watcher) {
-                let lapsing = self.grants.get(&(watcher, publisher)).is_none_or(|g| g.expires.0 <= unix.0 + before);
-                if lapsing {
+                let relay = *relay_of.entry(publisher).or_insert_with(|| self.publish_relay(publisher).map(|r| r.id));
+                let stale = self
+                    .grants
+                    .get(&(watcher, publisher))
+                    .is_none_or(|g| g.expires.0 <= unix.0 + before || Some(g.relay) != relay);
+                if stale {
                     due.push((watcher, publisher));
                 }
             }
@@ -184,10 +190,13 @@ mod tests {
     /// Three players in a line: 0 and 1 are neighbours (max one each), 2 is 100 m off, in
     /// view of both but nobody's neighbour.
     #[test]
-    fn watchers_get_signed_grants_for_the_publishers_relay_renewed_and_withdrawn() {
-        let relay_id = Identity::from_seed([50; 32]);
+    fn watchers_get_signed_grants_for_the_publishers_relay_renewed_moved_and_withdrawn() {
+        let (relay_id, relay2_id) = (Identity::from_seed([50; 32]), Identity::from_seed([51; 32]));
         let cfg = CoreConfig {
-            relays: vec![RelayInfo { id: relay_id.node_id(), addr: "198.51.100.1:7000".parse().unwrap(), rtt_us: 0 }],
+            relays: vec![
+                RelayInfo { id: relay_id.node_id(), addr: "198.51.100.1:7000".parse().unwrap(), rtt_us: 0 },
+                RelayInfo { id: relay2_id.node_id(), addr: "198.51.100.2:7000".parse().unwrap(), rtt_us: 0 },
+            ],
             interest: InterestConfig { max_neighbours: 1, ..InterestConfig::default() },
             watch: Some(WatchConfig { view_radius: 150.0, leave_radius: 170.0, max_watched: 8 }),
             subscription_ttl: Duration::from_secs(60),
@@ -197,7 +206,8 @@ mod tests {
         let mut c = Core::new(cfg, Identity::from_seed([99; 32]), FP).unwrap();
         let t = Instant::now();
         register(&mut c, t, 100, &relay_id);
-        let relay = relay_id.node_id();
+        register(&mut c, t, 101, &relay2_id);
+        let (relay, relay2) = (relay_id.node_id(), relay2_id.node_id());
         let nodes: Vec<NodeId> =
             (0..3u8).map(|i| sign_in(&mut c, t, u64::from(i) + 1, i + 10, &format!("p{i}")).node_id()).collect();
         for (i, x) in [(0u64, 0.0), (1, 10.0), (2, 100.0)] {
@@ -205,6 +215,7 @@ mod tests {
         }
         outputs(&mut c);
         c.on_message(t, UnixTime(T0), 3, ClientToControl::StreamKey([7; 32]));
+        c.on_message(t, UnixTime(T0), 3, ClientToControl::RelayRtts(vec![(relay, 5_000), (relay2, 9_000)]));
         c.tick(t, UnixTime(T0));
         let out = outputs(&mut c);
         let g = grants(&out);
@@ -230,6 +241,15 @@ mod tests {
         assert_eq!(renewed.len(), 4, "{renewed:?}");
         let sub = SignedSubscription::decode(&renewed[0].1.subscription).unwrap();
         assert_eq!(sub.body.expires_at, UnixTime(T0 + 100));
+        // Player 2 measures a second relay nearer: its watchers are granted that one at once,
+        // and it is told to publish there.
+        c.on_message(t, UnixTime(T0 + 40), 3, ClientToControl::RelayRtts(vec![(relay, 9_000), (relay2, 2_000)]));
+        c.tick(t + Duration::from_secs(1), UnixTime(T0 + 40));
+        let out = outputs(&mut c);
+        let moved = grants(&out);
+        assert_eq!(moved.len(), 2, "{moved:?}");
+        assert!(moved.iter().all(|(_, g)| g.publisher == nodes[2] && g.relay.id == relay2), "{moved:?}");
+        assert!(out.iter().any(|o| matches!(o, Output::Send(3, ControlToClient::Audience { watchers: 2, relay: Some(r) }) if r.id == relay2)));
         // Player 2 walks out of view: the watches of it end, and it stops publishing.
         c.on_message(t + Duration::from_secs(2), UnixTime(T0 + 41), 3, report(2, (T0 + 41) * 1000, [300.0, 0.0, 0.0]));
         c.tick(t + Duration::from_secs(2), UnixTime(T0 + 41));
