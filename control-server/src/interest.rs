@@ -66,15 +66,20 @@ pub enum InterestError {
 impl InterestConfig {
     /// Checks the config.
     pub fn validate(&self) -> Result<(), InterestError> {
-        let (enter, leave) = (self.enter_radius, self.leave_radius);
-        if !(enter.is_finite() && leave.is_finite() && enter > 0.0 && leave >= enter) {
-            return Err(InterestError::Radii { enter, leave });
-        }
-        if self.max_neighbours == 0 {
-            return Err(InterestError::NoNeighbours);
-        }
-        Ok(())
+        check_tier(self.enter_radius, self.leave_radius, self.max_neighbours)
     }
+}
+
+/// The rules every tier of interest keeps: finite radii with 0 < enter ≤ leave, and room for
+/// at least one.
+pub(crate) fn check_tier(enter: f32, leave: f32, most: usize) -> Result<(), InterestError> {
+    if !(enter.is_finite() && leave.is_finite() && enter > 0.0 && leave >= enter) {
+        return Err(InterestError::Radii { enter, leave });
+    }
+    if most == 0 {
+        return Err(InterestError::NoNeighbours);
+    }
+    Ok(())
 }
 
 /// A change to the pairs.

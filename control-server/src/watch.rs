@@ -24,7 +24,7 @@ use glam::Vec3;
 use rustc_hash::FxHashMap;
 use shoal_protocol::NodeId;
 
-use crate::interest::InterestError;
+use crate::interest::{InterestError, check_tier};
 
 /// How far watching reaches, and how much of it a watcher gets.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -46,14 +46,7 @@ impl Default for WatchConfig {
 impl WatchConfig {
     /// Checks the config.
     pub fn validate(&self) -> Result<(), InterestError> {
-        let (enter, leave) = (self.view_radius, self.leave_radius);
-        if !(enter.is_finite() && leave.is_finite() && enter > 0.0 && leave >= enter) {
-            return Err(InterestError::Radii { enter, leave });
-        }
-        if self.max_watched == 0 {
-            return Err(InterestError::NoNeighbours);
-        }
-        Ok(())
+        check_tier(self.view_radius, self.leave_radius, self.max_watched)
     }
 }
 
