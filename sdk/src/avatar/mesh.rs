@@ -66,8 +66,10 @@ pub struct MeshCounters {
     pub messages_sent: u64,
     /// See `messages_sent`.
     pub bytes_sent: u64,
-    /// Updates published to our relay for watchers.
+    /// Updates published to our relay for watchers, and their sealed bytes.
     pub published: u64,
+    /// See `published`.
+    pub published_bytes: u64,
     /// Updates decoded from the players we watch.
     pub watched_received: u64,
     /// Published datagrams refused: not sealed by the publisher's key, replayed, from a
@@ -94,8 +96,11 @@ pub struct Publishing {
 struct Publication {
     to: Publishing,
     encoder: StreamEncoder,
+    /// Kept while publishing pauses (nobody watches): a sealer made anew would number from
+    /// zero again under the same key, reusing nonces.
     sealer: StreamSealer,
     next: Instant,
+    paused: bool,
 }
 
 /// A player we watch through its relay.
@@ -106,6 +111,8 @@ struct Watched {
     decoder: StreamDecoder,
     view: Interpolator,
     shown: bool,
+    /// When the newest update decoded from the stream arrived.
+    last: Option<Instant>,
 }
 
 #[derive(Debug)]
@@ -234,7 +241,7 @@ impl AvatarMesh {
     /// without.
     #[must_use]
     pub fn poll_timeout(&self, now: Instant) -> Option<Instant> {
-        let publish = self.publication.as_ref().filter(|_| self.avatar.is_some()).map(|p| p.next.max(now));
+        let publish = self.publication.as_ref().filter(|p| self.avatar.is_some() && !p.paused).map(|p| p.next.max(now));
         // Nothing to serve and no ack owed: nothing to do until an input.
         if self.avatar.is_none() && self.neighbours.values().all(|n| n.ack_due.is_none()) {
             return None;
@@ -385,20 +392,31 @@ impl AvatarMesh {
     }
 
     /// Starts publishing our avatar for watchers as `to` says, changes where, or with `None`
-    /// stops. A new key starts a new stream (a key state first); a new relay keeps it.
+    /// pauses. A new key starts a new stream; after a pause, or on a new relay, the stream
+    /// goes on under its key with a key state first (its watchers may be new).
     pub fn set_publishing(&mut self, now: Instant, to: Option<Publishing>) {
         let Some(to) = to else {
-            self.publication = None;
+            if let Some(p) = &mut self.publication {
+                p.paused = true;
+            }
             return;
         };
         match &mut self.publication {
-            Some(p) if p.to.key == to.key && p.to.me == to.me => p.to = to,
+            Some(p) if p.to.key == to.key && p.to.me == to.me => {
+                if p.paused || p.to.relay != to.relay {
+                    p.encoder = StreamEncoder::new(self.q);
+                    p.next = now;
+                }
+                p.to = to;
+                p.paused = false;
+            }
             _ => {
                 self.publication = Some(Publication {
                     to,
                     encoder: StreamEncoder::new(self.q),
                     sealer: StreamSealer::new(&to.key, to.me, AVATAR_STREAM),
                     next: now,
+                    paused: false,
                 });
             }
         }
@@ -408,7 +426,7 @@ impl AvatarMesh {
     pub fn poll_publish(&mut self, now: Instant) -> Option<(NodeId, Vec<u8>)> {
         let tick = self.tick(now);
         let state = self.avatar?;
-        let p = self.publication.as_mut()?;
+        let p = self.publication.as_mut().filter(|p| !p.paused)?;
         if now < p.next {
             return None;
         }
@@ -416,8 +434,10 @@ impl AvatarMesh {
         // On schedule, but never a burst to catch up after a pause.
         p.next = (p.next + every).max(now);
         let (_, plain) = p.encoder.encode(tick, &state);
+        let sealed = p.sealer.seal(&plain);
         self.counters.published += 1;
-        Some((p.to.relay, p.sealer.seal(&plain)))
+        self.counters.published_bytes += sealed.len() as u64;
+        Some((p.to.relay, sealed))
     }
 
     /// Starts watching `publisher`'s stream sealed with `key` (or takes its new key).
@@ -429,6 +449,7 @@ impl AvatarMesh {
             decoder: StreamDecoder::new(q),
             view: Interpolator::new(interp, now),
             shown: false,
+            last: None,
         });
         if w.key != key {
             w.key = key;
@@ -452,6 +473,12 @@ impl AvatarMesh {
         self.watched.keys().copied()
     }
 
+    /// The players we watch whose stream has shown their avatar, each with when its newest
+    /// update arrived.
+    pub fn watched_received(&self) -> impl Iterator<Item = (NodeId, Instant)> + '_ {
+        self.watched.iter().filter_map(|(&p, w)| Some((p, w.last?)))
+    }
+
     /// A copy of `publisher`'s stream the relay fanned out to us.
     pub fn handle_published(&mut self, now: Instant, publisher: NodeId, sealed: &[u8]) {
         let Some(w) = self.watched.get_mut(&publisher) else {
@@ -467,6 +494,7 @@ impl AvatarMesh {
                 self.counters.watched_received += 1;
                 let at = d.tick as f64 / f64::from(self.q.config().tick_hz);
                 w.view.push(now, at, d.state);
+                w.last = Some(now);
                 let neighbour = self.neighbours.get(&publisher).is_some_and(|n| n.shown);
                 if !w.shown {
                     w.shown = true;
@@ -663,5 +691,40 @@ mod tests {
         // Watcher 1's watch ends while the player is nobody's neighbour: it leaves.
         watchers[1].unwatch(p_id);
         assert_eq!(watchers[1].poll_event(), Some(AvatarEvent::Left(p_id)));
+    }
+
+    /// Nobody watches for a while, then someone does again: the stream goes on under its key
+    /// with new sequence numbers (a nonce is never used twice under one key) and a key state
+    /// first, so a watcher that held on decodes at once.
+    #[test]
+    fn a_paused_publication_resumes_without_reusing_a_nonce() {
+        let t0 = Instant::now();
+        let (p_id, relay, key) = (NodeId([1; 8]), NodeId([9; 8]), [7u8; 32]);
+        let to = Publishing { me: p_id, relay, key, hz: 5.0 };
+        let (mut publisher, mut watcher) = (mesh(t0), mesh(t0));
+        publisher.set_avatar(Mover::new(3, 100.0).step(0.1));
+        watcher.watch(t0, p_id, key);
+        let mut seqs = Vec::new();
+        let mut publish = |p: &mut AvatarMesh, w: &mut AvatarMesh, from: u64, secs: u64| {
+            for ms in (from..from + secs * 1000).step_by(50) {
+                let now = t0 + MS * ms as u32;
+                if let Some((_, sealed)) = p.poll_publish(now) {
+                    seqs.push(u64::from_be_bytes(sealed[..8].try_into().unwrap()));
+                    w.handle_published(now, p_id, &sealed);
+                }
+            }
+        };
+        publisher.set_publishing(t0, Some(to));
+        publish(&mut publisher, &mut watcher, 0, 2);
+        publisher.set_publishing(t0 + Duration::from_secs(2), None);
+        publish(&mut publisher, &mut watcher, 2000, 5);
+        let before = watcher.counters();
+        publisher.set_publishing(t0 + Duration::from_secs(7), Some(to));
+        publish(&mut publisher, &mut watcher, 7000, 2);
+        assert_eq!(seqs, (0..seqs.len() as u64).collect::<Vec<_>>(), "sequence numbers");
+        assert_eq!(seqs.len(), 20, "nothing published while paused");
+        let after = watcher.counters();
+        assert_eq!((after.watched_refused, after.watched_waiting), (0, 0), "{after:?}");
+        assert_eq!(after.watched_received - before.watched_received, 10);
     }
 }

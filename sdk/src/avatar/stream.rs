@@ -8,9 +8,15 @@
 //! against that key state. The bits are the pairwise codec's ([`super::codec`]): the sender
 //! takes its own key state as acknowledged.
 //!
-//! So a watcher that lost a key state, or joined between two, refuses the deltas that name
-//! it ([`DecodeError::MissingBaseline`]) until the next key state, at most [`KEY_EVERY`] ticks
-//! on. It never decodes against another state. A watcher that heard nothing for
+//! A key state goes twice: the update after it carries a copy, so that one lost datagram
+//! costs a watcher that one update, not the second until the next key state. (A second key
+//! state of its own would not do: deltas name one baseline, and a watcher that caught only
+//! the other could not decode them.) The plaintext is a byte holding the length of the copy
+//! (0: none), the copy, then the update.
+//!
+//! So a watcher that lost both copies of a key state, or joined between two, refuses the
+//! deltas that name it ([`DecodeError::MissingBaseline`]) until the next key state, at most
+//! [`KEY_EVERY`] ticks on. It never decodes against another state. A watcher that heard nothing for
 //! [`STREAM_GAP`] forgets what it holds, so that tick numbers, which deltas carry as their low
 //! bits, cannot alias across a long silence.
 //!
@@ -49,28 +55,39 @@ pub struct StreamEncoder {
     key_every: u32,
     /// The tick of the last key state.
     key: Option<u32>,
+    /// The last key state's bytes, for the next update to carry.
+    repeat: Option<Vec<u8>>,
 }
 
 impl StreamEncoder {
     /// A stream whose first update will be a key state.
     pub fn new(q: Quantizer) -> StreamEncoder {
-        StreamEncoder { enc: Encoder::new(q), key_every: KEY_EVERY, key: None }
+        StreamEncoder { enc: Encoder::new(q), key_every: KEY_EVERY, key: None, repeat: None }
     }
 
-    /// Encodes `state` at `tick`: a key state when one is due, otherwise against the last.
+    /// Encodes `state` at `tick`: a key state when one is due, otherwise against the last
+    /// (carrying a copy of it if it went in the update before).
     pub fn encode(&mut self, tick: u32, state: &AvatarState) -> (Form, Vec<u8>) {
         if self.key.is_none_or(|k| tick.wrapping_sub(k) >= self.key_every) {
             self.enc.on_ack(Ack { tick: 0, need_full: true });
         }
         let (form, bytes) = self.enc.encode(tick, state);
+        let copy = self.repeat.take().filter(|_| form != Form::Full);
         if form == Form::Full
             && let Some(t) = self.enc.last_tick()
         {
             // The key state stands in for an acknowledgement from every watcher.
             self.key = Some(t);
             self.enc.on_ack(Ack { tick: t as u16, need_full: false });
+            self.repeat = Some(bytes.clone()).filter(|b| b.len() <= usize::from(u8::MAX));
         }
-        (form, bytes)
+        let copy = copy.unwrap_or_default();
+        let mut out = Vec::with_capacity(1 + copy.len() + bytes.len());
+        // At most 255 bytes: longer key states are not repeated.
+        out.push(copy.len() as u8);
+        out.extend_from_slice(&copy);
+        out.extend_from_slice(&bytes);
+        (form, out)
     }
 }
 
@@ -88,12 +105,21 @@ impl StreamDecoder {
         StreamDecoder { q, dec: Decoder::new(q), last: None }
     }
 
-    /// Decodes one update that arrived at `now`.
+    /// Decodes one update that arrived at `now` (taking the copy of a key state it carries,
+    /// if any, first).
     pub fn decode(&mut self, now: Instant, bytes: &[u8]) -> Result<Decoded, DecodeError> {
+        let (&copy, rest) = bytes.split_first().ok_or(DecodeError::Malformed)?;
+        let (key, update) = rest.split_at_checked(usize::from(copy)).ok_or(DecodeError::Malformed)?;
         if self.last.is_some_and(|t| now.saturating_duration_since(t) > STREAM_GAP) {
             self.dec = Decoder::new(self.q);
         }
-        let d = self.dec.decode(bytes)?;
+        if !key.is_empty() {
+            match self.dec.decode(key)? {
+                k if k.form == Form::Full => {}
+                _ => return Err(DecodeError::Malformed),
+            }
+        }
+        let d = self.dec.decode(update)?;
         self.last = Some(now);
         Ok(d)
     }
@@ -249,13 +275,15 @@ mod tests {
 
     proptest! {
         /// Under any loss of updates, every update a watcher decodes is the state that was
-        /// sent, within quantisation; and it decodes again within a key interval of a loss.
+        /// sent, within quantisation; it loses nothing more when it caught either copy of the
+        /// key state, and otherwise decodes again at the next key state.
         #[test]
         fn a_watcher_never_decodes_a_wrong_state_and_recovers_at_the_next_key(lost in proptest::collection::vec(any::<bool>(), 300)) {
             let (mut enc, mut dec) = (StreamEncoder::new(q()), StreamDecoder::new(q()));
             let t0 = Instant::now();
             // Whether the watcher got the newest key state sent.
             let mut holds_key = false;
+            let mut after_key = false;
             // Published at 6 Hz: every tenth tick of the 60 Hz avatar clock.
             for (k, &drop) in lost.iter().enumerate() {
                 let tick = 10 * k as u32;
@@ -263,7 +291,10 @@ mod tests {
                 let (form, bytes) = enc.encode(tick, &s);
                 if form == Form::Full {
                     holds_key = !drop;
+                } else if after_key {
+                    holds_key |= !drop;
                 }
+                after_key = form == Form::Full;
                 if drop { continue; }
                 match dec.decode(t0 + Duration::from_millis(200 * k as u64), &bytes) {
                     Ok(d) => {
