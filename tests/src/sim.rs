@@ -73,6 +73,8 @@ struct Host {
     tamper: f64,
     /// Players only: the session that signs the node in to the control server.
     session: Option<Box<SessionCore>>,
+    /// Datagrams and their bytes (UDP payload) the host sent.
+    sent: (u64, u64),
 }
 
 /// Where a datagram in flight is headed.
@@ -258,7 +260,17 @@ impl Sim {
             n.set_local_addr(addr);
         }
         let relay_peers = Vec::new();
-        self.hosts.push(Host { addr, nat, core, up: true, relay_cfg, relay_peers, tamper: 0.0, session: None });
+        self.hosts.push(Host {
+            addr,
+            nat,
+            core,
+            up: true,
+            relay_cfg,
+            relay_peers,
+            tamper: 0.0,
+            session: None,
+            sent: (0, 0),
+        });
         let table = if nat.is_some() { &mut self.private } else { &mut self.by_addr };
         table.insert(addr, i);
         self.timers.touch(i);
@@ -371,6 +383,11 @@ impl Sim {
         }
     }
 
+    /// Datagrams host `h` sent, and their bytes (UDP payload), so far.
+    pub fn sent_by(&self, h: HostId) -> (u64, u64) {
+        self.hosts[h.0].sent
+    }
+
     /// A relay's node id.
     pub fn relay_id(&self, h: HostId) -> shoal_protocol::NodeId {
         match &self.hosts[h.0].core {
@@ -465,6 +482,7 @@ impl Sim {
                 r.add_peer(*p, now);
             }
             host.core = Core::Relay(Box::new(r));
+            self.register_relay(h.0);
         }
         self.drain(h.0);
     }
@@ -502,6 +520,8 @@ impl Sim {
 
     fn send(&mut self, from: usize, to: SocketAddr, mut bytes: Vec<u8>) {
         self.stats.sent += 1;
+        let sent = &mut self.hosts[from].sent;
+        *sent = (sent.0 + 1, sent.1 + bytes.len() as u64);
         let now = self.now;
         let (src, nat) = (self.hosts[from].addr, self.hosts[from].nat);
         // Out through the sender's NAT, unless the receiver is on the same side of it.

@@ -6,6 +6,11 @@
 //! ([`ControlConfig::latency`]); opening it takes one round trip. The core's account checks and
 //! lookups are answered at once from memory (accounts added with [`Sim::add_account`], the
 //! characters the core asked to save), and it ticks every [`ControlConfig::tick`].
+//!
+//! The relays register with it as relay daemons do (a key proof, then a keepalive every
+//! [`REPORT_EVERY`]), so a relay that crashes falls silent and the core drops it after its
+//! presence timeout, as a real control server would. What the core sends the relays (permits,
+//! peers) is not carried: the simulator configures them.
 
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, BinaryHeap};
@@ -16,7 +21,8 @@ use rand::rngs::Xoshiro256PlusPlus;
 use rand::{RngExt, SeedableRng};
 use shoal_control::core::{ConnId, Core, CoreConfig, Output};
 use shoal_control::interest::InterestError;
-use shoal_protocol::control::{ClientToControl, ControlToClient, RelayInfo};
+use shoal_mesh::driver::register::REPORT_EVERY;
+use shoal_protocol::control::{ClientToControl, ControlToClient, KeyProof, RELAY_ACCOUNT, RelayInfo, RelayToControl};
 use shoal_protocol::{Identity, NodeId, Roles, UnixTime};
 use shoal_sdk::{LinkCommand, LinkId, Node, SessionConfig, SessionCore, Trust};
 
@@ -148,6 +154,8 @@ pub(super) struct ControlPlane {
     queue: BinaryHeap<InFlight>,
     seq: u64,
     stats: ControlStats,
+    /// Registered relays by host: their connection and when they last kept it alive.
+    relays: BTreeMap<usize, (ConnId, Instant)>,
 }
 
 impl ControlPlane {
@@ -187,8 +195,43 @@ impl Sim {
             queue: BinaryHeap::new(),
             seq: 0,
             stats: ControlStats::default(),
+            relays: BTreeMap::new(),
         }));
+        let relays: Vec<usize> =
+            (0..self.hosts.len()).filter(|&i| matches!(self.hosts[i].core, HostCore::Relay(_))).collect();
+        for i in relays {
+            self.register_relay(i);
+        }
         Ok(())
+    }
+
+    /// Relay host `i` registers with the control server on a new connection (at start, and
+    /// when it restarts).
+    pub(super) fn register_relay(&mut self, i: usize) {
+        let now = self.now;
+        let clock = self.clock();
+        let (addr, Some(cfg)) = (self.hosts[i].addr, self.hosts[i].relay_cfg.as_ref()) else { return };
+        let Some(cp) = self.control_plane.as_mut() else { return };
+        let conn = cp.next_conn;
+        cp.next_conn += 1;
+        let proof = KeyProof::new(&cfg.identity, RELAY_ACCOUNT, clock.unix_us(now) / 1000, &cp.fingerprint);
+        cp.core.on_connected(now, conn, addr);
+        cp.core.on_relay_message(now, UnixTime(clock.unix_secs(now)), conn, RelayToControl::Register { addr, proof });
+        cp.relays.insert(i, (conn, now));
+        self.drain_control();
+    }
+
+    /// Keepalives from the relays that are up and due.
+    fn keep_relays_alive(&mut self) {
+        let now = self.now;
+        let unix = UnixTime(self.clock().unix_secs(now));
+        let Some(cp) = self.control_plane.as_mut() else { return };
+        for (&i, (conn, last)) in &mut cp.relays {
+            if self.hosts[i].up && now.saturating_duration_since(*last) >= REPORT_EVERY {
+                *last = now;
+                cp.core.on_relay_message(now, unix, *conn, RelayToControl::Keepalive);
+            }
+        }
     }
 
     /// An account the control server accepts.
@@ -297,6 +340,8 @@ impl Sim {
         let Some(cp) = self.control_plane.as_mut() else { return };
         if cp.queue.peek().is_none_or(|f| f.at > cp.next_tick) {
             cp.next_tick += cp.tick;
+            self.keep_relays_alive();
+            let Some(cp) = self.control_plane.as_mut() else { return };
             cp.core.tick(now, unix);
             cp.stats.report_rows += cp.core.take_report_rows().len() as u64;
             self.drain_control();
