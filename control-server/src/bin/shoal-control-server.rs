@@ -129,12 +129,34 @@ struct InterestFile {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct WatchFile {
+    /// Relay fan-out is on unless this says otherwise.
+    #[serde(default = "yes")]
+    enabled: bool,
+    #[serde(default = "default_view_radius")]
     view_radius: f32,
+    #[serde(default = "default_watch_leave_radius")]
     leave_radius: f32,
+    #[serde(default = "default_max_watched")]
     max_watched: usize,
     /// Seconds a watcher's subscription lasts (renewed when a third is left).
     #[serde(default = "default_subscription_secs")]
     subscription_secs: u64,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn default_view_radius() -> f32 {
+    WatchConfig::default().view_radius
+}
+
+fn default_watch_leave_radius() -> f32 {
+    WatchConfig::default().leave_radius
+}
+
+fn default_max_watched() -> usize {
+    WatchConfig::default().max_watched
 }
 
 fn default_subscription_secs() -> u64 {
@@ -166,11 +188,16 @@ impl ControlFile {
             max_neighbours: i.max_neighbours,
         });
         interest.validate().context("[interest]")?;
-        let watch = self.watch.as_ref().map(|w| WatchConfig {
-            view_radius: w.view_radius,
-            leave_radius: w.leave_radius,
-            max_watched: w.max_watched,
-        });
+        // Without a [watch] section, watching is on with its defaults.
+        let watch = match &self.watch {
+            None => Some(WatchConfig::default()),
+            Some(w) if !w.enabled => None,
+            Some(w) => Some(WatchConfig {
+                view_radius: w.view_radius,
+                leave_radius: w.leave_radius,
+                max_watched: w.max_watched,
+            }),
+        };
         if let Some(w) = &watch {
             w.validate().context("[watch]")?;
         }
@@ -391,6 +418,9 @@ mod tests {
         assert!(format!("{e:#}").contains("[limits]"), "{e:#}");
         let e = parse("[watch]\nview_radius = 150.0\nleave_radius = 100.0\nmax_watched = 8\n").unwrap_err();
         assert!(format!("{e:#}").contains("[watch]"), "{e:#}");
-        assert!(parse("").unwrap().0.watch.is_none());
+        assert_eq!(parse("").unwrap().0.watch, Some(WatchConfig::default()));
+        assert!(parse("[watch]\nenabled = false\n").unwrap().0.watch.is_none());
+        let narrow = parse("[watch]\nview_radius = 80.0\nleave_radius = 90.0\n").unwrap().0.watch.unwrap();
+        assert_eq!((narrow.view_radius, narrow.max_watched), (80.0, 256));
     }
 }

@@ -55,6 +55,9 @@ pub struct CoreConfig {
     pub proof_skew: Duration,
     /// A client silent this long is gone.
     pub presence_timeout: Duration,
+    /// A relay silent this long is gone (they report every second): the streams published
+    /// through it move to another relay, and introductions stop offering it.
+    pub relay_presence_timeout: Duration,
     /// The fastest a character may move, units per second.
     pub max_speed: f32,
     /// Added to the time between two reports' receipts (on the server's clock) before their
@@ -80,8 +83,8 @@ pub struct CoreConfig {
     pub profiles: Vec<(u32, ProfileConfig)>,
     /// Build hashes clients may run; empty accepts any.
     pub builds: Vec<[u8; 32]>,
-    /// Who watches whom through relay fan-out beyond the neighbours; `None` turns watching
-    /// off.
+    /// Who watches whom through relay fan-out beyond the neighbours (on with its defaults);
+    /// `None` turns watching off.
     pub watch: Option<WatchConfig>,
     /// Subscriptions for watchers last this long; they are renewed when a third is left.
     pub subscription_ttl: Duration,
@@ -94,6 +97,7 @@ impl Default for CoreConfig {
             permit_ttl: Duration::from_secs(600),
             proof_skew: Duration::from_secs(30),
             presence_timeout: Duration::from_secs(15),
+            relay_presence_timeout: Duration::from_secs(4),
             max_speed: 20.0,
             speed_slack: Duration::from_millis(250),
             max_flags: 3,
@@ -104,7 +108,7 @@ impl Default for CoreConfig {
             relays: Vec::new(),
             profiles: Vec::new(),
             builds: Vec::new(),
-            watch: None,
+            watch: Some(WatchConfig::default()),
             subscription_ttl: Duration::from_secs(60),
         }
     }
@@ -558,7 +562,13 @@ impl Core {
         let silent: Vec<ConnId> = self
             .conns
             .iter()
-            .filter(|(_, c)| now.saturating_duration_since(c.heard) > self.cfg.presence_timeout)
+            .filter(|(_, c)| {
+                let timeout = match c.state {
+                    State::Relay(_) => self.cfg.relay_presence_timeout,
+                    _ => self.cfg.presence_timeout,
+                };
+                now.saturating_duration_since(c.heard) > timeout
+            })
             .map(|(&id, _)| id)
             .collect();
         for conn in silent {

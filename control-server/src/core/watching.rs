@@ -21,22 +21,43 @@ pub(super) struct Grant {
     pub(super) expires: UnixTime,
 }
 
+/// A publisher's rank of a relay: splitmix64 of their ids, lowest first.
+fn rank(publisher: NodeId, relay: NodeId) -> u64 {
+    let mut z = u64::from_be_bytes(publisher.0) ^ u64::from_be_bytes(relay.0).rotate_left(17);
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
 impl Core {
     /// Where `publisher` publishes: its nearest relay, a registered one first (as for
     /// introductions, a configured relay that has not registered is still offered when no
-    /// other is).
+    /// other is). Relays about as near as the nearest (within a fifth of its round trip, or
+    /// 2 ms) share the publishers: the one it publishes through stays while it is among them,
+    /// otherwise each publisher takes the one its id ranks first (rendezvous hashing), so that
+    /// relays in one place carry even loads without any count to keep.
     fn publish_relay(&self, publisher: NodeId) -> Option<RelayInfo> {
         let p = self.signed_in(publisher)?;
-        self.relays
-            .iter()
-            .map(|(&id, r)| (r.conn.is_none(), p.relay_rtts.get(&id).copied().unwrap_or(u32::MAX), id, r.addr))
-            .min()
-            .map(|(_, rtt, id, addr)| RelayInfo { id, addr, rtt_us: rtt })
+        let rtt = |id: &NodeId| p.relay_rtts.get(id).copied().unwrap_or(u32::MAX);
+        let (best_unregistered, best_rtt) = self.relays.iter().map(|(id, r)| (r.conn.is_none(), rtt(id))).min()?;
+        let near = |id: &NodeId, r: &super::RelayEntry| {
+            r.conn.is_none() == best_unregistered && rtt(id) <= best_rtt.saturating_add((best_rtt / 5).max(2_000))
+        };
+        let current = self.audiences.get(&publisher).and_then(|&(_, r)| r);
+        let info = |(&id, r): (&NodeId, &super::RelayEntry)| RelayInfo { id, addr: r.addr, rtt_us: rtt(&id) };
+        if let Some(cur) = current.and_then(|c| self.relays.get_key_value(&c)).filter(|(id, r)| near(id, r)) {
+            return Some(info(cur));
+        }
+        self.relays.iter().filter(|(id, r)| near(id, r)).min_by_key(|(id, _)| rank(publisher, **id)).map(info)
     }
 
     /// Signs and sends `watcher` its grant for `publisher` through `relay`.
     fn grant(&mut self, unix: UnixTime, watcher: NodeId, publisher: NodeId, relay: RelayInfo) {
         let (Some(&conn), Some(p)) = (self.by_node.get(&watcher), self.signed_in(publisher)) else { return };
+        // A player that serves no avatar has no stream to watch: nothing is signed for it
+        // until it gives a key (the next renewal pass grants it then).
+        let Some(stream_key) = p.stream_key else { return };
         let ttl = self.cfg.subscription_ttl.as_secs();
         let relay_id = relay.id;
         let expires = UnixTime(unix.0 + ttl);
@@ -54,7 +75,7 @@ impl Core {
             publisher_key: p.key,
             relay,
             subscription: subscription.encode().to_vec(),
-            stream_key: p.stream_key,
+            stream_key: Some(stream_key),
         };
         self.grants.insert((watcher, publisher), Grant { relay: relay_id, expires });
         self.counters.watch_grants += 1;
@@ -122,7 +143,14 @@ impl Core {
         let mut relay_of: FxHashMap<NodeId, Option<NodeId>> = FxHashMap::default();
         for &watcher in &players {
             for publisher in w.watched_by(watcher) {
-                let relay = *relay_of.entry(publisher).or_insert_with(|| self.publish_relay(publisher).map(|r| r.id));
+                let relay = *relay_of.entry(publisher).or_insert_with(|| {
+                    let streams = self.signed_in(publisher).is_some_and(|p| p.stream_key.is_some());
+                    streams.then(|| self.publish_relay(publisher).map(|r| r.id)).flatten()
+                });
+                // Nothing to grant yet: no relay, or no stream.
+                if relay.is_none() {
+                    continue;
+                }
                 let stale = self
                     .grants
                     .get(&(watcher, publisher))
@@ -217,9 +245,16 @@ mod tests {
         c.on_message(t, UnixTime(T0), 3, ClientToControl::StreamKey([7; 32]));
         c.on_message(t, UnixTime(T0), 3, ClientToControl::RelayRtts(vec![(relay, 5_000), (relay2, 9_000)]));
         c.tick(t, UnixTime(T0));
-        let out = outputs(&mut c);
+        let mut out = outputs(&mut c);
+        // 0 and 1 watch 2; 2 watches 0 and 1 (it has no neighbour: both are full), once they
+        // serve avatars: nothing is granted for a player without a stream.
+        assert_eq!(grants(&out).len(), 2, "{out:?}");
+        for conn in [1, 2] {
+            c.on_message(t, UnixTime(T0), conn, ClientToControl::StreamKey([conn as u8; 32]));
+        }
+        c.tick(t, UnixTime(T0));
+        out.extend(outputs(&mut c));
         let g = grants(&out);
-        // 0 and 1 watch 2; 2 watches 0 and 1 (it has no neighbour: both are full).
         let pairs: Vec<(u64, NodeId)> = g.iter().map(|(c, g)| (*c, g.publisher)).collect();
         for want in [(1, nodes[2]), (2, nodes[2]), (3, nodes[0]), (3, nodes[1])] {
             assert!(pairs.contains(&want), "{want:?} not in {pairs:?}");

@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, watch};
 use crate::driver::relay::RelayHandle;
 
 /// How often the relay reports its peers' round-trip times (and so keeps its presence).
-pub const REPORT_EVERY: Duration = Duration::from_secs(5);
+pub const REPORT_EVERY: Duration = Duration::from_secs(1);
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
