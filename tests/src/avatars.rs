@@ -4,12 +4,14 @@
 use std::time::{Duration, Instant};
 
 use shoal_sdk::Traffic;
+use shoal_sdk::avatar::stream::SEAL_OVERHEAD;
 use shoal_sdk::avatar::{
     Ack, CodecConfig, ConfigError, Decoder, Encoder, Quantizer, StreamDecoder, StreamEncoder, Trace,
 };
 
 use crate::link::{LinkConfig, Loss};
 use crate::overhead::IP_UDP_HEADERS;
+use crate::sim::HostId;
 use crate::world::{AvatarStats, World, WorldSpec, WorldStats};
 
 /// Bits per avatar update on a recorded trace, beside postcard-encoded full states.
@@ -115,7 +117,9 @@ pub struct AvatarRun {
     pub players: usize,
     /// Simulated seconds measured (after the warm-up).
     pub secs: f64,
-    /// Wall-clock seconds the simulator took per simulated second, warm-up included.
+    /// Seconds the simulator took per simulated second, warm-up included: CPU time of the
+    /// process (the simulator runs on one thread), which on an otherwise idle machine is its
+    /// wall time, and unlike wall time does not grow with what else the machine runs.
     pub wall_per_sim_s: f64,
     /// Per player: kbit/s sent on the wire (UDP payload and IPv4/UDP headers).
     pub upload_kbps: Vec<f64>,
@@ -144,25 +148,46 @@ pub struct AvatarRun {
     pub data_bytes: f64,
     /// See `data_bytes`.
     pub overhead_bytes: f64,
+    /// Players watched per player (beyond its neighbours) at the end, on average.
+    pub watched: f64,
+    /// Per relay: kbit/s it sent on the wire (fanned-out copies and relayed pairwise
+    /// traffic).
+    pub relay_egress_kbps: Vec<f64>,
+    /// What a classic server would send to show every player the same avatars at the same
+    /// rates with the same codec, kbit/s on the wire: the pairwise updates and acks players
+    /// sent each other, each watcher's copies of the streams (without their seal), and a
+    /// datagram to every player every 33 ms with IPv4/UDP and a 24-byte header (as the
+    /// mesh's own short form).
+    pub classic_egress_kbps: f64,
+    /// Of the pairs of players (from both sides) within the view radius less what both
+    /// could move since their last reports, at the end: how many, and how many show the
+    /// other (with watching off, within the enter radius).
+    pub view_pairs: (usize, usize),
     /// What players showed of each other, over the whole run.
     pub stats: AvatarStats,
     /// The world's own account of the run: sign-ins, introductions, avatars appeared.
     pub world: WorldStats,
 }
 
-/// `players` in clusters serving avatars over 20 ms links with 2 % bursty loss: `warmup`,
+/// A classic server's datagrams to each player a second, and the header each carries above
+/// UDP (see [`AvatarRun::classic_egress_kbps`]).
+const CLASSIC_HZ: f64 = 30.0;
+const CLASSIC_HEADER: u64 = 24;
+
+/// The players of `spec` (serving avatars) over 20 ms links with 2 % bursty loss: `warmup`,
 /// then `secs` measured.
 ///
 /// # Errors
 /// When the world's interest settings are refused.
 pub fn avatar_run(
     seed: u64,
-    players: usize,
+    spec: WorldSpec,
     warmup: Duration,
     secs: Duration,
 ) -> Result<AvatarRun, shoal_control::interest::InterestError> {
-    let started = Instant::now();
-    let mut world = World::new(seed, WorldSpec::avatars(players))?;
+    let started = crate::crowd::cpu_secs();
+    let players = spec.players;
+    let mut world = World::new(seed, spec)?;
     let loss = Loss::GilbertElliott { good_to_bad: 0.005, bad_to_good: 0.25, loss_good: 0.0, loss_bad: 1.0 };
     world.sim.set_default_link(LinkConfig::latency(Duration::from_millis(20)).with_loss(loss));
     world.run_for(warmup);
@@ -175,10 +200,19 @@ pub fn avatar_run(
             })
             .collect()
     };
-    let before = snapshot(&mut world);
+    let relays = |w: &World| -> Vec<((u64, u64), u64)> {
+        (0..w.spec().relays).map(|r| (w.sim.sent_by(HostId(r)), w.sim.relay_counters(HostId(r)).copies)).collect()
+    };
+    let published = |w: &World| -> (u64, u64) {
+        (0..w.len()).fold((0, 0), |(n, b), i| {
+            let c = w.sim.session(w.host(i)).avatar_counters();
+            (n + c.published, b + c.published_bytes)
+        })
+    };
+    let (before, relays0, published0) = (snapshot(&mut world), relays(&world), published(&world));
     world.run_for(secs);
-    let after = snapshot(&mut world);
-    let wall_per_sim_s = started.elapsed().as_secs_f64() / (warmup + secs).as_secs_f64();
+    let (after, relays1, published1) = (snapshot(&mut world), relays(&world), published(&world));
+    let wall_per_sim_s = (crate::crowd::cpu_secs() - started) / (warmup + secs).as_secs_f64();
     let s = secs.as_secs_f64();
     let kbps = |bytes: u64| bytes as f64 * 8.0 / 1000.0 / s;
     let mut run = AvatarRun { players, secs: s, wall_per_sim_s, ..AvatarRun::default() };
@@ -213,6 +247,27 @@ pub fn avatar_run(
     run.overhead_dps = per_player(sum.overhead_datagrams);
     run.data_bytes = sum.data_bytes as f64 / sum.data_datagrams.max(1) as f64;
     run.overhead_bytes = sum.overhead_bytes as f64 / sum.overhead_datagrams.max(1) as f64;
+    let mut copies = 0;
+    for (((d0, b0), c0), ((d1, b1), c1)) in relays0.iter().zip(&relays1) {
+        run.relay_egress_kbps.push(kbps(b1 - b0 + IP_UDP_HEADERS * (d1 - d0)));
+        copies += c1 - c0;
+    }
+    let (updates, sealed) = (published1.0 - published0.0, published1.1 - published0.1);
+    let plain = sealed.saturating_sub(SEAL_OVERHEAD as u64 * updates) as f64 / updates.max(1) as f64;
+    let datagrams = players as f64 * CLASSIC_HZ * s;
+    let classic = bytes as f64 + copies as f64 * plain + datagrams * (IP_UDP_HEADERS + CLASSIC_HEADER) as f64;
+    run.classic_egress_kbps = classic * 8.0 / 1000.0 / s;
+    let watched: usize = (0..players)
+        .map(|i| {
+            let m = world.sim.session(world.host(i)).avatar_mesh();
+            let neighbours: Vec<_> = world.neighbours(i).collect();
+            m.map_or(0, |m| m.watched().filter(|p| !neighbours.contains(p)).count())
+        })
+        .sum();
+    run.watched = watched as f64 / players.max(1) as f64;
+    let control = &world.spec().control.core;
+    let radius = control.watch.map_or(control.interest.enter_radius, |w| w.view_radius);
+    run.view_pairs = world.shown_within(radius - world.report_margin());
     run.stats = world.avatar_stats(Duration::from_secs(2));
     run.world = world.stats();
     Ok(run)

@@ -72,14 +72,17 @@ pub struct View {
 }
 
 /// CPU seconds this process has spent (user and system), from /proc.
-fn cpu_secs() -> f64 {
+/// CPU seconds this process has used so far (user and system).
+pub fn cpu_secs() -> f64 {
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
     // Fields after the command's closing parenthesis: utime and stime are the 12th and 13th.
     let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<f64> = rest.split_whitespace().filter_map(|v| v.parse().ok()).collect();
+    // (The state, a letter, comes first: count fields, not numbers.)
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let field = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
     // Clock ticks per second (USER_HZ), 100 on Linux.
     let hz = 100.0;
-    f.get(11).zip(f.get(12)).map_or(0.0, |(u, s)| (u + s) / hz)
+    (field(11) + field(12)) / hz
 }
 
 fn add(a: Traffic, b: Traffic) -> Traffic {

@@ -6,6 +6,7 @@
 
 pub mod avatars;
 pub mod crowd;
+pub mod fanout;
 pub mod link;
 pub mod nat;
 pub mod netns;

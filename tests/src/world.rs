@@ -12,6 +12,7 @@ use glam::Vec3;
 use rand::rngs::Xoshiro256PlusPlus;
 use rand::{RngExt, SeedableRng};
 use shoal_control::interest::{InterestConfig, InterestError};
+use shoal_control::watch::WatchConfig;
 use shoal_protocol::NodeId;
 use shoal_sdk::avatar::movement::Mover;
 use shoal_sdk::{AvatarConfig, AvatarEvent, CloseReason, Event, PlayerState, SessionEvent, VcEvent, VcKey};
@@ -65,7 +66,9 @@ impl WorldSpec {
     /// control server's enter radius, walking at 5 units/s, with a relay per 250 players (at
     /// least two), 20 ms links, and a 64-byte message on every VC twice a second.
     pub fn new(players: usize) -> WorldSpec {
-        let control = ControlConfig::default();
+        let mut control = ControlConfig::default();
+        // The avatar mesh alone; [`WorldSpec::watching`] adds relay fan-out.
+        control.core.watch = None;
         let enter = control.core.interest.enter_radius;
         WorldSpec {
             players,
@@ -96,6 +99,14 @@ impl WorldSpec {
             message_every: Duration::from_secs(5),
             ..WorldSpec::new(players)
         }
+    }
+
+    /// [`WorldSpec::avatars`] with relay fan-out: the control server subscribes every player
+    /// to the others within its view radius (beyond its neighbours) through their relays.
+    pub fn watching(players: usize) -> WorldSpec {
+        let mut spec = WorldSpec::avatars(players);
+        spec.control.core.watch = Some(WatchConfig::default());
+        spec
     }
 
     fn interest(&self) -> InterestConfig {
@@ -135,7 +146,8 @@ pub struct WorldStats {
     pub refusals: u64,
     /// Neighbours' avatars that appeared (one per introduction whose avatar came).
     pub avatars_appeared: u64,
-    /// Avatars that appeared, or updates that came, from a player not introduced.
+    /// Avatars that appeared, or updates that came, from a player neither introduced nor
+    /// watched.
     pub avatars_from_strangers: u64,
     /// Avatars that left.
     pub avatars_left: u64,
@@ -160,6 +172,12 @@ pub struct AvatarStats {
     pub crowded_staleness: Vec<Duration>,
     /// The same for farther neighbours.
     pub far_staleness: Vec<Duration>,
+    /// Age of the newest update a player holds from a player it watches (not a neighbour)
+    /// through the publisher's relay.
+    pub watched_staleness: Vec<Duration>,
+    /// Distance between a watched avatar as shown and where that player was at the time
+    /// shown, metres.
+    pub watched_errors: Vec<f32>,
 }
 
 impl AvatarStats {
@@ -471,14 +489,47 @@ impl World {
                     stats.far_staleness.push(age);
                 }
             }
+            let neighbours = &self.players[i].neighbours;
+            for (peer, at) in mesh.watched_received().filter(|(p, _)| !neighbours.contains_key(p)) {
+                let Some(&j) = self.index.get(&peer).filter(|&&j| j >= self.spec.liars) else { continue };
+                let (Some(shown), Some(t)) = (mesh.avatar_of(peer, now), mesh.render_time_of(peer, now)) else {
+                    continue;
+                };
+                if let Some(truth) = self.players[j].trail.at(t) {
+                    self.avatar_stats.watched_errors.push(shown.position.distance(truth));
+                }
+                self.avatar_stats.watched_staleness.push(now.saturating_duration_since(at));
+            }
         }
+    }
+
+    /// Of the pairs of players within `radius` of each other now (each pair counted from both
+    /// sides), how many there are and how many of them show the other's avatar.
+    pub fn shown_within(&self, radius: f32) -> (usize, usize) {
+        let now = self.sim.now();
+        let (mut pairs, mut shown) = (0, 0);
+        for i in 0..self.players.len() {
+            let Some(mesh) = self.sim.session(self.players[i].host).avatar_mesh() else { continue };
+            for j in (0..self.players.len()).filter(|&j| j != i && self.distance(i, j) <= radius) {
+                pairs += 1;
+                shown += usize::from(mesh.avatar_of(self.players[j].id, now).is_some());
+            }
+        }
+        (pairs, shown)
+    }
+
+    /// How far apart two players may have moved since the control server last heard where
+    /// they were: both positions may be a report interval and the control plane's latency
+    /// old.
+    pub fn report_margin(&self) -> f32 {
+        let stale = self.spec.report_every + self.spec.control.tick + 4 * self.spec.control.latency;
+        let speed = if self.spec.avatars { shoal_sdk::avatar::movement::RUN } else { self.spec.speed };
+        2.0 * speed * stale.as_secs_f32()
     }
 
     fn take_events(&mut self) {
         let interest = self.spec.interest();
-        // Both positions may be a report interval and the control plane's latency old.
-        let stale = self.spec.report_every + self.spec.control.tick + 4 * self.spec.control.latency;
-        let margin = 2.0 * self.spec.speed * stale.as_secs_f32();
+        let margin = self.report_margin();
         for (at, host, e) in self.sim.take_session_events() {
             let Some(i) = self.player_of(host) else { continue };
             match e {
@@ -504,13 +555,11 @@ impl World {
                     if let Some(since) = self.players[i].awaiting.remove(&peer) {
                         self.avatar_stats.appear_delays.push(at - since);
                     }
-                    if !self.players[i].neighbours.contains_key(&peer) {
+                    if !self.knows(i, peer) {
                         self.stats.avatars_from_strangers += 1;
                     }
                 }
-                SessionEvent::Avatar(AvatarEvent::Updated(peer, _))
-                    if !self.players[i].neighbours.contains_key(&peer) =>
-                {
+                SessionEvent::Avatar(AvatarEvent::Updated(peer, _)) if !self.knows(i, peer) => {
                     self.stats.avatars_from_strangers += 1;
                 }
                 SessionEvent::Avatar(AvatarEvent::Left(_)) => self.stats.avatars_left += 1,
@@ -524,6 +573,12 @@ impl World {
                 _ => {}
             }
         }
+    }
+
+    /// Whether player `i` was introduced to `peer`, or watches it.
+    fn knows(&self, i: usize, peer: NodeId) -> bool {
+        self.players[i].neighbours.contains_key(&peer)
+            || self.sim.session(self.players[i].host).avatar_mesh().is_some_and(|m| m.watched().any(|w| w == peer))
     }
 
     /// The player on `host`.

@@ -28,7 +28,8 @@ fn crowd(seed: u64, players: usize, loss: Loss, secs: u64, liars: usize) -> Worl
 /// 2 % bursty loss. The benchmark (`shoal-sim-bench avatars`) runs 200 and 1,000.
 #[test]
 fn a_crowd_in_clusters_sees_its_neighbours_move_through_bursty_loss() {
-    let mut r = avatar_run(11, 60, Duration::from_secs(5), Duration::from_secs(55)).expect("a valid world");
+    let mut r =
+        avatar_run(11, WorldSpec::avatars(60), Duration::from_secs(5), Duration::from_secs(55)).expect("a valid world");
     let k = &r.world;
     assert_eq!((k.signed_in, k.refusals, k.control_lost), (60, 0, 0), "{k:?}");
     assert!(k.introductions >= 60 * 10, "{k:?}");

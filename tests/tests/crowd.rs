@@ -19,8 +19,11 @@ async fn twenty_sessions_on_real_sockets_see_their_neighbours_avatars_move() {
         // the last have fewer.
         assert!(v.neighbours >= 1, "player {i}: {v:?}");
         assert_eq!(v.shown, v.neighbours, "player {i} does not show every neighbour: {v:?}");
-        // Players idle now and then; some of a player's neighbours moved in three seconds.
-        assert!(v.moved >= 1 && v.moved * 3 >= v.shown, "player {i}: {v:?}");
+        // Players idle now and then (a player with one or two neighbours may see only idlers
+        // for three seconds); of four or more, some moved.
+        assert!(v.neighbours < 4 || v.moved >= 1, "player {i}: {v:?}");
     }
+    let (moved, shown) = run.views.iter().fold((0, 0), |(m, s), v| (m + v.moved, s + v.shown));
+    assert!(moved * 3 >= shown, "{moved} of {shown} shown avatars moved");
     assert!(run.messages_received * 10 >= run.messages_sent * 9, "{run:?}");
 }

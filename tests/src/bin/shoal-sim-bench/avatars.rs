@@ -8,7 +8,7 @@ use shoal_sdk::avatar::Trace;
 use shoal_sdk::avatar::movement::Mover;
 use shoal_tests::avatars::{avatar_run, codec_bits, stream_bits};
 use shoal_tests::overhead::{Flow, overhead};
-use shoal_tests::world::AvatarStats;
+use shoal_tests::world::{AvatarStats, WorldSpec};
 
 /// The recorded trace the codec's figures are measured on.
 pub(crate) const TRACE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/avatars-100x300s.trace");
@@ -119,7 +119,7 @@ pub(crate) fn avatars(populations: &[usize], secs: u64, seed: u64, trace: &Path)
     ];
     let mut ok = header <= 28.0;
     for &n in populations {
-        let mut r = match avatar_run(seed, n, Duration::from_secs(5), Duration::from_secs(secs)) {
+        let mut r = match avatar_run(seed, WorldSpec::avatars(n), Duration::from_secs(5), Duration::from_secs(secs)) {
             Ok(r) => r,
             Err(e) => {
                 eprintln!("building the world: {e}");

@@ -40,7 +40,15 @@
 //! that do; sent and received together, as UDP payload and with IPv4/UDP headers. Ends with one
 //! JSON line holding the worst figure over the neighbour counts of each case.
 //!
-//! `crowd` (real sockets and real time, not the simulator): a control server and a relay
+//! `crowd`: relay fan-out. For each population (100, 500 and 1,000 by default), the
+//! `avatars` crowd with watching on: every player is introduced to its nearest (up to 16,
+//! served directly) and watches the others within 150 m through their publishers' relays at
+//! 5 Hz. Reports per-player upload, staleness of neighbours and of watched players, relay
+//! egress, the egress a classic server would need for the same views, and how many of the
+//! pairs in view show each other; then one player's upload watched by 1, 10, 100 and 500
+//! others. Ends with one JSON line.
+//!
+//! `sockets` (real sockets and real time, not the simulator): a control server and a relay
 //! process on loopback and `--players` players through the public `Session` API, moving
 //! together in a 20 m square and setting their avatar 30 times a second, which the session
 //! serves to every neighbour it is introduced to. Reports per player the datagrams and bytes a second it sends
@@ -92,6 +100,7 @@ use shoal_tests::throughput::{self, Contender, Offer};
 use shoal_tests::world::{World, WorldSpec};
 
 mod avatars;
+mod crowd;
 
 #[derive(Parser, Debug)]
 #[command(name = "shoal-sim-bench", about = "Figures from Shoal's deterministic network simulator")]
@@ -139,7 +148,7 @@ enum Cmd {
         seed: u64,
     },
     /// A crowd of sessions on real sockets: what each player puts on the wire.
-    Crowd {
+    Sockets {
         /// Players.
         #[arg(long, default_value_t = 20)]
         players: usize,
@@ -159,6 +168,22 @@ enum Cmd {
         /// The simulator's seed.
         #[arg(long, default_value_t = 1)]
         seed: u64,
+    },
+    /// Relay fan-out: crowds in clusters who see everyone in view, the nearest directly and
+    /// the rest through their relays; and one player's upload as more watch it.
+    Crowd {
+        /// Populations to run, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "100,500,1000")]
+        players: Vec<usize>,
+        /// Simulated seconds measured per population, after a 5-second warm-up.
+        #[arg(long, default_value_t = 20)]
+        secs: u64,
+        /// The simulator's seed.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Audiences for the upload-against-watchers runs, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1,10,100,500")]
+        watchers: Vec<usize>,
     },
     /// Avatars: header bytes, codec bits, and crowds serving avatars in clusters.
     Avatars {
@@ -253,7 +278,8 @@ fn main() -> ExitCode {
         Cmd::NatReal { runs } => nat_real(runs),
         Cmd::Loopback { rounds, secs } => loopback(rounds, secs),
         Cmd::Overhead { secs, seed } => overhead_bench(seed, secs),
-        Cmd::Crowd { players, secs } => crowd_bench(players, secs),
+        Cmd::Sockets { players, secs } => sockets_bench(players, secs),
+        Cmd::Crowd { players, secs, seed, watchers } => crowd::crowd(&players, secs, seed, &watchers),
         Cmd::Sessions { players, secs, seed } => sessions(&players, secs, seed),
         Cmd::Avatars { players, secs, seed, trace } => avatars::avatars(&players, secs, seed, &trace),
         Cmd::RecordTrace { players, secs, out } => avatars::record_trace(players, secs, &out),
@@ -261,7 +287,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn crowd_bench(players: usize, secs: u64) -> ExitCode {
+fn sockets_bench(players: usize, secs: u64) -> ExitCode {
     let Ok(rt) = tokio::runtime::Builder::new_multi_thread().enable_all().build() else {
         eprintln!("no tokio runtime");
         return ExitCode::FAILURE;
