@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use shoal_sdk::avatar::Trace;
 use shoal_sdk::avatar::movement::Mover;
-use shoal_tests::avatars::{avatar_run, codec_bits, stream_bits};
+use shoal_tests::avatars::{AvatarRun, avatar_run, codec_bits, stream_bits};
 use shoal_tests::overhead::{Flow, overhead};
 use shoal_tests::world::{AvatarStats, WorldSpec};
 
@@ -65,6 +65,23 @@ pub(crate) fn record_trace(players: u16, secs: u32, out: &Path) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// `spec`'s world after a 5-second warm-up and `secs` measured; `None` (said why) when the
+/// world cannot be built.
+pub(crate) fn run(seed: u64, spec: WorldSpec, secs: u64) -> Option<AvatarRun> {
+    match avatar_run(seed, spec, Duration::from_secs(5), Duration::from_secs(secs)) {
+        Ok(r) => Some(r),
+        Err(e) => {
+            eprintln!("building the world: {e}");
+            None
+        }
+    }
+}
+
+/// The 99th percentile of `v`, in ms (NaN when empty).
+pub(crate) fn p99_ms(v: &mut [Duration]) -> f64 {
+    AvatarStats::quantile(v, 0.99).map_or(f64::NAN, |d| d.as_secs_f64() * 1e3)
+}
+
 pub(crate) fn avatars(populations: &[usize], secs: u64, seed: u64, trace: &Path) -> ExitCode {
     let star = overhead(seed, 4, Flow::Out { hz: 30 }, Duration::from_secs(10), Duration::from_secs(10));
     let header = star.header_bytes_per_datagram(20);
@@ -119,21 +136,14 @@ pub(crate) fn avatars(populations: &[usize], secs: u64, seed: u64, trace: &Path)
     ];
     let mut ok = header <= 28.0;
     for &n in populations {
-        let mut r = match avatar_run(seed, WorldSpec::avatars(n), Duration::from_secs(5), Duration::from_secs(secs)) {
-            Ok(r) => r,
-            Err(e) => {
-                eprintln!("building the world: {e}");
-                return ExitCode::FAILURE;
-            }
-        };
-        let ms = |d: Option<Duration>| d.map_or(f64::NAN, |d| d.as_secs_f64() * 1e3);
-        let near = ms(AvatarStats::quantile(&mut r.stats.near_staleness, 0.99));
-        let far = ms(AvatarStats::quantile(&mut r.stats.far_staleness, 0.99));
-        let crowded = ms(AvatarStats::quantile(&mut r.stats.crowded_staleness, 0.99));
+        let Some(mut r) = run(seed, WorldSpec::avatars(n), secs) else { return ExitCode::FAILURE };
+        let near = p99_ms(&mut r.stats.near_staleness);
+        let far = p99_ms(&mut r.stats.far_staleness);
+        let crowded = p99_ms(&mut r.stats.crowded_staleness);
         let samples = r.stats.near_staleness.len() + r.stats.crowded_staleness.len() + r.stats.far_staleness.len();
         let near_share = r.stats.near_staleness.len() as f64 / samples.max(1) as f64;
         let err = AvatarStats::quantile(&mut r.stats.errors, 0.99).map_or(f64::NAN, f64::from);
-        let appear = ms(AvatarStats::quantile(&mut r.stats.appear_delays, 0.99));
+        let appear = p99_ms(&mut r.stats.appear_delays);
         let q = |v: &mut Vec<f64>, p: f64| AvatarStats::quantile(v, p).unwrap_or(0.0);
         let (up50, up99) = (q(&mut r.upload_kbps, 0.5), q(&mut r.upload_kbps, 0.99));
         let (pay50, pay99) = (q(&mut r.payload_kbps, 0.5), q(&mut r.payload_kbps, 0.99));

@@ -1,11 +1,11 @@
 //! `shoal-sim-bench crowd`: relay fan-out in crowds, and upload against audience.
 
 use std::process::ExitCode;
-use std::time::Duration;
 
-use shoal_tests::avatars::avatar_run;
 use shoal_tests::fanout::upload_watched_by;
 use shoal_tests::world::{AvatarStats, WorldSpec};
+
+use crate::avatars::{p99_ms, run};
 
 pub(crate) fn crowd(populations: &[usize], secs: u64, seed: u64, audiences: &[usize]) -> ExitCode {
     println!(
@@ -26,16 +26,9 @@ pub(crate) fn crowd(populations: &[usize], secs: u64, seed: u64, audiences: &[us
     let mut json = Vec::new();
     let mut ok = true;
     for &n in populations {
-        let mut r = match avatar_run(seed, WorldSpec::watching(n), Duration::from_secs(5), Duration::from_secs(secs)) {
-            Ok(r) => r,
-            Err(e) => {
-                eprintln!("building the world: {e}");
-                return ExitCode::FAILURE;
-            }
-        };
-        let ms = |d: Option<Duration>| d.map_or(f64::NAN, |d| d.as_secs_f64() * 1e3);
-        let near = ms(AvatarStats::quantile(&mut r.stats.near_staleness, 0.99));
-        let watch = ms(AvatarStats::quantile(&mut r.stats.watched_staleness, 0.99));
+        let Some(mut r) = run(seed, WorldSpec::watching(n), secs) else { return ExitCode::FAILURE };
+        let near = p99_ms(&mut r.stats.near_staleness);
+        let watch = p99_ms(&mut r.stats.watched_staleness);
         let err = AvatarStats::quantile(&mut r.stats.watched_errors, 0.99).map_or(f64::NAN, f64::from);
         let q = |v: &mut Vec<f64>, p: f64| AvatarStats::quantile(v, p).unwrap_or(0.0);
         let (up50, up99) = (q(&mut r.upload_kbps, 0.5), q(&mut r.upload_kbps, 0.99));
