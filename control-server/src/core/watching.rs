@@ -293,4 +293,33 @@ mod tests {
         assert!(out.contains(&Output::Send(2, ControlToClient::Unwatch(nodes[2]))), "{out:?}");
         assert!(out.contains(&Output::Send(3, ControlToClient::Audience { watchers: 0, relay: None })), "{out:?}");
     }
+
+    /// Two registered relays about as near as each other to everyone: publishers share them,
+    /// each keeps its relay while it stays about as near, and moves when another is clearly
+    /// nearer.
+    #[test]
+    fn publishers_share_equally_near_relays_and_keep_theirs() {
+        let (ra, rb) = (Identity::from_seed([50; 32]), Identity::from_seed([51; 32]));
+        let mut c = relay_core(&[&ra, &rb]);
+        let t = Instant::now();
+        register(&mut c, t, 100, &ra);
+        register(&mut c, t, 101, &rb);
+        let (a, b) = (ra.node_id(), rb.node_id());
+        let players: Vec<NodeId> =
+            (0..16u8).map(|i| sign_in(&mut c, t, u64::from(i) + 1, i + 10, &format!("p{i}")).node_id()).collect();
+        for conn in 1..=16 {
+            c.on_message(t, UnixTime(T0), conn, ClientToControl::RelayRtts(vec![(a, 20_000), (b, 21_000)]));
+        }
+        let chosen: Vec<NodeId> = players.iter().map(|&p| c.publish_relay(p).unwrap().id).collect();
+        let on_a = chosen.iter().filter(|&&r| r == a).count();
+        assert!((4..=12).contains(&on_a), "{on_a} of 16 on one relay");
+        // Player 0 publishes through its choice; the other relay turning 3 ms nearer (within a
+        // fifth of the round trip) does not move it, 10 ms nearer does.
+        let (mine, other) = if chosen[0] == a { (a, b) } else { (b, a) };
+        c.audiences.insert(players[0], (1, Some(mine)));
+        c.on_message(t, UnixTime(T0), 1, ClientToControl::RelayRtts(vec![(mine, 20_000), (other, 17_000)]));
+        assert_eq!(c.publish_relay(players[0]).unwrap().id, mine);
+        c.on_message(t, UnixTime(T0), 1, ClientToControl::RelayRtts(vec![(mine, 20_000), (other, 10_000)]));
+        assert_eq!(c.publish_relay(players[0]).unwrap().id, other);
+    }
 }
