@@ -120,7 +120,7 @@ pub struct AvatarRun {
     /// Seconds the simulator took per simulated second, warm-up included: CPU time of the
     /// process (the simulator runs on one thread), which on an otherwise idle machine is its
     /// wall time, and unlike wall time does not grow with what else the machine runs.
-    pub wall_per_sim_s: f64,
+    pub cpu_per_sim_s: f64,
     /// Per player: kbit/s sent on the wire (UDP payload and IPv4/UDP headers).
     pub upload_kbps: Vec<f64>,
     /// Per player: of that, the avatar messages' own bytes (updates and acks), kbit/s.
@@ -188,8 +188,7 @@ pub fn avatar_run(
     let started = crate::crowd::cpu_secs();
     let players = spec.players;
     let mut world = World::new(seed, spec)?;
-    let loss = Loss::GilbertElliott { good_to_bad: 0.005, bad_to_good: 0.25, loss_good: 0.0, loss_bad: 1.0 };
-    world.sim.set_default_link(LinkConfig::latency(Duration::from_millis(20)).with_loss(loss));
+    world.sim.set_default_link(LinkConfig::latency(Duration::from_millis(20)).with_loss(Loss::BURSTY));
     world.run_for(warmup);
     let snapshot = |w: &mut World| -> Vec<(Traffic, u64, u64)> {
         (0..w.len())
@@ -212,10 +211,10 @@ pub fn avatar_run(
     let (before, relays0, published0) = (snapshot(&mut world), relays(&world), published(&world));
     world.run_for(secs);
     let (after, relays1, published1) = (snapshot(&mut world), relays(&world), published(&world));
-    let wall_per_sim_s = (crate::crowd::cpu_secs() - started) / (warmup + secs).as_secs_f64();
+    let cpu_per_sim_s = (crate::crowd::cpu_secs() - started) / (warmup + secs).as_secs_f64();
     let s = secs.as_secs_f64();
     let kbps = |bytes: u64| bytes as f64 * 8.0 / 1000.0 / s;
-    let mut run = AvatarRun { players, secs: s, wall_per_sim_s, ..AvatarRun::default() };
+    let mut run = AvatarRun { players, secs: s, cpu_per_sim_s, ..AvatarRun::default() };
     let (mut bytes, mut messages, mut neighbours) = (0u64, 0u64, 0usize);
     let mut sum = Traffic::default();
     for (i, ((t0, b0, m0), (t1, b1, m1))) in before.iter().zip(&after).enumerate() {

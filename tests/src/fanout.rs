@@ -9,11 +9,6 @@ use shoal_control::watch::WatchConfig;
 use crate::link::{LinkConfig, Loss};
 use crate::world::{World, WorldSpec};
 
-/// 2 % loss in bursts of four datagrams on average.
-pub fn bursty_loss() -> Loss {
-    Loss::GilbertElliott { good_to_bad: 0.005, bad_to_good: 0.25, loss_good: 0.0, loss_bad: 1.0 }
-}
-
 /// `players` in one 40 m cluster, at most `neighbours` each (none: nobody is introduced,
 /// every player is only published and watched), everyone else watched, over 20 ms links with
 /// 2 % bursty loss. Returns the world after `secs`, and each player's upload on the wire over
@@ -37,7 +32,7 @@ pub fn watched_crowd(
     // Everyone watches everyone, however many: what is measured is the publisher's side.
     spec.control.core.watch = Some(WatchConfig { max_watched: players.max(1), ..WatchConfig::default() });
     let mut world = World::new(seed, spec)?;
-    world.sim.set_default_link(LinkConfig::latency(Duration::from_millis(20)).with_loss(bursty_loss()));
+    world.sim.set_default_link(LinkConfig::latency(Duration::from_millis(20)).with_loss(Loss::BURSTY));
     world.run_for(Duration::from_secs(secs.saturating_sub(measure)));
     let wire =
         |w: &mut World| -> Vec<u64> { (0..w.len()).map(|i| w.sim.node(w.host(i)).traffic().0.on_the_wire()).collect() };

@@ -27,6 +27,13 @@ pub enum Loss {
     },
 }
 
+impl Loss {
+    /// 2 % loss in bursts of four datagrams on average: the bursty loss the avatar and
+    /// fan-out crowds are measured under.
+    pub const BURSTY: Loss =
+        Loss::GilbertElliott { good_to_bad: 0.005, bad_to_good: 0.25, loss_good: 0.0, loss_bad: 1.0 };
+}
+
 /// One direction of a link.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LinkConfig {
@@ -175,12 +182,7 @@ mod tests {
     use super::*;
 
     fn bursty() -> LinkConfig {
-        LinkConfig::latency(Duration::from_millis(20)).with_loss(Loss::GilbertElliott {
-            good_to_bad: 0.005,
-            bad_to_good: 0.25,
-            loss_good: 0.0,
-            loss_bad: 1.0,
-        })
+        LinkConfig::latency(Duration::from_millis(20)).with_loss(Loss::BURSTY)
     }
 
     /// Loss rate and mean burst length (in datagrams) of `n` datagrams `every` apart.

@@ -11,11 +11,6 @@ use shoal_tests::avatars::{avatar_run, codec_bits};
 use shoal_tests::link::{LinkConfig, Loss};
 use shoal_tests::world::{AvatarStats, World, WorldSpec, WorldStats};
 
-/// 2 % loss in bursts of four datagrams on average.
-fn bursty_loss() -> Loss {
-    Loss::GilbertElliott { good_to_bad: 0.005, bad_to_good: 0.25, loss_good: 0.0, loss_bad: 1.0 }
-}
-
 /// `players` in clusters over 20 ms links with `loss`, for `secs` of virtual time.
 fn crowd(seed: u64, players: usize, loss: Loss, secs: u64, liars: usize) -> World {
     let mut world = World::new(seed, WorldSpec { liars, ..WorldSpec::avatars(players) }).expect("a valid world");
@@ -68,7 +63,7 @@ fn a_crowd_in_clusters_sees_its_neighbours_move_through_bursty_loss() {
 #[test]
 fn the_same_seed_gives_the_same_avatars() {
     let run = |seed| {
-        let world = crowd(seed, 20, bursty_loss(), 8, 0);
+        let world = crowd(seed, 20, Loss::BURSTY, 8, 0);
         let a = world.avatar_stats(Duration::from_secs(2));
         let errors: Vec<u32> = a.errors.iter().map(|e| e.to_bits()).collect();
         (world.stats(), errors, a.appear_delays)

@@ -126,7 +126,7 @@ pub(crate) fn avatars(populations: &[usize], secs: u64, seed: u64, trace: &Path)
         "stale far p99",
         "error p99 m",
         "bits/message",
-        "wall s/sim s"
+        "cpu s/sim s"
     );
     let mut json = vec![
         format!("\"header_bytes_per_datagram\":{header:.1}"),
@@ -151,7 +151,7 @@ pub(crate) fn avatars(populations: &[usize], secs: u64, seed: u64, trace: &Path)
         let ovh = r.rest_kbps_per_neighbour.iter().sum::<f64>() / r.rest_kbps_per_neighbour.len().max(1) as f64;
         println!(
             "{n:>8} {:>11.1} {up50:>8.1}/{up99:<8.1} {pay50:>8.1}/{pay99:<8.1} {rest50:>8.1}/{rest99:<8.1} {ovh:>13.2} {near:>14.0} {far:>14.0} {err:>13.3} {:>13.1} {:>12.2}",
-            r.neighbours, r.bits_per_message, r.wall_per_sim_s,
+            r.neighbours, r.bits_per_message, r.cpu_per_sim_s,
         );
         let upkeep =
             r.overhead_kbps_per_neighbour.iter().sum::<f64>() / r.overhead_kbps_per_neighbour.len().max(1) as f64;
@@ -170,7 +170,7 @@ pub(crate) fn avatars(populations: &[usize], secs: u64, seed: u64, trace: &Path)
             "\"upload_kbps_p50_{n}\":{up50:.1},\"upload_kbps_p99_{n}\":{up99:.1},\"payload_kbps_p99_{n}\":{pay99:.1},\"rest_kbps_p99_{n}\":{rest99:.1},\"rest_kbps_per_neighbour_{n}\":{ovh:.2},\"near_staleness_p99_ms_{n}\":{near:.0},\"far_staleness_p99_ms_{n}\":{far:.0},\"crowded_staleness_p99_ms_{n}\":{crowded:.0},\"interp_error_p99_m_{n}\":{err:.3},\"appear_p99_ms_{n}\":{appear:.0},\"overhead_kbps_per_neighbour_{n}\":{upkeep:.2},\"bits_per_message_{n}\":{:.1},\"neighbours_{n}\":{:.1},\"sim_wall_s_per_sim_s_{n}\":{:.2}",
             r.bits_per_message,
             r.neighbours,
-            r.wall_per_sim_s,
+            r.cpu_per_sim_s,
         ));
         if n == populations.iter().copied().max().unwrap_or(n) {
             json.push(format!(

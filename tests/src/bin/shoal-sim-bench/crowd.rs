@@ -21,7 +21,7 @@ pub(crate) fn crowd(populations: &[usize], secs: u64, seed: u64, audiences: &[us
         "classic egress",
         "ratio",
         "in view",
-        "wall s/sim s"
+        "cpu s/sim s"
     );
     let mut json = Vec::new();
     let mut ok = true;
@@ -47,7 +47,7 @@ pub(crate) fn crowd(populations: &[usize], secs: u64, seed: u64, audiences: &[us
             mbps(relay_max),
             mbps(r.classic_egress_kbps),
             share * 100.0,
-            r.wall_per_sim_s,
+            r.cpu_per_sim_s,
         );
         println!(
             "         (egress in Mbit/s: mean/max per relay, and the classic server's; {shown} of {pairs} pairs within the view radius show each other)"
@@ -60,7 +60,7 @@ pub(crate) fn crowd(populations: &[usize], secs: u64, seed: u64, audiences: &[us
             mbps(r.classic_egress_kbps),
             r.neighbours,
             r.watched,
-            r.wall_per_sim_s,
+            r.cpu_per_sim_s,
         ));
     }
     println!("one player's upload, watched by N others (nobody introduced), kbit/s on the wire:");
