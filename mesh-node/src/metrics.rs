@@ -47,6 +47,8 @@ pub enum DropReason {
     NoGroup,
     /// A subscribe was refused (see the subscribe answer counters).
     SubscribeRefused,
+    /// A peer relay's copy of a group this relay is not fed by that relay.
+    NotFed,
 }
 
 const PARSE_KINDS: [ParseErrorKind; 6] = [
@@ -60,7 +62,7 @@ const PARSE_KINDS: [ParseErrorKind; 6] = [
 
 impl DropReason {
     /// Every reason, for exposition.
-    pub const ALL: [DropReason; 21] = [
+    pub const ALL: [DropReason; 22] = [
         DropReason::Malformed(PARSE_KINDS[0]),
         DropReason::Malformed(PARSE_KINDS[1]),
         DropReason::Malformed(PARSE_KINDS[2]),
@@ -82,6 +84,7 @@ impl DropReason {
         DropReason::UnbindRefused,
         DropReason::NoGroup,
         DropReason::SubscribeRefused,
+        DropReason::NotFed,
     ];
 
     fn index(self) -> usize {
@@ -102,6 +105,7 @@ impl DropReason {
             DropReason::UnbindRefused => 18,
             DropReason::NoGroup => 19,
             DropReason::SubscribeRefused => 20,
+            DropReason::NotFed => 21,
         }
     }
 
@@ -129,6 +133,7 @@ impl DropReason {
             DropReason::UnbindRefused => "unbind_refused",
             DropReason::NoGroup => "no_group",
             DropReason::SubscribeRefused => "subscribe_refused",
+            DropReason::NotFed => "not_fed",
         }
     }
 }
@@ -178,6 +183,8 @@ pub struct Gauges {
     pub groups: usize,
     /// Memberships across them.
     pub members: usize,
+    /// Groups other relays feed here.
+    pub feeds: usize,
 }
 
 /// Upper bounds, in microseconds, of the per-hop latency histogram buckets.
@@ -240,6 +247,12 @@ pub struct Counters {
     pub copies: u64,
     /// Copies not sent because their publisher was past its rate limit.
     pub copies_rate_limited: u64,
+    /// Datagrams the relays that feed groups here sent, fanned out again here.
+    pub fed: u64,
+    /// Feeds the control server gave this relay (renewals included).
+    pub feeds_taken: u64,
+    /// Answers from upstream relays refusing a feed this relay presented.
+    pub feeds_refused: u64,
     subscribes: [u64; SubscribeStatus::ALL.len()],
     drops: [u64; DropReason::ALL.len()],
     refusals: [u64; BindRefusal::ALL.len()],
@@ -303,6 +316,9 @@ impl Counters {
         self.published += other.published;
         self.copies += other.copies;
         self.copies_rate_limited += other.copies_rate_limited;
+        self.fed += other.fed;
+        self.feeds_taken += other.feeds_taken;
+        self.feeds_refused += other.feeds_refused;
         for (a, b) in self.subscribes.iter_mut().zip(other.subscribes) {
             *a += b;
         }
@@ -357,6 +373,20 @@ impl Counters {
             "Copies not sent because their publisher was past its rate limit.",
             self.copies_rate_limited,
         )?;
+        counter(
+            e,
+            "shoal_relay_fed_total",
+            "Datagrams relays feeding groups here sent, fanned out again here.",
+            self.fed,
+        )?;
+        counter(
+            e,
+            "shoal_relay_feeds_taken_total",
+            "Feeds the control server gave (renewals included).",
+            self.feeds_taken,
+        )?;
+        counter(e, "shoal_relay_feeds_refused_total", "Feeds upstream relays refused.", self.feeds_refused)?;
+        gauge(e, "shoal_relay_feeds", "Groups other relays feed here.", now.feeds as u64)?;
         let answers = SubscribeStatus::ALL.map(|s| (subscribe_label(s), self.subscribes(s)));
         labelled_counters(e, "shoal_relay_subscribes_total", "Subscribes answered, by status.", "status", answers)?;
         gauge(e, "shoal_relay_groups", "Fan-out groups with members.", now.groups as u64)?;
@@ -385,7 +415,7 @@ mod tests {
 
     impl Collector for Snapshot {
         fn encode(&self, mut e: DescriptorEncoder<'_>) -> fmt::Result {
-            self.0.encode(Gauges { bindings: 3, groups: 1, members: 2 }, &mut e)
+            self.0.encode(Gauges { bindings: 3, groups: 1, members: 2, feeds: 1 }, &mut e)
         }
     }
 
@@ -411,6 +441,7 @@ mod tests {
             "shoal_relay_bindings 3",
             "shoal_relay_groups 1",
             "shoal_relay_group_members 2",
+            "shoal_relay_feeds 1",
             "shoal_relay_subscribes_total{status=\"forged\"} 0",
             "# TYPE shoal_relay_hop_latency_seconds histogram",
             "shoal_relay_hop_latency_seconds_bucket{le=\"2.5e-05\"} 1",
@@ -423,6 +454,6 @@ mod tests {
         // Every family has its HELP and TYPE.
         let families = text.lines().filter(|l| l.starts_with("# TYPE")).count();
         assert_eq!(families, text.lines().filter(|l| l.starts_with("# HELP")).count());
-        assert_eq!(families, 20);
+        assert_eq!(families, 24);
     }
 }

@@ -319,6 +319,13 @@ pub enum ControlToRelay {
     },
     /// Refused.
     Refused(Refusal),
+    /// Take a group's stream from another relay and fan it out to the members here: a
+    /// subscription signed for this relay (the subscriber) at the publisher's relay. Sent again
+    /// before it lapses while watchers near this relay need the stream.
+    Feed {
+        /// The encoded [`crate::SignedSubscription`].
+        subscription: Vec<u8>,
+    },
 }
 
 #[cfg(test)]
@@ -415,6 +422,7 @@ mod tests {
         let down = [
             ControlToRelay::Registered { permit: vec![1; 124], peers: vec![] },
             ControlToRelay::Refused(Refusal::BadCredentials),
+            ControlToRelay::Feed { subscription: vec![3; 120] },
         ];
         for m in down {
             let f = encode(&m).unwrap();

@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use shoal_link::{ControlLink, LinkError, Trust, write_message};
 use shoal_protocol::control::{ControlToRelay, KeyProof, RELAY_ACCOUNT, RelayToControl};
-use shoal_protocol::{Identity, SignedTicket};
+use shoal_protocol::{Identity, SignedSubscription, SignedTicket};
 use tokio::sync::{mpsc, watch};
 
 use crate::driver::relay::RelayHandle;
@@ -94,6 +94,10 @@ async fn session(reg: &Registration, relay: &RelayHandle, backoff: &mut Duration
                         *backoff = BACKOFF_MIN;
                         tracing::info!(control = %reg.control, peers = peers.len(), "registered with the control server");
                     }
+                    Some(Ok(ControlToRelay::Feed { subscription })) => match SignedSubscription::decode(&subscription) {
+                        Ok(s) => relay.feed(s),
+                        Err(e) => tracing::warn!(control = %reg.control, "unreadable feed: {e}"),
+                    },
                     Some(Ok(ControlToRelay::Refused(r))) => return Err(SessionEnd::Refused(r)),
                     Some(Err(e)) => return Err(e.into()),
                     None => return Err(LinkError::Closed("reader stopped".into()).into()),

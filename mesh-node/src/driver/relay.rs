@@ -17,7 +17,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
-use shoal_protocol::{Group, NodeId, Roles, SignedTicket};
+use shoal_protocol::{Group, NodeId, Roles, SignedSubscription, SignedTicket};
 
 use crate::clock::WallClock;
 use crate::driver::batch::{BATCH, Batch};
@@ -76,7 +76,12 @@ impl RelayStats {
     pub fn gauges(&self) -> Gauges {
         let all: Vec<Gauges> = self.workers.iter().filter_map(|w| w.lock().ok().map(|w| w.1)).collect();
         let max = |f: fn(&Gauges) -> usize| all.iter().map(f).max().unwrap_or(0);
-        Gauges { bindings: max(|g| g.bindings), groups: max(|g| g.groups), members: max(|g| g.members) }
+        Gauges {
+            bindings: max(|g| g.bindings),
+            groups: max(|g| g.groups),
+            members: max(|g| g.members),
+            feeds: max(|g| g.feeds),
+        }
     }
 
     /// Peer relays holding our binding: id, address, round-trip time.
@@ -112,6 +117,8 @@ enum WorkerMsg {
     AddPeer(SocketAddr),
     /// Our own permit, issued or renewed by the control server.
     SetPermit(SignedTicket),
+    /// A group to take from another relay, signed by the control server.
+    Feed(SignedSubscription),
 }
 
 /// Tells a running relay's workers what the control server said; cheap to clone.
@@ -136,6 +143,16 @@ impl RelayHandle {
         for w in &self.workers {
             if w.send(WorkerMsg::SetPermit(permit)).is_err() {
                 tracing::debug!("relay stopped; permit not installed");
+            }
+        }
+    }
+
+    /// Takes a feed on every worker: the group's stream from the relay the subscription names,
+    /// fanned out again to the members here (see [`Router::feed`]).
+    pub fn feed(&self, subscription: SignedSubscription) {
+        for w in &self.workers {
+            if w.send(WorkerMsg::Feed(subscription)).is_err() {
+                tracing::debug!("relay stopped; feed not taken");
             }
         }
     }
@@ -299,9 +316,9 @@ impl Worker {
             let (from, buf) = batch.received(i);
             let Some(from) = from else { continue };
             let len = buf.len();
-            if self.idx != 0
-                && matches!(buf.get(1), Some(k) if *k == Kind::BindChallenge as u8 || *k == Kind::BindAck as u8)
-            {
+            // Answers to what the peer-owning worker sent (its binds, its feeds) go to it.
+            let to_owner = [Kind::BindChallenge, Kind::BindAck, Kind::SubscribeAck].map(|k| k as u8);
+            if self.idx != 0 && buf.get(1).is_some_and(|k| to_owner.contains(k)) {
                 if self.others[0].send(WorkerMsg::PeerReply { from, bytes: buf.to_vec() }).is_err() {
                     self.router.counters_mut().drop(DropReason::Internal);
                 }
@@ -353,6 +370,12 @@ impl Worker {
             }
             WorkerMsg::AddPeer(addr) => self.router.add_peer(addr, now),
             WorkerMsg::SetPermit(permit) => self.router.set_permit(now, permit),
+            WorkerMsg::Feed(subscription) => {
+                if let Err(e) = self.router.feed(now, subscription) {
+                    tracing::warn!("feed from the control server refused: {e}");
+                }
+                self.drain(sock);
+            }
         }
     }
 
@@ -400,7 +423,8 @@ impl Worker {
             && let Ok(mut s) = slot.lock()
         {
             let (groups, members) = self.router.groups();
-            *s = (self.router.counters().clone(), Gauges { bindings: self.router.bindings(), groups, members });
+            let gauges = Gauges { bindings: self.router.bindings(), groups, members, feeds: self.router.feeds() };
+            *s = (self.router.counters().clone(), gauges);
         }
         if self.idx == 0
             && let Ok(mut p) = self.stats.peers.lock()

@@ -243,6 +243,7 @@ impl Router {
             && let Some(id) = peer.relay_id()
         {
             self.events.push_back(RouterEvent::PeerBound { addr: from, peer: id });
+            self.feed_peer_bound(now, id);
         }
         Verdict::Consumed
     }

@@ -28,6 +28,8 @@ use crate::fanout::{FanoutConfig, Groups};
 use crate::metrics::{Counters, DropReason};
 use crate::wire::{self, Datagram, Header, Kind, Notice, NoticeCode, ParseError, Route, VcId};
 
+pub use feed::{FEED_IDLE, FEED_REFRESH, FEED_RETRY};
+
 /// How long a bind challenge's cookie stays valid.
 const COOKIE_LIFETIME_SECS: u64 = 30;
 /// Sources with a rate limit of their own, per binding the relay allows.
@@ -271,6 +273,8 @@ pub struct Router {
     peer_owner: bool,
     /// Fan-out groups and their members.
     groups: Groups,
+    /// Groups other relays feed here.
+    feeds: feed::Feeds,
 }
 
 impl Router {
@@ -294,6 +298,7 @@ impl Router {
             next_sweep: now + Duration::from_secs(1),
             peer_owner: true,
             groups: Groups::new(cfg.fanout),
+            feeds: feed::Feeds::default(),
             cfg,
         }
     }
@@ -342,7 +347,9 @@ impl Router {
     /// Adopts a membership another worker of this relay admitted (see [`RouterEvent::Joined`]).
     pub fn apply_membership(&mut self, now: Instant, group: Group, node: NodeId, addr: SocketAddr, expires_at: u64) {
         let lapses = now + Duration::from_secs(expires_at.saturating_sub(self.clock.unix_secs(now)));
-        let _ = self.groups.join(group, node, addr, lapses);
+        if self.groups.join(group, node, addr, lapses).is_ok() {
+            self.feed_member_joined(now, &group);
+        }
     }
 
     /// Drops a membership another worker of this relay released (see [`RouterEvent::Left`]).
@@ -417,7 +424,8 @@ impl Router {
     /// When [`Router::handle_timeout`] is next due.
     #[must_use]
     pub fn poll_timeout(&self) -> Instant {
-        self.peers.iter().map(BindClient::poll_timeout).fold(self.next_sweep, Instant::min)
+        let peers = self.peers.iter().map(BindClient::poll_timeout).fold(self.next_sweep, Instant::min);
+        self.feeds_timeout().map_or(peers, |t| t.min(peers))
     }
 
     /// Drives peer binds and drops lapsed and idle bindings and idle rate-limit state.
@@ -429,6 +437,7 @@ impl Router {
                 }
             }
         }
+        self.present_due(now);
         if now >= self.next_sweep {
             self.next_sweep = now + Duration::from_secs(1);
             let by_node = &mut self.by_node;
@@ -446,6 +455,7 @@ impl Router {
             self.counters.idle_expired += idle;
             let by_addr = &self.by_addr;
             self.groups.sweep(now, |node, addr| by_addr.get(&addr).is_some_and(|b| b.node == node && b.expires > now));
+            self.sweep_feeds(now);
             let (pr, br) = (self.cfg.source_packets, self.cfg.source_bytes);
             self.buckets.retain(|_, (p, b)| !(p.is_full(&pr, now) && b.is_full(&br, now)));
         }
@@ -465,7 +475,6 @@ impl Router {
             Verdict::Reply(_) => self.counters.replies += 1,
             Verdict::FanOut(group) => {
                 let copies = self.groups.addrs(&group).len() as u64;
-                self.counters.published += 1;
                 self.counters.copies += copies;
                 self.counters.forwarded_bytes += buf.len() as u64 * copies;
             }
@@ -489,6 +498,7 @@ impl Router {
                     Kind::BindProof if d.unbind() => self.release(now, from, buf),
                     Kind::BindProof => self.accept_proof(now, from, buf),
                     Kind::BindChallenge | Kind::BindAck => self.peer_bind_reply(now, from, buf),
+                    Kind::SubscribeAck => self.feed_answer(now, from, buf),
                     _ => self.peer_notice(now, from, buf),
                 };
             }
@@ -629,6 +639,7 @@ impl ParseErrorKind {
 }
 
 mod binding;
+mod feed;
 mod publish;
 #[cfg(test)]
 mod tests;

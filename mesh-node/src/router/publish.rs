@@ -1,10 +1,10 @@
 //! Fan-out at the relay: a publisher's datagram copied to its group's members, and the
-//! subscriptions that make members.
+//! subscriptions that make members. Copies another relay feeds here are in [`super::feed`].
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use shoal_protocol::{Group, NodeId, SignedSubscription, StreamId, SubscriptionError, UnixTime};
+use shoal_protocol::{Group, NodeId, Roles, SignedSubscription, StreamId, SubscriptionError, UnixTime};
 
 use super::{Hot, ParseErrorKind, Router, RouterEvent, TokenBucket, Verdict};
 use crate::metrics::DropReason;
@@ -23,7 +23,11 @@ impl Router {
             return self.refuse(now, buf, DropReason::PermitExpired, NoticeCode::PermitExpired);
         }
         binding.heard = now;
-        if d.source != binding.node || d.hop != 0 {
+        let (node, roles) = (binding.node, binding.roles);
+        if roles.contains(Roles::RELAY) {
+            return self.fan_out_fed(now, buf, d, stream, node);
+        }
+        if d.source != node || d.hop != 0 {
             return Verdict::Drop(DropReason::SourceMismatch);
         }
         // A publish names this relay as its only hop and as its destination (so that one
@@ -39,16 +43,26 @@ impl Router {
         if copies == 0 {
             return Verdict::Drop(DropReason::NoGroup);
         }
-        let (pr, br) = (self.cfg.source_packets, self.cfg.source_bytes);
-        let (packets, bytes) =
-            self.buckets.entry(d.source).or_insert_with(|| (TokenBucket::new(&pr, now), TokenBucket::new(&br, now)));
-        let n = copies as f64;
-        if !packets.take(&pr, now, n) || !bytes.take(&br, now, buf.len() as f64 * n) {
-            self.counters.copies_rate_limited += copies as u64;
+        if !self.charge_copies(now, d.source, copies, buf.len()) {
             return Verdict::Drop(DropReason::RateLimited);
         }
+        self.counters.published += 1;
         wire::stamp_and_advance(buf, self.tag, self.clock.stamp_us(now));
         Verdict::FanOut(group)
+    }
+
+    /// Charges `copies` of a `len`-byte datagram to `publisher`'s rate limit; whether it had
+    /// room (the copies not sent are counted when it had not).
+    pub(super) fn charge_copies(&mut self, now: Instant, publisher: NodeId, copies: usize, len: usize) -> bool {
+        let (pr, br) = (self.cfg.source_packets, self.cfg.source_bytes);
+        let (packets, bytes) =
+            self.buckets.entry(publisher).or_insert_with(|| (TokenBucket::new(&pr, now), TokenBucket::new(&br, now)));
+        let n = copies as f64;
+        if !packets.take(&pr, now, n) || !bytes.take(&br, now, len as f64 * n) {
+            self.counters.copies_rate_limited += copies as u64;
+            return false;
+        }
+        true
     }
 
     /// A node presents a subscription (or leaves a group): answered with its status, in a
@@ -124,6 +138,7 @@ impl Router {
         })?;
         let lapses = now + Duration::from_secs(b.expires_at.0 - now_secs);
         self.groups.join(b.group(), node, from, lapses).map_err(Some)?;
+        self.feed_member_joined(now, &b.group());
         self.events.push_back(RouterEvent::Joined { group: b.group(), node, addr: from, expires_at: b.expires_at.0 });
         Ok(SubscribeStatus::Member)
     }

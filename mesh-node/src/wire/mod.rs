@@ -537,6 +537,26 @@ pub fn stamp_and_advance(buf: &mut [u8], tag: u32, now_us: u32) {
     buf[3] = ((l.route_len as u8) << 4) | (l.hop as u8 + 1);
 }
 
+/// Makes a copy that another relay fanned out to this one (`relay`, fed its group) this
+/// relay's own, in place: the destination and the single route entry name `relay`, and the
+/// trace slot holds `relay`'s tag and stamp. Members then take it as they take `relay`'s own
+/// copies; the publisher's sealed payload is untouched.
+///
+/// `buf` must hold a [`Kind::Publish`] that [`Datagram::parse`] accepted with one route entry,
+/// already crossed; the relay calls this after its checks.
+pub fn adopt(buf: &mut [u8], relay: NodeId, tag: u32, now_us: u32) {
+    let l = Layout::read(buf);
+    debug_assert!(l.route_len == 1 && l.hop == 1);
+    buf[12..20].copy_from_slice(&relay.0);
+    buf[HEADER_LEN..HEADER_LEN + ROUTE_ENTRY_LEN].copy_from_slice(&relay.0);
+    if l.trace {
+        let origin = u32_at(buf, l.trace_at());
+        let at = l.trace_at() + TRACE_ORIGIN_LEN;
+        buf[at..at + 4].copy_from_slice(&tag.to_be_bytes());
+        buf[at + 4..at + 8].copy_from_slice(&now_us.wrapping_sub(origin).to_be_bytes());
+    }
+}
+
 /// Marks an emitted [`Kind::BindProof`] as an unbind, or a [`Kind::BindAck`] as the answer to
 /// one. Other kinds are left as they are (the flag would not parse on them).
 pub fn set_unbind(datagram: &mut [u8]) {

@@ -110,6 +110,27 @@ proptest! {
     }
 
     #[test]
+    fn an_adopted_copy_names_the_second_relay_and_keeps_the_payload(
+        traced in any::<bool>(), origin in any::<u32>(), first in 1u32..10_000, second in 1u32..10_000,
+        payload in proptest::collection::vec(any::<u8>(), 0..200),
+    ) {
+        let (r1, r2) = (id(7), id(8));
+        let h = Header { kind: Kind::Publish, source: id(1), destination: r1, vc: VcId(3), trace: traced };
+        let mut bytes = emit_vec(&h, &Route::new(&[r1]).unwrap(), origin, &payload);
+        let len = bytes.len();
+        stamp_and_advance(&mut bytes, relay_tag(r1), origin.wrapping_add(first));
+        adopt(&mut bytes, r2, relay_tag(r2), origin.wrapping_add(first + second));
+        prop_assert_eq!(bytes.len(), len);
+        let d = Datagram::parse(&bytes).unwrap();
+        prop_assert_eq!((d.kind(), d.source(), d.destination(), d.vc()), (Kind::Publish, id(1), r2, VcId(3)));
+        prop_assert_eq!((d.hop(), d.route()), (1, Route::new(&[r2]).unwrap()));
+        let slots: Vec<_> = d.trace_slots().collect();
+        let want = if traced { vec![TraceSlot { tag: relay_tag(r2), delta_us: first + second }] } else { vec![] };
+        prop_assert_eq!(slots, want);
+        prop_assert_eq!(d.body(), &payload[..]);
+    }
+
+    #[test]
     fn an_unbind_and_its_ack_round_trip(src in any::<[u8; 8]>(), dst in any::<[u8; 8]>(), issued_at in any::<u64>(),
                                        cookie in any::<[u8; COOKIE_LEN]>(), permit in any::<[u8; TICKET_LEN]>(),
                                        sig in proptest::collection::vec(any::<u8>(), SIGNATURE_LEN), port in any::<u16>()) {
