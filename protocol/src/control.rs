@@ -132,7 +132,7 @@ pub enum Refusal {
 }
 
 /// A relay a client may use, with the control server's latency estimate.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RelayInfo {
     /// The relay's node id.
     pub id: NodeId,

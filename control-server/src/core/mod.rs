@@ -198,6 +198,10 @@ pub struct CoreCounters {
     pub unwatches: u64,
     /// Watches not granted because no relay was registered.
     pub watch_no_relay: u64,
+    /// Watch grants through a second relay near the watcher, which the publisher's relay feeds.
+    pub chained_grants: u64,
+    /// Feeds sent to relays: new, renewed, or from another upstream.
+    pub feeds: u64,
 }
 
 /// One player in the live-state API.
@@ -353,6 +357,8 @@ pub struct Core {
     watchers: Option<Watchers>,
     /// Grants in force, by (watcher, publisher).
     grants: FxHashMap<(NodeId, NodeId), watching::Grant>,
+    /// Feeds in force, by (fed relay, publisher).
+    feeds: FxHashMap<(NodeId, NodeId), watching::Feed>,
     /// What each publisher was last told of its audience: watchers and relay.
     audiences: FxHashMap<NodeId, (u32, Option<NodeId>)>,
     /// The relay map, keyed and ordered by node id.
@@ -385,6 +391,7 @@ impl Core {
             interest: Interest::new(cfg.interest)?,
             watchers: cfg.watch.map(Watchers::new).transpose()?,
             grants: FxHashMap::default(),
+            feeds: FxHashMap::default(),
             audiences: FxHashMap::default(),
             relays,
             cfg,

@@ -4,10 +4,14 @@
 //! publisher changes its key; each publisher learns how many watch it and where to publish.
 //!
 //! A publisher publishes to the registered relay it measured nearest (the first configured
-//! one while it has measured none); its watchers bind to that relay.
+//! one while it has measured none). A watcher takes the stream at that relay, or, when the
+//! relay map says it is clearly faster, at a second relay near the watcher which the
+//! publisher's relay feeds: the control server signs that relay a subscription at the
+//! publisher's relay (a feed), so the stream crosses the link between them once for all the
+//! watchers behind it.
 
 use rustc_hash::FxHashMap;
-use shoal_protocol::control::{ControlToClient, RelayInfo, WatchGrant};
+use shoal_protocol::control::{ControlToClient, ControlToRelay, RelayInfo, WatchGrant};
 use shoal_protocol::subscription::AVATAR_STREAM;
 use shoal_protocol::{NodeId, SubscriptionBody, UnixTime};
 
@@ -19,6 +23,29 @@ use crate::watch::WatchEvent;
 pub(super) struct Grant {
     pub(super) relay: NodeId,
     pub(super) expires: UnixTime,
+}
+
+/// A feed in force: the relay that feeds the group, when the subscription lapses, and the
+/// fed relay's control connection it was sent on (a relay that connects again is fed again).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Feed {
+    upstream: NodeId,
+    expires: UnixTime,
+    conn: super::ConnId,
+}
+
+/// Where a watcher takes a stream: the relay it subscribes at, and the relay that feeds that
+/// one when it is not the publisher's own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct WatchRoute {
+    pub(super) relay: RelayInfo,
+    pub(super) upstream: Option<NodeId>,
+}
+
+/// How much faster another path must be before it replaces the one in use: a fifth of the
+/// round trip, or 2 ms.
+fn margin(rtt_us: u32) -> u32 {
+    (rtt_us / 5).max(2_000)
 }
 
 /// A publisher's rank of a relay: splitmix64 of their ids, lowest first.
@@ -41,19 +68,84 @@ impl Core {
         let p = self.signed_in(publisher)?;
         let rtt = |id: &NodeId| p.relay_rtts.get(id).copied().unwrap_or(u32::MAX);
         let (best_unregistered, best_rtt) = self.relays.iter().map(|(id, r)| (r.conn.is_none(), rtt(id))).min()?;
-        let near = |id: &NodeId, r: &super::RelayEntry| {
-            r.conn.is_none() == best_unregistered && rtt(id) <= best_rtt.saturating_add((best_rtt / 5).max(2_000))
-        };
         let current = self.audiences.get(&publisher).and_then(|&(_, r)| r);
         let info = |(&id, r): (&NodeId, &super::RelayEntry)| RelayInfo { id, addr: r.addr, rtt_us: rtt(&id) };
+        let near = |id: &NodeId, r: &super::RelayEntry| {
+            r.conn.is_none() == best_unregistered && rtt(id) <= best_rtt.saturating_add(margin(best_rtt))
+        };
         if let Some(cur) = current.and_then(|c| self.relays.get_key_value(&c)).filter(|(id, r)| near(id, r)) {
             return Some(info(cur));
         }
         self.relays.iter().filter(|(id, r)| near(id, r)).min_by_key(|(id, _)| rank(publisher, **id)).map(info)
     }
 
-    /// Signs and sends `watcher` its grant for `publisher` through `relay`.
-    fn grant(&mut self, unix: UnixTime, watcher: NodeId, publisher: NodeId, relay: RelayInfo) {
+    /// Where `watcher` takes the stream `publisher` publishes at `via`: there, or at a second
+    /// registered relay that `via` feeds, when the relay map's round trip between the two plus
+    /// the watcher's to the second beats the watcher's own to `via` by [`margin`]. The route in
+    /// use stays while it is within the margin of the best.
+    pub(super) fn watch_route(&self, watcher: NodeId, publisher: NodeId, via: &RelayInfo) -> WatchRoute {
+        let direct_route = WatchRoute { relay: *via, upstream: None };
+        let Some(w) = self.signed_in(watcher) else { return direct_route };
+        let rtt = |id: &NodeId| w.relay_rtts.get(id).copied().unwrap_or(u32::MAX);
+        let direct = rtt(&via.id);
+        let chains = self
+            .relays
+            .iter()
+            .filter(|(id, r)| **id != via.id && r.conn.is_some())
+            .filter_map(|(id, r)| Some((self.relay_rtt(via.id, *id)?.saturating_add(rtt(id)), *id, r.addr)));
+        let chained = |(_, id, addr): (u32, NodeId, std::net::SocketAddr)| WatchRoute {
+            relay: RelayInfo { id, addr, rtt_us: rtt(&id) },
+            upstream: Some(via.id),
+        };
+        let current = self.grants.get(&(watcher, publisher)).map(|g| g.relay);
+        let mut best_chain = None;
+        let mut kept = None;
+        for c in chains {
+            if Some(c.1) == current {
+                kept = Some(c);
+            }
+            if best_chain.is_none_or(|b: (u32, NodeId, std::net::SocketAddr)| c.0 < b.0) {
+                best_chain = Some(c);
+            }
+        }
+        let best = best_chain.map_or(direct, |b| b.0.min(direct));
+        match (current, kept, best_chain) {
+            (Some(cur), _, _) if cur == via.id && direct <= best.saturating_add(margin(best)) => direct_route,
+            (_, Some(k), _) if k.0 <= best.saturating_add(margin(best)) => chained(k),
+            (_, _, Some(b)) if b.0.saturating_add(margin(direct.min(b.0))) < direct => chained(b),
+            _ => direct_route,
+        }
+    }
+
+    /// Signs and sends `relay` a feed of `publisher`'s stream from `upstream`, unless the one
+    /// it holds has more than a third of its life left.
+    fn feed(&mut self, unix: UnixTime, relay: NodeId, publisher: NodeId, upstream: NodeId) {
+        let Some(conn) = self.relays.get(&relay).and_then(|r| r.conn) else { return };
+        let ttl = self.cfg.subscription_ttl.as_secs();
+        let fresh = |f: &Feed| f.upstream == upstream && f.conn == conn && f.expires.0 > unix.0 + ttl / 3;
+        if self.feeds.get(&(relay, publisher)).is_some_and(fresh) {
+            return;
+        }
+        let expires = UnixTime(unix.0 + ttl);
+        let subscription = SubscriptionBody {
+            subscriber: relay,
+            publisher,
+            stream: AVATAR_STREAM,
+            relay: upstream,
+            issued_at: unix,
+            expires_at: expires,
+        }
+        .sign(&self.identity);
+        self.feeds.insert((relay, publisher), Feed { upstream, expires, conn });
+        self.counters.feeds += 1;
+        let msg = ControlToRelay::Feed { subscription: subscription.encode().to_vec() };
+        self.outputs.push_back(Output::SendRelay(conn, msg));
+    }
+
+    /// Signs and sends `watcher` its grant for `publisher` through `route` (feeding its relay
+    /// first when the publisher's relay feeds it).
+    fn grant(&mut self, unix: UnixTime, watcher: NodeId, publisher: NodeId, route: WatchRoute) {
+        let relay = route.relay;
         let (Some(&conn), Some(p)) = (self.by_node.get(&watcher), self.signed_in(publisher)) else { return };
         // A player that serves no avatar has no stream to watch: nothing is signed for it
         // until it gives a key (the next renewal pass grants it then).
@@ -77,6 +169,10 @@ impl Core {
             subscription: subscription.encode().to_vec(),
             stream_key: Some(stream_key),
         };
+        if let Some(upstream) = route.upstream {
+            self.feed(unix, relay_id, publisher, upstream);
+            self.counters.chained_grants += 1;
+        }
         self.grants.insert((watcher, publisher), Grant { relay: relay_id, expires });
         self.counters.watch_grants += 1;
         self.outputs.push_back(Output::Send(conn, ControlToClient::Watch(Box::new(grant))));
@@ -109,7 +205,7 @@ impl Core {
             match e {
                 WatchEvent::Watch { watcher, publisher } => {
                     match self.publish_relay(publisher) {
-                        Some(relay) => self.grant(unix, watcher, publisher, relay),
+                        Some(via) => self.grant(unix, watcher, publisher, self.watch_route(watcher, publisher, &via)),
                         None => self.counters.watch_no_relay += 1,
                     }
                     publishers.push(publisher);
@@ -132,41 +228,52 @@ impl Core {
     }
 
     /// Renews grants whose subscriptions have a third of their life left, grants again at
-    /// once those whose publisher now publishes to another relay (a nearer one measured, or
-    /// its relay gone), and grants the watch events missed for want of a relay.
+    /// once those whose route changed (the publisher's relay, a nearer one measured or its
+    /// relay gone; or a faster second relay for the watcher), grants the watch events missed
+    /// for want of a relay, and renews the feeds the grants in force need (the others lapse,
+    /// and their relays leave them once no member is left).
     pub(super) fn renew_grants(&mut self, unix: UnixTime) {
         let Some(w) = &self.watchers else { return };
         let before = self.cfg.subscription_ttl.as_secs() / 3;
-        let mut due: Vec<(NodeId, NodeId)> = Vec::new();
+        let mut due: Vec<(NodeId, NodeId, WatchRoute)> = Vec::new();
+        let mut feeds: Vec<(NodeId, NodeId, NodeId)> = Vec::new();
         let mut players: Vec<NodeId> = self.by_node.keys().copied().collect();
         players.sort_unstable();
-        let mut relay_of: FxHashMap<NodeId, Option<NodeId>> = FxHashMap::default();
+        let mut relay_of: FxHashMap<NodeId, Option<RelayInfo>> = FxHashMap::default();
         for &watcher in &players {
             for publisher in w.watched_by(watcher) {
-                let relay = *relay_of.entry(publisher).or_insert_with(|| {
+                let via = relay_of.entry(publisher).or_insert_with(|| {
                     let streams = self.signed_in(publisher).is_some_and(|p| p.stream_key.is_some());
-                    streams.then(|| self.publish_relay(publisher).map(|r| r.id)).flatten()
+                    streams.then(|| self.publish_relay(publisher)).flatten()
                 });
                 // Nothing to grant yet: no relay, or no stream.
-                if relay.is_none() {
-                    continue;
-                }
+                let Some(via) = via else { continue };
+                let route = self.watch_route(watcher, publisher, via);
                 let stale = self
                     .grants
                     .get(&(watcher, publisher))
-                    .is_none_or(|g| g.expires.0 <= unix.0 + before || Some(g.relay) != relay);
+                    .is_none_or(|g| g.expires.0 <= unix.0 + before || g.relay != route.relay.id);
                 if stale {
-                    due.push((watcher, publisher));
+                    due.push((watcher, publisher, route));
+                } else if let Some(upstream) = route.upstream {
+                    feeds.push((route.relay.id, publisher, upstream));
                 }
             }
         }
         let mut publishers = Vec::new();
-        for (watcher, publisher) in due {
-            if let Some(relay) = self.publish_relay(publisher) {
-                self.grant(unix, watcher, publisher, relay);
-                publishers.push(publisher);
-            }
+        for (watcher, publisher, route) in due {
+            self.grant(unix, watcher, publisher, route);
+            publishers.push(publisher);
         }
+        feeds.sort_unstable();
+        feeds.dedup();
+        for &(relay, publisher, upstream) in &feeds {
+            self.feed(unix, relay, publisher, upstream);
+        }
+        // Feeds no grant needs any more are forgotten (a relay that needs one again is fed anew).
+        let granted: rustc_hash::FxHashSet<(NodeId, NodeId)> =
+            self.grants.iter().map(|(&(_, p), g)| (g.relay, p)).collect();
+        self.feeds.retain(|k, _| granted.contains(k));
         publishers.sort_unstable();
         publishers.dedup();
         for p in publishers {
@@ -185,8 +292,9 @@ impl Core {
             .into_iter()
             .collect();
         for watcher in watchers {
-            if let Some(relay) = self.publish_relay(publisher) {
-                self.grant(unix, watcher, publisher, relay);
+            if let Some(via) = self.publish_relay(publisher) {
+                let route = self.watch_route(watcher, publisher, &via);
+                self.grant(unix, watcher, publisher, route);
             }
         }
     }
@@ -197,7 +305,7 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::panic)]
     use std::time::{Duration, Instant};
 
-    use shoal_protocol::control::ClientToControl;
+    use shoal_protocol::control::{ClientToControl, RelayToControl};
     use shoal_protocol::{Identity, SignedSubscription};
 
     use super::super::CoreConfig;
@@ -321,5 +429,72 @@ mod tests {
         assert_eq!(c.publish_relay(players[0]).unwrap().id, mine);
         c.on_message(t, UnixTime(T0), 1, ClientToControl::RelayRtts(vec![(mine, 20_000), (other, 10_000)]));
         assert_eq!(c.publish_relay(players[0]).unwrap().id, other);
+    }
+
+    /// The publisher is near relay A, two watchers are near relay B, and A and B are 10 ms
+    /// apart: the watchers are granted B, and B is fed the stream from A once for both, renewed
+    /// once for both. A watcher that comes near A takes the stream there again.
+    #[test]
+    fn watchers_near_another_relay_take_the_stream_there_fed_once_by_the_publishers_relay() {
+        let (ra, rb) = (Identity::from_seed([50; 32]), Identity::from_seed([51; 32]));
+        let mut c = relay_core(&[&ra, &rb]);
+        let t = Instant::now();
+        register(&mut c, t, 100, &ra);
+        register(&mut c, t, 101, &rb);
+        let (a, b) = (ra.node_id(), rb.node_id());
+        c.on_relay_message(t, UnixTime(T0), 100, RelayToControl::PeerRtts(vec![(b, 10_000)]));
+        let ids: Vec<NodeId> =
+            (0..3u8).map(|i| sign_in(&mut c, t, u64::from(i) + 1, i + 10, &format!("p{i}")).node_id()).collect();
+        let ms = |x: u32, y: u32| ClientToControl::RelayRtts(vec![(a, x * 1000), (b, y * 1000)]);
+        c.on_message(t, UnixTime(T0), 1, ms(5, 60));
+        for (conn, x) in [(1u64, 0.0), (2, 100.0), (3, 110.0)] {
+            c.on_message(t, UnixTime(T0), conn, report(1, T0 * 1000, [x, 0.0, 0.0]));
+            c.on_message(t, UnixTime(T0), conn, ClientToControl::StreamKey([conn as u8; 32]));
+        }
+        c.on_message(t, UnixTime(T0), 2, ms(80, 5));
+        c.on_message(t, UnixTime(T0), 3, ms(80, 6));
+        outputs(&mut c);
+        c.tick(t, UnixTime(T0));
+        let out = outputs(&mut c);
+        let to_watchers: Vec<(u64, RelayInfo)> =
+            grants(&out).into_iter().filter(|(_, g)| g.publisher == ids[0]).map(|(c, g)| (c, g.relay)).collect();
+        assert_eq!(to_watchers.len(), 2, "{out:?}");
+        assert!(to_watchers.iter().all(|(_, r)| r.id == b), "{to_watchers:?}");
+        let feeds = |out: &[Output]| -> Vec<SignedSubscription> {
+            out.iter()
+                .filter_map(|o| match o {
+                    Output::SendRelay(101, ControlToRelay::Feed { subscription }) => {
+                        SignedSubscription::decode(subscription).ok()
+                    }
+                    _ => None,
+                })
+                .filter(|s| s.body.publisher == ids[0])
+                .collect()
+        };
+        let fed = feeds(&out);
+        assert_eq!(fed.len(), 1, "one feed for both watchers: {out:?}");
+        let body = fed[0].verify(&c.public_key(), a, b, UnixTime(T0 + 1)).unwrap();
+        assert_eq!((body.publisher, body.stream), (ids[0], AVATAR_STREAM));
+        // The publisher still publishes at its own relay.
+        assert!(
+            out.iter()
+                .any(|o| matches!(o, Output::Send(1, ControlToClient::Audience { relay: Some(r), .. }) if r.id == a))
+        );
+        // Forty seconds on: the grants and the one feed are renewed.
+        c.on_message(t, UnixTime(T0 + 40), 1, ClientToControl::Keepalive);
+        c.tick(t + Duration::from_secs(1), UnixTime(T0 + 40));
+        let out = outputs(&mut c);
+        assert_eq!(feeds(&out).len(), 1, "{out:?}");
+        assert_eq!(grants(&out).iter().filter(|(_, g)| g.publisher == ids[0] && g.relay.id == b).count(), 2);
+        // Watcher 2 travels near relay A: it takes the stream there, straight from A.
+        c.on_message(t, UnixTime(T0 + 41), 2, ms(5, 60));
+        c.tick(t + Duration::from_secs(2), UnixTime(T0 + 41));
+        let out = outputs(&mut c);
+        let moved: Vec<_> = grants(&out).into_iter().filter(|(_, g)| g.publisher == ids[0]).collect();
+        assert_eq!(moved.len(), 1, "{out:?}");
+        assert_eq!((moved[0].0, moved[0].1.relay.id), (2, a));
+        assert!(feeds(&out).is_empty());
+        // (Player 0 watches the other two through relay A, which B feeds, the same way.)
+        assert_eq!((c.counters().chained_grants, c.counters().feeds), (8, 6), "{:?}", c.counters());
     }
 }
