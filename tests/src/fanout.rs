@@ -7,6 +7,7 @@ use shoal_control::interest::InterestError;
 use shoal_control::watch::WatchConfig;
 
 use crate::link::{LinkConfig, Loss};
+use crate::sim::HostId;
 use crate::world::{World, WorldSpec};
 
 /// `players` in one 40 m cluster, at most `neighbours` each (none: nobody is introduced,
@@ -58,4 +59,29 @@ pub fn upload_watched_by(seed: u64, watchers: usize, secs: u64, measure: u64) ->
         .map(|m| m.counters().watched_received as f64 / secs as f64 / watchers.max(1) as f64)
         .fold(f64::INFINITY, f64::min);
     Ok((mean, least))
+}
+
+/// `players` in two regions, each with its own relay: a player reaches its region's relay in
+/// 5 ms and the other in 80 ms (round trips), the relays reach each other in 10 ms. Nobody is
+/// introduced; everyone watches everyone. Returns the world after `secs`.
+///
+/// # Errors
+/// When the world's interest settings are refused.
+pub fn two_regions(seed: u64, players: usize, secs: u64) -> Result<World, InterestError> {
+    let mut spec = WorldSpec { clusters: 1, cluster_side: 40.0, relays: 2, ..WorldSpec::avatars(players) };
+    spec.control.core.interest.enter_radius = 0.01;
+    spec.control.core.interest.leave_radius = 0.01;
+    spec.control.core.watch = Some(WatchConfig { max_watched: players.max(1), ..WatchConfig::default() });
+    let mut world = World::new(seed, spec)?;
+    let (a, b) = (HostId(0), HostId(1));
+    world.sim.peer_relays(a, b);
+    world.sim.link(a, b, LinkConfig::latency(Duration::from_millis(5)));
+    for i in 0..world.len() {
+        let (home, away) = if i % 2 == 0 { (a, b) } else { (b, a) };
+        let h = world.host(i);
+        world.sim.link(h, home, LinkConfig::latency(Duration::from_micros(2_500)));
+        world.sim.link(h, away, LinkConfig::latency(Duration::from_millis(40)));
+    }
+    world.run_for(Duration::from_secs(secs));
+    Ok(world)
 }

@@ -383,6 +383,14 @@ impl Sim {
         }
     }
 
+    /// Fan-out groups relay `r` holds, and memberships across them.
+    pub fn relay_groups(&self, r: HostId) -> (usize, usize) {
+        match &self.hosts[r.0].core {
+            Core::Relay(router) => router.groups(),
+            Core::Node(_) => panic!("host {r:?} is not a relay"),
+        }
+    }
+
     /// Datagrams host `h` sent, and their bytes (UDP payload), so far.
     pub fn sent_by(&self, h: HostId) -> (u64, u64) {
         self.hosts[h.0].sent

@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use shoal_tests::avatars::avatar_run;
-use shoal_tests::fanout::{upload_watched_by, watched_crowd};
+use shoal_tests::fanout::{two_regions, upload_watched_by, watched_crowd};
 use shoal_tests::sim::HostId;
 use shoal_tests::world::{AvatarStats, World, WorldSpec};
 
@@ -52,6 +52,46 @@ fn a_players_upload_is_flat_in_the_number_watching_it() {
         // granted (the first seconds go to signing in and subscribing).
         assert!(least >= 2.5, "a watcher got {least:.2} updates/s per player watched, of {watchers}");
     }
+}
+
+/// Two regions, each near its own relay and far from the other's, the relays near each other:
+/// a player watches those of the other region at its own relay, which the publisher's relay
+/// feeds, so each stream crosses the link between the relays once however many watch it there.
+#[test]
+fn watchers_in_another_region_take_each_stream_from_their_own_relay() {
+    let mut world = two_regions(11, 12, 10).expect("a valid world");
+    let counters = |w: &World| [0, 1].map(|r| w.sim.relay_counters(HostId(r)));
+    let before = counters(&world);
+    world.run_for(Duration::from_secs(5));
+    let after = counters(&world);
+    let now = world.sim.now();
+    for i in 0..world.len() {
+        let mesh = world.sim.session(world.host(i)).avatar_mesh().expect("avatars");
+        let heard: Vec<_> = mesh.watched_received().collect();
+        for j in (0..world.len()).filter(|&j| j != i) {
+            let at = heard.iter().find(|(p, _)| *p == world.node_id(j)).map(|&(_, at)| at);
+            assert!(
+                at.is_some_and(|at| now.saturating_duration_since(at) < Duration::from_secs(1)),
+                "player {i} does not see player {j} move"
+            );
+        }
+        assert_eq!(mesh.counters().watched_refused, 0, "player {i}: {:?}", mesh.counters());
+    }
+    for (r, other) in [(0, 1), (1, 0)] {
+        let published = after[r].published - before[r].published;
+        let fed_here = after[r].fed - before[r].fed;
+        let copies = after[r].copies - before[r].copies;
+        let fed_there = after[other].fed - before[other].fed;
+        assert!(published > 0 && fed_here > 0, "relay {r}: {:?}", after[r]);
+        // The other relay took each of this one's publishes once, and this one each of its.
+        assert_eq!(fed_there, published, "relay {other} took {fed_there} of relay {r}'s {published}");
+        // Each region's six publish at their own relay, which copies to the five others there
+        // and once to the other relay, not to the six watching from there; the other region's
+        // streams it is fed go to the six here.
+        assert_eq!(copies, published * 6 + fed_here * 6, "relay {r}: {published} published, {fed_here} fed");
+    }
+    let core = world.sim.control_core().expect("a control server");
+    assert!(core.counters().chained_grants > 0, "{:?}", core.counters());
 }
 
 /// The relay most players publish through crashes: the control server, once the relay's

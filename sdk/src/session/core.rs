@@ -764,8 +764,8 @@ impl SessionCore {
         }
     }
 
-    /// A grant to watch a player through its relay: bind there, present the subscription,
-    /// and show what comes. A grant that is not ours, or that does not read, is counted.
+    /// A grant to watch a player through a relay: bind there, present the subscription (leaving
+    /// the group at the relay of an earlier grant), and show what comes. A grant that is not ours, or that does not read, is counted.
     fn on_watch(&mut self, now: Instant, grant: &WatchGrant) {
         let me = self.cfg.identity.node_id();
         let sub = match SignedSubscription::decode(&grant.subscription) {
@@ -783,7 +783,13 @@ impl SessionCore {
         m.watch(now, grant.publisher, key);
         self.commands.push_back(NodeCommand::AddRelay(grant.relay.addr));
         self.commands.push_back(NodeCommand::Subscribe(sub));
-        self.subscriptions.insert(grant.publisher, (sub, grant.relay.addr, false));
+        // Moved to another relay (the publisher's moved, or one nearer us is fed the stream):
+        // leave the old group, or its copies would come twice until it lapsed.
+        if let Some((old, ..)) = self.subscriptions.insert(grant.publisher, (sub, grant.relay.addr, false))
+            && old.body.relay != sub.body.relay
+        {
+            self.commands.push_back(NodeCommand::Unsubscribe(old));
+        }
     }
 
     fn introduce(&mut self, intro: Introduction) {

@@ -22,8 +22,10 @@ use rand::{RngExt, SeedableRng};
 use shoal_control::core::{ConnId, Core, CoreConfig, Output};
 use shoal_control::interest::InterestError;
 use shoal_mesh::driver::register::REPORT_EVERY;
-use shoal_protocol::control::{ClientToControl, ControlToClient, KeyProof, RELAY_ACCOUNT, RelayInfo, RelayToControl};
-use shoal_protocol::{Identity, NodeId, Roles, UnixTime};
+use shoal_protocol::control::{
+    ClientToControl, ControlToClient, ControlToRelay, KeyProof, RELAY_ACCOUNT, RelayInfo, RelayToControl,
+};
+use shoal_protocol::{Identity, NodeId, Roles, SignedSubscription, UnixTime};
 use shoal_sdk::{LinkCommand, LinkId, Node, SessionConfig, SessionCore, Trust};
 
 use super::{Core as HostCore, HostId, Sim};
@@ -67,6 +69,8 @@ pub struct ControlStats {
     pub report_rows: u64,
     /// Characters it would have had saved.
     pub saves: u64,
+    /// Feeds a relay refused (not the control server's, lapsed, not its own).
+    pub feeds_refused: u64,
 }
 
 /// Something on its way between a player and the server.
@@ -99,6 +103,11 @@ enum Carried {
     ClosedByServer {
         host: usize,
         link: LinkId,
+    },
+    /// To a relay host, on its registration connection.
+    ToRelay {
+        host: usize,
+        msg: ControlToRelay,
     },
 }
 
@@ -221,7 +230,8 @@ impl Sim {
         self.drain_control();
     }
 
-    /// Keepalives from the relays that are up and due.
+    /// Reports from the relays that are up and due, as the relay driver sends them: the round
+    /// trips to their peer relays, or a keepalive while they have none.
     fn keep_relays_alive(&mut self) {
         let now = self.now;
         let unix = UnixTime(self.clock().unix_secs(now));
@@ -229,9 +239,33 @@ impl Sim {
         for (&i, (conn, last)) in &mut cp.relays {
             if self.hosts[i].up && now.saturating_duration_since(*last) >= REPORT_EVERY {
                 *last = now;
-                cp.core.on_relay_message(now, unix, *conn, RelayToControl::Keepalive);
+                let rtts: Vec<(NodeId, u32)> = match &self.hosts[i].core {
+                    HostCore::Relay(r) => r
+                        .peer_rtts()
+                        .map(|(id, _, rtt)| (id, rtt.as_micros().min(u128::from(u32::MAX)) as u32))
+                        .collect(),
+                    HostCore::Node(_) => Vec::new(),
+                };
+                let msg = if rtts.is_empty() { RelayToControl::Keepalive } else { RelayToControl::PeerRtts(rtts) };
+                cp.core.on_relay_message(now, unix, *conn, msg);
             }
         }
+    }
+
+    /// A relay host takes what the control server sent it.
+    fn to_relay(&mut self, host: usize, msg: ControlToRelay) {
+        let now = self.now;
+        if !self.hosts[host].up {
+            return;
+        }
+        if let (HostCore::Relay(r), ControlToRelay::Feed { subscription }) = (&mut self.hosts[host].core, msg)
+            && let Ok(sub) = SignedSubscription::decode(&subscription)
+            && r.feed(now, sub).is_err()
+            && let Some(cp) = self.control_plane.as_mut()
+        {
+            cp.stats.feeds_refused += 1;
+        }
+        self.drain(host);
     }
 
     /// An account the control server accepts.
@@ -362,6 +396,7 @@ impl Sim {
                 cp.core.on_disconnected(conn);
                 return self.drain_control();
             }
+            Carried::ToRelay { host, msg } => return self.to_relay(host, msg),
             Carried::LinkUp { host, link } => (host, ToPlayer::Up(link, cp.fingerprint)),
             Carried::ToPlayer { host, link, msg } => {
                 cp.stats.to_players += 1;
@@ -412,8 +447,13 @@ impl Sim {
                     cp.stats.saves += 1;
                     cp.characters.insert(NodeId(c.node_id), c.account);
                 }
-                // No relay registers over the control plane here: the core knows them from
-                // its configuration.
+                // Relays have their permits and peers from the simulation; feeds they take.
+                Output::SendRelay(conn, msg @ ControlToRelay::Feed { .. }) => {
+                    match cp.relays.iter().find(|(_, (c, _))| *c == conn) {
+                        Some((&host, _)) => cp.carry(now + cp.latency, Carried::ToRelay { host, msg }),
+                        None => cp.stats.undeliverable += 1,
+                    }
+                }
                 Output::SendRelay(..) => {}
             }
         }
