@@ -253,7 +253,7 @@ impl Sim {
     }
 
     /// A relay host takes what the control server sent it.
-    fn to_relay(&mut self, host: usize, msg: ControlToRelay) {
+    fn deliver_to_relay(&mut self, host: usize, msg: ControlToRelay) {
         let now = self.now;
         if !self.hosts[host].up {
             return;
@@ -396,7 +396,7 @@ impl Sim {
                 cp.core.on_disconnected(conn);
                 return self.drain_control();
             }
-            Carried::ToRelay { host, msg } => return self.to_relay(host, msg),
+            Carried::ToRelay { host, msg } => return self.deliver_to_relay(host, msg),
             Carried::LinkUp { host, link } => (host, ToPlayer::Up(link, cp.fingerprint)),
             Carried::ToPlayer { host, link, msg } => {
                 cp.stats.to_players += 1;
