@@ -11,7 +11,9 @@
 //! unbind (made once, against the challenge of the client's binding) and delivered from the
 //! client, so the unbind checks are reached past the cookie; another worker's unbinding with
 //! fields from the input is applied; and time runs past the idle expiry, after which no
-//! binding may be left.
+//! binding may be left. The router is fed one group by the peer relay, of which the client is
+//! a member: only a copy from the peer, of that group, is fanned out, only to the client, and
+//! made the router's own.
 
 #![no_main]
 
@@ -24,7 +26,9 @@ use shoal_mesh::bind::BindClient;
 use shoal_mesh::clock::WallClock;
 use shoal_mesh::router::{IDLE_EXPIRY, Rate, Router, RouterConfig, Verdict};
 use shoal_mesh::wire::{self, Datagram, Kind, Notice};
-use shoal_protocol::{Identity, NodeId, Roles, TicketBody, TicketKind, UnixTime};
+use shoal_protocol::{
+    Identity, NodeId, Roles, SignedSubscription, StreamId, SubscriptionBody, TicketBody, TicketKind, UnixTime,
+};
 
 const T0_UNIX_US: u64 = 1_800_000_000_000_000;
 const T0_UNIX: u64 = T0_UNIX_US / 1_000_000;
@@ -46,6 +50,8 @@ struct Fixture {
     challenge_at: u64,
     /// The client's unbind for that binding.
     unbind: Vec<u8>,
+    /// The group the peer relay feeds the router, signed by the control server.
+    feed: SignedSubscription,
 }
 
 fn fixture() -> &'static Fixture {
@@ -72,14 +78,17 @@ fn fixture() -> &'static Fixture {
         let base = Instant::now();
         let client = Identity::from_seed([3; 32]);
         let (challenge_at, unbind) = genuine_unbind(&cfg, base, &control, &client);
-        Fixture {
-            base,
-            cfg,
-            client: client.node_id(),
-            peer: Identity::from_seed([4; 32]).node_id(),
-            challenge_at,
-            unbind,
+        let peer = Identity::from_seed([4; 32]).node_id();
+        let feed = SubscriptionBody {
+            subscriber: cfg.identity.node_id(),
+            publisher: Identity::from_seed([5; 32]).node_id(),
+            stream: StreamId(1),
+            relay: peer,
+            issued_at: UnixTime(T0_UNIX),
+            expires_at: UnixTime(T0_UNIX + 3600),
         }
+        .sign(&control);
+        Fixture { base, cfg, client: client.node_id(), peer, challenge_at, unbind, feed }
     })
 }
 
@@ -121,6 +130,10 @@ fuzz_target!(|data: &[u8]| {
     let mut router = Router::new(f.cfg.clone(), clock, f.base);
     router.apply_binding(now, f.client, Roles::CLIENT, CLIENT, expires, f.challenge_at);
     router.apply_binding(now, f.peer, Roles::RELAY, PEER, expires, 0);
+    if let Err(e) = router.feed(now, f.feed) {
+        panic!("the fixture's feed was refused: {e}");
+    }
+    router.apply_membership(now, f.feed.body.group(), f.client, CLIENT, expires);
     // Starts the bind to the peer relay, so that its challenge or ack is expected.
     router.handle_timeout(now);
     drain(&mut router);
@@ -194,8 +207,18 @@ fn deliver(router: &mut Router, now: Instant, from: SocketAddr, data: &[u8]) {
             }
         }
         Verdict::FanOut(group) => {
-            // Nobody in this fixture presents a subscription that verifies: no group exists.
-            panic!("fanned out to {:?} members of {group:?}", router.copies_for(&group).len());
+            // Nobody in this fixture presents a subscription that verifies: the only group is
+            // the fed one, and only the peer that feeds it sends copies of it.
+            let f = fixture();
+            assert_eq!((group, from), (f.feed.body.group(), PEER));
+            assert_eq!(router.copies_for(&group), &[CLIENT]);
+            let (before, after) = match (Datagram::parse(data), Datagram::parse(&buf)) {
+                (Ok(b), Ok(a)) => (b, a),
+                _ => panic!("a fanned-out copy that does not parse"),
+            };
+            assert_eq!((after.kind(), after.source(), after.vc()), (Kind::Publish, before.source(), before.vc()));
+            assert_eq!((after.destination(), after.route().relays()), (router.id(), &[router.id()][..]));
+            assert_eq!(after.body(), before.body());
         }
         Verdict::Forward(to) => {
             assert!(to == CLIENT || to == PEER, "forward to unknown {to}");
