@@ -25,6 +25,7 @@
 //! max_bindings = 100000
 //! max_group_members = 512
 //! max_groups = 65536
+//! bundle_window_ms = 10              # copies for one member within this share a datagram
 //! ```
 
 use std::net::SocketAddr;
@@ -118,6 +119,9 @@ pub struct Limits {
     pub max_group_members: usize,
     /// Most fan-out groups held at once.
     pub max_groups: usize,
+    /// How long copies for one member may wait to share a datagram, in milliseconds (0: each
+    /// copy on its own).
+    pub bundle_window_ms: u64,
 }
 
 impl Default for Limits {
@@ -131,6 +135,7 @@ impl Default for Limits {
             max_bindings: 100_000,
             max_group_members: FanoutConfig::default().max_members,
             max_groups: FanoutConfig::default().max_groups,
+            bundle_window_ms: FanoutConfig::default().bundle_window.as_millis() as u64,
         }
     }
 }
@@ -258,6 +263,9 @@ impl RelayFile {
         if l.max_group_members == 0 || l.max_groups == 0 {
             return Err(invalid("limits.max_group_members", "fan-out limits must be > 0"));
         }
+        if l.bundle_window_ms > 1_000 {
+            return Err(invalid("limits.bundle_window_ms", "must be at most 1000"));
+        }
         let mut cookie_secret = [0; 32];
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut cookie_secret)
             .map_err(|_| invalid("key_file", "no system randomness for the cookie secret"))?;
@@ -271,7 +279,11 @@ impl RelayFile {
             notices: Rate { per_sec: notices, burst: notices.max(1.0) },
             max_bindings: l.max_bindings,
             cookie_secret,
-            fanout: FanoutConfig { max_members: l.max_group_members, max_groups: l.max_groups },
+            fanout: FanoutConfig {
+                max_members: l.max_group_members,
+                max_groups: l.max_groups,
+                bundle_window: std::time::Duration::from_millis(l.bundle_window_ms),
+            },
         };
         Ok(RelaySettings {
             listen: self.listen,

@@ -493,6 +493,10 @@ impl Endpoint {
             self.take_copy(from, &d, bytes.len(), now);
             return;
         }
+        if d.kind() == Kind::Bundle {
+            self.take_bundle(from, &d, now);
+            return;
+        }
         if d.destination() != me || d.hop() != d.route_len() {
             self.counters.not_for_us += 1;
             return;
@@ -560,7 +564,9 @@ impl Endpoint {
                 Ok(_) => self.counters.unexpected += 1,
                 Err(_) => self.counters.malformed += 1,
             },
-            Kind::BindRequest | Kind::BindProof | Kind::Subscribe | Kind::Publish => self.counters.unexpected += 1,
+            Kind::BindRequest | Kind::BindProof | Kind::Subscribe | Kind::Publish | Kind::Bundle => {
+                self.counters.unexpected += 1
+            }
         }
     }
 
@@ -587,6 +593,27 @@ impl Endpoint {
             payload: d.body().to_vec(),
             datagram_len,
         }));
+    }
+
+    /// A relay's bundle of copies for us: taken only from a bound relay, at the address we bound
+    /// it at, naming itself as the source; then each copy inside as if it had come alone (each
+    /// must name that relay as the one it crossed). A copy's share of the bundle's headers is
+    /// not counted in its length.
+    fn take_bundle(&mut self, from: SocketAddr, d: &Datagram<'_>, now: Instant) {
+        let relay = d.source();
+        if d.destination() != self.node_id()
+            || !self.relays.iter().any(|r| r.is_bound() && r.relay_id() == Some(relay) && r.relay() == from)
+        {
+            self.counters.misrouted += 1;
+            return;
+        }
+        for entry in wire::bundled(d.body()) {
+            match entry.and_then(Datagram::parse) {
+                Ok(copy) if copy.kind() == Kind::Publish => self.take_copy(from, &copy, copy.as_bytes().len(), now),
+                Ok(_) => self.counters.unexpected += 1,
+                Err(_) => self.counters.malformed += 1,
+            }
+        }
     }
 
     /// Whether a datagram that crossed relays came from the relay its route ends with, at the

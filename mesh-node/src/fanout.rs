@@ -9,7 +9,7 @@
 //! without a copy or an allocation per member.
 
 use std::net::SocketAddr;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use rustc_hash::FxHashMap;
 use shoal_protocol::{Group, NodeId};
@@ -24,11 +24,14 @@ pub struct FanoutConfig {
     pub max_members: usize,
     /// Most groups held at once (default 65,536).
     pub max_groups: usize,
+    /// How long copies for one member may wait to share a datagram (default 10 ms; zero sends
+    /// each copy on its own). See [`crate::bundle`].
+    pub bundle_window: Duration,
 }
 
 impl Default for FanoutConfig {
     fn default() -> Self {
-        FanoutConfig { max_members: 512, max_groups: 65_536 }
+        FanoutConfig { max_members: 512, max_groups: 65_536, bundle_window: Duration::from_millis(10) }
     }
 }
 
@@ -129,6 +132,11 @@ impl Groups {
         self.groups.get(group).map_or(&[], |m| &m.addrs)
     }
 
+    /// `group`'s members and where each is reached, as of the last [`Groups::members`].
+    pub fn each(&self, group: &Group) -> impl Iterator<Item = (NodeId, SocketAddr)> + '_ {
+        self.groups.get(group).into_iter().flat_map(|m| m.nodes.iter().map(|n| n.0).zip(m.addrs.iter().copied()))
+    }
+
     /// Drops lapsed memberships, and those whose node no longer holds a binding at the
     /// member's address (`bound(node, addr)`), and the groups left empty.
     pub fn sweep(&mut self, now: Instant, bound: impl Fn(NodeId, SocketAddr) -> bool) {
@@ -186,7 +194,7 @@ mod tests {
     #[test]
     fn members_join_move_lapse_and_leave() {
         let t0 = Instant::now();
-        let mut g = Groups::new(FanoutConfig { max_members: 2, max_groups: 1 });
+        let mut g = Groups::new(FanoutConfig { max_members: 2, max_groups: 1, ..FanoutConfig::default() });
         g.join(G, node(2), addr(2), t0 + Duration::from_secs(10)).unwrap();
         g.join(G, node(3), addr(3), t0 + Duration::from_secs(5)).unwrap();
         assert_eq!(g.join(G, node(4), addr(4), t0 + Duration::from_secs(5)), Err(SubscribeStatus::GroupFull));

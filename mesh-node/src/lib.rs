@@ -5,6 +5,7 @@
 //! return decisions. The `driver` module runs them on real sockets with tokio.
 
 pub mod bind;
+pub mod bundle;
 pub mod clock;
 pub mod config;
 pub mod driver;

@@ -253,6 +253,10 @@ pub struct Counters {
     pub feeds_taken: u64,
     /// Answers from upstream relays refusing a feed this relay presented.
     pub feeds_refused: u64,
+    /// Bundles sent: datagrams that carried two copies or more for one member.
+    pub bundles: u64,
+    /// Copies sent inside bundles.
+    pub bundled_copies: u64,
     subscribes: [u64; SubscribeStatus::ALL.len()],
     drops: [u64; DropReason::ALL.len()],
     refusals: [u64; BindRefusal::ALL.len()],
@@ -319,6 +323,8 @@ impl Counters {
         self.fed += other.fed;
         self.feeds_taken += other.feeds_taken;
         self.feeds_refused += other.feeds_refused;
+        self.bundles += other.bundles;
+        self.bundled_copies += other.bundled_copies;
         for (a, b) in self.subscribes.iter_mut().zip(other.subscribes) {
             *a += b;
         }
@@ -387,6 +393,8 @@ impl Counters {
         )?;
         counter(e, "shoal_relay_feeds_refused_total", "Feeds upstream relays refused.", self.feeds_refused)?;
         gauge(e, "shoal_relay_feeds", "Groups other relays feed here.", now.feeds as u64)?;
+        counter(e, "shoal_relay_bundles_total", "Datagrams that carried several copies for one member.", self.bundles)?;
+        counter(e, "shoal_relay_bundled_copies_total", "Copies sent inside bundles.", self.bundled_copies)?;
         let answers = SubscribeStatus::ALL.map(|s| (subscribe_label(s), self.subscribes(s)));
         labelled_counters(e, "shoal_relay_subscribes_total", "Subscribes answered, by status.", "status", answers)?;
         gauge(e, "shoal_relay_groups", "Fan-out groups with members.", now.groups as u64)?;
@@ -454,6 +462,6 @@ mod tests {
         // Every family has its HELP and TYPE.
         let families = text.lines().filter(|l| l.starts_with("# TYPE")).count();
         assert_eq!(families, text.lines().filter(|l| l.starts_with("# HELP")).count());
-        assert_eq!(families, 24);
+        assert_eq!(families, 26);
     }
 }

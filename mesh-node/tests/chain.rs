@@ -113,7 +113,8 @@ impl Chain {
         let (now, r1) = (self.net.now, self.r1);
         self.net.endpoint(P).publish(now, r1, 3, true, payload).unwrap();
         self.net.drain(P);
-        self.net.run(Duration::from_millis(2));
+        // Each relay's bundling window, and the hops.
+        self.net.run(Duration::from_millis(25));
         let mut got = Vec::new();
         for i in 0..4 {
             for e in self.net.take_events(addr(i as u16 + 1)) {

@@ -19,6 +19,9 @@ use shoal_mesh::router::Router;
 use shoal_mesh::wire::{self, Header, Kind, Route, SubscribeAck, SubscribeStatus, VcId};
 use shoal_protocol::{Identity, NodeId, Roles, SignedSubscription, StreamId, SubscriptionBody, UnixTime};
 
+/// Long enough for copies to arrive: the relay's bundling window and the hops.
+const COPIES_ARRIVE: Duration = Duration::from_millis(12);
+
 /// The relay's index in the net, and its address.
 const RELAY: usize = 0;
 const RELAY_ADDR: u16 = 100;
@@ -86,7 +89,7 @@ fn publish(net: &mut Net, payload: &[u8]) -> Vec<usize> {
     let (now, relay) = (net.now, relay_id(net));
     net.endpoint(1).publish(now, relay, 3, true, payload).unwrap();
     net.drain(1);
-    net.run(Duration::from_millis(2));
+    net.run(COPIES_ARRIVE);
     let mut got = Vec::new();
     for i in 0..net.nodes.len() - 1 {
         for e in net.take_events(addr(i as u16 + 1)) {
@@ -225,9 +228,16 @@ fn copies_count_against_the_publishers_rate_limit() {
         present(&mut net, i, &subscription(&control, id.node_id(), publisher, relay, 60), false).unwrap();
     }
     // A burst of 1,000 datagrams' worth: 100 publishes of ten copies go, then none.
-    let mut delivered = 0;
+    let now = net.now;
     for _ in 0..120 {
-        delivered += publish(&mut net, b"p").len();
+        net.endpoint(1).publish(now, relay, 3, true, b"p").unwrap();
+    }
+    net.drain(1);
+    net.run(COPIES_ARRIVE);
+    let mut delivered = 0;
+    for i in 1..net.nodes.len() - 1 {
+        delivered +=
+            net.take_events(addr(i as u16 + 1)).iter().filter(|e| matches!(e, EndpointEvent::Published(_))).count();
     }
     let c = net.relay(RELAY).counters().clone();
     assert!((1_000..=1_030).contains(&delivered), "{delivered} copies");
@@ -247,7 +257,61 @@ fn nobody_publishes_for_someone_else() {
     let now = net.now;
     net.endpoint(3).publish(now, relay, 3, false, b"mine").unwrap();
     net.drain(3);
-    net.run(Duration::from_millis(2));
+    net.run(COPIES_ARRIVE);
     assert!(net.take_events(addr(2)).is_empty());
     assert_eq!(net.relay(RELAY).counters().drops(DropReason::NoGroup), 1);
+}
+
+/// Copies for one member within the relay's window share one datagram; the member takes each
+/// copy inside as if it had come alone, and nothing from a bundle that did not come from its
+/// relay.
+#[test]
+fn copies_for_one_member_share_a_bundle_and_forged_bundles_give_nothing() {
+    let (mut net, control, ids) = star(4);
+    let relay = relay_id(&mut net);
+    // Endpoint 3 watches publishers 0, 1 and 2.
+    for p in 0..3 {
+        let sub = subscription(&control, ids[3].node_id(), ids[p].node_id(), relay, 60);
+        assert_eq!(present(&mut net, 3, &sub, false).unwrap().status, SubscribeStatus::Member);
+    }
+    let now = net.now;
+    for p in 0..3 {
+        net.endpoint(p + 1).publish(now, relay, 3, true, &[p as u8; 30]).unwrap();
+        net.drain(p + 1);
+    }
+    // Catch what the relay sends endpoint 3, on the wire.
+    net.run_by(Duration::from_millis(1), Duration::from_micros(100));
+    let mut wire_datagrams = Vec::new();
+    let end = net.now + COPIES_ARRIVE;
+    while net.now < end {
+        wire_datagrams.extend(net.queue.iter().filter(|q| q.2 == addr(4)).map(|q| q.3.clone()));
+        net.run_by(Duration::from_micros(100), Duration::from_micros(100));
+    }
+    wire_datagrams.dedup();
+    assert_eq!(wire_datagrams.len(), 1, "one datagram for three copies");
+    let bundle = wire::Datagram::parse(&wire_datagrams[0]).unwrap();
+    assert_eq!((bundle.kind(), bundle.source(), bundle.destination()), (Kind::Bundle, relay, ids[3].node_id()));
+    let got: Vec<(NodeId, u8)> = net
+        .take_events(addr(4))
+        .into_iter()
+        .filter_map(|e| match e {
+            EndpointEvent::Published(r) => Some((r.source, r.payload[0])),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(got, (0..3).map(|p| (ids[p].node_id(), p as u8)).collect::<Vec<_>>());
+    let c = net.relay(RELAY).counters().clone();
+    assert_eq!((c.published, c.copies, c.bundles, c.bundled_copies), (3, 3, 1, 3));
+    // The same bundle replayed from another address, and one naming endpoint 1 as its relay:
+    // nothing is taken. Sent to the relay by a node, it is dropped.
+    let mut named = wire_datagrams[0].clone();
+    named[4..12].copy_from_slice(&ids[0].node_id().0);
+    for (from, bytes) in [(addr(2), wire_datagrams[0].clone()), (addr(RELAY_ADDR), named)] {
+        net.queue.push_back((net.now, from, addr(4), bytes));
+    }
+    net.queue.push_back((net.now, addr(2), addr(RELAY_ADDR), wire_datagrams[0].clone()));
+    net.run(Duration::from_millis(2));
+    assert!(net.take_events(addr(4)).iter().all(|e| !matches!(e, EndpointEvent::Published(_))));
+    assert_eq!(net.endpoint(4).counters().misrouted, 2);
+    assert_eq!(net.relay(RELAY).counters().drops(DropReason::SourceMismatch), 1);
 }

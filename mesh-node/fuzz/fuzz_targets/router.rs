@@ -73,7 +73,8 @@ fn fixture() -> &'static Fixture {
             notices: lots,
             max_bindings: 16,
             cookie_secret: [2; 32],
-            fanout: shoal_mesh::fanout::FanoutConfig::default(),
+            // Without bundling, so that each fan-out is a verdict the checks below can see.
+            fanout: shoal_mesh::fanout::FanoutConfig { bundle_window: Duration::ZERO, ..Default::default() },
         };
         let base = Instant::now();
         let client = Identity::from_seed([3; 32]);

@@ -202,9 +202,19 @@ impl Relay {
                 }
             }
             sock.set_nonblocking(false)?;
-            sock.set_read_timeout(Some(TICK))?;
-            let worker =
-                Worker { idx, router, inbox, others: senders.clone(), stats: stats.clone(), stop: stop.clone() };
+            // Bundles wait at most their window, and are sent at the first tick after it.
+            let window = opts.router.fanout.bundle_window;
+            let tick = if window.is_zero() { TICK } else { TICK.min(window / 2).max(Duration::from_millis(1)) };
+            sock.set_read_timeout(Some(tick))?;
+            let worker = Worker {
+                idx,
+                router,
+                out: Batch::new(),
+                inbox,
+                others: senders.clone(),
+                stats: stats.clone(),
+                stop: stop.clone(),
+            };
             let t = std::thread::Builder::new().name(format!("relay-worker-{idx}")).spawn(move || worker.run(sock))?;
             threads.push(t);
         }
@@ -253,6 +263,8 @@ impl Drop for Relay {
 struct Worker {
     idx: usize,
     router: Router,
+    /// Buffers for what the router originates.
+    out: Batch,
     inbox: Receiver<WorkerMsg>,
     others: Vec<Sender<WorkerMsg>>,
     stats: Arc<RelayStats>,
@@ -379,15 +391,26 @@ impl Worker {
         }
     }
 
-    /// Sends what the router originated (binds to peer relays) and passes on its events. The
-    /// socket is blocking, so these sends say `MSG_DONTWAIT`: a full buffer is a counted
-    /// failure, never a stalled worker.
+    /// Sends what the router originated (binds to peer relays, feeds, bundles of copies), a
+    /// batch at a time, and passes on its events. The socket is blocking, so the sends say
+    /// `MSG_DONTWAIT`: a full buffer is a counted failure, never a stalled worker.
     fn drain(&mut self, sock: &UdpSocket) {
-        let sock = socket2::SockRef::from(sock);
-        while let Some(t) = self.router.poll_transmit() {
-            if sock.send_to_with_flags(&t.bytes, &t.to.into(), libc::MSG_DONTWAIT).is_err() {
-                self.router.counters_mut().send_failures += 1;
+        let fd = sock.as_raw_fd();
+        loop {
+            let mut k = 0;
+            while k < BATCH
+                && let Some(t) = self.router.poll_transmit()
+            {
+                let n = self.out.fill(k, &t.bytes);
+                self.out.queue(k, n, t.to);
+                self.router.recycle(t.bytes);
+                k += 1;
             }
+            if k == 0 {
+                break;
+            }
+            let sent = self.out.send(fd).unwrap_or(0);
+            self.router.counters_mut().send_failures += (k - sent) as u64;
         }
         while let Some(ev) = self.router.poll_event() {
             match ev {

@@ -16,7 +16,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use rustc_hash::FxHashMap;
-use shoal_protocol::{Group, NodeId, SignedSubscription, SubscriptionError, UnixTime};
+use shoal_protocol::{Group, NodeId, Roles, SignedSubscription, SubscriptionError, UnixTime};
 
 use super::{Hot, ParseErrorKind, Router, Verdict};
 use crate::bind::Transmit;
@@ -120,6 +120,48 @@ impl Router {
         self.counters.fed += 1;
         wire::adopt(buf, self.id, self.tag, self.clock.stamp_us(now));
         Verdict::FanOut(group)
+    }
+
+    /// A bundle of copies from a relay that feeds groups here: each taken as a copy of its own.
+    pub(super) fn unbundle(&mut self, now: Instant, from: SocketAddr, buf: &mut [u8]) -> Verdict {
+        let Some(b) = self.by_addr.get(&from) else { return Verdict::Drop(DropReason::NotBound) };
+        if !b.roles.contains(Roles::RELAY) || b.expires <= now {
+            return Verdict::Drop(DropReason::SourceMismatch);
+        }
+        let Ok(d) = Datagram::parse(buf) else { return Verdict::Drop(DropReason::Internal) };
+        // Each entry is checked, adopted and fanned out in place, inside the bundle.
+        let mut at = buf.len() - d.body().len();
+        while at + wire::BUNDLE_ENTRY_LEN <= buf.len() {
+            let len = u16::from_be_bytes([buf[at], buf[at + 1]]) as usize;
+            let start = at + wire::BUNDLE_ENTRY_LEN;
+            if start + len > buf.len() {
+                self.counters.drop(DropReason::Malformed(ParseErrorKind::Truncated));
+                break;
+            }
+            let entry = &mut buf[start..start + len];
+            let verdict = match Datagram::parse(entry) {
+                Ok(inner) if inner.kind() == Kind::Publish => {
+                    let (hot, stream) = (Hot::read(&inner, self.id), inner.vc());
+                    self.fan_out(now, from, entry, hot, stream)
+                }
+                Ok(_) => Verdict::Drop(DropReason::Malformed(ParseErrorKind::Unknown)),
+                Err(e) => Verdict::Drop(DropReason::Malformed(ParseErrorKind::of(&e))),
+            };
+            match self.count(now, verdict, entry) {
+                // Bundling is off here: each copy goes on its own.
+                Verdict::FanOut(group) => {
+                    for &to in self.groups.addrs(&group) {
+                        self.transmits.push_back(Transmit { to, bytes: entry.to_vec() });
+                    }
+                }
+                Verdict::DropWithNotice(..) | Verdict::Reply(_) | Verdict::Forward(_) => {
+                    self.counters.drop(DropReason::Internal)
+                }
+                Verdict::Drop(_) | Verdict::Consumed => {}
+            }
+            at = start + len;
+        }
+        Verdict::Consumed
     }
 
     /// An upstream's answer to a feed presented there.

@@ -23,6 +23,7 @@ use rustc_hash::FxHashMap;
 use shoal_protocol::{Group, Identity, NodeId, PublicKey, Roles, SignedTicket};
 
 use crate::bind::{BindClient, KEEPALIVE_MAX, Transmit};
+use crate::bundle::Bundler;
 use crate::clock::WallClock;
 use crate::fanout::{FanoutConfig, Groups};
 use crate::metrics::{Counters, DropReason};
@@ -141,7 +142,8 @@ pub enum Verdict {
     /// to send now, but drain [`Router::poll_transmit`].
     Consumed,
     /// Send the (stamped) buffer, unchanged, to every address [`Router::copies_for`] gives
-    /// for this group: a publisher's datagram fanned out.
+    /// for this group: a publisher's datagram fanned out. (With bundling on, the router sends
+    /// the copies itself, through [`Router::poll_transmit`], and says [`Verdict::Consumed`].)
     FanOut(Group),
 }
 
@@ -275,6 +277,8 @@ pub struct Router {
     groups: Groups,
     /// Groups other relays feed here.
     feeds: feed::Feeds,
+    /// Copies waiting to share a datagram with others for the same member (when bundling).
+    bundler: Option<Bundler>,
 }
 
 impl Router {
@@ -299,6 +303,7 @@ impl Router {
             peer_owner: true,
             groups: Groups::new(cfg.fanout),
             feeds: feed::Feeds::default(),
+            bundler: (!cfg.fanout.bundle_window.is_zero()).then(|| Bundler::new(id, cfg.fanout.bundle_window)),
             cfg,
         }
     }
@@ -409,10 +414,24 @@ impl Router {
         }
     }
 
-    /// Router-originated datagrams (binds to peer relays).
+    /// Router-originated datagrams: binds to peer relays, feeds presented upstream, and the
+    /// bundles of copies (see [`crate::bundle`]).
     #[must_use]
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
-        self.transmits.pop_front()
+        if let Some(t) = self.transmits.pop_front() {
+            return Some(t);
+        }
+        let b = self.bundler.as_mut()?;
+        let t = b.poll_transmit();
+        (self.counters.bundles, self.counters.bundled_copies) = (b.bundles, b.bundled_copies);
+        t
+    }
+
+    /// Gives back the buffer of a sent transmit, for reuse.
+    pub fn recycle(&mut self, bytes: Vec<u8>) {
+        if let Some(b) = &mut self.bundler {
+            b.recycle(bytes);
+        }
     }
 
     /// Events since the last poll.
@@ -425,7 +444,8 @@ impl Router {
     #[must_use]
     pub fn poll_timeout(&self) -> Instant {
         let peers = self.peers.iter().map(BindClient::poll_timeout).fold(self.next_sweep, Instant::min);
-        self.feeds_timeout().map_or(peers, |t| t.min(peers))
+        let bundles = self.bundler.as_ref().and_then(Bundler::poll_timeout);
+        [self.feeds_timeout(), bundles].into_iter().flatten().fold(peers, Instant::min)
     }
 
     /// Drives peer binds and drops lapsed and idle bindings and idle rate-limit state.
@@ -436,6 +456,9 @@ impl Router {
                     self.transmits.push_back(t);
                 }
             }
+        }
+        if let Some(b) = &mut self.bundler {
+            b.flush_due(now);
         }
         self.present_due(now);
         if now >= self.next_sweep {
@@ -467,6 +490,11 @@ impl Router {
     /// length; on [`Verdict::Reply`] its prefix has been overwritten with the reply.
     pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, buf: &mut [u8]) -> Verdict {
         let verdict = self.decide(now, from, buf);
+        self.count(now, verdict, buf)
+    }
+
+    /// Counts what `verdict` does with `buf`; a fan-out is handed to the bundler when bundling.
+    fn count(&mut self, now: Instant, verdict: Verdict, buf: &[u8]) -> Verdict {
         match verdict {
             Verdict::Forward(_) => {
                 self.counters.forwarded_packets += 1;
@@ -477,6 +505,12 @@ impl Router {
                 let copies = self.groups.addrs(&group).len() as u64;
                 self.counters.copies += copies;
                 self.counters.forwarded_bytes += buf.len() as u64 * copies;
+                if let Some(b) = &mut self.bundler {
+                    for (node, addr) in self.groups.each(&group) {
+                        b.push(now, node, addr, buf);
+                    }
+                    return Verdict::Consumed;
+                }
             }
             Verdict::Consumed => {}
             Verdict::Drop(reason) => self.counters.drop(reason),
@@ -499,6 +533,7 @@ impl Router {
                     Kind::BindProof => self.accept_proof(now, from, buf),
                     Kind::BindChallenge | Kind::BindAck => self.peer_bind_reply(now, from, buf),
                     Kind::SubscribeAck => self.feed_answer(now, from, buf),
+                    Kind::Bundle => self.unbundle(now, from, buf),
                     _ => self.peer_notice(now, from, buf),
                 };
             }

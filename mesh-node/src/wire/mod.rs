@@ -44,6 +44,8 @@ pub const PROBE_ID_LEN: usize = 8;
 /// Bytes of a subscribe acknowledgement body: status (1), reserved (1), stream (2), publisher
 /// (8).
 pub const SUBSCRIBE_ACK_BODY_LEN: usize = 4 + NODE_ID_LEN;
+/// Bytes of a bundle entry's length prefix.
+pub const BUNDLE_ENTRY_LEN: usize = 2;
 /// Streams are 16-bit; a publish datagram carries its stream in the VC field.
 pub const MAX_STREAM: u32 = u16::MAX as u32;
 
@@ -89,16 +91,20 @@ pub enum Kind {
     Subscribe = 20,
     /// The relay's answer to a subscribe: member, or why not.
     SubscribeAck = 21,
+    /// A relay's copies for one member, several publish datagrams in one (see
+    /// [`bundled`]): one send, and one IP and UDP header, for all of them.
+    Bundle = 6,
 }
 
 impl Kind {
     /// Every kind, in wire order.
-    pub const ALL: [Kind; 11] = [
+    pub const ALL: [Kind; 12] = [
         Kind::Data,
         Kind::Probe,
         Kind::ProbeAck,
         Kind::Notice,
         Kind::Publish,
+        Kind::Bundle,
         Kind::BindRequest,
         Kind::BindChallenge,
         Kind::BindProof,
@@ -129,6 +135,7 @@ impl Kind {
             Kind::BindAck => BIND_ACK_BODY_LEN,
             Kind::Subscribe => SUBSCRIPTION_LEN,
             Kind::SubscribeAck => SUBSCRIBE_ACK_BODY_LEN,
+            Kind::Bundle => BUNDLE_ENTRY_LEN + HEADER_LEN,
         }
     }
 }
@@ -555,6 +562,28 @@ pub fn adopt(buf: &mut [u8], relay: NodeId, tag: u32, now_us: u32) {
         buf[at..at + 4].copy_from_slice(&tag.to_be_bytes());
         buf[at + 4..at + 8].copy_from_slice(&now_us.wrapping_sub(origin).to_be_bytes());
     }
+}
+
+/// The datagrams a [`Kind::Bundle`]'s body holds, each after its length (u16, big-endian), in
+/// order. A length that runs past the body ends the iteration with an error.
+pub fn bundled(body: &[u8]) -> impl Iterator<Item = Result<&[u8], ParseError>> + '_ {
+    let mut at = 0;
+    std::iter::from_fn(move || {
+        if at >= body.len() {
+            return None;
+        }
+        let Some(len) = body.get(at..at + BUNDLE_ENTRY_LEN).map(|b| u16::from_be_bytes([b[0], b[1]]) as usize) else {
+            at = body.len();
+            return Some(Err(ParseError::Truncated { needed: at + BUNDLE_ENTRY_LEN, got: body.len() }));
+        };
+        let start = at + BUNDLE_ENTRY_LEN;
+        let Some(entry) = body.get(start..start + len) else {
+            at = body.len();
+            return Some(Err(ParseError::Truncated { needed: start + len, got: body.len() }));
+        };
+        at = start + len;
+        Some(Ok(entry))
+    })
 }
 
 /// Marks an emitted [`Kind::BindProof`] as an unbind, or a [`Kind::BindAck`] as the answer to

@@ -20,6 +20,7 @@ fn any_route() -> impl Strategy<Value = Route> {
 fn body_for(kind: Kind, route_len: usize, fill: u8) -> Vec<u8> {
     let mut body = match kind {
         Kind::Data | Kind::Publish => vec![fill; 40],
+        Kind::Bundle => bundle_body(&[publish(fill, 40), publish(fill.wrapping_add(1), 3)]),
         Kind::Subscribe => vec![fill; SUBSCRIPTION_LEN],
         Kind::SubscribeAck => {
             let mut b = vec![0; SUBSCRIBE_ACK_BODY_LEN];
@@ -43,6 +44,24 @@ fn body_for(kind: Kind, route_len: usize, fill: u8) -> Vec<u8> {
     };
     body.truncate(body.len());
     body
+}
+
+/// A copy as a relay fans it out: a publish that crossed relay 9.
+fn publish(source: u8, len: usize) -> Vec<u8> {
+    let h = Header { kind: Kind::Publish, source: id(source), destination: id(9), vc: VcId(1), trace: false };
+    let mut bytes = emit_vec(&h, &Route::new(&[id(9)]).unwrap(), 0, &vec![source; len]);
+    stamp_and_advance(&mut bytes, 0, 0);
+    bytes
+}
+
+/// A bundle's body holding `copies`.
+fn bundle_body(copies: &[Vec<u8>]) -> Vec<u8> {
+    let mut b = Vec::new();
+    for c in copies {
+        b.extend_from_slice(&(c.len() as u16).to_be_bytes());
+        b.extend_from_slice(c);
+    }
+    b
 }
 
 fn emit_vec(h: &Header, route: &Route, origin: u32, body: &[u8]) -> Vec<u8> {
@@ -83,7 +102,9 @@ proptest! {
         }
         // Truncated at every byte: an error, never a panic.
         for len in 0..bytes.len() {
-            let body_free = matches!(kind, Kind::Data | Kind::Publish) && len >= bytes.len() - body.len();
+            let body_free = matches!(kind, Kind::Data | Kind::Publish) && len >= bytes.len() - body.len()
+                // A bundle's entries are read (and refused) one by one, after the header.
+                || kind == Kind::Bundle && len >= HEADER_LEN + BUNDLE_ENTRY_LEN + HEADER_LEN;
             prop_assert!(Datagram::parse(&bytes[..len]).is_err() || body_free);
         }
     }
@@ -128,6 +149,25 @@ proptest! {
         let want = if traced { vec![TraceSlot { tag: relay_tag(r2), delta_us: first + second }] } else { vec![] };
         prop_assert_eq!(slots, want);
         prop_assert_eq!(d.body(), &payload[..]);
+    }
+
+    #[test]
+    fn a_bundle_gives_back_its_copies_in_order_and_a_cut_one_ends_in_an_error(
+        lens in proptest::collection::vec(0usize..300, 1..4), cut in 0usize..2000,
+    ) {
+        let copies: Vec<Vec<u8>> = lens.iter().enumerate().map(|(i, &n)| publish(i as u8, n)).collect();
+        let body = bundle_body(&copies);
+        let read: Vec<&[u8]> = bundled(&body).map(Result::unwrap).collect();
+        prop_assert_eq!(read, copies.iter().map(Vec::as_slice).collect::<Vec<_>>());
+        // Cut anywhere: the whole entries before the cut, then an error unless the cut falls
+        // between entries.
+        let cut = cut.min(body.len());
+        let entries: Vec<_> = bundled(&body[..cut]).collect();
+        let whole = entries.iter().filter(|e| e.is_ok()).count();
+        prop_assert!(entries.iter().take(whole).all(Result::is_ok));
+        prop_assert!(entries.len() <= whole + 1);
+        let boundary = (0..=copies.len()).any(|k| bundle_body(&copies[..k]).len() == cut);
+        prop_assert_eq!(entries.len() == whole, boundary);
     }
 
     #[test]
