@@ -12,11 +12,12 @@
 //! Ends with one JSON line: `{"relay_ns_per_dgram":…, "raw_ns_per_dgram":…, "ratio":…,
 //! "p99_hop_us":…, "loss":…, …}`, the worst case over payload sizes.
 //!
-//! With `--fanout 10,100` it measures fan-out instead: one publisher bound to the relay and N
-//! subscribers, each on its own socket with a subscription the control key signed; the
-//! publisher sends `rate / N` datagrams a second, so the relay sends `rate` copies, and the
-//! worker's CPU time per copy is set against the raw forwarder's per datagram at `rate` in the
-//! same run. Ends with `{"fanout_copy_ratio_10":…, "fanout_copy_ratio_100":…, …}`.
+//! With `--fanout 10,100` it measures fan-out instead: publishers (`--publishers`, default one)
+//! bound to the relay and N subscribers, each on its own socket with a subscription to every
+//! publisher's group that the control key signed; the publishers send `rate / N` datagrams a
+//! second between them, so the relay sends `rate` copies, and the worker's CPU time per copy is
+//! set against the raw forwarder's per datagram at `rate` in the same run (see `fanout.rs`).
+//! Ends with `{"fanout_copy_ratio_10":…, "fanout_copy_ratio_100":…, …}`.
 
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
@@ -27,14 +28,14 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::Parser;
 use shoal_mesh::clock::WallClock;
-use shoal_mesh::driver::batch::{BATCH, Batch, bind_reuseport};
+use shoal_mesh::driver::batch::{Batch, bind_reuseport};
 use shoal_mesh::driver::relay::{Relay, RelayOptions};
 use shoal_mesh::endpoint::{Endpoint, EndpointEvent, Envelope, Path};
 use shoal_mesh::router::{Rate, RouterConfig};
-use shoal_mesh::wire::{HEADER_LEN, ROUTE_ENTRY_LEN, Route, SubscribeStatus, VcId};
-use shoal_protocol::{
-    Identity, Roles, SignedSubscription, SignedTicket, StreamId, SubscriptionBody, TicketBody, TicketKind, UnixTime,
-};
+use shoal_mesh::wire::{HEADER_LEN, ROUTE_ENTRY_LEN, Route, VcId};
+use shoal_protocol::{Identity, Roles, SignedTicket, TicketBody, TicketKind, UnixTime};
+
+mod fanout;
 
 #[derive(Parser, Debug)]
 #[command(name = "shoal-relay-bench", about = "Relay CPU and latency per datagram against a raw batched forwarder")]
@@ -51,10 +52,16 @@ struct Args {
     /// Runs per path and size; the median run (by CPU per datagram) is reported.
     #[arg(long, default_value_t = 3)]
     runs: usize,
-    /// Instead: fan-out groups of these sizes, one publisher copied to N subscribers, against
+    /// Instead: fan-out groups of these sizes, publishers copied to N subscribers, against
     /// the raw forwarder at the same number of datagrams sent a second.
     #[arg(long, value_delimiter = ',')]
     fanout: Vec<usize>,
+    /// With `--fanout`: publishers sharing the publishes, each subscribed by every subscriber.
+    #[arg(long, default_value_t = 1)]
+    publishers: usize,
+    /// With `--fanout`: the relay's bundling window in milliseconds (0: each copy on its own).
+    #[arg(long, default_value_t = 10)]
+    bundle_window_ms: u64,
 }
 
 /// Sequence number (8) and send time in ns since the run's start (8) lead every payload.
@@ -191,15 +198,9 @@ struct Load {
     origin_at: Option<usize>,
 }
 
-/// Sends `count` datagrams paced at `rate` from `start`.
-fn send_paced(sock: &UdpSocket, load: &Load, rate: u64, count: u64, start: Instant) -> u64 {
-    let Load { to, ref template, stamp_at, origin_at } = *load;
-    let fd = sock.as_raw_fd();
+/// Sends `count` datagrams paced at `rate` from `start`, a chunk from each sender in turn.
+fn send_paced(senders: &[(&UdpSocket, &Load)], rate: u64, count: u64, start: Instant) -> u64 {
     let mut b = Batch::new();
-    for i in 0..BATCH {
-        b.fill(i, template);
-    }
-    let template = template.as_slice();
     let clock = WallClock::system();
     // Wake from sleeps on time rather than up to the default 50 µs late.
     // SAFETY: PR_SET_TIMERSLACK takes one integer argument and touches only this thread.
@@ -210,6 +211,7 @@ fn send_paced(sock: &UdpSocket, load: &Load, rate: u64, count: u64, start: Insta
     // Small batches keep the pacing smooth: 16 datagrams are 53 µs at 300k/s.
     let chunk = 16u64;
     let mut seq = 0u64;
+    let mut turn = 0;
     while seq < count {
         let due = start + per * seq as u32;
         loop {
@@ -225,10 +227,14 @@ fn send_paced(sock: &UdpSocket, load: &Load, rate: u64, count: u64, start: Insta
                 std::hint::spin_loop();
             }
         }
+        let (sock, load) = senders[turn % senders.len()];
+        turn += 1;
+        let Load { to, ref template, stamp_at, origin_at } = *load;
         let n = chunk.min(count - seq);
         let now = Instant::now();
         let sent_ns = now.duration_since(start).as_nanos() as u64;
         for k in 0..n as usize {
+            b.fill(k, template);
             let buf = b.buffer(k);
             buf[stamp_at..stamp_at + 8].copy_from_slice(&(seq + k as u64).to_le_bytes());
             buf[stamp_at + 8..stamp_at + 16].copy_from_slice(&sent_ns.to_le_bytes());
@@ -237,7 +243,7 @@ fn send_paced(sock: &UdpSocket, load: &Load, rate: u64, count: u64, start: Insta
             }
             let _ = b.queue(k, template.len(), to);
         }
-        let _ = b.send_wait(fd);
+        let _ = b.send_wait(sock.as_raw_fd());
         seq += n;
     }
     seq
@@ -274,7 +280,7 @@ fn run(hop: Hop, size: usize, args: &Args) -> anyhow::Result<RunResult> {
             (fwd_addr, payload.clone(), 0, None, Some(rx.recv()?))
         }
         Hop::Relay => {
-            let r = spawn_relay(&control)?;
+            let r = spawn_relay(&control, Duration::ZERO)?;
             let (a, b) = (Identity::generate()?, Identity::generate()?);
             let mut ea = Endpoint::new(a.clone(), permit(&control, &a, Roles::CLIENT), WallClock::system());
             let mut eb = Endpoint::new(b.clone(), permit(&control, &b, Roles::CLIENT), WallClock::system());
@@ -311,7 +317,7 @@ fn run(hop: Hop, size: usize, args: &Args) -> anyhow::Result<RunResult> {
     let sink_thread = std::thread::spawn(move || sink(sink_sock, stamp_at, count, start, stop_sink));
     let cpu0 = tid.map(thread_cpu_ns).transpose()?;
     let load = Load { to, template, stamp_at, origin_at };
-    let sent = send_paced(&send_sock, &load, args.rate, count, start);
+    let sent = send_paced(&[(&send_sock, &load)], args.rate, count, start);
     // Let the tail drain, then stop.
     std::thread::sleep(Duration::from_millis(300));
     let cpu1 = tid.map(thread_cpu_ns).transpose()?;
@@ -343,7 +349,7 @@ fn run(hop: Hop, size: usize, args: &Args) -> anyhow::Result<RunResult> {
 }
 
 /// One relay worker on loopback that trusts `control`, with no rate limits in the way.
-fn spawn_relay(control: &Identity) -> anyhow::Result<Relay> {
+fn spawn_relay(control: &Identity, bundle_window: Duration) -> anyhow::Result<Relay> {
     let me = Identity::generate()?;
     let unlimited = Rate { per_sec: 1e12, burst: 1e12 };
     let cfg = RouterConfig {
@@ -356,167 +362,9 @@ fn spawn_relay(control: &Identity) -> anyhow::Result<Relay> {
         notices: Rate { per_sec: 1000.0, burst: 100.0 },
         max_bindings: 4096,
         cookie_secret: [7; 32],
-        fanout: shoal_mesh::fanout::FanoutConfig::default(),
+        fanout: shoal_mesh::fanout::FanoutConfig { bundle_window, ..Default::default() },
     };
     Ok(Relay::spawn(bind_reuseport("127.0.0.1:0".parse()?, 1, 16 << 20)?, RelayOptions { router: cfg, peers: vec![] })?)
-}
-
-/// Presents `sub` over a blocking socket until the relay answers.
-fn subscribe_blocking(sock: &UdpSocket, ep: &mut Endpoint, sub: &SignedSubscription) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let mut buf = [0u8; 2048];
-    while Instant::now() < deadline {
-        ep.subscribe(Instant::now(), sub, false)?;
-        while let Some(t) = ep.poll_transmit() {
-            sock.send_to(&t.bytes, t.to)?;
-        }
-        if let Ok((n, from)) = sock.recv_from(&mut buf) {
-            ep.handle_datagram(Instant::now(), from, &buf[..n]);
-        }
-        while let Some(e) = ep.poll_event() {
-            if let EndpointEvent::Subscription { ack, .. } = e {
-                if ack.status == SubscribeStatus::Member {
-                    return Ok(());
-                }
-                bail!("subscription refused: {:?}", ack.status);
-            }
-        }
-    }
-    bail!("the relay never answered a subscription")
-}
-
-/// Receives copies on every subscriber socket until `stop` and a quiet period; returns how many.
-fn fanout_sink(socks: Vec<UdpSocket>, stop: Arc<AtomicBool>) -> u64 {
-    let mut b = Batch::new();
-    let mut received = 0u64;
-    let mut quiet_since: Option<Instant> = None;
-    loop {
-        let mut got = 0;
-        for s in &socks {
-            if let Ok(n) = b.recv(s.as_raw_fd()) {
-                got += n;
-            }
-        }
-        received += got as u64;
-        if got > 0 {
-            quiet_since = None;
-            continue;
-        }
-        if stop.load(Ordering::Relaxed) {
-            let since = *quiet_since.get_or_insert_with(Instant::now);
-            if since.elapsed() > Duration::from_millis(100) {
-                return received;
-            }
-        }
-        std::thread::sleep(Duration::from_micros(50));
-    }
-}
-
-/// One publisher fanned out to `n` subscribers: the relay worker's CPU time per copy.
-fn fanout_run(n: usize, size: usize, args: &Args) -> anyhow::Result<RunResult> {
-    let publishes = (args.rate as f64 * args.secs / n as f64) as u64;
-    let control = Identity::generate()?;
-    let r = spawn_relay(&control)?;
-    let send_sock = udp("127.0.0.1:0")?;
-    let p = Identity::generate()?;
-    let mut ep = Endpoint::new(p.clone(), permit(&control, &p, Roles::CLIENT), WallClock::system());
-    bind_blocking(&send_sock, &mut ep, r.local_addr())?;
-    let mut socks = Vec::with_capacity(n);
-    for _ in 0..n {
-        let sock = udp("127.0.0.1:0")?;
-        let id = Identity::generate()?;
-        let mut e = Endpoint::new(id.clone(), permit(&control, &id, Roles::CLIENT), WallClock::system());
-        bind_blocking(&sock, &mut e, r.local_addr())?;
-        let sub = SubscriptionBody {
-            subscriber: id.node_id(),
-            publisher: p.node_id(),
-            stream: StreamId(1),
-            relay: r.node_id(),
-            issued_at: UnixTime(unix_now()),
-            expires_at: UnixTime(unix_now() + 3600),
-        }
-        .sign(&control);
-        subscribe_blocking(&sock, &mut e, &sub)?;
-        sock.set_nonblocking(true)?;
-        socks.push(sock);
-    }
-    let payload = vec![0x5au8; size.max(STAMP_LEN)];
-    ep.publish(Instant::now(), r.node_id(), 1, true, &payload)?;
-    let template = ep.poll_transmit().context("no publish")?.bytes;
-    let stamp_at = template.len() - payload.len();
-    let tid = *r.stats().worker_tids().first().context("relay worker never started")?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let stop_sink = stop.clone();
-    let sink_thread = std::thread::spawn(move || fanout_sink(socks, stop_sink));
-    let start = Instant::now() + Duration::from_millis(50);
-    let cpu0 = thread_cpu_ns(tid)?;
-    let copies0 = r.stats().counters().copies;
-    let load = Load { to: r.local_addr(), template, stamp_at, origin_at: Some(HEADER_LEN + ROUTE_ENTRY_LEN) };
-    let sent = send_paced(&send_sock, &load, args.rate / n as u64, publishes, start);
-    std::thread::sleep(Duration::from_millis(300));
-    let cpu1 = thread_cpu_ns(tid)?;
-    stop.store(true, Ordering::Relaxed);
-    let received = sink_thread.join().map_err(|_| anyhow::anyhow!("sink panicked"))?;
-    // The workers publish their counters every 100 ms.
-    std::thread::sleep(Duration::from_millis(150));
-    let copies = r.stats().counters().copies - copies0;
-    r.shutdown();
-    if copies == 0 {
-        bail!("the relay sent no copies");
-    }
-    Ok(RunResult {
-        sent: sent * n as u64,
-        received,
-        duplicates: 0,
-        cpu_ns_per_dgram: (cpu1 - cpu0) as f64 / copies as f64,
-        p50_us: f64::NAN,
-        p99_us: f64::NAN,
-    })
-}
-
-/// `--fanout`: each group size against the raw forwarder at the same datagrams a second.
-fn fanout_main(args: &Args) -> anyhow::Result<()> {
-    println!(
-        "shoal-relay-bench --fanout: {} copies/s for {} s, sizes {:?}, median of {} runs",
-        args.rate, args.secs, args.sizes, args.runs
-    );
-    println!("| size B | path | datagrams out | loss | CPU ns per datagram out |");
-    println!("|---|---|---|---|---|");
-    let mut json = Vec::new();
-    for &size in &args.sizes {
-        let raw = median_run(Hop::Raw, size, args)?;
-        let loss = |r: &RunResult| 1.0 - r.received as f64 / r.sent.max(1) as f64;
-        println!(
-            "| {size} | raw mmsg forwarder | {} | {:.4}% | {:.0} |",
-            raw.sent,
-            loss(&raw) * 100.0,
-            raw.cpu_ns_per_dgram
-        );
-        for &n in &args.fanout {
-            let mut runs = Vec::new();
-            for _ in 0..args.runs.max(1) {
-                runs.push(fanout_run(n, size, args)?);
-            }
-            runs.sort_by(|a, b| a.cpu_ns_per_dgram.total_cmp(&b.cpu_ns_per_dgram));
-            let f = runs[runs.len() / 2].clone();
-            let ratio = f.cpu_ns_per_dgram / raw.cpu_ns_per_dgram;
-            println!(
-                "| {size} | shoal relay, 1 → {n} | {} | {:.4}% | {:.0} ({ratio:.3}x raw) |",
-                f.sent,
-                loss(&f) * 100.0,
-                f.cpu_ns_per_dgram
-            );
-            json.push(format!("\"fanout_copy_ratio_{n}_{size}\":{ratio:.3}"));
-            json.push(format!("\"fanout_ns_per_copy_{n}_{size}\":{:.0}", f.cpu_ns_per_dgram));
-            json.push(format!("\"fanout_loss_{n}_{size}\":{:.6}", loss(&f)));
-            if size == args.sizes[0] {
-                json.push(format!("\"fanout_copy_ratio_{n}\":{ratio:.3}"));
-            }
-        }
-        json.push(format!("\"raw_ns_per_dgram_{size}\":{:.0}", raw.cpu_ns_per_dgram));
-    }
-    println!("{{{},\"rate\":{}}}", json.join(","), args.rate);
-    Ok(())
 }
 
 fn median_run(hop: Hop, size: usize, args: &Args) -> anyhow::Result<RunResult> {
@@ -531,7 +379,7 @@ fn median_run(hop: Hop, size: usize, args: &Args) -> anyhow::Result<RunResult> {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if !args.fanout.is_empty() {
-        return fanout_main(&args);
+        return fanout::fanout_main(&args);
     }
     println!(
         "shoal-relay-bench: {} datagrams/s for {} s, sizes {:?}, median of {} runs",
