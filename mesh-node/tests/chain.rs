@@ -258,3 +258,35 @@ fn an_upstream_that_restarted_feeds_again_by_itself() {
     let took = delivered_at.expect("the chain never came back");
     assert!(took <= FEED_REFRESH + Duration::from_secs(1), "took {took:?}");
 }
+
+/// Publishes within one window reach the fed relay in one bundle, which it takes apart and
+/// fans out copy by copy, bundled again for each of its members.
+#[test]
+fn a_bundle_from_the_feeding_relay_is_taken_apart_and_fanned_out() {
+    let mut c = chain();
+    c.feed(600);
+    for i in FAR {
+        c.watch(i, c.r2);
+    }
+    let (now, r1) = (c.net.now, c.r1);
+    for n in 0..3u8 {
+        c.net.endpoint(P).publish(now, r1, 3, true, &[n; 40]).unwrap();
+    }
+    c.net.drain(P);
+    c.net.run(Duration::from_millis(25));
+    for i in FAR {
+        let got: Vec<u8> = c
+            .net
+            .take_events(addr(i as u16 + 1))
+            .into_iter()
+            .filter_map(|e| match e {
+                EndpointEvent::Published(r) => Some(r.payload[0]),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(got, vec![0, 1, 2], "watcher {i}");
+    }
+    let (a, b) = (c.net.relay(R1).counters().clone(), c.net.relay(R2).counters().clone());
+    assert_eq!((a.copies, a.bundles, a.bundled_copies), (3, 1, 3), "R1 sent R2 one bundle of three");
+    assert_eq!((b.fed, b.copies, b.bundles, b.bundled_copies), (3, 6, 2, 6));
+}
