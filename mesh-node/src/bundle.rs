@@ -66,6 +66,11 @@ impl Bundler {
         }
     }
 
+    /// Whether two copies of `len` bytes fit one bundle (larger ones gain nothing from it).
+    pub fn shares(len: usize) -> bool {
+        HEADER_LEN + 2 * (BUNDLE_ENTRY_LEN + len) <= MAX_DATAGRAM
+    }
+
     /// Queues `copy` (a whole datagram) for `member`, reached at `to`.
     pub fn push(&mut self, now: Instant, member: NodeId, to: SocketAddr, copy: &[u8]) {
         let entry = BUNDLE_ENTRY_LEN + copy.len();

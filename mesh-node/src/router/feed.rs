@@ -148,7 +148,7 @@ impl Router {
                 Err(e) => Verdict::Drop(DropReason::Malformed(ParseErrorKind::of(&e))),
             };
             match self.count(now, verdict, entry) {
-                // Bundling is off here: each copy goes on its own.
+                // Bundling is off here (or the copy is too large to share): each goes on its own.
                 Verdict::FanOut(group) => {
                     for &to in self.groups.addrs(&group) {
                         self.transmits.push_back(Transmit { to, bytes: entry.to_vec() });

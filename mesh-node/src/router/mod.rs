@@ -505,7 +505,9 @@ impl Router {
                 let copies = self.groups.addrs(&group).len() as u64;
                 self.counters.copies += copies;
                 self.counters.forwarded_bytes += buf.len() as u64 * copies;
-                if let Some(b) = &mut self.bundler {
+                // Copies too large for two to share a datagram go out as they are, without a
+                // copy of the bytes.
+                if let Some(b) = self.bundler.as_mut().filter(|_| Bundler::shares(buf.len())) {
                     for (node, addr) in self.groups.each(&group) {
                         b.push(now, node, addr, buf);
                     }
