@@ -15,6 +15,7 @@
 
 pub mod behaviour;
 pub mod content;
+pub mod interest;
 pub mod world;
 
 /// The demo zone's content, as shipped with the server.
