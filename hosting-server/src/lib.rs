@@ -16,6 +16,7 @@
 pub mod behaviour;
 pub mod content;
 pub mod interest;
+pub mod snapshot;
 pub mod world;
 
 /// The demo zone's content, as shipped with the server.
