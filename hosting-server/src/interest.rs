@@ -11,8 +11,8 @@
 use std::collections::BTreeMap;
 
 use glam::Vec2;
-use rustc_hash::FxHashMap;
 
+use crate::grid::Grid;
 use crate::world::{Entity, EntityId};
 
 /// How far a client sees, and how much it is sent.
@@ -32,46 +32,21 @@ impl Default for InterestConfig {
     }
 }
 
-/// Entities by grid cell, rebuilt once a tick and shared by every client's query.
+/// Entities by where they are, rebuilt once a tick and shared by every client's query.
 #[derive(Debug)]
-pub struct EntityGrid {
-    cell: f32,
-    cells: FxHashMap<(i32, i32), Vec<u32>>,
-}
+pub struct EntityGrid(Grid<EntityId>);
 
 impl EntityGrid {
-    /// An empty grid of `cell`-metre squares (the view radius is a good size).
+    /// An empty grid of `cell`-metre squares (the leave radius is a good size).
     pub fn new(cell: f32) -> EntityGrid {
-        EntityGrid { cell: cell.max(1.0), cells: FxHashMap::default() }
-    }
-
-    fn key(&self, p: Vec2) -> (i32, i32) {
-        ((p.x / self.cell).floor() as i32, (p.y / self.cell).floor() as i32)
+        EntityGrid(Grid::new(cell))
     }
 
     /// Files every present entity by where it is now.
     pub fn rebuild(&mut self, entities: &[Entity]) {
-        for v in self.cells.values_mut() {
-            v.clear();
-        }
+        self.0.clear();
         for e in entities.iter().filter(|e| e.present) {
-            let k = self.key(e.at);
-            self.cells.entry(k).or_default().push(e.id.0);
-        }
-    }
-
-    /// Calls `f` with every filed entity within `range` of `at`.
-    pub fn within(&self, entities: &[Entity], at: Vec2, range: f32, mut f: impl FnMut(&Entity)) {
-        let (lo, hi) = (self.key(at - Vec2::splat(range)), self.key(at + Vec2::splat(range)));
-        for x in lo.0..=hi.0 {
-            for z in lo.1..=hi.1 {
-                for &i in self.cells.get(&(x, z)).map_or(&[][..], Vec::as_slice) {
-                    let e = &entities[i as usize];
-                    if e.at.distance_squared(at) <= range * range {
-                        f(e);
-                    }
-                }
-            }
+            self.0.insert(e.at, e.id);
         }
     }
 }
@@ -110,7 +85,7 @@ impl ClientInterest {
     pub fn update(&mut self, cfg: &InterestConfig, grid: &EntityGrid, entities: &[Entity], at: Vec2) -> ViewChange {
         let mut change = ViewChange::default();
         self.seen.clear();
-        grid.within(entities, at, cfg.leave_radius, |e| self.seen.push(e.id));
+        grid.0.within(at, cfg.leave_radius, |_, id| self.seen.push(id));
         self.seen.sort_unstable();
         // Those in view and still within the leave radius stay; the rest go.
         let seen = &self.seen;

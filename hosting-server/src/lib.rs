@@ -15,6 +15,7 @@
 
 pub mod behaviour;
 pub mod content;
+pub mod grid;
 pub mod interest;
 pub mod snapshot;
 pub mod world;

@@ -10,11 +10,11 @@ use std::collections::VecDeque;
 use glam::Vec2;
 use rand::rngs::Xoshiro256PlusPlus;
 use rand::{RngExt, SeedableRng};
-use rustc_hash::FxHashMap;
 use shoal_protocol::NodeId;
 
 use crate::behaviour::{self, Behaviour, Factory, View};
 use crate::content::{Content, ContentError};
+use crate::grid::Grid;
 
 /// An entity's id in this world; never reused while the world runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -97,52 +97,13 @@ pub enum WorldError {
     Absent(EntityId),
 }
 
+/// An NPC's own state beside its entity: NPCs are the world's first entities, in order, so the
+/// `i`-th is entity `i`.
 #[derive(Debug)]
 struct Npc {
-    entity: usize,
     mind: Box<dyn Behaviour>,
     /// When a dead NPC spawns again, in seconds of world time.
     respawn_at: f64,
-}
-
-/// Players by grid cell, for the NPCs' "who is near" in time independent of the player count.
-#[derive(Debug, Default)]
-struct Grid {
-    cell: f32,
-    cells: FxHashMap<(i32, i32), Vec<Vec2>>,
-}
-
-impl Grid {
-    fn key(&self, p: Vec2) -> (i32, i32) {
-        ((p.x / self.cell).floor() as i32, (p.y / self.cell).floor() as i32)
-    }
-
-    fn rebuild(&mut self, players: &[(NodeId, Vec2)]) {
-        for v in self.cells.values_mut() {
-            v.clear();
-        }
-        for &(_, p) in players {
-            let k = self.key(p);
-            self.cells.entry(k).or_default().push(p);
-        }
-    }
-
-    /// The players within `range` of `at`, nearest first, into `out`.
-    fn near(&self, at: Vec2, range: f32, out: &mut Vec<Vec2>) {
-        out.clear();
-        if range <= 0.0 {
-            return;
-        }
-        let (lo, hi) = (self.key(at - Vec2::splat(range)), self.key(at + Vec2::splat(range)));
-        for x in lo.0..=hi.0 {
-            for z in lo.1..=hi.1 {
-                if let Some(ps) = self.cells.get(&(x, z)) {
-                    out.extend(ps.iter().filter(|p| p.distance_squared(at) <= range * range));
-                }
-            }
-        }
-        out.sort_by(|a, b| a.distance_squared(at).total_cmp(&b.distance_squared(at)));
-    }
 }
 
 /// The world. See the module docs.
@@ -154,7 +115,8 @@ pub struct World {
     rng: Xoshiro256PlusPlus,
     /// World time, seconds.
     time: f64,
-    grid: Grid,
+    /// Players by where they are, for what NPCs see.
+    grid: Grid<()>,
     near: Vec<Vec2>,
     events: VecDeque<WorldEvent>,
 }
@@ -180,7 +142,7 @@ impl World {
             for _ in 0..spawn.count {
                 let at = spawn_point(&mut rng, spawn.around, spawn.radius);
                 let id = EntityId(entities.len() as u32);
-                npcs.push(Npc { entity: entities.len(), mind: make(), respawn_at: 0.0 });
+                npcs.push(Npc { mind: make(), respawn_at: 0.0 });
                 entities.push(Entity {
                     id,
                     kind: EntityKind::Npc { kind: spawn.kind as u16, spawn: s as u32 },
@@ -203,7 +165,7 @@ impl World {
             npcs,
             rng,
             time: 0.0,
-            grid: Grid { cell, cells: FxHashMap::default() },
+            grid: Grid::new(cell),
             near: Vec::new(),
             events: VecDeque::new(),
         })
@@ -239,10 +201,12 @@ impl World {
     /// whose time has come spawn again.
     pub fn tick(&mut self, dt: f32, players: &[(NodeId, Vec2)]) {
         self.time += f64::from(dt);
-        self.grid.rebuild(players);
+        self.grid.clear();
+        for &(_, p) in players {
+            self.grid.insert(p, ());
+        }
         let content = &self.content;
-        for npc in &mut self.npcs {
-            let e = &mut self.entities[npc.entity];
+        for (npc, e) in self.npcs.iter_mut().zip(&mut self.entities) {
             let EntityKind::Npc { kind, spawn } = e.kind else { continue };
             let (kind, spawn) = (&content.npc_kinds[kind as usize], &content.spawns[spawn as usize]);
             if !e.present {
@@ -254,7 +218,10 @@ impl World {
                 }
                 continue;
             }
-            self.grid.near(e.at, kind.range, &mut self.near);
+            self.near.clear();
+            self.grid.within(e.at, kind.range, |p, ()| self.near.push(p));
+            let at = e.at;
+            self.near.sort_by(|a, b| a.distance_squared(at).total_cmp(&b.distance_squared(at)));
             let zone = &content.zones[spawn.zone];
             let view = View { at: e.at, kind, spawn, zone, players: &self.near, dt };
             let v = npc.mind.steer(&view, &mut self.rng).clamp_length_max(kind.speed);
@@ -281,7 +248,7 @@ impl World {
         if e.state == 0 {
             e.present = false;
             let respawn = f64::from(self.content.npc_kinds[kind as usize].respawn_secs);
-            if let Some(n) = self.npcs.iter_mut().find(|n| n.entity == npc.0 as usize) {
+            if let Some(n) = self.npcs.get_mut(npc.0 as usize) {
                 n.respawn_at = self.time + respawn;
             }
             self.events.push_back(WorldEvent::Died { npc, by });

@@ -120,13 +120,6 @@ impl Bundler {
         }
     }
 
-    /// Sends every open bundle now.
-    pub fn flush_all(&mut self) {
-        while let Some((_, to)) = self.due.pop_front() {
-            self.close(to);
-        }
-    }
-
     /// A bundle (or a lone copy) to send.
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
         self.out.pop_front()
@@ -222,7 +215,7 @@ mod tests {
         while let Some(t) = b.poll_transmit() {
             sent.push(t);
         }
-        b.flush_all();
+        b.flush_due(t0 + Duration::from_millis(10));
         while let Some(t) = b.poll_transmit() {
             sent.push(t);
         }

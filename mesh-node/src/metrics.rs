@@ -253,6 +253,8 @@ pub struct Counters {
     pub feeds_taken: u64,
     /// Answers from upstream relays refusing a feed this relay presented.
     pub feeds_refused: u64,
+    /// Feeds not taken: not the control server's signature, lapsed, or not for this relay.
+    pub feeds_invalid: u64,
     /// Bundles sent: datagrams that carried two copies or more for one member.
     pub bundles: u64,
     /// Copies sent inside bundles.
@@ -323,6 +325,7 @@ impl Counters {
         self.fed += other.fed;
         self.feeds_taken += other.feeds_taken;
         self.feeds_refused += other.feeds_refused;
+        self.feeds_invalid += other.feeds_invalid;
         self.bundles += other.bundles;
         self.bundled_copies += other.bundled_copies;
         for (a, b) in self.subscribes.iter_mut().zip(other.subscribes) {
@@ -392,6 +395,12 @@ impl Counters {
             self.feeds_taken,
         )?;
         counter(e, "shoal_relay_feeds_refused_total", "Feeds upstream relays refused.", self.feeds_refused)?;
+        counter(
+            e,
+            "shoal_relay_feeds_invalid_total",
+            "Feeds not taken: not the control server's, lapsed, or not for this relay.",
+            self.feeds_invalid,
+        )?;
         gauge(e, "shoal_relay_feeds", "Groups other relays feed here.", now.feeds as u64)?;
         counter(e, "shoal_relay_bundles_total", "Datagrams that carried several copies for one member.", self.bundles)?;
         counter(e, "shoal_relay_bundled_copies_total", "Copies sent inside bundles.", self.bundled_copies)?;
@@ -462,6 +471,6 @@ mod tests {
         // Every family has its HELP and TYPE.
         let families = text.lines().filter(|l| l.starts_with("# TYPE")).count();
         assert_eq!(families, text.lines().filter(|l| l.starts_with("# HELP")).count());
-        assert_eq!(families, 26);
+        assert_eq!(families, 27);
     }
 }

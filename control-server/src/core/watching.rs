@@ -42,6 +42,10 @@ pub(super) struct WatchRoute {
     pub(super) upstream: Option<NodeId>,
 }
 
+/// A route through a second relay: its round trip (the relays' own plus the watcher's to the
+/// second), the second relay and its address.
+type Chain = (u32, NodeId, std::net::SocketAddr);
+
 /// How much faster another path must be before it replaces the one in use: a fifth of the
 /// round trip, or 2 ms.
 fn margin(rtt_us: u32) -> u32 {
@@ -93,18 +97,19 @@ impl Core {
             .iter()
             .filter(|(id, r)| **id != via.id && r.conn.is_some())
             .filter_map(|(id, r)| Some((self.relay_rtt(via.id, *id)?.saturating_add(rtt(id)), *id, r.addr)));
-        let chained = |(_, id, addr): (u32, NodeId, std::net::SocketAddr)| WatchRoute {
+        let chained = |(_, id, addr): Chain| WatchRoute {
             relay: RelayInfo { id, addr, rtt_us: rtt(&id) },
             upstream: Some(via.id),
         };
         let current = self.grants.get(&(watcher, publisher)).map(|g| g.relay);
-        let mut best_chain = None;
-        let mut kept = None;
+        // Without allocating (this runs for every watch, every tick): the fastest chain, and the
+        // one through the relay in use.
+        let (mut best_chain, mut kept): (Option<Chain>, Option<Chain>) = (None, None);
         for c in chains {
             if Some(c.1) == current {
                 kept = Some(c);
             }
-            if best_chain.is_none_or(|b: (u32, NodeId, std::net::SocketAddr)| c.0 < b.0) {
+            if best_chain.is_none_or(|b| c.0 < b.0) {
                 best_chain = Some(c);
             }
         }

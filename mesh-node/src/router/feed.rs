@@ -67,10 +67,15 @@ impl Router {
     pub fn feed(&mut self, now: Instant, subscription: SignedSubscription) -> Result<(), SubscriptionError> {
         let b = subscription.body;
         let now_secs = self.clock.unix_secs(now);
-        if b.relay == self.id {
-            return Err(SubscriptionError::WrongRelay { intended: b.relay });
+        let checked = if b.relay == self.id {
+            Err(SubscriptionError::WrongRelay { intended: b.relay })
+        } else {
+            subscription.verify(&self.cfg.control_key, b.relay, self.id, UnixTime(now_secs)).map(|_| ())
+        };
+        if let Err(e) = checked {
+            self.counters.feeds_invalid += 1;
+            return Err(e);
         }
-        subscription.verify(&self.cfg.control_key, b.relay, self.id, UnixTime(now_secs))?;
         let lapses = now + Duration::from_secs(b.expires_at.0.saturating_sub(now_secs));
         let feed = Feed { upstream: b.relay, subscription, lapses, state: State::Due(now), empty_since: None };
         if let Some(old) = self.feeds.insert(b.group(), feed)
@@ -80,6 +85,7 @@ impl Router {
             self.present(&old.subscription, true);
         }
         self.counters.feeds_taken += 1;
+        self.feeds_next = Some(now);
         self.present_due(now);
         Ok(())
     }
@@ -211,6 +217,7 @@ impl Router {
                 f.empty_since = None;
                 if f.state == State::Left {
                     f.state = State::Due(now);
+                    self.feeds_next = Some(now);
                 }
             }
         }
@@ -226,6 +233,7 @@ impl Router {
             f.empty_since = None;
             if f.state == State::Left {
                 f.state = State::Due(now);
+                self.feeds_next = Some(now);
                 self.present_due(now);
             }
         }
@@ -237,45 +245,42 @@ impl Router {
         for f in self.feeds.values_mut().filter(|f| f.upstream == peer && f.state != State::Left) {
             f.state = State::Due(now);
         }
+        self.feeds_next = Some(now);
         self.present_due(now);
     }
 
     /// When a feed is next due to be presented.
     pub(super) fn feeds_timeout(&self) -> Option<Instant> {
-        if !self.peer_owner {
-            return None;
-        }
-        self.feeds
-            .values()
-            .filter_map(|f| match f.state {
-                State::Due(t) | State::Held(t) => Some(t),
-                State::Left => None,
-            })
-            .min()
+        self.feeds_next.filter(|_| self.peer_owner)
     }
 
     /// Presents every feed that is due to its upstream, if our binding there holds (the worker
     /// that owns peer binds does; the others only take copies).
+    ///
+    /// Cheap when nothing is due: the earliest time anything is (`feeds_next`) is kept, set to
+    /// `now` by whatever makes a feed due at once, and found again here.
     pub(super) fn present_due(&mut self, now: Instant) {
-        if !self.peer_owner {
+        if !self.peer_owner || self.feeds_next.is_none_or(|t| t > now) {
             return;
         }
         let mut due = Vec::new();
+        let mut next: Option<Instant> = None;
         for f in self.feeds.values_mut() {
             let (State::Due(t) | State::Held(t)) = f.state else { continue };
-            if t > now {
-                continue;
+            if t <= now {
+                let bound = self.peers.iter().any(|p| p.is_bound() && p.relay_id() == Some(f.upstream));
+                f.state = match f.state {
+                    State::Held(_) if bound => State::Held(now + FEED_REFRESH),
+                    _ => State::Due(now + FEED_RETRY),
+                };
+                if bound {
+                    due.push(f.subscription);
+                }
             }
-            if !self.peers.iter().any(|p| p.is_bound() && p.relay_id() == Some(f.upstream)) {
-                f.state = State::Due(now + FEED_RETRY);
-                continue;
-            }
-            f.state = match f.state {
-                State::Held(_) => State::Held(now + FEED_REFRESH),
-                _ => State::Due(now + FEED_RETRY),
-            };
-            due.push(f.subscription);
+            let (State::Due(t) | State::Held(t)) = f.state else { continue };
+            next = Some(next.map_or(t, |n| n.min(t)));
         }
+        self.feeds_next = next;
         for s in &due {
             self.present(s, false);
         }

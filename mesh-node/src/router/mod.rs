@@ -277,6 +277,8 @@ pub struct Router {
     groups: Groups,
     /// Groups other relays feed here.
     feeds: feed::Feeds,
+    /// When a feed is next due to be presented upstream (none: nothing is).
+    feeds_next: Option<Instant>,
     /// Copies waiting to share a datagram with others for the same member (when bundling).
     bundler: Option<Bundler>,
 }
@@ -303,6 +305,7 @@ impl Router {
             peer_owner: true,
             groups: Groups::new(cfg.fanout),
             feeds: feed::Feeds::default(),
+            feeds_next: None,
             bundler: (!cfg.fanout.bundle_window.is_zero()).then(|| Bundler::new(id, cfg.fanout.bundle_window)),
             cfg,
         }
