@@ -8,13 +8,14 @@
 //! against that key state. The bits are the pairwise codec's ([`super::codec`]): the sender
 //! takes its own key state as acknowledged.
 //!
-//! A key state goes twice: the update after it carries a copy, so that one lost datagram
-//! costs a watcher that one update, not the second until the next key state. (A second key
-//! state of its own would not do: deltas name one baseline, and a watcher that caught only
-//! the other could not decode them.) The plaintext is a byte holding the length of the copy
-//! (0: none), the copy, then the update.
+//! A key state goes three times: the [`KEY_COPIES`] updates after it each carry a copy, so
+//! that losing it costs a watcher that one update, and losing it and the next (loss comes in
+//! bursts) those two, not the second until the next key state. (A second key state of its own
+//! would not do: deltas name one baseline, and a watcher that caught only the other could not
+//! decode them.) The plaintext is a byte holding the length of the copy (0: none), the copy,
+//! then the update.
 //!
-//! So a watcher that lost both copies of a key state, or joined between two, refuses the
+//! So a watcher that lost every copy of a key state, or joined between two, refuses the
 //! deltas that name it ([`DecodeError::MissingBaseline`]) until the next key state, at most
 //! [`KEY_EVERY`] ticks on. It never decodes against another state. A watcher that heard nothing for
 //! [`STREAM_GAP`] forgets what it holds, so that tick numbers, which deltas carry as their low
@@ -41,6 +42,9 @@ use super::{AvatarState, Quantizer};
 /// watcher that lost one, or just joined, waits to decode again.
 pub const KEY_EVERY: u32 = 60;
 const _: () = assert!(KEY_EVERY <= MAX_AGE);
+/// Updates after a key state that carry a copy of it. Each costs the key state's bytes (about
+/// 22) once a second; two cover a burst of loss as long as the 5 Hz watch interval.
+pub const KEY_COPIES: u8 = 2;
 /// Silence after which a watcher forgets the stream's states and waits for a key state.
 pub const STREAM_GAP: Duration = Duration::from_secs(2);
 /// Sequence numbers behind the newest a watcher still takes (reordered, not replayed).
@@ -55,8 +59,8 @@ pub struct StreamEncoder {
     key_every: u32,
     /// The tick of the last key state.
     key: Option<u32>,
-    /// The last key state's bytes, for the next update to carry.
-    repeat: Option<Vec<u8>>,
+    /// The last key state's bytes, and how many more updates are to carry them.
+    repeat: Option<(Vec<u8>, u8)>,
 }
 
 impl StreamEncoder {
@@ -66,20 +70,26 @@ impl StreamEncoder {
     }
 
     /// Encodes `state` at `tick`: a key state when one is due, otherwise against the last
-    /// (carrying a copy of it if it went in the update before).
+    /// (carrying a copy of it if it went in one of the [`KEY_COPIES`] updates before).
     pub fn encode(&mut self, tick: u32, state: &AvatarState) -> (Form, Vec<u8>) {
         if self.key.is_none_or(|k| tick.wrapping_sub(k) >= self.key_every) {
             self.enc.on_ack(Ack { tick: 0, need_full: true });
         }
         let (form, bytes) = self.enc.encode(tick, state);
-        let copy = self.repeat.take().filter(|_| form != Form::Full);
+        let copy = match &mut self.repeat {
+            Some((bytes, left)) if form != Form::Full && *left > 0 => {
+                *left -= 1;
+                Some(bytes.clone())
+            }
+            _ => None,
+        };
         if form == Form::Full
             && let Some(t) = self.enc.last_tick()
         {
             // The key state stands in for an acknowledgement from every watcher.
             self.key = Some(t);
             self.enc.on_ack(Ack { tick: t as u16, need_full: false });
-            self.repeat = Some(bytes.clone()).filter(|b| b.len() <= usize::from(u8::MAX));
+            self.repeat = Some((bytes.clone(), KEY_COPIES)).filter(|(b, _)| b.len() <= usize::from(u8::MAX));
         }
         let copy = copy.unwrap_or_default();
         let mut out = Vec::with_capacity(1 + copy.len() + bytes.len());
@@ -275,26 +285,26 @@ mod tests {
 
     proptest! {
         /// Under any loss of updates, every update a watcher decodes is the state that was
-        /// sent, within quantisation; it loses nothing more when it caught either copy of the
-        /// key state, and otherwise decodes again at the next key state.
+        /// sent, within quantisation; it decodes every update it gets once it caught any copy
+        /// of the key state, and otherwise decodes again at the next key state.
         #[test]
         fn a_watcher_never_decodes_a_wrong_state_and_recovers_at_the_next_key(lost in proptest::collection::vec(any::<bool>(), 300)) {
             let (mut enc, mut dec) = (StreamEncoder::new(q()), StreamDecoder::new(q()));
             let t0 = Instant::now();
-            // Whether the watcher got the newest key state sent.
-            let mut holds_key = false;
-            let mut after_key = false;
+            // Whether the watcher got the newest key state sent, and how many updates ago
+            // it went.
+            let (mut holds_key, mut since_key) = (false, u32::MAX);
             // Published at 6 Hz: every tenth tick of the 60 Hz avatar clock.
             for (k, &drop) in lost.iter().enumerate() {
                 let tick = 10 * k as u32;
                 let s = state(tick);
                 let (form, bytes) = enc.encode(tick, &s);
-                if form == Form::Full {
+                since_key = if form == Form::Full { 0 } else { since_key.saturating_add(1) };
+                if since_key == 0 {
                     holds_key = !drop;
-                } else if after_key {
+                } else if since_key <= u32::from(KEY_COPIES) {
                     holds_key |= !drop;
                 }
-                after_key = form == Form::Full;
                 if drop { continue; }
                 match dec.decode(t0 + Duration::from_millis(200 * k as u64), &bytes) {
                     Ok(d) => {
@@ -365,9 +375,10 @@ mod tests {
             let r = dec.decode(t0 + Duration::from_millis(200 * k as u64), b);
             assert_eq!(r.is_ok(), k >= 6, "update {k}: {r:?}");
         }
-        // Then three seconds of silence: the next delta is not decoded against what it held.
+        // Then three seconds of silence: a delta (with no copy of its key state) is not decoded
+        // against what it held.
         let later = t0 + Duration::from_millis(200 * 13 + 3000);
-        assert!(dec.decode(later, &forms[14].1).is_err());
+        assert!(dec.decode(later, &forms[15].1).is_err());
         assert!(dec.decode(later, &forms[18].1).is_ok());
     }
 }

@@ -29,6 +29,15 @@ pub(crate) fn crowd(populations: &[usize], secs: u64, seed: u64, audiences: &[us
         let Some(mut r) = run(seed, WorldSpec::watching(n), secs) else { return ExitCode::FAILURE };
         let near = p99_ms(&mut r.stats.near_staleness);
         let watch = p99_ms(&mut r.stats.watched_staleness);
+        // The tail's shape: one missed 5 Hz update, two, or a key state lost.
+        let tail: Vec<String> = [0.5, 0.98, 0.99, 0.995, 0.999]
+            .iter()
+            .map(|&p| {
+                let q = AvatarStats::quantile(&mut r.stats.watched_staleness, p).unwrap_or_default();
+                format!("p{} {} ms", p * 100.0, q.as_millis())
+            })
+            .collect();
+        println!("{n} players, watched staleness: {}", tail.join(", "));
         let err = AvatarStats::quantile(&mut r.stats.watched_errors, 0.99).map_or(f64::NAN, f64::from);
         let q = |v: &mut Vec<f64>, p: f64| AvatarStats::quantile(v, p).unwrap_or(0.0);
         let (up50, up99) = (q(&mut r.upload_kbps, 0.5), q(&mut r.upload_kbps, 0.99));
