@@ -29,6 +29,11 @@
 //! name = "gate"
 //! states = ["closed", "open"]
 //!
+//! [[object_kind]]
+//! name = "herb"
+//! states = ["ripe"]
+//! respawn_secs = 30         # an item: picked up, it grows again after this long
+//!
 //! [[object]]
 //! kind = "gate"
 //! at = [120.0, 80.0]
@@ -115,6 +120,9 @@ pub struct ObjectKind {
     pub name: String,
     /// Its states, in order; it starts in the first.
     pub states: Vec<String>,
+    /// For an item (a kind players pick up rather than use), how long it is gone once taken,
+    /// seconds; `None` for an object that stays.
+    pub respawn_secs: Option<f32>,
 }
 
 /// One object placed in the world.
@@ -193,6 +201,8 @@ struct RawSpawn {
 struct RawObjectKind {
     name: Spanned<String>,
     states: Spanned<Vec<String>>,
+    #[serde(default)]
+    respawn_secs: Option<Spanned<f32>>,
 }
 
 #[derive(Deserialize)]
@@ -334,7 +344,13 @@ impl Content {
                 let reason = "an object kind of that name comes earlier";
                 return l.err(k.name.span(), format!("object_kind[{i}].name"), reason);
             }
-            c.object_kinds.push(ObjectKind { name: k.name.get_ref().clone(), states: states.clone() });
+            if let Some(r) = &k.respawn_secs
+                && !(r.get_ref().is_finite() && *r.get_ref() > 0.0)
+            {
+                return l.err(r.span(), format!("object_kind[{i}].respawn_secs"), "must be above zero");
+            }
+            let respawn_secs = k.respawn_secs.as_ref().map(|r| *r.get_ref());
+            c.object_kinds.push(ObjectKind { name: k.name.get_ref().clone(), states: states.clone(), respawn_secs });
         }
         for (i, o) in raw.object.iter().enumerate() {
             let Some(kind) = c.object_kinds.iter().position(|k| k.name == *o.kind.get_ref()) else {
@@ -439,6 +455,12 @@ at = [120.0, 80.0]
             ),
             ("states = [\"closed\", \"open\"]", "states = []", "states = []", "object_kind[0].states"),
             ("at = [120.0, 80.0]", "at = [120.0, -80.0]", "-80.0", "object[0].at"),
+            (
+                "states = [\"closed\", \"open\"]",
+                "states = [\"ripe\"]\nrespawn_secs = -5.0",
+                "-5.0",
+                "object_kind[0].respawn_secs",
+            ),
             ("health = 30", "health = 70000", "70000", "health"),
             ("count = 40", "count = 40\ncolour = \"red\"", "colour", "colour"),
             (
@@ -466,6 +488,7 @@ at = [120.0, 80.0]
         let npcs: usize = c.spawns.iter().map(|s| s.count).sum();
         assert!((200..=1000).contains(&npcs), "{npcs} NPCs");
         assert!(c.objects.len() >= 5);
+        assert!(c.objects.iter().any(|o| c.object_kinds[o.kind].respawn_secs.is_some()), "no items");
         for b in BUILT_IN {
             assert!(c.npc_kinds.iter().any(|k| k.behaviour == *b), "no {b} in the demo");
         }

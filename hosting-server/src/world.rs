@@ -17,8 +17,7 @@ use crate::content::{Content, ContentError};
 use crate::grid::Grid;
 
 /// An entity's id in this world; never reused while the world runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct EntityId(pub u32);
+pub use shoal_protocol::world::EntityId;
 
 /// What an entity is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,7 +30,7 @@ pub enum EntityKind {
         /// Its spawn.
         spawn: u32,
     },
-    /// An object of this kind (index into [`Content::object_kinds`]).
+    /// An object or item of this kind (index into [`Content::object_kinds`]).
     Object {
         /// Its kind.
         kind: u16,
@@ -81,6 +80,13 @@ pub enum WorldEvent {
         /// The player who used it.
         by: NodeId,
     },
+    /// An item was picked up (it is out of the world until it appears again).
+    PickedUp {
+        /// The item.
+        item: EntityId,
+        /// The player who took it.
+        by: NodeId,
+    },
 }
 
 /// Why the world refused an action.
@@ -92,7 +98,7 @@ pub enum WorldError {
     /// The entity is not of the kind the action needs (attacking an object, opening an NPC).
     #[error("entity {0:?} cannot be used so")]
     WrongKind(EntityId),
-    /// The NPC is dead.
+    /// The NPC is dead, or the item taken.
     #[error("entity {0:?} is not in the world")]
     Absent(EntityId),
 }
@@ -119,6 +125,8 @@ pub struct World {
     grid: Grid<()>,
     near: Vec<Vec2>,
     events: VecDeque<WorldEvent>,
+    /// Items taken, and when each appears again (world time, seconds).
+    taken: Vec<(f64, EntityId)>,
 }
 
 impl World {
@@ -168,6 +176,7 @@ impl World {
             grid: Grid::new(cell),
             near: Vec::new(),
             events: VecDeque::new(),
+            taken: Vec::new(),
         })
     }
 
@@ -198,9 +207,17 @@ impl World {
 
     /// Moves the world on by `dt` seconds: every present NPC steers by its behaviour, within
     /// its kind's speed and its zone, seeing the `players` within its kind's range; dead NPCs
-    /// whose time has come spawn again.
+    /// whose time has come spawn again, and so do items taken.
     pub fn tick(&mut self, dt: f32, players: &[(NodeId, Vec2)]) {
         self.time += f64::from(dt);
+        let (time, entities) = (self.time, &mut self.entities);
+        self.taken.retain(|&(at, id)| {
+            let back = at <= time;
+            if back && let Some(e) = entities.get_mut(id.0 as usize) {
+                e.present = true;
+            }
+            !back
+        });
         self.grid.clear();
         for &(_, p) in players {
             self.grid.insert(p, ());
@@ -259,14 +276,39 @@ impl World {
     /// `by` uses an object: it moves to its kind's next state (after the last, the first).
     ///
     /// # Errors
-    /// No such entity, or not an object.
+    /// No such entity, not an object (NPCs are attacked, items picked up), or not in the world.
     pub fn interact(&mut self, object: EntityId, by: NodeId) -> Result<u16, WorldError> {
         let e = self.entities.get_mut(object.0 as usize).ok_or(WorldError::NoEntity(object))?;
         let EntityKind::Object { kind } = e.kind else { return Err(WorldError::WrongKind(object)) };
+        if self.content.object_kinds[kind as usize].respawn_secs.is_some() {
+            return Err(WorldError::WrongKind(object));
+        }
+        if !e.present {
+            return Err(WorldError::Absent(object));
+        }
         let states = self.content.object_kinds[kind as usize].states.len() as u16;
         e.state = (e.state + 1) % states.max(1);
         self.events.push_back(WorldEvent::ObjectChanged { object, state: e.state, by });
         Ok(e.state)
+    }
+
+    /// `by` picks up an item: it leaves the world until its kind's respawn time has passed.
+    ///
+    /// # Errors
+    /// No such entity, not an item, or taken already.
+    pub fn pick_up(&mut self, item: EntityId, by: NodeId) -> Result<(), WorldError> {
+        let e = self.entities.get_mut(item.0 as usize).ok_or(WorldError::NoEntity(item))?;
+        let EntityKind::Object { kind } = e.kind else { return Err(WorldError::WrongKind(item)) };
+        let Some(secs) = self.content.object_kinds[kind as usize].respawn_secs else {
+            return Err(WorldError::WrongKind(item));
+        };
+        if !e.present {
+            return Err(WorldError::Absent(item));
+        }
+        e.present = false;
+        self.taken.push((self.time + f64::from(secs), item));
+        self.events.push_back(WorldEvent::PickedUp { item, by });
+        Ok(())
     }
 
     /// The next thing that happened.
@@ -404,6 +446,25 @@ max = [200.0, 200.0]
         let states: Vec<u16> = (0..4).map(|_| w.interact(chest, P).unwrap()).collect();
         assert_eq!(states, vec![1, 2, 0, 1]);
         assert_eq!(w.poll_event(), Some(WorldEvent::ObjectChanged { object: chest, state: 1, by: P }));
+    }
+
+    #[test]
+    fn an_item_picked_up_is_gone_until_its_time_and_only_items_are_picked_up() {
+        let spec = "[[object_kind]]\nname = \"herb\"\nstates = [\"ripe\"]\nrespawn_secs = 3\n\n\
+                    [[object_kind]]\nname = \"gate\"\nstates = [\"closed\", \"open\"]\n\n\
+                    [[object]]\nkind = \"herb\"\nat = [5.0, 5.0]\n\n[[object]]\nkind = \"gate\"\nat = [9.0, 9.0]\n";
+        let mut w = world_of(spec, 1);
+        let (herb, gate) = (EntityId(0), EntityId(1));
+        assert_eq!(w.pick_up(gate, P), Err(WorldError::WrongKind(gate)));
+        assert_eq!(w.interact(herb, P), Err(WorldError::WrongKind(herb)));
+        w.pick_up(herb, P).unwrap();
+        assert_eq!(w.poll_event(), Some(WorldEvent::PickedUp { item: herb, by: P }));
+        assert_eq!(w.pick_up(herb, P), Err(WorldError::Absent(herb)));
+        run(&mut w, 2.9, &[]);
+        assert!(!w.entity(herb).unwrap().present);
+        run(&mut w, 0.2, &[]);
+        assert!(w.entity(herb).unwrap().present);
+        w.pick_up(herb, P).unwrap();
     }
 
     /// A behaviour of the studio's own, by name: circles its spawn point.

@@ -221,6 +221,9 @@ pub enum ControlToClient {
         /// Where to publish.
         relay: Option<RelayInfo>,
     },
+    /// The hosting servers of the world and the zones they serve: sent after the welcome and
+    /// again whenever one registers or goes.
+    Hosting(Vec<crate::world::HostingInfo>),
     /// The message or client was refused; the server may close the connection after this.
     Refused(Refusal),
 }

@@ -9,8 +9,10 @@ pub mod control;
 pub mod framing;
 pub mod identity;
 pub mod profile;
+pub mod snapshot;
 pub mod subscription;
 pub mod ticket;
+pub mod world;
 
 pub use identity::{Identity, NodeId, PublicKey, RandomnessError, Signature, SignatureError};
 pub use subscription::{Group, SignedSubscription, StreamId, SubscriptionBody, SubscriptionError};

@@ -18,7 +18,7 @@ use serde::Serialize;
 use shoal_hosting::behaviour::BUILT_IN;
 use shoal_hosting::content::Content;
 use shoal_hosting::interest::{ClientInterest, EntityGrid, InterestConfig};
-use shoal_hosting::snapshot::{Quantised, SnapshotWriter};
+use shoal_hosting::snapshot::{Quantised, SnapshotWriter, quantise};
 use shoal_hosting::world::{EntityId, World};
 use shoal_protocol::NodeId;
 
@@ -134,7 +134,7 @@ fn run(n: usize, args: &Args) -> anyhow::Result<Run> {
             }
             let chosen = c.interest.choose(all, c.at, cfg.budget, |_| 8);
             states.clear();
-            states.extend(chosen.iter().map(|&id| (id, Quantised::of(&all[id.0 as usize]))));
+            states.extend(chosen.iter().map(|&id| (id, quantise(&all[id.0 as usize]))));
             let seq = c.writer.write(&states, &mut buf);
             c.writer.ack(seq);
             core += t1.elapsed();

@@ -760,6 +760,7 @@ impl SessionCore {
                 }
                 self.wake_avatars(now);
             }
+            ControlToClient::Hosting(hosts) => self.events.push_back(SessionEvent::Hosting(hosts)),
             ControlToClient::Welcome { .. } => self.counters.unexpected += 1,
         }
     }

@@ -195,6 +195,9 @@ pub enum SessionEvent {
     Refused(Refusal),
     /// A neighbour's avatar appeared, moved or left.
     Avatar(AvatarEvent),
+    /// The hosting servers of the world and the zones they serve (after the welcome, and
+    /// whenever that changes).
+    Hosting(Vec<shoal_protocol::world::HostingInfo>),
 }
 
 /// Why a session could not start.
