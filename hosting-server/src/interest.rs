@@ -44,8 +44,13 @@ impl EntityGrid {
 
     /// Files every present entity by where it is now.
     pub fn rebuild(&mut self, entities: &[Entity]) {
+        self.rebuild_with(entities, |_| true);
+    }
+
+    /// Files every present entity that `keep` takes (a server's own zone's) by where it is.
+    pub fn rebuild_with(&mut self, entities: &[Entity], keep: impl Fn(&Entity) -> bool) {
         self.0.clear();
-        for e in entities.iter().filter(|e| e.present) {
+        for e in entities.iter().filter(|e| e.present && keep(e)) {
             self.0.insert(e.at, e.id);
         }
     }
@@ -78,6 +83,11 @@ impl ClientInterest {
     /// Entities in view, in id order.
     pub fn in_view(&self) -> impl Iterator<Item = EntityId> + '_ {
         self.in_view.keys().copied()
+    }
+
+    /// Whether `id` is in view.
+    pub fn sees(&self, id: EntityId) -> bool {
+        self.in_view.contains_key(&id)
     }
 
     /// Updates the view of a client at `at`: entities within the radius enter, those beyond

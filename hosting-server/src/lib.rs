@@ -16,6 +16,7 @@
 pub mod behaviour;
 pub mod content;
 pub mod grid;
+pub mod host;
 pub mod interest;
 pub mod snapshot;
 pub mod world;

@@ -127,6 +127,11 @@ pub struct World {
     events: VecDeque<WorldEvent>,
     /// Items taken, and when each appears again (world time, seconds).
     taken: Vec<(f64, EntityId)>,
+    /// Each entity's zone (index into the content's zones): an NPC's spawn's, an object's
+    /// that holds it.
+    zone_of: Vec<u16>,
+    /// The one zone this world moves, when it is one of several servers' parts of the world.
+    serving: Option<usize>,
 }
 
 impl World {
@@ -167,6 +172,15 @@ impl World {
             entities.push(Entity { id, kind, at: Vec2::from(o.at), heading: 0.0, state: 0, present: true });
         }
         let cell = content.npc_kinds.iter().map(|k| k.range).fold(16.0, f32::max);
+        let zone_of = entities
+            .iter()
+            .map(|e| match e.kind {
+                EntityKind::Npc { spawn, .. } => content.spawns[spawn as usize].zone as u16,
+                EntityKind::Object { .. } => {
+                    content.zones.iter().position(|z| z.contains(e.at.to_array())).unwrap_or(0) as u16
+                }
+            })
+            .collect();
         Ok(World {
             content,
             entities,
@@ -177,7 +191,26 @@ impl World {
             near: Vec::new(),
             events: VecDeque::new(),
             taken: Vec::new(),
+            zone_of,
+            serving: None,
         })
+    }
+
+    /// Moves only the entities of `zone` (index into the content's zones) from now on: the
+    /// world of one of several hosting servers that each serve a zone. Every server loads the
+    /// same content, so entity ids agree between them.
+    pub fn serve_only(&mut self, zone: usize) {
+        self.serving = Some(zone);
+    }
+
+    /// The zone `id` belongs to.
+    pub fn zone_of(&self, id: EntityId) -> Option<usize> {
+        self.zone_of.get(id.0 as usize).map(|&z| usize::from(z))
+    }
+
+    /// Whether this world is the authority for `id`: it serves every zone, or `id`'s.
+    pub fn serves(&self, id: EntityId) -> bool {
+        self.serving.is_none_or(|z| self.zone_of(id) == Some(z))
     }
 
     /// The names a content file may give behaviours, with `extra` registered.
@@ -225,6 +258,9 @@ impl World {
         let content = &self.content;
         for (npc, e) in self.npcs.iter_mut().zip(&mut self.entities) {
             let EntityKind::Npc { kind, spawn } = e.kind else { continue };
+            if self.serving.is_some_and(|z| z != content.spawns[spawn as usize].zone) {
+                continue;
+            }
             let (kind, spawn) = (&content.npc_kinds[kind as usize], &content.spawns[spawn as usize]);
             if !e.present {
                 if self.time >= npc.respawn_at {

@@ -188,6 +188,8 @@ pub struct SnapshotWriter {
     acked: FxHashMap<EntityId, (u32, Quantised)>,
     /// Snapshots sent and not yet acknowledged, oldest first.
     sent: VecDeque<(u32, Vec<(EntityId, Quantised)>)>,
+    /// Entries being written, kept for their storage.
+    scratch: Vec<u8>,
 }
 
 impl SnapshotWriter {
@@ -198,44 +200,77 @@ impl SnapshotWriter {
 
     /// Writes the next snapshot, of `states`, into `out` (cleared first); returns its number.
     pub fn write(&mut self, states: &[(EntityId, Quantised)], out: &mut Vec<u8>) -> u32 {
+        self.write_within(states, usize::MAX, out).0
+    }
+
+    /// Writes the next snapshot into `out` (cleared first) with as many of `states`, in order,
+    /// as fit in `limit` bytes (at least one, so that an entity is never stuck); returns its
+    /// number and how many it took. The caller writes the rest into further snapshots.
+    pub fn write_within(&mut self, states: &[(EntityId, Quantised)], limit: usize, out: &mut Vec<u8>) -> (u32, usize) {
         let seq = self.next;
         self.next = self.next.wrapping_add(1);
+        let mut entries = std::mem::take(&mut self.scratch);
+        entries.clear();
+        let mut taken = 0;
+        // The header is a varint of the number and one of the count: at most 5 + 3 bytes.
+        for &(id, q) in states.iter().take(MAX_ENTRIES) {
+            let before = entries.len();
+            self.entry(seq, id, q, &mut entries);
+            if taken > 0 && entries.len() + 8 > limit {
+                entries.truncate(before);
+                break;
+            }
+            taken += 1;
+        }
         out.clear();
         put_varint(out, u64::from(seq));
-        let states = &states[..states.len().min(MAX_ENTRIES)];
-        put_varint(out, states.len() as u64);
-        for &(id, q) in states {
-            put_varint(out, u64::from(id.0));
-            let base = self.acked.get(&id).filter(|(s, _)| (1..=255).contains(&seq.wrapping_sub(*s)));
-            match base {
-                Some(&(s, b)) => {
-                    let flags =
-                        if q.heading != b.heading { HEADING } else { 0 } | if q.state != b.state { STATE } else { 0 };
-                    out.push(flags);
-                    out.push(seq.wrapping_sub(s) as u8);
-                    put_varint(out, zigzag(i64::from(q.x) - i64::from(b.x)));
-                    put_varint(out, zigzag(i64::from(q.z) - i64::from(b.z)));
-                    if flags & HEADING != 0 {
-                        out.push(q.heading);
-                    }
-                    if flags & STATE != 0 {
-                        put_varint(out, u64::from(q.state));
-                    }
-                }
-                None => {
-                    out.push(WHOLE);
-                    put_varint(out, zigzag(i64::from(q.x)));
-                    put_varint(out, zigzag(i64::from(q.z)));
-                    out.push(q.heading);
-                    put_varint(out, u64::from(q.state));
-                }
-            }
-        }
-        self.sent.push_back((seq, states.to_vec()));
+        put_varint(out, taken as u64);
+        out.extend_from_slice(&entries);
+        self.scratch = entries;
+        self.sent.push_back((seq, states[..taken].to_vec()));
         if self.sent.len() > HISTORY {
             self.sent.pop_front();
         }
-        seq
+        (seq, taken)
+    }
+
+    /// About how many bytes `id`'s entry would take now: less once the client holds a
+    /// baseline of it.
+    pub fn estimate(&self, id: EntityId) -> usize {
+        if self.acked.contains_key(&id) { 7 } else { 14 }
+    }
+
+    /// The number the next snapshot will have.
+    pub fn next(&self) -> u32 {
+        self.next
+    }
+
+    fn entry(&self, seq: u32, id: EntityId, q: Quantised, out: &mut Vec<u8>) {
+        put_varint(out, u64::from(id.0));
+        let base = self.acked.get(&id).filter(|(s, _)| (1..=255).contains(&seq.wrapping_sub(*s)));
+        match base {
+            Some(&(s, b)) => {
+                let flags =
+                    if q.heading != b.heading { HEADING } else { 0 } | if q.state != b.state { STATE } else { 0 };
+                out.push(flags);
+                out.push(seq.wrapping_sub(s) as u8);
+                put_varint(out, zigzag(i64::from(q.x) - i64::from(b.x)));
+                put_varint(out, zigzag(i64::from(q.z) - i64::from(b.z)));
+                if flags & HEADING != 0 {
+                    out.push(q.heading);
+                }
+                if flags & STATE != 0 {
+                    put_varint(out, u64::from(q.state));
+                }
+            }
+            None => {
+                out.push(WHOLE);
+                put_varint(out, zigzag(i64::from(q.x)));
+                put_varint(out, zigzag(i64::from(q.z)));
+                out.push(q.heading);
+                put_varint(out, u64::from(q.state));
+            }
+        }
     }
 
     /// The client acknowledged snapshot `seq`: its states become baselines (where newer than
@@ -346,6 +381,28 @@ mod tests {
         assert_eq!(buf.len(), 2 + 7, "whole was {whole}");
         let (seq, entries) = decode(&buf).unwrap();
         assert_eq!(r.apply(seq, &entries), vec![(id, q(64_010, 63_995, 12, 30))]);
+    }
+
+    #[test]
+    fn a_view_too_big_for_one_datagram_splits_in_priority_order_within_the_limit() {
+        let mut w = SnapshotWriter::new();
+        let states: Vec<(EntityId, Quantised)> =
+            (0..300).map(|i| (EntityId(1000 + i), q(i as i32 * 97, -(i as i32) * 31, i as u8, 7))).collect();
+        let (mut rest, mut got, mut buf) = (&states[..], Vec::new(), Vec::new());
+        let mut r = SnapshotReader::new();
+        while !rest.is_empty() {
+            let (seq, n) = w.write_within(rest, 1100, &mut buf);
+            assert!(buf.len() <= 1100, "{} bytes", buf.len());
+            assert!(n > 0);
+            let (s, entries) = decode(&buf).unwrap();
+            assert_eq!(s, seq);
+            got.extend(r.apply(s, &entries));
+            rest = &rest[n..];
+        }
+        assert_eq!(got, states);
+        // A single entry bigger than the limit still goes, alone.
+        let (_, n) = w.write_within(&states[..2], 4, &mut buf);
+        assert_eq!(n, 1);
     }
 
     #[test]
