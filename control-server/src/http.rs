@@ -72,10 +72,11 @@ fn encode(s: &Stats, e: &mut DescriptorEncoder<'_>) -> fmt::Result {
     use exposition::{counter, gauge, labelled_counters};
     let c = &s.counters;
     gauge(e, "shoal_control_players", "Signed-in players.", s.players as u64)?;
-    let counters: [(&str, &str, u64); 12] = [
+    let counters: [(&str, &str, u64); 13] = [
         ("shoal_control_sign_ins_total", "Sign-ins accepted, new or resumed.", c.signed_in),
         ("shoal_control_resumes_total", "Sessions resumed with a ticket.", c.resumed),
         ("shoal_control_relay_registrations_total", "Relay registrations accepted.", c.relays_registered),
+        ("shoal_control_hosting_registrations_total", "Hosting server registrations accepted.", c.hosting_registered),
         ("shoal_control_reports_total", "Reports taken.", c.reports),
         ("shoal_control_implausible_reports_total", "Reports with implausible movement.", c.implausible),
         ("shoal_control_cut_off_total", "Clients cut off for implausible reports.", c.cut_off),
@@ -97,6 +98,7 @@ fn encode(s: &Stats, e: &mut DescriptorEncoder<'_>) -> fmt::Result {
         ("malformed", c.malformed),
         ("bad_seq", c.bad_seqs),
         ("relay_refused", c.relays_refused),
+        ("hosting_refused", c.hosting_refused),
     ];
     labelled_counters(e, "shoal_control_refusals_total", "Messages and clients refused, by reason.", "reason", refusals)
 }

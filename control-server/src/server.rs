@@ -1,7 +1,7 @@
 //! The control server on real QUIC: the tokio driver around [`Core`].
 //!
-//! Players' clients (ALPN `shoal-control/1`) and relays (ALPN `shoal-relay/1`) connect to the
-//! same port. Each opens one bidirectional stream and sends length-prefixed frames
+//! Players' clients (ALPN `shoal-control/1`), relays (ALPN `shoal-relay/1`) and hosting
+//! servers (ALPN `shoal-hosting/1`) connect to the same port. Each opens one bidirectional stream and sends length-prefixed frames
 //! ([`shoal_link`]); the server answers on the same stream. One task owns the core
 //! and is fed by the connections' reader tasks; sign-in checks and account look-ups run on
 //! their own tasks and come back as events, so a slow hash never holds up other clients.
@@ -22,9 +22,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rustc_hash::FxHashMap;
 use shoal_link::daemon::bind_udp;
-use shoal_link::{FrameReader, LinkError, RELAY_ALPN, write_message};
+use shoal_link::{FrameReader, HOSTING_ALPN, LinkError, RELAY_ALPN, write_message};
 use shoal_protocol::control::{ClientToControl, ControlToClient, ControlToRelay, RelayToControl};
 use shoal_protocol::framing::FrameError;
+use shoal_protocol::world::{ControlToHosting, HostingToControl};
 use shoal_protocol::{Identity, UnixTime};
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -98,12 +99,14 @@ struct Writer {
 enum Outgoing {
     Client(ControlToClient),
     Relay(ControlToRelay),
+    Hosting(ControlToHosting),
 }
 
 enum Event {
     Connected(ConnId, SocketAddr, Writer),
     Message(ConnId, ClientToControl),
     RelayMessage(ConnId, RelayToControl),
+    HostingMessage(ConnId, HostingToControl),
     Malformed(ConnId),
     Disconnected(ConnId),
     Verdict(ConnId, Option<String>),
@@ -275,6 +278,7 @@ async fn run(task: Task) {
                     }
                     Event::Message(conn, msg) => core.on_message(now, unix, conn, msg),
                     Event::RelayMessage(conn, msg) => core.on_relay_message(now, unix, conn, msg),
+                    Event::HostingMessage(conn, msg) => core.on_hosting_message(now, unix, conn, msg),
                     Event::Malformed(conn) => core.on_malformed(conn),
                     Event::Disconnected(conn) => {
                         writers.remove(&conn);
@@ -292,6 +296,7 @@ async fn run(task: Task) {
             match out {
                 Output::Send(conn, msg) => queue_for(&writers, &mut core, conn, Outgoing::Client(msg)),
                 Output::SendRelay(conn, msg) => queue_for(&writers, &mut core, conn, Outgoing::Relay(msg)),
+                Output::SendHosting(conn, msg) => queue_for(&writers, &mut core, conn, Outgoing::Hosting(msg)),
                 Output::Verify { conn, account, password } => {
                     let (auth, events) = (auth.clone(), events.clone());
                     tokio::spawn(async move {
@@ -402,12 +407,12 @@ struct Reader {
 /// events, at most at its rate limit, and writes what the core sends it.
 async fn serve(conn: ConnId, connection: quinn::Connection, events: mpsc::Sender<Event>, reader: Reader) {
     let remote = connection.remote_address();
-    // The ALPN says who is calling: a player's client or a relay.
-    let relay = connection
+    // The ALPN says who is calling: a player's client, a relay or a hosting server.
+    let alpn = connection
         .handshake_data()
         .and_then(|h| h.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
-        .and_then(|h| h.protocol)
-        .is_some_and(|p| p == RELAY_ALPN);
+        .and_then(|h| h.protocol);
+    let (relay, hosting) = (alpn.as_deref() == Some(RELAY_ALPN), alpn.as_deref() == Some(HOSTING_ALPN));
     let Ok((mut send, recv)) = connection.accept_bi().await else { return };
     let mut recv = FrameReader::new(recv);
     let (tx, mut out) = mpsc::channel::<Outgoing>(OUTGOING_QUEUE);
@@ -421,6 +426,7 @@ async fn serve(conn: ConnId, connection: quinn::Connection, events: mpsc::Sender
             let written = match msg {
                 Outgoing::Client(m) => tokio::time::timeout(WRITE_TIMEOUT, write_message(&mut send, &m)).await,
                 Outgoing::Relay(m) => tokio::time::timeout(WRITE_TIMEOUT, write_message(&mut send, &m)).await,
+                Outgoing::Hosting(m) => tokio::time::timeout(WRITE_TIMEOUT, write_message(&mut send, &m)).await,
             };
             match written {
                 Ok(Err(LinkError::Closed(_))) => return,
@@ -449,6 +455,8 @@ async fn serve(conn: ConnId, connection: quinn::Connection, events: mpsc::Sender
         // Decoded here, on the connection's own task, so the core's task only acts.
         let event = if relay {
             recv.read_message::<RelayToControl>().await.map(|m| Event::RelayMessage(conn, m))
+        } else if hosting {
+            recv.read_message::<HostingToControl>().await.map(|m| Event::HostingMessage(conn, m))
         } else {
             recv.read_message::<ClientToControl>().await.map(|m| Event::Message(conn, m))
         };

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use quinn::crypto::rustls::QuicServerConfig;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-pub use shoal_link::{ALPN, RELAY_ALPN, SERVER_NAME, fingerprint};
+pub use shoal_link::{ALPN, HOSTING_ALPN, RELAY_ALPN, SERVER_NAME, fingerprint};
 use shoal_protocol::control::MAX_CONTROL_FRAME;
 
 /// Why TLS could not be set up.
@@ -73,7 +73,7 @@ impl ServerIdentity {
             .with_no_client_auth()
             .with_single_cert(vec![self.cert.clone()], key)
             .map_err(|e| TlsError::Config(e.to_string()))?;
-        tls.alpn_protocols = vec![ALPN.to_vec(), RELAY_ALPN.to_vec()];
+        tls.alpn_protocols = vec![ALPN.to_vec(), RELAY_ALPN.to_vec(), HOSTING_ALPN.to_vec()];
         let quic = QuicServerConfig::try_from(tls).map_err(|e| TlsError::Config(e.to_string()))?;
         let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
         // A client speaks on one stream, and what it may have in flight there is bounded by

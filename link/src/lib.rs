@@ -30,6 +30,11 @@ pub use trust::{Trust, TrustError, client_config};
 pub const ALPN: &[u8] = b"shoal-control/1";
 /// The ALPN protocol relays speak to the control server (`RelayToControl` / `ControlToRelay`).
 pub const RELAY_ALPN: &[u8] = b"shoal-relay/1";
+/// The ALPN protocol hosting servers speak to the control server (`HostingToControl` /
+/// `ControlToHosting`).
+pub const HOSTING_ALPN: &[u8] = b"shoal-hosting/1";
+/// The ALPN protocol clients speak to a hosting server (`ClientToHost` / `HostToClient`).
+pub const WORLD_ALPN: &[u8] = b"shoal-world/1";
 /// The name the server's certificate is issued for; clients that pin a fingerprint use it as
 /// the server name.
 pub const SERVER_NAME: &str = "shoal-control";
@@ -99,7 +104,13 @@ impl ControlLink {
         ControlLink::connect_with(server, trust, RELAY_ALPN).await
     }
 
-    async fn connect_with(server: SocketAddr, trust: &Trust, alpn: &[u8]) -> Result<ControlLink, LinkError> {
+    /// Connects as a hosting server.
+    pub async fn connect_hosting(server: SocketAddr, trust: &Trust) -> Result<ControlLink, LinkError> {
+        ControlLink::connect_with(server, trust, HOSTING_ALPN).await
+    }
+
+    /// Connects to a server speaking `alpn` (a hosting server, for [`WORLD_ALPN`]).
+    pub async fn connect_with(server: SocketAddr, trust: &Trust, alpn: &[u8]) -> Result<ControlLink, LinkError> {
         let local: SocketAddr = if server.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { ([0u16; 8], 0).into() };
         let local = if server.ip().is_loopback() { SocketAddr::new(server.ip(), 0) } else { local };
         let mut endpoint = quinn::Endpoint::client(local).map_err(LinkError::Socket)?;

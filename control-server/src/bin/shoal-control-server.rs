@@ -87,6 +87,9 @@ struct ControlFile {
     /// Relays clients may use.
     #[serde(default)]
     relays: Vec<RelayFile>,
+    /// Hosting servers that may register (each announces its zone and address itself).
+    #[serde(default)]
+    hosting: Vec<HostingFile>,
     /// How fast each connection may send.
     #[serde(default)]
     limits: Option<LimitsFile>,
@@ -171,6 +174,13 @@ struct RelayFile {
     addr: SocketAddr,
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HostingFile {
+    /// Node id, 16 hex digits (`shoal-hosting-server id` prints it).
+    node: String,
+}
+
 impl ControlFile {
     /// The core's configuration and the connections' rate limit, checked.
     fn core(&self) -> anyhow::Result<(CoreConfig, RateLimit)> {
@@ -180,6 +190,14 @@ impl ControlFile {
             .map(|r| {
                 let id = parse_hex::<8>(&r.node).with_context(|| format!("relay node id {}", r.node))?;
                 Ok(RelayInfo { id: NodeId(id), addr: r.addr, rtt_us: 0 })
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let hosting = self
+            .hosting
+            .iter()
+            .map(|h| {
+                let id = parse_hex::<8>(&h.node).with_context(|| format!("hosting node id {}", h.node))?;
+                Ok(NodeId(id))
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
         let interest = self.interest.as_ref().map_or_else(InterestConfig::default, |i| InterestConfig {
@@ -216,6 +234,7 @@ impl ControlFile {
         }
         let core = CoreConfig {
             relays,
+            hosting,
             interest,
             profiles,
             max_speed: self.max_speed,

@@ -15,6 +15,7 @@
 //! send: check-ins, relay RTTs, reports and their plausibility) and `introductions` (who is
 //! introduced to whom, over which relays).
 
+mod hosting;
 mod introductions;
 mod relays;
 mod reports;
@@ -88,6 +89,8 @@ pub struct CoreConfig {
     pub watch: Option<WatchConfig>,
     /// Subscriptions for watchers last this long; they are renewed when a third is left.
     pub subscription_ttl: Duration,
+    /// Hosting servers that may register, by node id.
+    pub hosting: Vec<NodeId>,
 }
 
 impl Default for CoreConfig {
@@ -110,6 +113,7 @@ impl Default for CoreConfig {
             builds: Vec::new(),
             watch: Some(WatchConfig::default()),
             subscription_ttl: Duration::from_secs(60),
+            hosting: Vec::new(),
         }
     }
 }
@@ -142,6 +146,8 @@ pub enum Output {
     SaveCharacter(Character),
     /// Send a message on a relay's connection.
     SendRelay(ConnId, ControlToRelay),
+    /// Send a message on a hosting server's connection.
+    SendHosting(ConnId, shoal_protocol::world::ControlToHosting),
 }
 
 /// Counters of what the core refused and did.
@@ -190,6 +196,10 @@ pub struct CoreCounters {
     pub relays_registered: u64,
     /// Registrations from relays not in the configuration, or with a bad proof.
     pub relays_refused: u64,
+    /// Hosting server registrations accepted.
+    pub hosting_registered: u64,
+    /// Registrations from hosting servers not in the configuration, or with a bad proof.
+    pub hosting_refused: u64,
     /// Connections closed because they did not read what the server sent them.
     pub overflowed: u64,
     /// Watch grants sent: new, renewed, or with a new stream key.
@@ -321,6 +331,8 @@ enum State {
     SignedIn(Box<Player>),
     /// A registered relay.
     Relay(NodeId),
+    /// A registered hosting server.
+    Hosting(NodeId),
 }
 
 #[derive(Debug)]
@@ -363,6 +375,8 @@ pub struct Core {
     audiences: FxHashMap<NodeId, (u32, Option<NodeId>)>,
     /// The relay map, keyed and ordered by node id.
     relays: BTreeMap<NodeId, RelayEntry>,
+    /// Registered hosting servers, by node id.
+    hosting: BTreeMap<NodeId, hosting::HostingEntry>,
     outputs: VecDeque<Output>,
     rows: Vec<ReportRow>,
     counters: CoreCounters,
@@ -394,6 +408,7 @@ impl Core {
             feeds: FxHashMap::default(),
             audiences: FxHashMap::default(),
             relays,
+            hosting: BTreeMap::new(),
             cfg,
             identity,
             server_fingerprint,
@@ -507,6 +522,9 @@ impl Core {
             tracing::info!(node = %id, addr = %c.remote, "relay unregistered");
             r.conn = None;
         }
+        if let State::Hosting(id) = c.state {
+            self.hosting_gone(id, conn);
+        }
         if let State::SignedIn(p) = c.state {
             let node = p.key.node_id();
             if self.by_node.get(&node) == Some(&conn) {
@@ -571,7 +589,7 @@ impl Core {
             .iter()
             .filter(|(_, c)| {
                 let timeout = match c.state {
-                    State::Relay(_) => self.cfg.relay_presence_timeout,
+                    State::Relay(_) | State::Hosting(_) => self.cfg.relay_presence_timeout,
                     _ => self.cfg.presence_timeout,
                 };
                 now.saturating_duration_since(c.heard) > timeout

@@ -164,6 +164,9 @@ impl Core {
                 now: unix,
             },
         ));
+        if !self.hosting.is_empty() {
+            self.outputs.push_back(Output::Send(conn, ControlToClient::Hosting(self.hosting_list())));
+        }
     }
 
     /// Renews the permits with a third of their life left, except flagged clients'.

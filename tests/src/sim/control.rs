@@ -455,6 +455,8 @@ impl Sim {
                     }
                 }
                 Output::SendRelay(..) => {}
+                // The simulator runs no hosting servers.
+                Output::SendHosting(..) => cp.stats.undeliverable += 1,
             }
         }
     }
