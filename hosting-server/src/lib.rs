@@ -14,10 +14,12 @@
 //! world.
 
 pub mod behaviour;
+pub mod config;
 pub mod content;
 pub mod grid;
 pub mod host;
 pub mod interest;
+pub mod server;
 pub mod snapshot;
 pub mod world;
 
