@@ -10,7 +10,8 @@
 //! zone = "meadow"                     # optional: the zone served (the content's first if absent)
 //! seed = 1                            # the world's RNG
 //! tick_hz = 20
-//! overlap = 40.0                      # m past the zone's border still served
+//! overlap = 135.0                     # m past the zone's border still served (at least
+//!                                     # the interest's leave radius, for no gap at the border)
 //!
 //! [interest]
 //! radius = 120.0                      # entities this near enter a client's view, m

@@ -35,7 +35,7 @@ use rustc_hash::FxHashMap;
 use shoal_protocol::control::{KeyProof, SIGN_IN_CONTEXT};
 use shoal_protocol::world::{
     Acks, Action, ActionRefusal, ClientToHost, DATAGRAM_SNAPSHOT, HostRefusal, HostToClient, KindClass, KindInfo,
-    MAX_SPAWNS, WORLD_ACCOUNT, WorldEventInfo, ZoneInfo,
+    MAX_SPAWNS, SNAPSHOT_HEADER, WORLD_ACCOUNT, WorldEventInfo, ZoneInfo,
 };
 use shoal_protocol::{NodeId, PublicKey, Roles, SignedTicket, TicketError, TicketKind, UnixTime};
 
@@ -44,7 +44,7 @@ use crate::snapshot::{Quantised, SnapshotWriter, quantise};
 use crate::world::{Entity, EntityId, EntityKind, World, WorldError, WorldEvent};
 
 /// Most entity ids one resend request may name.
-pub const MAX_RESEND: usize = 256;
+pub const MAX_RESEND: usize = shoal_protocol::world::MAX_RESEND_REQUEST;
 
 /// How the core behaves.
 #[derive(Debug, Clone, PartialEq)]
@@ -53,7 +53,9 @@ pub struct HostConfig {
     pub tick_hz: u16,
     /// The zone served (index into the content's zones).
     pub zone: usize,
-    /// How far past the zone's border clients are still served, m (default 40).
+    /// How far past the zone's border clients are still served, m (default 135, the
+    /// interest's leave radius: a client near the border keeps seeing this zone's entities
+    /// until they would leave its view anyway).
     pub overlap: f32,
     /// What each client sees and is sent.
     pub interest: InterestConfig,
@@ -82,7 +84,7 @@ impl Default for HostConfig {
         HostConfig {
             tick_hz: 20,
             zone: 0,
-            overlap: 40.0,
+            overlap: 135.0,
             interest: InterestConfig::default(),
             reach: 6.0,
             actions_per_sec: 4.0,
@@ -239,6 +241,8 @@ pub struct Host {
     states: Vec<(EntityId, Quantised)>,
     buf: Vec<u8>,
     players: Vec<(NodeId, Vec2)>,
+    /// Ticks so far: snapshots carry it, for clients to place them on one clock.
+    ticks: u32,
 }
 
 impl Host {
@@ -276,6 +280,7 @@ impl Host {
             states: Vec::new(),
             buf: Vec::new(),
             players: Vec::new(),
+            ticks: 0,
         }
     }
 
@@ -524,6 +529,7 @@ impl Host {
     /// Moves the world one tick and sends every client what it sees.
     pub fn tick(&mut self, _now: Instant) {
         let dt = 1.0 / f32::from(self.cfg.tick_hz.max(1));
+        self.ticks = self.ticks.wrapping_add(1);
         self.players.clear();
         self.players.extend(self.clients.values().filter_map(|c| match c {
             Client::Playing(p) => p.at.map(|(at, _)| (p.node, at)),
@@ -568,10 +574,11 @@ impl Host {
             self.states.extend(chosen.iter().map(|&id| (id, quantise(&entities[id.0 as usize]))));
             let mut rest = &self.states[..];
             while !rest.is_empty() {
-                let (_, n) = p.writer.write_within(rest, self.cfg.max_datagram - 1, &mut self.buf);
+                let (_, n) = p.writer.write_within(rest, self.cfg.max_datagram - SNAPSHOT_HEADER, &mut self.buf);
                 rest = &rest[n..];
-                let mut d = Vec::with_capacity(1 + self.buf.len());
+                let mut d = Vec::with_capacity(SNAPSHOT_HEADER + self.buf.len());
                 d.push(DATAGRAM_SNAPSHOT);
+                d.extend_from_slice(&self.ticks.to_be_bytes());
                 d.extend_from_slice(&self.buf);
                 self.counters.snapshots += 1;
                 self.counters.snapshot_bytes += d.len() as u64;

@@ -10,8 +10,8 @@
 //!   ([`ClientToHost`] / [`HostToClient`], framed as the control plane's are). Its first
 //!   message is [`ClientToHost::Hello`] with its session ticket and a [`KeyProof`] for
 //!   [`WORLD_ACCOUNT`] bound to that hosting server's certificate.
-//! - Snapshots go as QUIC datagrams: [`DATAGRAM_SNAPSHOT`] and a [`crate::snapshot`]; the
-//!   client acknowledges them in datagrams of its own ([`Acks`]).
+//! - Snapshots go as QUIC datagrams: [`DATAGRAM_SNAPSHOT`], the server's tick, and a
+//!   [`crate::snapshot`]; the client acknowledges them in datagrams of its own ([`Acks`]).
 
 use std::net::SocketAddr;
 
@@ -28,9 +28,14 @@ pub const WORLD_ACCOUNT: &str = "world";
 pub const MAX_WORLD_FRAME: usize = 64 * 1024;
 /// Most entities one spawn or despawn message names (a larger view goes in several).
 pub const MAX_SPAWNS: usize = 1024;
+/// Most entities one [`ClientToHost::Resend`] names; a server takes no more of one.
+pub const MAX_RESEND_REQUEST: usize = 256;
 
-/// First byte of a server's datagram holding a snapshot.
+/// First byte of a server's datagram holding a snapshot: then the server's tick (u32,
+/// big-endian), then the [`crate::snapshot`].
 pub const DATAGRAM_SNAPSHOT: u8 = 0;
+/// Bytes before the snapshot in a snapshot datagram.
+pub const SNAPSHOT_HEADER: usize = 5;
 /// First byte of a client's datagram holding acknowledgements.
 pub const DATAGRAM_ACKS: u8 = 1;
 

@@ -20,6 +20,7 @@ mod peer;
 pub mod profile;
 pub mod session;
 pub mod vc;
+pub mod world;
 
 pub use avatar::{AvatarEvent, AvatarState};
 pub use driver::{Client, ClientError, ClientEvent, NodeHandle, NodeStatus};

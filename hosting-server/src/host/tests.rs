@@ -209,7 +209,7 @@ impl View {
                 Output::Datagram(c, d) if c == ClientId(cid) => {
                     assert_eq!(d[0], DATAGRAM_SNAPSHOT);
                     self.datagrams.push(d.len());
-                    let (seq, entries) = decode(&d[1..]).unwrap();
+                    let (seq, entries) = decode(&d[SNAPSHOT_HEADER..]).unwrap();
                     self.reader.apply(seq, &entries);
                     Acks::take(&mut self.acks, seq);
                 }
@@ -368,10 +368,10 @@ fn implausible_moves_are_not_taken_and_too_many_close_the_client_as_does_leaving
         r.send(1000 + i, 1, ClientToHost::Position { at: [300.0, 0.0, 300.0] });
     }
     assert_eq!(r.messages(1), vec![HostToClient::Closed(HostRefusal::Implausible)]);
-    // Walking out of the zone and its overlap band.
+    // Walking out of the zone and its overlap band (135 m).
     r.join(2, &player(3), [395.0, 200.0]);
     r.outputs();
-    for s in 1..=6u64 {
+    for s in 1..=15u64 {
         r.send(s * 1000, 2, ClientToHost::Position { at: [395.0 + 10.0 * s as f32, 0.0, 200.0] });
     }
     assert_eq!(r.messages(2), vec![HostToClient::Closed(HostRefusal::OutsideZone)]);

@@ -321,6 +321,12 @@ impl SessionCore {
         self.wake_avatars(now);
     }
 
+    /// The session ticket of the last welcome (empty before one): what a hosting server's
+    /// hello carries.
+    pub fn session_ticket(&self) -> &[u8] {
+        &self.ticket
+    }
+
     /// The VC avatars travel on, if the session serves them: the driver hands every message
     /// on it to [`SessionCore::handle_avatar_message`] instead of the game.
     pub fn avatar_vc(&self) -> Option<VcId> {

@@ -23,6 +23,7 @@ use super::{
 };
 use crate::avatar::{AvatarState, MeshCounters};
 use crate::driver::{Client, ClientEvent, NodeHandle};
+use crate::world::driver::{WorldClient, WorldHandle};
 
 enum Cmd {
     SetState(PlayerState),
@@ -39,6 +40,7 @@ pub struct Session {
     cmds: mpsc::UnboundedSender<Cmd>,
     events: mpsc::UnboundedReceiver<SessionEvent>,
     id: NodeId,
+    world: WorldClient,
     /// The session task; taken by [`Session::sign_out`].
     task: Option<JoinHandle<()>>,
 }
@@ -68,11 +70,22 @@ impl Session {
         let mut core = SessionCore::new(Instant::now(), cfg.clone(), WallClock::system(), system_rng());
         core.set_local_addrs(local_candidates(mesh, cfg.control), mesh.port());
         let (ev_tx, events) = mpsc::unbounded_channel();
-        let mut task = Task::new(cfg, core, socket, mesh, ev_tx);
+        let interp = cfg.avatars.map(|a| a.interp).unwrap_or_default();
+        let world_events = ev_tx.clone();
+        let world = WorldClient::start(cfg.identity.clone(), interp, move |e| {
+            let _ = world_events.send(SessionEvent::World(e));
+        });
+        let mut task = Task::new(cfg, core, socket, mesh, ev_tx, (*world).clone());
         let (node, id) = task.start().await?;
         let (cmds, cmd_rx) = mpsc::unbounded_channel();
         let task = Some(tokio::spawn(task.run(cmd_rx)));
-        Ok(Session { node, cmds, events, id, task })
+        Ok(Session { node, cmds, events, id, world, task })
+    }
+
+    /// The world view: the hosting servers' entities as drawn at a time, and actions on them.
+    /// Their spawns, despawns and events come as [`SessionEvent::World`].
+    pub fn world(&self) -> &WorldHandle {
+        &self.world
     }
 
     /// Our node id.
@@ -182,6 +195,10 @@ struct Task {
     link_error: Option<SessionError>,
     /// The node could not start on the mesh socket.
     node_error: Option<std::io::Error>,
+    /// The world view's task, fed the hosting servers, the ticket, positions and avatars.
+    world: WorldHandle,
+    /// The ticket the world view was last given.
+    world_ticket: Vec<u8>,
 }
 
 impl Task {
@@ -191,6 +208,7 @@ impl Task {
         socket: UdpSocket,
         mesh: SocketAddr,
         events: mpsc::UnboundedSender<SessionEvent>,
+        world: WorldHandle,
     ) -> Task {
         let (incoming_tx, incoming) = mpsc::unbounded_channel();
         Task {
@@ -206,6 +224,8 @@ impl Task {
             events,
             link_error: None,
             node_error: None,
+            world,
+            world_ticket: Vec::new(),
         }
     }
 
@@ -280,10 +300,14 @@ impl Task {
                 m = self.incoming.recv() => if let Some(m) = m { self.on_incoming(m) },
                 c = cmds.recv() => match c {
                     Some(Cmd::SetState(s)) => {
+                        self.world.set_position(glam::Vec3::from_array(s.position));
                         // Checked by Session::set_state already.
                         let _ = self.core.set_state(s);
                     }
-                    Some(Cmd::SetAvatar(s)) => self.core.set_avatar(Instant::now(), s),
+                    Some(Cmd::SetAvatar(s)) => {
+                        self.world.set_position(s.position);
+                        self.core.set_avatar(Instant::now(), s);
+                    }
                     Some(Cmd::Avatars(at, tx)) => {
                         let _ = tx.send(self.core.avatars(at));
                     }
@@ -385,7 +409,16 @@ impl Task {
             }
             while let Some(e) = self.core.poll_event() {
                 busy = true;
+                match &e {
+                    SessionEvent::Hosting(list) => self.world.set_hosting(list.clone()),
+                    SessionEvent::Avatar(a) => self.world.avatar_event(a.clone()),
+                    _ => {}
+                }
                 let _ = self.events.send(e);
+            }
+            if self.core.session_ticket() != self.world_ticket.as_slice() {
+                self.world_ticket = self.core.session_ticket().to_vec();
+                self.world.set_ticket(self.world_ticket.clone());
             }
             if !busy {
                 return;

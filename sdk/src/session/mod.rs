@@ -196,8 +196,11 @@ pub enum SessionEvent {
     /// A neighbour's avatar appeared, moved or left.
     Avatar(AvatarEvent),
     /// The hosting servers of the world and the zones they serve (after the welcome, and
-    /// whenever that changes).
+    /// whenever that changes). The session connects to them by itself.
     Hosting(Vec<shoal_protocol::world::HostingInfo>),
+    /// The world view: a hosting server connected or left, an entity or avatar spawned or
+    /// despawned, something happened, an action's outcome.
+    World(crate::world::WorldEvent),
 }
 
 /// Why a session could not start.
