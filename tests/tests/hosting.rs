@@ -1,0 +1,216 @@
+//! A hosting server on real QUIC on loopback: it registers with a real control server, which
+//! tells signed-in players where it is; their sessions connect by themselves with their
+//! session tickets, see its NPCs and objects as entities, and act on them. A hello with a
+//! forged ticket is refused with its reason and counted.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use shoal_control::auth::{HashCost, StoreAccounts};
+use shoal_control::core::CoreConfig;
+use shoal_control::limit::RateLimit;
+use shoal_control::server::{self, ServerConfig};
+use shoal_control::store::Store;
+use shoal_control::tls::ServerIdentity;
+use shoal_hosting::behaviour::BUILT_IN;
+use shoal_hosting::content::Content;
+use shoal_hosting::host::HostConfig;
+use shoal_hosting::server::{self as hosting, ControlSettings};
+use shoal_hosting::world::World;
+use shoal_link::{ControlLink, Trust, WORLD_ALPN};
+use shoal_protocol::control::KeyProof;
+use shoal_protocol::world::{
+    Action, ActionRefusal, ClientToHost, EntityId, HostRefusal, HostToClient, KindClass, WORLD_ACCOUNT, WorldEventInfo,
+};
+use shoal_protocol::{Identity, Roles, TicketBody, TicketKind, UnixTime};
+use shoal_sdk::world::{ViewId, WorldEvent};
+use shoal_sdk::{PlayerState, Session, SessionConfig, SessionEvent};
+use tokio::time::{Instant, timeout_at};
+
+const FIELD: &str = r#"
+[[zone]]
+name = "field"
+min = [0.0, 0.0]
+max = [300.0, 300.0]
+
+[[npc_kind]]
+name = "sheep"
+behaviour = "wander"
+speed = 1.0
+health = 20
+respawn_secs = 5
+
+[[spawn]]
+kind = "sheep"
+zone = "field"
+count = 12
+around = [20.0, 20.0]
+radius = 8.0
+
+[[object_kind]]
+name = "gate"
+states = ["closed", "open"]
+
+[[object]]
+kind = "gate"
+at = [12.0, 10.0]
+"#;
+
+fn temp_dir(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("shoal-hosting-e2e-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Reads `s`'s events until `f` picks one, for at most ten seconds.
+async fn until<T>(s: &mut Session, what: &str, mut f: impl FnMut(SessionEvent) -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let ev = timeout_at(deadline, s.next()).await.unwrap_or_else(|_| panic!("timed out waiting for {what}"));
+        if let Some(t) = f(ev.unwrap_or_else(|| panic!("session stopped while waiting for {what}"))) {
+            return t;
+        }
+    }
+}
+
+fn standing(x: f32, z: f32) -> PlayerState {
+    PlayerState { position: [x, 0.0, z], status: "playing".into(), ..Default::default() }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn players_see_the_hosting_servers_world_and_act_on_it_and_a_forged_ticket_is_refused() {
+    let dir = temp_dir("world");
+    let control_key = Identity::from_seed([77; 32]);
+    let host_key = Identity::from_seed([60; 32]);
+    let store = Store::open(&format!("sqlite:{}", dir.join("control.db").display())).await.unwrap();
+    let accounts = StoreAccounts::new(store.clone(), HashCost { memory_kib: 256, iterations: 1 }).unwrap();
+    accounts.create("ana", "ana-pw", 1).await.unwrap();
+    accounts.create("bob", "bob-pw", 1).await.unwrap();
+    let tls = ServerIdentity::load_or_create(&dir).unwrap();
+    let fp = tls.fingerprint();
+    let control = server::start(
+        ServerConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            identity: control_key.clone(),
+            tls,
+            core: CoreConfig { hosting: vec![host_key.node_id()], ..CoreConfig::default() },
+            retention: Duration::from_secs(3600),
+            rate_limit: RateLimit::default(),
+        },
+        store.clone(),
+        Arc::new(accounts),
+    )
+    .unwrap();
+
+    let world = World::new(Content::parse(FIELD, BUILT_IN).unwrap(), 5, &[]).unwrap();
+    let host = hosting::start(
+        hosting::ServerConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            identity: host_key,
+            control_key: control_key.public_key(),
+            host: HostConfig::default(),
+            messages_per_sec: 50.0,
+            message_burst: 100.0,
+            control: Some(ControlSettings { addr: control.addr, trust: Trust::Pinned(fp), public_addr: None }),
+        },
+        world,
+    )
+    .unwrap();
+
+    let mut sessions = Vec::new();
+    for (account, seed) in [("ana", 1u8), ("bob", 2)] {
+        let cfg = SessionConfig::new(
+            control.addr,
+            Trust::Pinned(fp),
+            account,
+            &format!("{account}-pw"),
+            Identity::from_seed([seed; 32]),
+        );
+        let s = Session::start(cfg).await.unwrap();
+        s.set_state(standing(10.0, 10.0)).unwrap();
+        sessions.push(s);
+    }
+    let gate = EntityId(12);
+    for s in &mut sessions {
+        // The control server names the hosting server; the session connects by itself.
+        let hosts = until(s, "the hosting list", |e| match e {
+            SessionEvent::Hosting(h) if !h.is_empty() => Some(h),
+            _ => None,
+        })
+        .await;
+        assert_eq!(hosts[0].cert, host.cert);
+        until(s, "the welcome", |e| matches!(e, SessionEvent::World(WorldEvent::Connected { .. })).then_some(())).await;
+        // Every sheep and the gate spawn, with their kinds.
+        let mut spawned = Vec::new();
+        while spawned.len() < 13 {
+            let (id, kind) = until(s, "spawns", |e| match e {
+                SessionEvent::World(WorldEvent::Spawned { id: ViewId::Entity(id), kind }) => Some((id, kind.unwrap())),
+                _ => None,
+            })
+            .await;
+            assert_eq!(kind.class, if id == gate { KindClass::Object } else { KindClass::Npc });
+            spawned.push(id);
+        }
+        let shown = s.world().entities(std::time::Instant::now()).await;
+        assert_eq!(shown.len(), 13);
+        let (_, g) = shown.iter().find(|(id, _)| *id == gate).unwrap();
+        assert!((g.position.x - 12.0).abs() < 0.1 && (g.position.z - 10.0).abs() < 0.1, "{:?}", g.position);
+    }
+    // Ana opens the gate: done, and both hear of it; attacking it is refused with the reason.
+    let ana_id = sessions[0].id();
+    let n = sessions[0].world().act(Action::Interact(gate)).await.unwrap();
+    until(&mut sessions[0], "the action's answer", |e| {
+        matches!(e, SessionEvent::World(WorldEvent::ActionDone { id }) if id == n).then_some(())
+    })
+    .await;
+    for s in &mut sessions {
+        until(s, "the gate opening", |e| match e {
+            SessionEvent::World(WorldEvent::Happened(WorldEventInfo::ObjectChanged { object, state: 1, by })) => {
+                (object == gate && by == ana_id).then_some(())
+            }
+            _ => None,
+        })
+        .await;
+    }
+    let n = sessions[1].world().act(Action::Attack(gate)).await.unwrap();
+    let reason = until(&mut sessions[1], "the refusal", |e| match e {
+        SessionEvent::World(WorldEvent::ActionRefused { id, reason }) if id == n => Some(reason),
+        _ => None,
+    })
+    .await;
+    assert_eq!(reason, ActionRefusal::WrongKind);
+    let (counters, servers) = sessions[0].world().counters().await;
+    assert_eq!(servers.len(), 1);
+    assert!(counters.links.snapshots > 0 && counters.links.refused_claims == 0);
+
+    // A hello whose ticket was not signed by the control key, over real QUIC.
+    let forger = Identity::from_seed([9; 32]);
+    let session = TicketBody::new(TicketKind::Session, forger.public_key(), Roles::CLIENT, UnixTime(now_secs()), 3600)
+        .sign(&forger)
+        .encode()
+        .to_vec();
+    let mut link = ControlLink::connect_with(host.addr, &Trust::Pinned(host.cert), WORLD_ALPN).await.unwrap();
+    let proof = KeyProof::new(&forger, WORLD_ACCOUNT, now_secs() * 1000, &host.cert);
+    link.send(&ClientToHost::Hello { session, proof }).await.unwrap();
+    let answer: HostToClient = tokio::time::timeout(Duration::from_secs(5), link.recv()).await.unwrap().unwrap();
+    assert_eq!(answer, HostToClient::Closed(HostRefusal::BadTicket));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut stats = host.stats.clone();
+    while stats.borrow().counters.refused[0] == 0 {
+        timeout_at(deadline, stats.changed()).await.unwrap().unwrap();
+    }
+    assert_eq!(stats.borrow().clients, 2);
+
+    for s in sessions {
+        s.sign_out().await;
+    }
+    host.shutdown().await;
+    control.shutdown().await;
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
+}
