@@ -266,7 +266,10 @@ pub fn avatar_run(
     run.watched = watched as f64 / players.max(1) as f64;
     let control = &world.spec().control.core;
     let radius = control.watch.map_or(control.interest.enter_radius, |w| w.view_radius);
-    run.view_pairs = world.shown_within(radius - world.report_margin());
+    // Less what both may have moved while the control server had not heard them yet, and
+    // while a new watcher waited for the stream's next key state (one a second) to decode.
+    let key_wait = 2.0 * shoal_sdk::avatar::movement::RUN * 1.0;
+    run.view_pairs = world.shown_within(radius - world.report_margin() - key_wait);
     run.stats = world.avatar_stats(Duration::from_secs(2));
     run.world = world.stats();
     Ok(run)

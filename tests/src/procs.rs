@@ -137,3 +137,71 @@ fn spawn_relay(dir: &Path, seed: u8, body: &str) -> RelayProc {
     let (Ok(id), Ok(addr)) = (id, addr) else { panic!("unreadable ready line: {ready}") };
     RelayProc { child, id, addr, ready }
 }
+
+/// A running hosting server process; killed when dropped.
+#[derive(Debug)]
+pub struct HostingProc {
+    child: Child,
+    /// Its node id.
+    pub id: NodeId,
+    /// Its QUIC address.
+    pub addr: SocketAddr,
+    /// Its certificate's fingerprint.
+    pub cert: [u8; 32],
+}
+
+impl Drop for HostingProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `shoal-hosting-server` with identity seed `seed` in `dir`, serving zone `zone` of
+/// the content `content`, trusting `control`'s tickets and registering with the control
+/// server at `server` (pinned by `fingerprint`), with `extra` appended to its config; waits
+/// for its ready line.
+pub fn start_hosting(
+    dir: &Path,
+    control: &Identity,
+    seed: u8,
+    content: &str,
+    zone: &str,
+    (server, fingerprint): (SocketAddr, &[u8; 32]),
+    extra: &str,
+) -> HostingProc {
+    let create = std::fs::create_dir_all(dir);
+    assert!(create.is_ok(), "cannot create {}", dir.display());
+    let identity = Identity::from_seed([seed; 32]);
+    let key = format!("hosting-{seed}.key");
+    let written = std::fs::write(dir.join(&key), to_hex(identity.seed()));
+    assert!(written.is_ok(), "cannot write the hosting key");
+    let written = std::fs::write(dir.join(format!("content-{seed}.toml")), content);
+    assert!(written.is_ok(), "cannot write the content");
+    let config = format!(
+        "listen = \"127.0.0.1:0\"\nkey_file = \"{key}\"\ncontrol_public_key = \"{}\"\ncontent = \"content-{seed}.toml\"\n\
+         zone = \"{zone}\"\n{extra}\n[control]\naddr = \"{server}\"\ntrust = \"sha256:{}\"\n",
+        control.public_key(),
+        to_hex(fingerprint)
+    );
+    let path = dir.join(format!("hosting-{seed}.toml"));
+    let written = std::fs::write(&path, config);
+    assert!(written.is_ok(), "cannot write the hosting config");
+    let bin = match build_binaries(&[("shoal-hosting", "shoal-hosting-server")]) {
+        Ok(dir) => dir.join("shoal-hosting-server"),
+        Err(e) => panic!("building shoal-hosting-server failed: {e}"),
+    };
+    let child =
+        Command::new(bin).args(["run", "--config"]).arg(&path).stdout(Stdio::piped()).stderr(Stdio::null()).spawn();
+    let Ok(mut child) = child else { panic!("cannot start shoal-hosting-server") };
+    let mut ready = String::new();
+    if let Some(out) = child.stdout.take() {
+        let _ = BufReader::new(out).read_line(&mut ready);
+    }
+    assert!(ready.starts_with("shoal-hosting-server ready"), "hosting server did not start: {ready}");
+    let field = |k: &str| ready.split_whitespace().find_map(|w| w.strip_prefix(k)).unwrap_or_default().to_string();
+    let cert = shoal_protocol::identity::parse_hex::<32>(field("cert=sha256:").as_str());
+    let (id, addr) = (field("node=").parse(), field("quic=").parse());
+    let (Ok(id), Ok(addr), Ok(cert)) = (id, addr, cert) else { panic!("unreadable ready line: {ready}") };
+    HostingProc { child, id, addr, cert }
+}

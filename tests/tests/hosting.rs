@@ -214,3 +214,131 @@ async fn players_see_the_hosting_servers_world_and_act_on_it_and_a_forged_ticket
 fn now_secs() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
 }
+
+const TWO_ZONES: &str = r#"
+[[zone]]
+name = "west"
+min = [0.0, 0.0]
+max = [100.0, 100.0]
+
+[[zone]]
+name = "east"
+min = [100.0, 0.0]
+max = [200.0, 100.0]
+
+[[npc_kind]]
+name = "sheep"
+behaviour = "wander"
+speed = 1.0
+health = 20
+respawn_secs = 5
+
+[[spawn]]
+kind = "sheep"
+zone = "west"
+count = 15
+around = [88.0, 50.0]
+radius = 8.0
+
+[[spawn]]
+kind = "sheep"
+zone = "east"
+count = 15
+around = [112.0, 50.0]
+radius = 8.0
+"#;
+
+/// Two hosting-server processes serve the two halves of a world; a player walks across the
+/// border and back at 10 m/s. Every entity it has seen and that did not leave its view is
+/// shown at every sample (no gap), none comes twice, and none leaves while in range.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_player_walks_across_two_hosting_processes_border_and_back_without_a_gap() {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use shoal_tests::procs::start_hosting;
+
+    let dir = temp_dir("handover");
+    let control_key = Identity::from_seed([77; 32]);
+    let (west_key, east_key) = (Identity::from_seed([61; 32]), Identity::from_seed([62; 32]));
+    let store = Store::open(&format!("sqlite:{}", dir.join("control.db").display())).await.unwrap();
+    let accounts = StoreAccounts::new(store.clone(), HashCost { memory_kib: 256, iterations: 1 }).unwrap();
+    accounts.create("ana", "ana-pw", 1).await.unwrap();
+    let tls = ServerIdentity::load_or_create(&dir).unwrap();
+    let fp = tls.fingerprint();
+    let control = server::start(
+        ServerConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            identity: control_key.clone(),
+            tls,
+            core: CoreConfig { hosting: vec![west_key.node_id(), east_key.node_id()], ..CoreConfig::default() },
+            retention: Duration::from_secs(3600),
+            rate_limit: RateLimit::default(),
+        },
+        store.clone(),
+        Arc::new(accounts),
+    )
+    .unwrap();
+    // A view of 40 m (45 to leave), and the band as wide as the leave radius.
+    let extra = "overlap = 45.0\n[interest]\nradius = 40.0\nleave_radius = 45.0\nbudget = 1100\n";
+    let west = start_hosting(&dir, &control_key, 61, TWO_ZONES, "west", (control.addr, &fp), extra);
+    let east = start_hosting(&dir, &control_key, 62, TWO_ZONES, "east", (control.addr, &fp), extra);
+
+    let cfg = SessionConfig::new(control.addr, Trust::Pinned(fp), "ana", "ana-pw", Identity::from_seed([1; 32]));
+    let mut s = Session::start(cfg).await.unwrap();
+    let mut x = 40.0f32;
+    s.set_state(standing(x, 50.0)).unwrap();
+    until(&mut s, "the west server", |e| matches!(e, SessionEvent::World(WorldEvent::Connected { .. })).then_some(()))
+        .await;
+    // Walk east to 160, then back to 40, sampling the view every 50 ms.
+    let (mut spawned, mut seen) = (BTreeSet::new(), BTreeMap::<EntityId, ([f32; 3], u32)>::new());
+    let (mut both, mut gaps, mut sample) = (false, Vec::new(), 0u32);
+    let start = Instant::now();
+    for step in 0..=480u32 {
+        x = if step <= 240 { 40.0 + step as f32 * 0.5 } else { 160.0 - (step - 240) as f32 * 0.5 };
+        s.set_state(standing(x, 50.0)).unwrap();
+        tokio::time::sleep_until(start + Duration::from_millis(50 * u64::from(step))).await;
+        // The events so far.
+        while let Ok(Some(e)) = tokio::time::timeout(Duration::ZERO, s.next()).await {
+            match e {
+                SessionEvent::World(WorldEvent::Spawned { id: ViewId::Entity(id), .. }) => {
+                    assert!(spawned.insert(id), "{id:?} spawned twice");
+                }
+                SessionEvent::World(WorldEvent::Despawned { id: ViewId::Entity(id) }) => {
+                    assert!(spawned.remove(&id), "{id:?} despawned unspawned");
+                    if let Some((p, _)) = seen.remove(&id) {
+                        let d = ((p[0] - x).powi(2) + (p[2] - 50.0).powi(2)).sqrt();
+                        assert!(d > 38.0, "{id:?} left {d:.1} m from the player at x {x}");
+                    }
+                }
+                _ => {}
+            }
+        }
+        sample += 1;
+        let (_, servers) = s.world().counters().await;
+        both |= servers.len() == 2;
+        let shown: BTreeMap<EntityId, [f32; 3]> = s
+            .world()
+            .entities(std::time::Instant::now())
+            .await
+            .into_iter()
+            .map(|(id, a)| (id, a.position.to_array()))
+            .collect();
+        for (id, (_, last)) in &seen {
+            if !shown.contains_key(id) && spawned.contains(id) {
+                gaps.push((*id, sample - last, x));
+            }
+        }
+        for (id, p) in shown {
+            seen.insert(id, (p, sample));
+        }
+    }
+    assert!(both, "never linked to both servers");
+    assert!(gaps.is_empty(), "entities missing from the view while spawned: {gaps:?}");
+    // Seen from both sides.
+    let (counters, _) = s.world().counters().await;
+    assert_eq!((counters.conflicts, counters.links.refused_claims), (0, 0));
+    assert!(counters.connected >= 3, "{counters:?}");
+    s.sign_out().await;
+    drop((west, east));
+    control.shutdown().await;
+}
