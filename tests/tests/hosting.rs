@@ -8,6 +8,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use glam::Vec3;
 use shoal_control::auth::{HashCost, StoreAccounts};
 use shoal_control::core::CoreConfig;
 use shoal_control::limit::RateLimit;
@@ -26,7 +27,7 @@ use shoal_protocol::world::{
 };
 use shoal_protocol::{Identity, Roles, TicketBody, TicketKind, UnixTime};
 use shoal_sdk::world::{ViewId, WorldEvent};
-use shoal_sdk::{PlayerState, Session, SessionConfig, SessionEvent};
+use shoal_sdk::{AvatarEvent, AvatarState, PlayerState, Session, SessionConfig, SessionEvent};
 use tokio::time::{Instant, timeout_at};
 
 const FIELD: &str = r#"
@@ -91,12 +92,15 @@ async fn players_see_the_hosting_servers_world_and_act_on_it_and_a_forged_ticket
     accounts.create("bob", "bob-pw", 1).await.unwrap();
     let tls = ServerIdentity::load_or_create(&dir).unwrap();
     let fp = tls.fingerprint();
+    // A relay, for the players' VCs (their avatars go over them).
+    let relay = shoal_tests::procs::start_relay(&dir, &control_key, 30, "");
+    let relays = vec![shoal_protocol::control::RelayInfo { id: relay.id, addr: relay.addr, rtt_us: 0 }];
     let control = server::start(
         ServerConfig {
             listen: "127.0.0.1:0".parse().unwrap(),
             identity: control_key.clone(),
             tls,
-            core: CoreConfig { hosting: vec![host_key.node_id()], ..CoreConfig::default() },
+            core: CoreConfig { hosting: vec![host_key.node_id()], relays, ..CoreConfig::default() },
             retention: Duration::from_secs(3600),
             rate_limit: RateLimit::default(),
         },
@@ -131,9 +135,13 @@ async fn players_see_the_hosting_servers_world_and_act_on_it_and_a_forged_ticket
         );
         let s = Session::start(cfg).await.unwrap();
         s.set_state(standing(10.0, 10.0)).unwrap();
+        s.set_avatar(AvatarState { position: Vec3::new(10.0 + f32::from(seed), 0.0, 10.0), ..AvatarState::default() });
         sessions.push(s);
     }
     let gate = EntityId(12);
+    let bob = sessions[1].id();
+    // Bob's avatar joins ana's view in the same events as the world's entities.
+    let mut ana_saw_bob = false;
     for s in &mut sessions {
         // The control server names the hosting server; the session connects by itself.
         let hosts = until(s, "the hosting list", |e| match e {
@@ -148,6 +156,10 @@ async fn players_see_the_hosting_servers_world_and_act_on_it_and_a_forged_ticket
         while spawned.len() < 13 {
             let (id, kind) = until(s, "spawns", |e| match e {
                 SessionEvent::World(WorldEvent::Spawned { id: ViewId::Entity(id), kind }) => Some((id, kind.unwrap())),
+                SessionEvent::World(WorldEvent::Spawned { id: ViewId::Avatar(p), kind: None }) => {
+                    ana_saw_bob |= p == bob;
+                    None
+                }
                 _ => None,
             })
             .await;
@@ -159,6 +171,31 @@ async fn players_see_the_hosting_servers_world_and_act_on_it_and_a_forged_ticket
         let (_, g) = shown.iter().find(|(id, _)| *id == gate).unwrap();
         assert!((g.position.x - 12.0).abs() < 0.1 && (g.position.z - 10.0).abs() < 0.1, "{:?}", g.position);
     }
+    if !ana_saw_bob {
+        until(&mut sessions[0], "bob's avatar", |e| {
+            matches!(e, SessionEvent::World(WorldEvent::Spawned { id: ViewId::Avatar(p), .. }) if p == bob)
+                .then_some(())
+        })
+        .await;
+    }
+    // For two seconds: bob's avatar comes at its serving rate, the world's entities at the
+    // hosting server's tick rate, side by side in ana's view.
+    let (before, _) = sessions[0].world().counters().await;
+    let (mut updates, started) = (0u32, Instant::now());
+    while started.elapsed() < Duration::from_secs(2) {
+        sessions[1].set_avatar(AvatarState { position: Vec3::new(12.0, 0.0, 10.0), ..AvatarState::default() });
+        if let Ok(Some(SessionEvent::Avatar(AvatarEvent::Updated(p, _)))) =
+            tokio::time::timeout(Duration::from_millis(5), sessions[0].next()).await
+        {
+            updates += u32::from(p == bob);
+        }
+    }
+    let (after, _) = sessions[0].world().counters().await;
+    let per_entity = (after.links.entries - before.links.entries) as f64 / 13.0 / 2.0;
+    assert!(updates >= 20, "{updates} avatar updates from bob in 2 s");
+    assert!(per_entity >= 15.0, "{per_entity} states a second per entity");
+    assert!(sessions[0].avatars(std::time::Instant::now()).await.iter().any(|(p, _)| *p == bob));
+    assert_eq!(sessions[0].world().entities(std::time::Instant::now()).await.len(), 13);
     // Ana opens the gate: done, and both hear of it; attacking it is refused with the reason.
     let ana_id = sessions[0].id();
     let n = sessions[0].world().act(Action::Interact(gate)).await.unwrap();
@@ -209,6 +246,7 @@ async fn players_see_the_hosting_servers_world_and_act_on_it_and_a_forged_ticket
     }
     host.shutdown().await;
     control.shutdown().await;
+    drop(relay);
 }
 
 fn now_secs() -> u64 {
