@@ -6,6 +6,7 @@ use shoal_protocol::{Identity, TicketBody};
 use super::*;
 use crate::behaviour::BUILT_IN;
 use crate::content::Content;
+use crate::interest::InterestConfig;
 
 const CONTENT: &str = r#"
 [[zone]]
@@ -390,4 +391,62 @@ fn the_same_player_connecting_again_replaces_the_older_connection() {
     // The older connection's close does not unseat the newer one.
     r.host.disconnected(ClientId(1));
     assert_eq!(r.host.players(), 1);
+}
+
+#[test]
+fn a_client_is_sent_exactly_the_entities_in_its_interest_radius_and_the_set_follows_it() {
+    const SPREAD: &str = r#"
+[[zone]]
+name = "wide"
+min = [0.0, 0.0]
+max = [600.0, 600.0]
+
+[[npc_kind]]
+name = "sheep"
+behaviour = "wander"
+speed = 1.0
+health = 20
+respawn_secs = 5
+
+[[spawn]]
+kind = "sheep"
+zone = "wide"
+count = 400
+around = [300.0, 300.0]
+radius = 290.0
+"#;
+    let control = Identity::from_seed([1; 32]);
+    let world = World::new(Content::parse(SPREAD, BUILT_IN).unwrap(), 4, &[]).unwrap();
+    // A budget that holds everything in view, so the view is the set sent.
+    let interest = InterestConfig { budget: 100_000, ..InterestConfig::default() };
+    let mut r = Rig {
+        host: Host::new(world, HostConfig { interest, ..HostConfig::default() }, control.public_key(), CERT),
+        control,
+        t0: Instant::now(),
+    };
+    r.join(1, &player(2), [100.0, 100.0]);
+    let mut v = View::default();
+    let (radius, leave) = (interest.radius, interest.leave_radius);
+    for s in 0..=40u64 {
+        let at = Vec2::new(100.0 + 10.0 * s as f32, 100.0 + 5.0 * s as f32);
+        r.send(s * 1000, 1, ClientToHost::Position { at: [at.x, 0.0, at.y] });
+        r.host.tick(r.t0 + Duration::from_millis(s * 1000));
+        v.take(r.outputs(), 1);
+        v.ack(&mut r.host, 1);
+        for e in r.host.world().entities() {
+            let d = e.at.distance(at);
+            let held = v.kinds.contains_key(&e.id);
+            if s == 0 {
+                // At first: exactly those within the radius.
+                assert_eq!(held, d <= radius, "{:?} {d:.1} m away", e.id);
+            } else {
+                assert!(d > radius || held, "{:?} {d:.1} m away, not in view", e.id);
+                assert!(d <= leave || !held, "{:?} {d:.1} m away, still in view", e.id);
+            }
+            if held {
+                assert_eq!(v.reader.latest(e.id).map(|(_, q)| q), Some(quantise(e)), "{:?}", e.id);
+            }
+        }
+    }
+    assert!(r.host.counters().refused.iter().all(|&n| n == 0));
 }
