@@ -12,6 +12,17 @@
 //! The core is sans-IO: the world takes the time since the last tick and the players'
 //! positions, and its own seeded RNG makes every choice, so the same inputs give the same
 //! world.
+//!
+//! The layers, from the inside out:
+//! - [`world`]: the entities, moved a tick at a time; [`content`] and [`behaviour`] make it.
+//! - [`interest`] and [`snapshot`]: what each client sees and how its states are encoded.
+//! - [`host`]: the server's core: hellos checked offline, positions, actions, and each tick's
+//!   spawns, despawns, events and snapshot datagrams per client.
+//! - [`server`]: the tokio/quinn driver around [`host::Host`], with the registration at the
+//!   control server; [`config`] reads its TOML.
+//!
+//! A studio's own server is [`server::start`] with its [`world::World`] (its content, its
+//! behaviours); `shoal-hosting-server` is exactly that with the built-in behaviours.
 
 pub mod behaviour;
 pub mod config;
