@@ -1,7 +1,8 @@
 //! What NPCs do: each runs a [`Behaviour`], which each tick chooses the velocity it wants from
 //! what it sees (its own state, the players near it, its zone). The built-in ones are wander,
-//! patrol, follow and flee; a studio registers its own with [`crate::world::World::register`]
-//! and names them in its content.
+//! patrol, follow and flee; a studio registers its own by name when it builds the world
+//! ([`crate::world::World::new`]'s `extra`, with [`crate::world::World::behaviour_names`] for
+//! the content check) and names them in its content.
 
 use glam::Vec2;
 use rand::RngExt;
