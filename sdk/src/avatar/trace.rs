@@ -128,7 +128,7 @@ impl Trace {
     ///
     /// # Errors
     /// A [`TraceError`] naming what is wrong; nothing is taken on trust from the header
-    /// beyond [`MAX_FRAMES`] frames.
+    /// beyond `MAX_FRAMES` frames.
     pub fn from_bytes(bytes: &[u8]) -> Result<Trace, TraceError> {
         if bytes.len() < HEADER_LEN || &bytes[..8] != MAGIC {
             return Err(TraceError::NotATrace);
