@@ -35,13 +35,13 @@ use rustc_hash::FxHashMap;
 use shoal_protocol::control::{KeyProof, SIGN_IN_CONTEXT};
 use shoal_protocol::world::{
     Acks, Action, ActionRefusal, ClientToHost, DATAGRAM_SNAPSHOT, HostRefusal, HostToClient, KindClass, KindInfo,
-    MAX_SPAWNS, SNAPSHOT_HEADER, WORLD_ACCOUNT, WorldEventInfo, ZoneInfo,
+    MAX_SPAWNS, SNAPSHOT_HEADER, WORLD_ACCOUNT, ZoneInfo,
 };
 use shoal_protocol::{NodeId, PublicKey, Roles, SignedTicket, TicketError, TicketKind, UnixTime};
 
 use crate::interest::{ClientInterest, EntityGrid, InterestConfig};
 use crate::snapshot::{Quantised, SnapshotWriter, quantise};
-use crate::world::{Entity, EntityId, EntityKind, World, WorldError, WorldEvent};
+use crate::world::{Entity, EntityId, EntityKind, World, WorldError};
 
 /// Most entity ids one resend request may name.
 pub const MAX_RESEND: usize = shoal_protocol::world::MAX_RESEND_REQUEST;
@@ -507,15 +507,8 @@ impl Host {
     /// Tells each world event to the clients that see its entity, and to the player who
     /// caused it.
     fn drain_events(&mut self) {
-        while let Some(ev) = self.world.poll_event() {
-            let (entity, by, info) = match ev {
-                WorldEvent::Died { npc, by } => (npc, Some(by), WorldEventInfo::Died { npc, by }),
-                WorldEvent::Respawned { npc, at } => (npc, None, WorldEventInfo::Respawned { npc, at: at.to_array() }),
-                WorldEvent::ObjectChanged { object, state, by } => {
-                    (object, Some(by), WorldEventInfo::ObjectChanged { object, state, by })
-                }
-                WorldEvent::PickedUp { item, by } => (item, Some(by), WorldEventInfo::PickedUp { item, by }),
-            };
+        while let Some(info) = self.world.poll_event() {
+            let (entity, by) = (info.entity(), info.by());
             for (&cid, c) in &self.clients {
                 let Client::Playing(p) = c else { continue };
                 if p.interest.sees(entity) || by == Some(p.node) {

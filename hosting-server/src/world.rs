@@ -54,40 +54,8 @@ pub struct Entity {
     pub present: bool,
 }
 
-/// Something that happened in the world.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum WorldEvent {
-    /// An NPC died.
-    Died {
-        /// The NPC.
-        npc: EntityId,
-        /// The player whose attack killed it.
-        by: NodeId,
-    },
-    /// A dead NPC spawned again.
-    Respawned {
-        /// The NPC.
-        npc: EntityId,
-        /// Where.
-        at: Vec2,
-    },
-    /// An object moved to another state.
-    ObjectChanged {
-        /// The object.
-        object: EntityId,
-        /// Its new state.
-        state: u16,
-        /// The player who used it.
-        by: NodeId,
-    },
-    /// An item was picked up (it is out of the world until it appears again).
-    PickedUp {
-        /// The item.
-        item: EntityId,
-        /// The player who took it.
-        by: NodeId,
-    },
-}
+/// Something that happened in the world: the protocol's own event, as clients are told it.
+pub use shoal_protocol::world::WorldEventInfo as WorldEvent;
 
 /// Why the world refused an action.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -267,7 +235,7 @@ impl World {
                     e.at = spawn_point(&mut self.rng, spawn.around, spawn.radius);
                     e.state = kind.health;
                     e.present = true;
-                    self.events.push_back(WorldEvent::Respawned { npc: e.id, at: e.at });
+                    self.events.push_back(WorldEvent::Respawned { npc: e.id, at: e.at.to_array() });
                 }
                 continue;
             }
@@ -478,7 +446,7 @@ max = [200.0, 200.0]
         assert!(e.present && e.state == 10);
         let Some(WorldEvent::Respawned { npc, at }) = w.poll_event() else { panic!("no respawn") };
         assert_eq!(npc, sheep);
-        assert!(at.distance(Vec2::new(100.0, 100.0)) <= 10.0, "spawned again at {at}");
+        assert!(Vec2::from(at).distance(Vec2::new(100.0, 100.0)) <= 10.0, "spawned again at {at:?}");
         let states: Vec<u16> = (0..4).map(|_| w.interact(chest, P).unwrap()).collect();
         assert_eq!(states, vec![1, 2, 0, 1]);
         assert_eq!(w.poll_event(), Some(WorldEvent::ObjectChanged { object: chest, state: 1, by: P }));

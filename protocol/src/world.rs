@@ -250,6 +250,27 @@ pub enum WorldEventInfo {
     },
 }
 
+impl WorldEventInfo {
+    /// The entity it happened to.
+    pub fn entity(&self) -> EntityId {
+        match *self {
+            WorldEventInfo::Died { npc, .. } | WorldEventInfo::Respawned { npc, .. } => npc,
+            WorldEventInfo::ObjectChanged { object, .. } => object,
+            WorldEventInfo::PickedUp { item, .. } => item,
+        }
+    }
+
+    /// The player whose action caused it, if one did.
+    pub fn by(&self) -> Option<NodeId> {
+        match *self {
+            WorldEventInfo::Died { by, .. }
+            | WorldEventInfo::ObjectChanged { by, .. }
+            | WorldEventInfo::PickedUp { by, .. } => Some(by),
+            WorldEventInfo::Respawned { .. } => None,
+        }
+    }
+}
+
 /// Why a hosting server refused or closed a client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 pub enum HostRefusal {

@@ -1,6 +1,7 @@
 #![allow(clippy::unwrap_used, clippy::panic)]
 
 use shoal_protocol::snapshot::{SnapshotReader, decode};
+use shoal_protocol::world::WorldEventInfo;
 use shoal_protocol::{Identity, TicketBody};
 
 use super::*;
