@@ -561,8 +561,7 @@ impl Host {
                     self.out.push_back(Output::Message(cid, HostToClient::Spawn(s.to_vec())));
                 }
             }
-            let writer = &p.writer;
-            let chosen = p.interest.choose(entities, at, self.cfg.interest.budget, |id| writer.estimate(id));
+            let chosen = p.interest.choose(entities, at, self.cfg.interest.budget);
             self.states.clear();
             self.states.extend(chosen.iter().map(|&id| (id, quantise(&entities[id.0 as usize]))));
             let mut rest = &self.states[..];

@@ -234,12 +234,6 @@ impl SnapshotWriter {
         (seq, taken)
     }
 
-    /// About how many bytes `id`'s entry would take now: less once the client holds a
-    /// baseline of it.
-    pub fn estimate(&self, id: EntityId) -> usize {
-        if self.acked.contains_key(&id) { 7 } else { 14 }
-    }
-
     /// The number the next snapshot will have.
     pub fn next(&self) -> u32 {
         self.next

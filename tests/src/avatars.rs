@@ -270,6 +270,9 @@ pub fn avatar_run(
     // while a new watcher waited for the stream's next key state (one a second) to decode.
     let key_wait = 2.0 * shoal_sdk::avatar::movement::RUN * 1.0;
     run.view_pairs = world.shown_within(radius - world.report_margin() - key_wait);
+    for why in world.unshown_within(radius - world.report_margin() - key_wait, 5) {
+        eprintln!("{why}");
+    }
     run.stats = world.avatar_stats(Duration::from_secs(2));
     run.world = world.stats();
     Ok(run)

@@ -518,6 +518,32 @@ impl World {
         (pairs, shown)
     }
 
+    /// Up to `most` pairs within `radius` of which the first does not show the second, each
+    /// with what the first holds of the second: a neighbour, a watch (and whether its stream
+    /// ever showed), or nothing.
+    pub fn unshown_within(&self, radius: f32, most: usize) -> Vec<String> {
+        let now = self.sim.now();
+        let mut out = Vec::new();
+        for i in 0..self.players.len() {
+            let Some(mesh) = self.sim.session(self.players[i].host).avatar_mesh() else { continue };
+            for j in (0..self.players.len()).filter(|&j| j != i && self.distance(i, j) <= radius) {
+                let peer = self.players[j].id;
+                if mesh.avatar_of(peer, now).is_some() || out.len() >= most {
+                    continue;
+                }
+                let neighbour = mesh.neighbours().any(|p| p == peer);
+                let watching = mesh.watched().any(|p| p == peer);
+                let received = mesh.watched_received().any(|(p, _)| p == peer);
+                out.push(format!(
+                    "player {i} does not show {j}, {:.1} m apart: neighbour {neighbour}, watching {watching}, stream shown {received}; {i} watches {}",
+                    self.distance(i, j),
+                    mesh.watched().count()
+                ));
+            }
+        }
+        out
+    }
+
     /// How far apart two players may have moved since the control server last heard where
     /// they were: both positions may be a report interval and the control plane's latency
     /// old.
