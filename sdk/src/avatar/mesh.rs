@@ -37,6 +37,12 @@ const IP_UDP: usize = crate::node::IP_UDP_HEADERS as usize;
 /// go alone (and a request for a full state always does, at once).
 pub const ACK_DELAY: Duration = Duration::from_millis(600);
 
+/// How long a former neighbour stays shown from its last updates (held, then still) while the
+/// stream that will show it as a watched player has not: the control server's grant, the
+/// subscription at the relay, and the stream's next key state. Without it the avatar would
+/// leave and appear again at the change of tier.
+pub const LINGER: Duration = Duration::from_secs(3);
+
 /// What the game hears about its neighbours' avatars.
 #[derive(Debug, Clone, PartialEq)]
 pub enum AvatarEvent {
@@ -145,6 +151,8 @@ pub struct AvatarMesh {
     header_bytes: usize,
     publication: Option<Publication>,
     watched: BTreeMap<NodeId, Watched>,
+    /// Former neighbours still shown from their last updates, until when (see [`LINGER`]).
+    lingering: BTreeMap<NodeId, (Interpolator, Instant)>,
 }
 
 impl AvatarMesh {
@@ -171,6 +179,7 @@ impl AvatarMesh {
             header_bytes,
             publication: None,
             watched: BTreeMap::new(),
+            lingering: BTreeMap::new(),
         }
     }
 
@@ -193,11 +202,13 @@ impl AvatarMesh {
     /// distance between the two avatars is used), or updates its distance.
     pub fn set_neighbour(&mut self, now: Instant, peer: NodeId, distance: f32) {
         let (q, interp) = (self.q, self.interp);
+        // A former neighbour still lingering goes on from what it showed.
+        let lingering = self.lingering.remove(&peer).map(|(view, _)| view);
         self.neighbours.entry(peer).or_insert_with(|| Neighbour {
             encoder: Encoder::new(q),
             decoder: Decoder::new(q),
-            view: Interpolator::new(interp, now),
-            shown: false,
+            shown: lingering.is_some(),
+            view: lingering.unwrap_or_else(|| Interpolator::new(interp, now)),
             ack_due: None,
             last: None,
             header_bytes: None,
@@ -219,15 +230,28 @@ impl AvatarMesh {
         self.schedule.observe_upload(wire_bytes);
     }
 
-    /// `peer` is no longer a neighbour: its avatar leaves.
-    pub fn remove_neighbour(&mut self, peer: NodeId) {
+    /// `peer` is no longer a neighbour at `now`: its avatar leaves, unless its stream shows
+    /// it (a player we watch), or may soon: it stays shown from its last updates for up to
+    /// [`LINGER`] while it is not yet shown from a stream.
+    pub fn remove_neighbour(&mut self, now: Instant, peer: NodeId) {
         if let Some(n) = self.neighbours.remove(&peer) {
             self.schedule.remove(peer);
-            // A player we still watch stays shown, from its stream.
             if n.shown && !self.watched.get(&peer).is_some_and(|w| w.shown) {
-                self.events.push_back(AvatarEvent::Left(peer));
+                self.lingering.insert(peer, (n.view, now + LINGER));
             }
         }
+    }
+
+    /// Former neighbours whose linger ran out without a stream to show them: they leave.
+    fn expire_lingering(&mut self, now: Instant) {
+        let events = &mut self.events;
+        self.lingering.retain(|&peer, (_, until)| {
+            let keep = now < *until;
+            if !keep {
+                events.push_back(AvatarEvent::Left(peer));
+            }
+            keep
+        });
     }
 
     /// The avatar clock's tick at `now`.
@@ -241,6 +265,15 @@ impl AvatarMesh {
     /// without.
     #[must_use]
     pub fn poll_timeout(&self, now: Instant) -> Option<Instant> {
+        let linger = self.lingering.values().map(|(_, until)| *until).min();
+        let mesh = self.poll_timeout_serving(now);
+        match (mesh, linger) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    fn poll_timeout_serving(&self, now: Instant) -> Option<Instant> {
         let publish = self.publication.as_ref().filter(|p| self.avatar.is_some() && !p.paused).map(|p| p.next.max(now));
         // Nothing to serve and no ack owed: nothing to do until an input.
         if self.avatar.is_none() && self.neighbours.values().all(|n| n.ack_due.is_none()) {
@@ -277,6 +310,7 @@ impl AvatarMesh {
     /// due, with our acks riding along, and acks that waited [`ACK_DELAY`] for an update in
     /// vain (or ask for a full state).
     pub fn poll_messages(&mut self, now: Instant) -> Vec<(NodeId, Vec<u8>)> {
+        self.expire_lingering(now);
         let tick = self.tick(now);
         // Once a neighbour's avatar is shown, its distance is measured from ours.
         if let Some(me) = self.avatar {
@@ -376,18 +410,20 @@ impl AvatarMesh {
     /// The time on `peer`'s avatar clock (seconds from its start) that its avatar as shown at
     /// `now` stands for, once it has appeared: what tests compare against where it really was.
     pub fn render_time_of(&self, peer: NodeId, now: Instant) -> Option<f64> {
-        match self.neighbours.get(&peer).filter(|n| n.shown) {
-            Some(n) => n.view.render_at(now),
-            None => self.watched.get(&peer).filter(|w| w.shown)?.view.render_at(now),
+        match (self.neighbours.get(&peer).filter(|n| n.shown), self.watched.get(&peer).filter(|w| w.shown)) {
+            (Some(n), _) => n.view.render_at(now),
+            (None, Some(w)) => w.view.render_at(now),
+            (None, None) => self.lingering.get(&peer)?.0.render_at(now),
         }
     }
 
     /// Neighbour `peer`'s avatar as shown at `now`, once it has appeared.
     pub fn avatar_of(&self, peer: NodeId, now: Instant) -> Option<AvatarState> {
         // A neighbour's direct updates come faster than its stream: they win while both do.
-        match self.neighbours.get(&peer).filter(|n| n.shown) {
-            Some(n) => n.view.state_at(now),
-            None => self.watched.get(&peer).filter(|w| w.shown)?.view.state_at(now),
+        match (self.neighbours.get(&peer).filter(|n| n.shown), self.watched.get(&peer).filter(|w| w.shown)) {
+            (Some(n), _) => n.view.state_at(now),
+            (None, Some(w)) => w.view.state_at(now),
+            (None, None) => self.lingering.get(&peer)?.0.state_at(now),
         }
     }
 
@@ -493,12 +529,19 @@ impl AvatarMesh {
             Ok(d) => {
                 self.counters.watched_received += 1;
                 let at = d.tick as f64 / f64::from(self.q.config().tick_hz);
+                // A former neighbour lingering: its stream goes on from what it showed, on the
+                // same avatar clock.
+                let lingering = if w.shown { None } else { self.lingering.remove(&publisher) };
+                let lingered = lingering.is_some();
+                if let Some((view, _)) = lingering {
+                    w.view = view;
+                }
                 w.view.push(now, at, d.state);
                 w.last = Some(now);
                 let neighbour = self.neighbours.get(&publisher).is_some_and(|n| n.shown);
                 if !w.shown {
                     w.shown = true;
-                    if !neighbour {
+                    if !neighbour && !lingered {
                         self.events.push_back(AvatarEvent::Appeared(publisher, d.state));
                     }
                 } else if !neighbour {
@@ -593,9 +636,15 @@ mod tests {
         assert!(p99 < 0.25, "p99 error {p99} m");
         assert_eq!(a.counters().malformed + b.counters().malformed, 0);
         assert!(a.counters().updates_received > 20 * 25, "{:?}", a.counters());
-        a.remove_neighbour(b_id);
+        // No longer a neighbour: it lingers (a watch may be on its way), then leaves.
+        let now = t0 + Duration::from_secs(20);
+        a.remove_neighbour(now, b_id);
+        assert_eq!(a.poll_event(), None);
+        assert!(a.avatar_of(b_id, now).is_some());
+        assert_eq!(a.poll_timeout(now), Some(now + LINGER));
+        a.poll_messages(now + LINGER);
         assert_eq!(a.poll_event(), Some(AvatarEvent::Left(b_id)));
-        assert_eq!(a.avatar_of(b_id, t0), None);
+        assert_eq!(a.avatar_of(b_id, now + LINGER), None);
     }
 
     #[test]
@@ -691,6 +740,25 @@ mod tests {
         // Watcher 1's watch ends while the player is nobody's neighbour: it leaves.
         watchers[1].unwatch(p_id);
         assert_eq!(watchers[1].poll_event(), Some(AvatarEvent::Left(p_id)));
+        // Watcher 0's neighbour turns into a player it watches: shown from its last direct
+        // updates until the stream's first key state, then from the stream, never leaving.
+        let later = now + Duration::from_millis(100);
+        let w = &mut watchers[0];
+        w.remove_neighbour(later, p_id);
+        w.watch(later, p_id, key);
+        let mut shown_throughout = true;
+        for k in 0..120u32 {
+            let at = later + MS * (k * 1000 / 60);
+            publisher.set_avatar(mover.step(1.0 / 60.0));
+            if let Some((_, sealed)) = publisher.poll_publish(at) {
+                w.handle_published(at, p_id, &sealed);
+            }
+            w.poll_messages(at);
+            shown_throughout &= w.avatar_of(p_id, at).is_some();
+        }
+        let ev: Vec<AvatarEvent> = std::iter::from_fn(|| w.poll_event()).collect();
+        assert!(shown_throughout);
+        assert!(!ev.is_empty() && ev.iter().all(|e| matches!(e, AvatarEvent::Updated(p, _) if *p == p_id)), "{ev:?}");
     }
 
     /// Nobody watches for a while, then someone does again: the stream goes on under its key

@@ -561,7 +561,7 @@ impl SessionCore {
             }
             NodeOutcome::Removed { peer, closed } => {
                 if let Some(m) = &mut self.avatars {
-                    m.remove_neighbour(peer);
+                    m.remove_neighbour(now, peer);
                     self.take_avatar_events();
                     self.wake_avatars(now);
                 }
