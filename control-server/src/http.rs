@@ -125,11 +125,13 @@ mod tests {
             "# TYPE shoal_control_refusals_total counter",
             "shoal_control_refusals_total{reason=\"bad_credentials\"} 2",
             "shoal_control_refusals_total{reason=\"relay_refused\"} 0",
+            "# TYPE shoal_control_hosting_registrations_total counter",
+            "shoal_control_refusals_total{reason=\"hosting_refused\"} 0",
         ] {
             assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
         }
         let families = text.lines().filter(|l| l.starts_with("# TYPE")).count();
         assert_eq!(families, text.lines().filter(|l| l.starts_with("# HELP")).count());
-        assert_eq!(families, 14);
+        assert_eq!(families, 15);
     }
 }
