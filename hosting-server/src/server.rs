@@ -231,7 +231,9 @@ async fn run(
     let mut tick = tokio::time::interval(period);
     // A late tick is not made up for with a burst of them.
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut s = Stats::default();
+    // What /metrics shows from the start, before the first tick.
+    let mut s = Stats { entities: host.world().entities().len(), ..Stats::default() };
+    let _ = stats.send(s.clone());
     loop {
         tokio::select! {
             biased;

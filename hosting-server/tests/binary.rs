@@ -95,8 +95,17 @@ fn runs_the_demo_zone_serves_health_and_metrics_refuses_a_forged_hello_and_stops
         tokio::time::timeout(Duration::from_secs(10), link.recv::<HostToClient>()).await.unwrap().unwrap()
     });
     assert_eq!(answer, HostToClient::Closed(HostRefusal::BadTicket));
-    let metrics = http_get(&http, "/metrics");
-    assert!(metrics.contains("shoal_hosting_refused_total{reason=\"bad_ticket\"} 1"), "{metrics}");
+    // Counted: /metrics shows it once the server's turn that refused it has published.
+    let counted = "shoal_hosting_refused_total{reason=\"bad_ticket\"} 1";
+    let mut metrics = http_get(&http, "/metrics");
+    for _ in 0..50 {
+        if metrics.contains(counted) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        metrics = http_get(&http, "/metrics");
+    }
+    assert!(metrics.contains(counted), "{metrics}");
 
     let ok = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
     assert!(ok.success());
