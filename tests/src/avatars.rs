@@ -268,9 +268,9 @@ pub fn avatar_run(
     let radius = control.watch.map_or(control.interest.enter_radius, |w| w.view_radius);
     // Less what both may have moved while the control server had not heard them yet, and
     // while a new watcher waited for the stream's next key state (one a second) to decode.
-    let key_wait = 2.0 * shoal_sdk::avatar::movement::RUN * 1.0;
-    run.view_pairs = world.shown_within(radius - world.report_margin() - key_wait);
-    for why in world.unshown_within(radius - world.report_margin() - key_wait, 5) {
+    let within = radius - world.report_margin() - 2.0 * shoal_sdk::avatar::movement::RUN;
+    run.view_pairs = world.shown_within(within);
+    for why in world.unshown_within(within, 5) {
         eprintln!("{why}");
     }
     run.stats = world.avatar_stats(Duration::from_secs(2));

@@ -55,8 +55,8 @@ pub struct LinkCounters {
 pub(crate) struct Tracked {
     pub(crate) kind: Option<u16>,
     pub(crate) view: Interpolator,
-    /// The newest state taken: snapshot number, tick, state.
-    pub(crate) newest: Option<(u32, u32, AvatarState)>,
+    /// The snapshot the newest state taken came in.
+    pub(crate) newest: Option<u32>,
 }
 
 /// One hosting server connection. See the module docs.
@@ -158,7 +158,7 @@ impl WorldLink {
                     self.gone.insert(id, after);
                     // States taken after the despawn's snapshot are of the entity back in
                     // view (its spawn is on the way): they stay.
-                    let stale = self.entities.get(&id).is_none_or(|t| t.newest.is_none_or(|(s, ..)| !newer(s, after)));
+                    let stale = self.entities.get(&id).is_none_or(|t| t.newest.is_none_or(|s| !newer(s, after)));
                     if stale && let Some(t) = self.entities.remove(&id) {
                         self.reader.forget(id);
                         if t.kind.is_some() && t.newest.is_some() {
@@ -227,8 +227,8 @@ impl WorldLink {
                 self.counters.unspawned += 1;
             }
             let first = t.newest.is_none();
-            if t.newest.is_none_or(|(s, ..)| newer(seq, s)) {
-                t.newest = Some((seq, tick, state));
+            if t.newest.is_none_or(|s| newer(seq, s)) {
+                t.newest = Some(seq);
             }
             t.view.push(now, f64::from(tick) / tick_hz, state);
             if first && t.kind.is_some() {
